@@ -1,0 +1,142 @@
+package upstreams
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"unicode/utf8"
+)
+
+// Class tells the relay what to do after a failed attempt. The String form is
+// the `result` label of relaycar_deliveries_total.
+type Class int
+
+const (
+	// Transient: try the next upstream now, retry later; counts against the breaker.
+	Transient Class = iota
+	// ProviderFault: the upstream is unusable (bad key, suspended account); its breaker opens at once.
+	ProviderFault
+	// SenderRejected: the upstream refuses this sender (unverified identity);
+	// only the (upstream, sender domain) breaker opens.
+	SenderRejected
+	// Rejected: the message itself is bad; failing over would not help, so it is dead-lettered.
+	Rejected
+	// Ambiguous: the request was fully sent but no answer came back; the provider may have it.
+	Ambiguous
+)
+
+// Classes lists every class, for tests and metric pre-registration.
+var Classes = []Class{Transient, ProviderFault, SenderRejected, Rejected, Ambiguous}
+
+func (c Class) String() string {
+	switch c {
+	case Transient:
+		return "transient"
+	case ProviderFault:
+		return "provider_fault"
+	case SenderRejected:
+		return "sender_rejected"
+	case Rejected:
+		return "rejected"
+	case Ambiguous:
+		return "ambiguous"
+	}
+	return "unknown"
+}
+
+// Error is a classified delivery failure. Reason is safe to log and store in
+// the spool: adapters never put credentials or request URLs with keys in it.
+type Error struct {
+	Upstream string
+	Class    Class
+	// Code is the provider's code: an HTTP status, an SMTP reply code or an API error name.
+	Code   string
+	Reason string
+	// Recipients, when set, are the only recipients this error applies to:
+	// the others were delivered (Delivered holds the provider id for them).
+	Recipients []string
+	Delivered  string
+	Err        error
+}
+
+func (e *Error) Error() string {
+	s := e.Upstream + ": " + e.Class.String()
+	if e.Code != "" {
+		s += " (" + e.Code + ")"
+	}
+	if e.Reason != "" {
+		s += ": " + e.Reason
+	}
+	return s
+}
+
+func (e *Error) Unwrap() error { return e.Err }
+
+// LogValue keeps log lines to the classified fields; the wrapped error may
+// carry transport detail that does not belong in an operator's log.
+func (e *Error) LogValue() slog.Value {
+	return slog.GroupValue(
+		slog.String("upstream", e.Upstream),
+		slog.String("class", e.Class.String()),
+		slog.String("code", e.Code),
+		slog.String("reason", e.Reason),
+	)
+}
+
+// Errorf builds an *Error with a formatted reason.
+func Errorf(upstream string, class Class, code string, err error, format string, args ...any) *Error {
+	return &Error{Upstream: upstream, Class: class, Code: code, Reason: Truncate(fmt.Sprintf(format, args...), 300), Err: err}
+}
+
+// ClassOf returns the class of err. Unclassified errors are Transient: calling
+// a bad message transient costs a retry, calling a good one Rejected loses it.
+func ClassOf(err error) Class {
+	var e *Error
+	if errors.As(err, &e) {
+		return e.Class
+	}
+	return Transient
+}
+
+// ClassifyHTTP maps an HTTP status to a class for providers without a richer
+// error code. Specific codes come before the generic 4xx bucket.
+func ClassifyHTTP(status int) Class {
+	switch {
+	case status == http.StatusUnauthorized, status == http.StatusForbidden:
+		return ProviderFault
+	case status == http.StatusRequestTimeout, status == http.StatusTooManyRequests:
+		return Transient
+	case status == http.StatusBadRequest, status == http.StatusRequestEntityTooLarge,
+		status == http.StatusUnprocessableEntity:
+		return Rejected
+	case status >= 500:
+		return Transient
+	case status >= 400:
+		// Other 4xx (404 unknown domain, 402 payment, 451 residency) are
+		// account or configuration problems, not a bad message.
+		return ProviderFault
+	}
+	return Transient
+}
+
+// ContextClass classifies a transport error. A deadline or broken connection
+// after the whole request went out is Ambiguous: the provider may have
+// accepted the message.
+func ContextClass(err error, requestSent bool) Class {
+	if requestSent && (errors.Is(err, context.DeadlineExceeded) || isTimeout(err) || isConnReset(err)) {
+		return Ambiguous
+	}
+	return Transient
+}
+
+// Truncate shortens s to n runes so provider bodies never flood a log or
+// spool file.
+func Truncate(s string, n int) string {
+	if utf8.RuneCountInString(s) <= n {
+		return s
+	}
+	r := []rune(s)
+	return string(r[:n]) + "…"
+}

@@ -1,0 +1,70 @@
+package upstreams
+
+import (
+	"fmt"
+	"log/slog"
+	"net/http"
+	"time"
+)
+
+// Deps are the process-wide things an adapter needs; tests pass their own.
+type Deps struct {
+	Logger *slog.Logger
+	// HTTPClient is the base client of HTTP adapters; each adapter still
+	// applies its own timeout. Nil means a fresh client.
+	HTTPClient *http.Client
+	// Hostname is the EHLO name used towards SMTP upstreams.
+	Hostname string
+	Now      func() time.Time
+}
+
+func (d Deps) logger() *slog.Logger {
+	if d.Logger == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return d.Logger
+}
+
+func (d Deps) now() func() time.Time {
+	if d.Now == nil {
+		return time.Now
+	}
+	return d.Now
+}
+
+func (d Deps) httpClient(timeout time.Duration) *http.Client {
+	c := &http.Client{}
+	if d.HTTPClient != nil {
+		*c = *d.HTTPClient
+	}
+	c.Timeout = timeout
+	return c
+}
+
+// New builds the adapter for c.Type. c must have passed Validate.
+func New(c Config, d Deps) (Upstream, error) {
+	var (
+		u   Upstream
+		err error
+	)
+	switch c.Type {
+	case "smtp":
+		u, err = newSMTP(c, d)
+	case "file":
+		u, err = newFile(c, d)
+	case "ses":
+		u, err = newSES(c, d)
+	case "sendgrid":
+		u, err = newSendGrid(c, d)
+	case "mailgun":
+		u, err = newMailgun(c, d)
+	case "smtp2go":
+		u, err = newSMTP2GO(c, d)
+	default:
+		return nil, fmt.Errorf("upstream %q: type %q is not supported", c.Name, c.Type)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("upstream %q: %w", c.Name, err)
+	}
+	return u, nil
+}

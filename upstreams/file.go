@@ -1,0 +1,60 @@
+package upstreams
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/relaycar/relaycar/internal/atomicfile"
+)
+
+// File writes each message to <dir>/<id>.eml plus <id>.json with the
+// envelope. It needs no credentials, so the default relay.yaml can run
+// anywhere, and tests can assert on what was "sent".
+type File struct {
+	name string
+	dir  string
+	now  func() time.Time
+}
+
+// FileEnvelope is the JSON written next to each .eml.
+type FileEnvelope struct {
+	ID        string    `json:"id"`
+	From      string    `json:"from"`
+	To        []string  `json:"to"`
+	MessageID string    `json:"message_id"`
+	Size      int       `json:"size"`
+	WrittenAt time.Time `json:"written_at"`
+}
+
+func newFile(c Config, d Deps) (*File, error) {
+	if err := os.MkdirAll(c.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("dir: %v", err)
+	}
+	return &File{name: c.Name, dir: c.Dir, now: d.now()}, nil
+}
+
+// Name returns the configured name.
+func (f *File) Name() string { return f.name }
+
+// Send writes the .eml first and the .json last, so a reader that sees the
+// .json can rely on the .eml being complete.
+func (f *File) Send(ctx context.Context, m *Message) (string, error) {
+	base := filepath.Join(f.dir, m.ID)
+	if err := atomicfile.WriteFile(nil, base+".eml", bytes.NewReader(m.Data), 0o600); err != nil {
+		return "", Errorf(f.name, Transient, "", err, "write: %v", err)
+	}
+	env, _ := json.MarshalIndent(FileEnvelope{
+		ID: m.ID, From: m.From, To: m.To, MessageID: m.MessageID, Size: len(m.Data), WrittenAt: f.now().UTC(),
+	}, "", "  ")
+	if err := atomicfile.WriteFile(nil, base+".json", bytes.NewReader(env), 0o600); err != nil {
+		return "", Errorf(f.name, Transient, "", err, "write: %v", err)
+	}
+	return m.ID, nil
+}
+
+var _ Upstream = (*File)(nil)

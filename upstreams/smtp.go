@@ -1,0 +1,279 @@
+package upstreams
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/emersion/go-sasl"
+	"github.com/emersion/go-smtp"
+)
+
+// SMTP relays through an SMTP smarthost (or an ESP's SMTP endpoint). It dials
+// once per message: a sidecar's volume does not justify pooled connections
+// and their stale-connection failure modes.
+type SMTP struct {
+	name     string
+	addr     string
+	mode     string // starttls | implicit | none
+	tls      *tls.Config
+	username string
+	password Secret
+	timeout  time.Duration
+	helo     string
+	log      *slog.Logger
+	dialer   net.Dialer
+}
+
+func newSMTP(c Config, d Deps) (*SMTP, error) {
+	host, _, err := net.SplitHostPort(c.Address)
+	if err != nil {
+		return nil, fmt.Errorf("address: %v", err)
+	}
+	tc := &tls.Config{ServerName: host, MinVersion: tls.VersionTLS12}
+	if c.CAFile != "" {
+		pem, err := os.ReadFile(c.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("ca_file: %v", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("ca_file: no PEM certificates in %s", c.CAFile)
+		}
+		tc.RootCAs = pool
+	}
+	helo := d.Hostname
+	if helo == "" {
+		helo = "localhost"
+	}
+	return &SMTP{
+		name: c.Name, addr: c.Address, mode: c.TLS, tls: tc,
+		username: c.Username, password: c.Password, timeout: c.Timeout,
+		helo: helo, log: d.logger(), dialer: net.Dialer{Timeout: c.Timeout},
+	}, nil
+}
+
+// Name returns the configured name.
+func (s *SMTP) Name() string { return s.name }
+
+// smtpPhase names where an exchange failed; the same reply code means
+// different things at MAIL, RCPT and DATA.
+type smtpPhase string
+
+const (
+	phaseConnect smtpPhase = "connect"
+	phaseHello   smtpPhase = "hello"
+	phaseAuth    smtpPhase = "auth"
+	phaseMail    smtpPhase = "mail"
+	phaseRcpt    smtpPhase = "rcpt"
+	phaseData    smtpPhase = "data"
+	// phaseDataEnd is after the final "." was written: a lost reply here may
+	// mean the upstream took the message.
+	phaseDataEnd smtpPhase = "data_end"
+)
+
+// Send delivers m in one SMTP transaction. Recipients refused at RCPT while
+// others were accepted are reported in Error.Recipients; the rest are delivered.
+func (s *SMTP) Send(ctx context.Context, m *Message) (string, error) {
+	ctx, cancel := context.WithTimeoutCause(ctx, s.timeout, fmt.Errorf("configured timeout reached (%s)", s.timeout))
+	defer cancel()
+
+	conn, err := s.dialer.DialContext(ctx, "tcp", s.addr)
+	if err != nil {
+		return "", s.fail(phaseConnect, err)
+	}
+	// Closing the connection when ctx ends unblocks any read or write.
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
+	defer conn.Close()
+
+	var c *smtp.Client
+	switch s.mode {
+	case "implicit":
+		tconn := tls.Client(conn, s.tls)
+		if err := tconn.HandshakeContext(ctx); err != nil {
+			return "", s.fail(phaseConnect, err)
+		}
+		c = smtp.NewClient(tconn)
+	case "starttls":
+		// The pre-TLS EHLO says "localhost"; go-smtp offers no other way in.
+		c, err = smtp.NewClientStartTLS(conn, s.tls)
+		if err != nil {
+			if strings.Contains(err.Error(), "doesn't support STARTTLS") {
+				// Never fall back to plaintext: that would send credentials
+				// and mail in the clear to a misconfigured or tampered peer.
+				return "", Errorf(s.name, ProviderFault, "", err, "server does not offer STARTTLS and tls is starttls")
+			}
+			return "", s.fail(phaseHello, err)
+		}
+	default:
+		c = smtp.NewClient(conn)
+	}
+	defer c.Close()
+	c.CommandTimeout, c.SubmissionTimeout = s.timeout, s.timeout
+	if err := c.Hello(s.helo); err != nil {
+		return "", s.fail(phaseHello, err)
+	}
+	if s.username != "" {
+		if ok, _ := c.Extension("AUTH"); !ok {
+			return "", Errorf(s.name, ProviderFault, "", nil, "server does not offer AUTH but credentials are configured")
+		}
+		var client sasl.Client
+		if c.SupportsAuth("PLAIN") {
+			client = sasl.NewPlainClient("", s.username, s.password.Reveal())
+		} else if c.SupportsAuth("LOGIN") {
+			client = sasl.NewLoginClient(s.username, s.password.Reveal())
+		} else {
+			return "", Errorf(s.name, ProviderFault, "", nil, "server offers neither AUTH PLAIN nor LOGIN")
+		}
+		if err := c.Auth(client); err != nil {
+			return "", s.fail(phaseAuth, err)
+		}
+	}
+	opts := &smtp.MailOptions{Size: int64(len(m.Data)), UTF8: needsUTF8(m)}
+	if err := c.Mail(m.From, opts); err != nil {
+		return "", s.fail(phaseMail, err)
+	}
+	var accepted, refused []string
+	var firstRcptErr, tempRcptErr error
+	for _, rcpt := range m.To {
+		if err := c.Rcpt(rcpt, nil); err != nil {
+			var se *smtp.SMTPError
+			if !errors.As(err, &se) {
+				return "", s.fail(phaseRcpt, err)
+			}
+			refused = append(refused, rcpt)
+			if firstRcptErr == nil {
+				firstRcptErr = err
+			}
+			if classifySMTP(phaseRcpt, se.Code) == Transient && tempRcptErr == nil {
+				tempRcptErr = err
+			}
+			continue
+		}
+		accepted = append(accepted, rcpt)
+	}
+	if len(accepted) == 0 {
+		return "", s.fail(phaseRcpt, firstRcptErr)
+	}
+	w, err := c.Data()
+	if err != nil {
+		return "", s.fail(phaseData, err)
+	}
+	if _, err := w.Write(m.Data); err != nil {
+		w.Close()
+		return "", s.fail(phaseData, err)
+	}
+	resp, err := w.CloseWithResponse()
+	if err != nil {
+		return "", s.fail(phaseDataEnd, err)
+	}
+	c.Quit()
+	id := ""
+	if resp != nil {
+		id = resp.StatusText
+	}
+	if len(refused) > 0 {
+		// Partially delivered: report only the refused recipients. If any was
+		// refused temporarily, all refused ones are retried (a 5xx one will be
+		// refused again and dead-lettered then).
+		rerr := firstRcptErr
+		if tempRcptErr != nil {
+			rerr = tempRcptErr
+		}
+		e := s.fail(phaseRcpt, rerr)
+		e.Recipients = refused
+		e.Delivered = id
+		return id, e
+	}
+	return id, nil
+}
+
+func needsUTF8(m *Message) bool {
+	if !isASCII(m.From) {
+		return true
+	}
+	for _, r := range m.To {
+		if !isASCII(r) {
+			return true
+		}
+	}
+	return false
+}
+
+func isASCII(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] >= 0x80 {
+			return false
+		}
+	}
+	return true
+}
+
+// fail classifies err from the given phase.
+func (s *SMTP) fail(ph smtpPhase, err error) *Error {
+	var se *smtp.SMTPError
+	if errors.As(err, &se) {
+		code := strconv.Itoa(se.Code)
+		if se.EnhancedCode != smtp.NoEnhancedCode && se.EnhancedCode != (smtp.EnhancedCode{}) {
+			code += " " + fmt.Sprintf("%d.%d.%d", se.EnhancedCode[0], se.EnhancedCode[1], se.EnhancedCode[2])
+		}
+		class := classifySMTP(ph, se.Code)
+		if ph == phaseMail && class == Rejected && se.EnhancedCode[1] == 7 {
+			class = SenderRejected
+		}
+		return Errorf(s.name, class, code, err, "%s: %s", ph, oneLine(se.Message))
+	}
+	class := ContextClass(err, ph == phaseDataEnd)
+	var cause string
+	switch {
+	case errors.Is(err, context.DeadlineExceeded) || isTimeout(err):
+		cause = "timeout"
+	default:
+		cause = oneLine(err.Error())
+	}
+	return Errorf(s.name, class, "", err, "%s: %s", ph, cause)
+}
+
+// classifySMTP maps a reply code at a phase to a class. 5xx at MAIL is a
+// sender problem for this smarthost only when it is a policy (x.7.x) reply;
+// see fail.
+func classifySMTP(ph smtpPhase, code int) Class {
+	switch {
+	case code == 530 || code == 535 || code == 534 || code == 538:
+		return ProviderFault
+	case code == 421:
+		return Transient
+	case code >= 400 && code < 500:
+		return Transient
+	case code == 552 && ph == phaseRcpt:
+		// RFC 5321 4.5.3.1.10: too many recipients was historically 552.
+		return Transient
+	case code >= 500:
+		switch ph {
+		case phaseConnect, phaseHello, phaseAuth:
+			return ProviderFault
+		case phaseMail:
+			if code == 552 {
+				return Rejected
+			}
+			return SenderRejected
+		}
+		return Rejected
+	}
+	return Transient
+}
+
+func oneLine(s string) string {
+	return strings.Join(strings.Fields(s), " ")
+}
+
+var _ Upstream = (*SMTP)(nil)
