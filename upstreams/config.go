@@ -3,6 +3,7 @@ package upstreams
 import (
 	"fmt"
 	"log/slog"
+	"net/url"
 	"os"
 	"regexp"
 	"strings"
@@ -158,7 +159,12 @@ func (c *Config) ResolveSecrets(path string) []error {
 	return errs
 }
 
-var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]*$`)
+var (
+	nameRE      = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]*$`)
+	awsRegionRE = regexp.MustCompile(`^[a-z]{2,}(-[a-z]+)+-[0-9]+$`)
+	// The Mailgun SDK refuses an API base that contains a version.
+	mailgunVersionRE = regexp.MustCompile(`/v[0-9]+`)
+)
 
 // Validate returns every problem of this entry as "path.key: message".
 func (c *Config) Validate(path string) []error {
@@ -186,6 +192,9 @@ func (c *Config) Validate(path string) []error {
 	switch c.Type {
 	case "ses":
 		required("region", c.Region)
+		if c.Region != "" && !awsRegionRE.MatchString(c.Region) {
+			bad("region", "%q: not an AWS region name (like us-east-1)", c.Region)
+		}
 		if (c.AccessKeyID == "") != (c.SecretAccessKey == "") {
 			bad("secret_access_key", "set both access_key_id and secret_access_key, or neither for the default AWS credential chain")
 		}
@@ -222,6 +231,13 @@ func (c *Config) Validate(path string) []error {
 		unused("dir", c.Dir != "" && c.Type != "file")
 		unused("domain", c.Domain != "" && c.Type != "mailgun")
 		unused("endpoint", c.Endpoint != "" && !isAPI)
+		if c.Endpoint != "" && isAPI {
+			if u, err := url.Parse(c.Endpoint); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+				bad("endpoint", "%q: must be an http:// or https:// URL", c.Endpoint)
+			} else if c.Type == "mailgun" && mailgunVersionRE.MatchString(c.Endpoint) {
+				bad("endpoint", "%q: give the API base without the version (no /v3)", c.Endpoint)
+			}
+		}
 		unused("api_key", c.APIKey != "" && c.Type != "sendgrid" && c.Type != "mailgun" && c.Type != "smtp2go")
 	}
 	if c.RateLimit.PerSecond < 0 {

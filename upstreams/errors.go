@@ -25,10 +25,15 @@ const (
 	Rejected
 	// Ambiguous: the request was fully sent but no answer came back; the provider may have it.
 	Ambiguous
+	// Unsupported: this upstream cannot carry this message (e.g. signed mail
+	// through an API without raw MIME); try the next upstream, does not count
+	// against its breaker, and if no upstream of the route can carry it,
+	// dead-letter.
+	Unsupported
 )
 
 // Classes lists every class, for tests and metric pre-registration.
-var Classes = []Class{Transient, ProviderFault, SenderRejected, Rejected, Ambiguous}
+var Classes = []Class{Transient, ProviderFault, SenderRejected, Rejected, Ambiguous, Unsupported}
 
 func (c Class) String() string {
 	switch c {
@@ -42,6 +47,8 @@ func (c Class) String() string {
 		return "rejected"
 	case Ambiguous:
 		return "ambiguous"
+	case Unsupported:
+		return "unsupported"
 	}
 	return "unknown"
 }

@@ -1,8 +1,146 @@
 package upstreams
 
-import "errors"
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/url"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
 
-// PLACEHOLDER: replaced by the Mailgun adapter (issue 3).
-func newMailgun(c Config, d Deps) (Upstream, error) {
-	return nil, errors.New("type mailgun is not built yet")
+	"github.com/mailgun/mailgun-go/v5"
+)
+
+// Mailgun sends raw MIME through Mailgun's messages.mime API. The envelope
+// recipients go in the repeated `to` form fields, so Bcc works.
+type Mailgun struct {
+	name    string
+	domain  string
+	client  *mailgun.Client
+	timeout time.Duration
+	key     Secret
+	log     *slog.Logger
 }
+
+func newMailgun(c Config, d Deps) (*Mailgun, error) {
+	timeout := c.Timeout
+	if timeout <= 0 {
+		timeout = 30 * time.Second
+	}
+	mg := mailgun.NewMailgun(c.APIKey.Reveal())
+	// The SDK's default client is http.DefaultClient, without a timeout.
+	mg.SetHTTPClient(d.httpClient(timeout))
+	base := mailgun.APIBase
+	if c.Region == "eu" {
+		base = mailgun.APIBaseEU
+	}
+	if c.Endpoint != "" {
+		base = strings.TrimRight(c.Endpoint, "/")
+	}
+	if err := mg.SetAPIBase(base); err != nil {
+		return nil, fmt.Errorf("endpoint: %v", err)
+	}
+	return &Mailgun{name: c.Name, domain: c.Domain, client: mg, timeout: timeout, key: c.APIKey, log: d.logger()}, nil
+}
+
+// Name returns the configured name.
+func (g *Mailgun) Name() string { return g.name }
+
+// Send delivers m in calls of at most mailgun.MaxNumberOfRecipients and
+// returns the first call's id. If a later call fails, the error lists only
+// the recipients not yet delivered.
+func (g *Mailgun) Send(ctx context.Context, m *Message) (string, error) {
+	if len(m.To) == 0 {
+		return "", Errorf(g.name, Rejected, "", nil, "no recipients")
+	}
+	first := ""
+	for i := 0; i < len(m.To); i += mailgun.MaxNumberOfRecipients {
+		rcpts := m.To[i:min(i+mailgun.MaxNumberOfRecipients, len(m.To))]
+		id, err := g.send(ctx, m, rcpts)
+		if err != nil {
+			if i == 0 {
+				return "", err
+			}
+			err.Recipients = slices.Clone(m.To[i:])
+			err.Delivered = first
+			return first, err
+		}
+		if i == 0 {
+			first = id
+		}
+	}
+	g.log.Debug("mailgun accepted message", "upstream", g.name, "msg_id", m.ID, "provider_id", first, "rcpt_count", len(m.To))
+	return first, nil
+}
+
+// send makes one messages.mime call for rcpts.
+func (g *Mailgun) send(ctx context.Context, m *Message, rcpts []string) (string, *Error) {
+	ctx, cancel := context.WithTimeoutCause(ctx, g.timeout, fmt.Errorf("configured timeout reached (%s)", g.timeout))
+	defer cancel()
+	ctx, progress := apiTrace(ctx)
+	// A fresh reader per call: the SDK consumes and closes it.
+	msg := mailgun.NewMIMEMessage(g.domain, io.NopCloser(bytes.NewReader(m.Data)), rcpts...)
+	resp, err := g.client.Send(ctx, msg)
+	if err != nil {
+		return "", g.classify(ctx, err, progress)
+	}
+	if resp.ID == "" {
+		return "", Errorf(g.name, Ambiguous, "", nil, "Mailgun answered success without an id")
+	}
+	return resp.ID, nil
+}
+
+// classify maps an SDK error. Mailgun has no error codes beyond the status:
+// 401/403 bad key or disabled domain, 404 unknown domain (the configured
+// sending domain, so every message would fail: ProviderFault, not
+// SenderRejected), 400 bad address, 413 too large, 429/5xx transient; that
+// is ClassifyHTTP. A 2xx other than 200/202/204, or one whose body does not
+// parse, means the message was probably taken: Ambiguous.
+func (g *Mailgun) classify(ctx context.Context, err error, p *apiProgress) *Error {
+	var ure *mailgun.UnexpectedResponseError
+	if errors.As(err, &ure) {
+		status := ure.Actual
+		class := ClassifyHTTP(status)
+		if status >= 200 && status < 300 {
+			class = Ambiguous
+		}
+		reason := fmt.Sprintf("HTTP %d: %s", status, mailgunMessage(ure.Data))
+		var rl *mailgun.RateLimitedError
+		if errors.As(err, &rl) && rl.ResetAt != nil {
+			reason += "; rate limit resets at " + rl.ResetAt.UTC().Format(time.RFC3339)
+		}
+		// Err keeps only the status: the SDK's error quotes the whole body.
+		return &Error{Upstream: g.name, Class: class, Code: strconv.Itoa(status),
+			Reason: Truncate(apiRedact(reason, g.key), 300), Err: fmt.Errorf("mailgun: HTTP %d", status)}
+	}
+	if p.reply.Load() {
+		// A response came but its body did not read or parse.
+		return &Error{Upstream: g.name, Class: Ambiguous, Reason: "unreadable success response", Err: err}
+	}
+	var ue *url.Error
+	if p.wrote.Load() || errors.As(err, &ue) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
+		return apiTransportError(ctx, g.name, err, p, g.key)
+	}
+	// Refused by the SDK before any request: a domain it considers invalid
+	// or an empty key. Configuration, so every message would fail.
+	return &Error{Upstream: g.name, Class: ProviderFault, Reason: Truncate(apiRedact(oneLine(err.Error()), g.key), 300), Err: err}
+}
+
+// mailgunMessage extracts {"message": ...} from an error body, or the body.
+func mailgunMessage(body []byte) string {
+	var v struct {
+		Message string `json:"message"`
+	}
+	if json.Unmarshal(body, &v) == nil && v.Message != "" {
+		return oneLine(v.Message)
+	}
+	return oneLine(string(body))
+}
+
+var _ Upstream = (*Mailgun)(nil)

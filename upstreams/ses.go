@@ -1,8 +1,218 @@
 package upstreams
 
-import "errors"
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
 
-// PLACEHOLDER: replaced by the SES adapter (issue 3).
-func newSES(c Config, d Deps) (Upstream, error) {
-	return nil, errors.New("type ses is not built yet")
+	"github.com/aws/aws-sdk-go-v2/aws"
+	awsconfig "github.com/aws/aws-sdk-go-v2/config"
+	"github.com/aws/aws-sdk-go-v2/credentials"
+	"github.com/aws/aws-sdk-go-v2/service/sesv2"
+	"github.com/aws/aws-sdk-go-v2/service/sesv2/types"
+	"github.com/aws/smithy-go"
+	smithyhttp "github.com/aws/smithy-go/transport/http"
+)
+
+// sesMaxRecipients is SES's limit of destinations (To+Cc+Bcc) per message.
+const sesMaxRecipients = 50
+
+// SES sends raw MIME through the Amazon SES v2 SendEmail API. The envelope
+// recipients go in Destination, which is what makes Bcc work: SES delivers
+// to Destination, not to the headers.
+type SES struct {
+	name      string
+	client    *sesv2.Client
+	configSet string
+	timeout   time.Duration
+	log       *slog.Logger
+	secrets   []Secret
 }
+
+func newSES(c Config, d Deps) (*SES, error) {
+	timeout := c.Timeout
+	if timeout <= 0 {
+		timeout = 30 * time.Second
+	}
+	hc := d.httpClient(timeout)
+	var cfg aws.Config
+	if c.AccessKeyID != "" || c.SecretAccessKey != "" {
+		cfg = aws.Config{
+			Region:      c.Region,
+			Credentials: credentials.NewStaticCredentialsProvider(c.AccessKeyID.Reveal(), c.SecretAccessKey.Reveal(), ""),
+		}
+	} else {
+		// The default chain: env, shared files, web identity (IRSA), ECS,
+		// IMDS. Loading reads only env and files; nothing is fetched until
+		// the first send.
+		var err error
+		cfg, err = awsconfig.LoadDefaultConfig(context.Background(), awsconfig.WithRegion(c.Region))
+		if err != nil {
+			return nil, fmt.Errorf("aws config: %v", err)
+		}
+	}
+	cfg.HTTPClient = hc
+	// The SDK would retry 429/5xx itself (3 attempts with backoff); the
+	// relay owns retries and failover, so one attempt per call.
+	cfg.RetryMaxAttempts = 1
+	client := sesv2.NewFromConfig(cfg, func(o *sesv2.Options) {
+		if c.Endpoint != "" {
+			o.BaseEndpoint = aws.String(c.Endpoint)
+		}
+	})
+	return &SES{
+		name: c.Name, client: client, configSet: c.ConfigurationSet, timeout: timeout,
+		log: d.logger(), secrets: []Secret{c.AccessKeyID, c.SecretAccessKey},
+	}, nil
+}
+
+// Name returns the configured name.
+func (s *SES) Name() string { return s.name }
+
+// Send delivers m in calls of at most 50 recipients and returns the first
+// call's MessageId. If a later call fails, the error lists only the
+// recipients not yet delivered.
+func (s *SES) Send(ctx context.Context, m *Message) (string, error) {
+	if len(m.To) == 0 {
+		return "", Errorf(s.name, Rejected, "", nil, "no recipients")
+	}
+	if needsUTF8(m) {
+		// SES does not support SMTPUTF8: addresses must be 7-bit ASCII
+		// (API_Destination). Refuse before calling the API so the route
+		// fails over to an upstream that may take it (an SMTP smarthost
+		// offering SMTPUTF8) instead of dead-lettering.
+		//
+		// Class: Unsupported ("this upstream cannot carry this message"):
+		// the next upstream is tried now, no breaker counts it, and only
+		// when no upstream of the route can carry it is it dead-lettered.
+		// The alternatives are worse: ProviderFault opens the breaker for
+		// every sender; Transient counts towards it and means "retry", for
+		// a condition that never heals; SenderRejected would open the
+		// (ses, sender domain) breaker, wrong for a non-ASCII recipient and
+		// in a sidecar with one sender domain nearly SES-wide. Punycode for
+		// IDN domains is not attempted: such messages usually carry the
+		// same UTF-8 addresses in their headers, which SES may reject
+		// (MessageRejected: dead-letter) where failing over would deliver.
+		who := "recipient"
+		if !isASCII(m.From) {
+			who = "sender"
+		}
+		return "", Errorf(s.name, Unsupported, "SMTPUTF8", nil,
+			"SES does not support SMTPUTF8: non-ASCII envelope %s", who)
+	}
+	first := ""
+	for i := 0; i < len(m.To); i += sesMaxRecipients {
+		rcpts := m.To[i:min(i+sesMaxRecipients, len(m.To))]
+		id, err := s.send(ctx, m, rcpts)
+		if err != nil {
+			if i == 0 {
+				return "", err
+			}
+			err.Recipients = slices.Clone(m.To[i:])
+			err.Delivered = first
+			return first, err
+		}
+		if i == 0 {
+			first = id
+		}
+	}
+	s.log.Debug("ses accepted message", "upstream", s.name, "msg_id", m.ID, "provider_id", first, "rcpt_count", len(m.To))
+	return first, nil
+}
+
+// send makes one SendEmail call for rcpts.
+func (s *SES) send(ctx context.Context, m *Message, rcpts []string) (string, *Error) {
+	ctx, cancel := context.WithTimeoutCause(ctx, s.timeout, fmt.Errorf("configured timeout reached (%s)", s.timeout))
+	defer cancel()
+	ctx, progress := apiTrace(ctx)
+	in := &sesv2.SendEmailInput{
+		// The SDK base64-encodes Data; the bytes go out unchanged.
+		Content:     &types.EmailContent{Raw: &types.RawMessage{Data: m.Data}},
+		Destination: &types.Destination{ToAddresses: rcpts},
+	}
+	if m.From != "" {
+		in.FromEmailAddress = aws.String(m.From)
+	}
+	if s.configSet != "" {
+		in.ConfigurationSetName = aws.String(s.configSet)
+	}
+	out, err := s.client.SendEmail(ctx, in)
+	if err != nil {
+		return "", s.classify(ctx, err, progress)
+	}
+	if out.MessageId == nil || *out.MessageId == "" {
+		return "", Errorf(s.name, Ambiguous, "", nil, "SES answered success without a MessageId")
+	}
+	return *out.MessageId, nil
+}
+
+// classify maps an SDK error to a class: by SES error code first (a 400
+// alone says nothing at SES), then by HTTP status, then as a transport error.
+func (s *SES) classify(ctx context.Context, err error, p *apiProgress) *Error {
+	status := 0
+	var re *smithyhttp.ResponseError
+	if errors.As(err, &re) {
+		status = re.HTTPStatusCode()
+	}
+	var ae smithy.APIError
+	if errors.As(err, &ae) && status != 0 {
+		code, msg := ae.ErrorCode(), ae.ErrorMessage()
+		class, ok := sesCodeClass(code, msg)
+		if !ok {
+			class = ClassifyHTTP(status)
+		}
+		return &Error{
+			Upstream: s.name, Class: class, Code: code,
+			Reason: Truncate(apiRedact(fmt.Sprintf("HTTP %d %s: %s", status, code, oneLine(msg)), s.secrets...), 300),
+			Err:    err,
+		}
+	}
+	if status != 0 {
+		// An answer the SDK could not decode, e.g. a proxy's HTML page.
+		class := ClassifyHTTP(status)
+		if status >= 200 && status < 300 {
+			class = Ambiguous
+		}
+		return &Error{Upstream: s.name, Class: class, Code: strconv.Itoa(status),
+			Reason: fmt.Sprintf("HTTP %d: undecodable response", status), Err: err}
+	}
+	if p.reply.Load() {
+		// A response started but broke off: the provider may have the message.
+		return &Error{Upstream: s.name, Class: Ambiguous, Reason: "response broke off", Err: err}
+	}
+	return apiTransportError(ctx, s.name, err, p, s.secrets...)
+}
+
+// sesCodeClass maps an SES/AWS error code; ok is false for codes it does not
+// know, which then fall back to the HTTP status.
+func sesCodeClass(code, msg string) (Class, bool) {
+	switch code {
+	case "MessageRejected":
+		// In the sandbox the same text is given for unverified recipients;
+		// failing over is right for both.
+		if strings.Contains(strings.ToLower(msg), "email address is not verified") {
+			return SenderRejected, true
+		}
+		return Rejected, true
+	case "MailFromDomainNotVerifiedException", "MailFromDomainNotVerified":
+		return SenderRejected, true
+	case "AccountSuspendedException", "SendingPausedException", "NotFoundException",
+		"AccessDenied", "AccessDeniedException", "UnrecognizedClientException",
+		"SignatureDoesNotMatch", "InvalidClientTokenId", "IncompleteSignature",
+		"MissingAuthenticationToken", "ExpiredToken", "ExpiredTokenException":
+		return ProviderFault, true
+	case "TooManyRequestsException", "LimitExceededException", "Throttling",
+		"ThrottlingException", "RequestThrottled", "RequestLimitExceeded":
+		return Transient, true
+	case "BadRequestException":
+		return Rejected, true
+	}
+	return 0, false
+}
+
+var _ Upstream = (*SES)(nil)

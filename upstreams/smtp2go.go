@@ -1,8 +1,313 @@
 package upstreams
 
-import "errors"
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"mime"
+	"net/http"
+	"net/mail"
+	"strconv"
+	"strings"
+	"time"
+)
 
-// PLACEHOLDER: replaced by the SMTP2GO adapter (issue 3).
-func newSMTP2GO(c Config, d Deps) (Upstream, error) {
-	return nil, errors.New("type smtp2go is not built yet")
+// smtp2goDefaultEndpoint is the global API host; it routes to the nearest
+// region (us-api., eu-api., au-api.smtp2go.com can be set as endpoint).
+const smtp2goDefaultEndpoint = "https://api.smtp2go.com"
+
+// SMTP2GO sends raw MIME through SMTP2GO's /v3/email/mime API. That API has
+// no envelope parameter: SMTP2GO delivers to the addresses in the To, Cc and
+// Bcc headers. So the copy sent to SMTP2GO gets a Bcc: header naming the
+// envelope recipients that no such header names. Header recipients that are
+// not envelope recipients cannot be left out (docs/providers.md).
+type SMTP2GO struct {
+	name    string
+	url     string
+	key     Secret
+	client  *http.Client
+	timeout time.Duration
+	log     *slog.Logger
 }
+
+func newSMTP2GO(c Config, d Deps) (*SMTP2GO, error) {
+	timeout := c.Timeout
+	if timeout <= 0 {
+		timeout = 30 * time.Second
+	}
+	base := smtp2goDefaultEndpoint
+	if c.Endpoint != "" {
+		base = c.Endpoint
+	}
+	// SMTP2GO documents its base URLs with the version ("…/v3"); accept both.
+	base = strings.TrimSuffix(strings.TrimRight(base, "/"), "/v3")
+	return &SMTP2GO{
+		name: c.Name, url: base + "/v3/email/mime", key: c.APIKey,
+		client: d.httpClient(timeout), timeout: timeout, log: d.logger(),
+	}, nil
+}
+
+// Name returns the configured name.
+func (s *SMTP2GO) Name() string { return s.name }
+
+// smtp2goResponse covers both answers: success in data, errors either in
+// data or at the top level.
+type smtp2goResponse struct {
+	RequestID string `json:"request_id"`
+	Data      struct {
+		Succeeded int               `json:"succeeded"`
+		Failed    int               `json:"failed"`
+		Failures  []json.RawMessage `json:"failures"`
+		EmailID   string            `json:"email_id"`
+		Error     string            `json:"error"`
+		ErrorCode string            `json:"error_code"`
+	} `json:"data"`
+	Error     string `json:"error"`
+	ErrorCode string `json:"error_code"`
+}
+
+// Send posts m (plus the Bcc header, see SMTP2GO) and returns data.email_id.
+func (s *SMTP2GO) Send(ctx context.Context, m *Message) (string, error) {
+	if len(m.To) == 0 {
+		return "", Errorf(s.name, Rejected, "", nil, "no recipients")
+	}
+	ctx, cancel := context.WithTimeoutCause(ctx, s.timeout, fmt.Errorf("configured timeout reached (%s)", s.timeout))
+	defer cancel()
+	ctx, progress := apiTrace(ctx)
+
+	body, err := json.Marshal(struct {
+		MIME string `json:"mime_email"`
+	}{base64.StdEncoding.EncodeToString(smtp2goMIME(m))})
+	if err != nil {
+		return "", Errorf(s.name, Transient, "", err, "encode request: %v", err)
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, s.url, bytes.NewReader(body))
+	if err != nil {
+		return "", Errorf(s.name, ProviderFault, "", nil, "endpoint: %s", apiRedact(oneLine(err.Error()), s.key))
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Accept", "application/json")
+	req.Header.Set("X-Smtp2go-Api-Key", s.key.Reveal())
+	resp, err := s.client.Do(req)
+	if err != nil {
+		return "", apiTransportError(ctx, s.name, err, progress, s.key)
+	}
+	defer apiDrainClose(resp.Body)
+	raw, rerr := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	status := resp.StatusCode
+	code := strconv.Itoa(status)
+
+	var r smtp2goResponse
+	perr := json.Unmarshal(raw, &r)
+	if status >= 200 && status < 300 {
+		switch {
+		case rerr != nil || perr != nil:
+			return "", Errorf(s.name, Ambiguous, code, nil, "unreadable success response: %s", apiBodyReason(raw, s.key))
+		case r.Data.Failed > 0:
+			return s.failed(m, &r)
+		case r.Data.EmailID == "":
+			return "", Errorf(s.name, Ambiguous, code, nil, "success without email_id: %s", apiBodyReason(raw, s.key))
+		}
+		s.log.Debug("smtp2go accepted message", "upstream", s.name, "msg_id", m.ID, "provider_id", r.Data.EmailID, "rcpt_count", len(m.To))
+		return r.Data.EmailID, nil
+	}
+
+	class := ClassifyHTTP(status)
+	errCode, errText := r.ErrorCode, r.Error
+	if errCode == "" && errText == "" {
+		errCode, errText = r.Data.ErrorCode, r.Data.Error
+	}
+	if status == http.StatusBadRequest {
+		// 400 is "bad parameter", but SMTP2GO also answers 400 for a key
+		// without the send permission (ENDPOINT_PERMISSION_DENIED) and for
+		// unverified senders; those are not the message's fault.
+		if c, ok := smtp2goTextClass(errCode + " " + errText); ok {
+			class = c
+		}
+	}
+	if errCode != "" {
+		code += " " + strings.TrimPrefix(errCode, "E_ApiResponseCodes.")
+	}
+	reason := errText
+	if reason == "" {
+		reason = string(raw)
+	}
+	return "", &Error{Upstream: s.name, Class: class, Code: code,
+		Reason: Truncate(apiRedact(fmt.Sprintf("HTTP %d: %s", status, oneLine(reason)), s.key), 300)}
+}
+
+// failed turns a 200 with data.failed > 0 into an error.
+//
+// The class comes from the failures text when it says something clear
+// (sender not verified, key or account problem, rate limit). Otherwise it
+// depends on which envelope recipients the failures name:
+//   - none: Transient. An unexplained failure is retried (and fails over)
+//     rather than dead-lettered: wrongly calling it transient costs a retry,
+//     wrongly calling it rejected loses mail.
+//   - all of them: Rejected; the provider refused the addresses.
+//   - some, and others succeeded: Rejected for the named ones only
+//     (Recipients), the rest is delivered (Delivered = email_id).
+//   - some, and nothing succeeded: Transient, so the next upstream can
+//     deliver to the others; dead-lettering all would lose good recipients.
+//
+// When the failures name nobody but something succeeded, the whole message
+// is retried, which may repeat it for those recipients (at-least-once).
+func (s *SMTP2GO) failed(m *Message, r *smtp2goResponse) (string, error) {
+	texts := make([]string, 0, len(r.Data.Failures))
+	for _, f := range r.Data.Failures {
+		var str string
+		if json.Unmarshal(f, &str) == nil {
+			texts = append(texts, str)
+		} else {
+			texts = append(texts, string(f))
+		}
+	}
+	all := strings.Join(texts, "; ")
+	var named []string
+	distinct := map[string]bool{}
+	for _, rcpt := range m.To {
+		k := strings.ToLower(rcpt)
+		if rcpt == "" || distinct[k] {
+			continue
+		}
+		distinct[k] = true
+		if containsAddress(all, rcpt) {
+			named = append(named, rcpt)
+		}
+	}
+	partial := r.Data.Succeeded > 0 && len(named) > 0 && len(named) < len(distinct)
+	class, ok := smtp2goTextClass(all)
+	if !ok {
+		switch {
+		case len(named) == len(distinct), partial:
+			class = Rejected
+		default:
+			class = Transient
+		}
+	}
+	e := &Error{Upstream: s.name, Class: class, Code: "200 failed",
+		Reason: Truncate(apiRedact(fmt.Sprintf("%d failed, %d succeeded: %s", r.Data.Failed, r.Data.Succeeded, oneLine(all)), s.key), 300)}
+	if partial {
+		e.Recipients = named
+		e.Delivered = r.Data.EmailID
+		return r.Data.EmailID, e
+	}
+	return "", e
+}
+
+// containsAddress reports whether addr occurs in text as a whole address
+// (case-insensitively), so "a@x.com" is not found inside "ba@x.com".
+func containsAddress(text, addr string) bool {
+	t, a := strings.ToLower(text), strings.ToLower(addr)
+	for off := 0; ; {
+		i := strings.Index(t[off:], a)
+		if i < 0 {
+			return false
+		}
+		start, end := off+i, off+i+len(a)
+		if (start == 0 || !isAddrByte(t[start-1])) && (end == len(t) || !isAddrByte(t[end]) || t[end] == '.' && (end+1 == len(t) || !isAddrByte(t[end+1]))) {
+			return true
+		}
+		off = start + 1
+	}
+}
+
+// isAddrByte reports bytes that can continue an address on either side.
+func isAddrByte(c byte) bool {
+	return c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' ||
+		strings.IndexByte("!#$%&'*+-/=?^_`{|}~.@", c) >= 0 || c >= 0x80
+}
+
+// smtp2goTextClass recognises the few failure texts that say whose fault it
+// is. ok is false when the text says nothing clear.
+func smtp2goTextClass(text string) (Class, bool) {
+	t := strings.ToLower(text)
+	switch {
+	case strings.Contains(t, "permission_denied"), strings.Contains(t, "api key"), strings.Contains(t, "api_key"),
+		strings.Contains(t, "suspended"), strings.Contains(t, "disabled"):
+		return ProviderFault, true
+	case strings.Contains(t, "sender") && (strings.Contains(t, "not verified") || strings.Contains(t, "unverified")):
+		return SenderRejected, true
+	case strings.Contains(t, "rate limit"), strings.Contains(t, "too many"), strings.Contains(t, "try again"),
+		strings.Contains(t, "temporar"):
+		return Transient, true
+	}
+	return 0, false
+}
+
+// smtp2goMIME returns the bytes sent to SMTP2GO: m.Data with, when needed,
+// a "Bcc:" header prepended that names the envelope recipients absent from
+// the To, Cc and Bcc headers. m.Data itself is never modified.
+func smtp2goMIME(m *Message) []byte {
+	named := headerRecipients(m.Data)
+	var extra []string
+	seen := map[string]bool{}
+	for _, rcpt := range m.To {
+		k := strings.ToLower(rcpt)
+		if rcpt == "" || named[k] || seen[k] {
+			continue
+		}
+		seen[k] = true
+		extra = append(extra, rcpt)
+	}
+	if len(extra) == 0 {
+		return m.Data
+	}
+	eol := "\r\n"
+	if i := bytes.IndexByte(m.Data, '\n'); i >= 0 && (i == 0 || m.Data[i-1] != '\r') {
+		eol = "\n"
+	}
+	var b bytes.Buffer
+	b.Grow(len(m.Data) + 8 + len(extra)*(len(eol)+40))
+	b.WriteString("Bcc: ")
+	for i, a := range extra {
+		if i > 0 {
+			// One address per folded line keeps every line far below 998.
+			b.WriteString("," + eol + " ")
+		}
+		b.WriteString(a)
+	}
+	b.WriteString(eol)
+	b.Write(m.Data)
+	return b.Bytes()
+}
+
+// headerRecipients returns the lower-cased addresses named in the To, Cc
+// and Bcc headers of data. Whatever does not parse counts as not named: the
+// worst case is then a recipient listed twice, never one left out.
+func headerRecipients(data []byte) map[string]bool {
+	named := map[string]bool{}
+	msg, err := mail.ReadMessage(bytes.NewReader(data))
+	if err != nil {
+		return named
+	}
+	// Display names are irrelevant here; decode unknown charsets as-is
+	// rather than failing the whole list.
+	p := mail.AddressParser{WordDecoder: &mime.WordDecoder{
+		CharsetReader: func(_ string, r io.Reader) (io.Reader, error) { return r, nil },
+	}}
+	for _, h := range []string{"To", "Cc", "Bcc"} {
+		for _, v := range msg.Header[h] {
+			list, err := p.ParseList(v)
+			if err != nil {
+				// One bad entry fails the list; try the entries one by one.
+				list = nil
+				for part := range strings.SplitSeq(v, ",") {
+					if a, err := p.Parse(part); err == nil {
+						list = append(list, a)
+					}
+				}
+			}
+			for _, a := range list {
+				named[strings.ToLower(a.Address)] = true
+			}
+		}
+	}
+	return named
+}
+
+var _ Upstream = (*SMTP2GO)(nil)

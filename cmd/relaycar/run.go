@@ -1,0 +1,201 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"runtime"
+	"runtime/debug"
+	"strings"
+	"syscall"
+
+	"github.com/relaycar/relaycar/relay"
+)
+
+// Exit codes.
+const (
+	exitOK      = 0
+	exitUsage   = 1 // bad config, bad flags
+	exitRuntime = 2 // failed while running
+)
+
+// Set by -ldflags "-X main.version=... -X main.commit=...".
+var (
+	version = "dev"
+	commit  = ""
+)
+
+const usage = `relaycar — SMTP sidecar with a durable spool and provider failover
+
+Usage:
+  relaycar [serve] [--config relay.yaml]    run the relay (default)
+  relaycar check [--config F]               validate the config
+  relaycar send [--to A] [--from A] [--server host:port]
+                                            send a test message through a running relay
+  relaycar queue ls|dead|retry ID|retry --all|drop ID [--config F]
+                                            inspect and act on the spool
+  relaycar version                          print version, commit and Go version
+
+--config defaults to $RELAYCAR_CONFIG, then ./relay.yaml.
+Run "relaycar <command> --help" for the flags of a command.
+`
+
+func run(args []string, stdout, stderr io.Writer) int {
+	cmd := "serve"
+	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		cmd, args = args[0], args[1:]
+	} else if len(args) > 0 && (args[0] == "-h" || args[0] == "--help" || args[0] == "-help") {
+		fmt.Fprint(stdout, usage)
+		return exitOK
+	}
+	switch cmd {
+	case "serve":
+		return cmdServe(args, stdout, stderr)
+	case "check":
+		return cmdCheck(args, stdout, stderr)
+	case "send":
+		return cmdSend(args, stdout, stderr)
+	case "queue":
+		return cmdQueue(args, stdout, stderr)
+	case "version":
+		fmt.Fprintln(stdout, versionString())
+		return exitOK
+	case "help":
+		fmt.Fprint(stdout, usage)
+		return exitOK
+	}
+	fmt.Fprintf(stderr, "relaycar: unknown command %q\n\n%s", cmd, usage)
+	return exitUsage
+}
+
+func versionString() string {
+	c := commit
+	if c == "" {
+		if bi, ok := debug.ReadBuildInfo(); ok {
+			for _, s := range bi.Settings {
+				if s.Key == "vcs.revision" {
+					c = s.Value
+				}
+			}
+		}
+	}
+	if c == "" {
+		c = "unknown"
+	}
+	return fmt.Sprintf("relaycar %s (commit %s, %s %s/%s)", version, c, runtime.Version(), runtime.GOOS, runtime.GOARCH)
+}
+
+// newFlags returns a flag set whose --help prints to stdout and exits 0.
+func newFlags(name, synopsis string, stderr io.Writer) (*flag.FlagSet, *string) {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	def := os.Getenv("RELAYCAR_CONFIG")
+	if def == "" {
+		def = "relay.yaml"
+	}
+	cfg := fs.String("config", def, "config file (default $RELAYCAR_CONFIG, then ./relay.yaml)")
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "Usage: relaycar %s\n\nFlags:\n", synopsis)
+		fs.PrintDefaults()
+	}
+	return fs, cfg
+}
+
+// parseFlags returns (done, exit code) when parsing ends the command.
+func parseFlags(fs *flag.FlagSet, args []string, stdout io.Writer) (bool, int) {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fs.SetOutput(stdout)
+			fs.Usage()
+			return true, exitOK
+		}
+		return true, exitUsage
+	}
+	return false, 0
+}
+
+// loadConfig loads and validates; problems go to stderr one per line.
+func loadConfig(path string, stderr io.Writer) (*relay.Config, bool) {
+	cfg, err := relay.Load(path)
+	if err == nil {
+		err = cfg.Validate()
+	}
+	if err != nil {
+		for _, line := range strings.Split(err.Error(), "\n") {
+			fmt.Fprintf(stderr, "%s\n", line)
+		}
+		return nil, false
+	}
+	return cfg, true
+}
+
+func cmdServe(args []string, stdout, stderr io.Writer) int {
+	fs, cfgPath := newFlags("serve", "serve [--config relay.yaml] [--log-level info] [--log-format text]", stderr)
+	level := fs.String("log-level", envOr("RELAYCAR_LOG_LEVEL", "info"), "debug, info, warn or error ($RELAYCAR_LOG_LEVEL)")
+	format := fs.String("log-format", envOr("RELAYCAR_LOG_FORMAT", "text"), "text or json ($RELAYCAR_LOG_FORMAT)")
+	if done, code := parseFlags(fs, args, stdout); done {
+		return code
+	}
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(*level)); err != nil {
+		fmt.Fprintf(stderr, "--log-level: %v\n", err)
+		return exitUsage
+	}
+	hopts := &slog.HandlerOptions{Level: lvl}
+	var h slog.Handler
+	switch *format {
+	case "text":
+		h = slog.NewTextHandler(stderr, hopts)
+	case "json":
+		h = slog.NewJSONHandler(stderr, hopts)
+	default:
+		fmt.Fprintf(stderr, "--log-format: %q: must be text or json\n", *format)
+		return exitUsage
+	}
+	log := slog.New(h)
+	cfg, ok := loadConfig(*cfgPath, stderr)
+	if !ok {
+		return exitUsage
+	}
+	r, err := relay.New(cfg, relay.Deps{Logger: log, Version: version})
+	if err != nil {
+		log.Error("startup failed", "err", err)
+		return exitRuntime
+	}
+	if err := r.Listen(); err != nil {
+		log.Error("startup failed", "err", err)
+		return exitRuntime
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := r.Run(ctx); err != nil {
+		log.Error("relay failed", "err", err)
+		return exitRuntime
+	}
+	return exitOK
+}
+
+func cmdCheck(args []string, stdout, stderr io.Writer) int {
+	fs, cfgPath := newFlags("check", "check [--config relay.yaml]", stderr)
+	if done, code := parseFlags(fs, args, stdout); done {
+		return code
+	}
+	cfg, ok := loadConfig(*cfgPath, stderr)
+	if !ok {
+		return exitUsage
+	}
+	fmt.Fprintf(stdout, "%s: ok (%d upstreams, %d routes)\n", *cfgPath, len(cfg.Upstreams), len(cfg.Routes))
+	return exitOK
+}
+
+func envOr(k, def string) string {
+	if v := os.Getenv(k); v != "" {
+		return v
+	}
+	return def
+}

@@ -1,0 +1,13 @@
+// Package policy decides where and when a message goes: which route its
+// recipients match, the order in which a route's upstreams are tried
+// (failover, round_robin, weighted), whether an upstream may be tried right
+// now (circuit breaker, per-sender breaker, rate limit, size), and how long
+// to wait before the next attempt.
+//
+// A Gate wraps one upstream. Admit says whether the upstream can take a
+// message now, and why not; Send runs the upstream through its breakers so
+// that every outcome is counted. Provider faults open the breaker at once,
+// rejected messages never count against it, and a sender rejection opens only
+// the (upstream, sender domain) breaker. Everything here is in memory and
+// safe for concurrent use; nothing is persisted.
+package policy

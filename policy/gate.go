@@ -1,0 +1,208 @@
+package policy
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/sony/gobreaker/v2"
+	"golang.org/x/time/rate"
+
+	"github.com/relaycar/relaycar/upstreams"
+)
+
+// Skip says why an upstream was not tried for a message.
+type Skip int
+
+const (
+	// NotSkipped: go ahead and Send.
+	NotSkipped Skip = iota
+	// SkipBreakerOpen: the upstream's breaker is open (or half-open and busy).
+	SkipBreakerOpen
+	// SkipSenderOpen: the (upstream, sender domain) breaker is open.
+	SkipSenderOpen
+	// SkipRateLimited: no token within max_wait.
+	SkipRateLimited
+	// SkipTooBig: the message exceeds the upstream's max_message_bytes.
+	SkipTooBig
+)
+
+func (s Skip) String() string {
+	switch s {
+	case NotSkipped:
+		return "none"
+	case SkipBreakerOpen:
+		return "breaker_open"
+	case SkipSenderOpen:
+		return "sender_breaker_open"
+	case SkipRateLimited:
+		return "rate_limited"
+	case SkipTooBig:
+		return "too_big"
+	}
+	return "unknown"
+}
+
+// Gate guards one upstream with its circuit breakers, rate limit and size
+// limit.
+type Gate struct {
+	up       upstreams.Upstream
+	cb       *gobreaker.CircuitBreaker[string]
+	tripNow  atomic.Bool
+	limiter  *rate.Limiter
+	maxWait  time.Duration
+	maxBytes int64
+	settings gobreaker.Settings
+	hooks    GateHooks
+
+	mu      sync.Mutex
+	senders map[string]*gobreaker.CircuitBreaker[string]
+}
+
+// GateHooks lets the caller observe breaker transitions (logs, metrics)
+// without policy depending on them.
+type GateHooks struct {
+	// OnStateChange is called for the upstream breaker; sender is "" for it
+	// and the sender domain for a per-sender breaker.
+	OnStateChange func(upstream, sender string, from, to gobreaker.State)
+}
+
+// NewGate wraps u with the limits of its config entry (defaults applied).
+func NewGate(u upstreams.Upstream, c upstreams.Config, h GateHooks) *Gate {
+	g := &Gate{up: u, hooks: h, maxWait: c.RateLimit.MaxWait, maxBytes: c.MaxMessageBytes, senders: map[string]*gobreaker.CircuitBreaker[string]{}}
+	if c.RateLimit.PerSecond > 0 {
+		g.limiter = rate.NewLimiter(rate.Limit(c.RateLimit.PerSecond), max(1, c.RateLimit.Burst))
+	}
+	failures := max(1, c.CircuitBreaker.Failures)
+	notify := func(sender string) func(string, gobreaker.State, gobreaker.State) {
+		return func(_ string, from, to gobreaker.State) {
+			if h.OnStateChange != nil {
+				h.OnStateChange(u.Name(), sender, from, to)
+			}
+		}
+	}
+	g.settings = gobreaker.Settings{
+		Name:    u.Name(),
+		Timeout: c.CircuitBreaker.OpenFor,
+		ReadyToTrip: func(n gobreaker.Counts) bool {
+			// A provider fault (revoked key, suspended account) will not
+			// heal by retrying: trip on the first one.
+			return g.tripNow.Swap(false) || n.ConsecutiveFailures >= failures
+		},
+		IsSuccessful: func(err error) bool {
+			if err == nil {
+				return true
+			}
+			// A bad message, an unverified sender or content this provider
+			// cannot carry is not a sick provider.
+			switch upstreams.ClassOf(err) {
+			case upstreams.Rejected, upstreams.SenderRejected, upstreams.Unsupported:
+				return true
+			}
+			return false
+		},
+		IsExcluded:    isShutdown,
+		OnStateChange: notify(""),
+	}
+	g.cb = gobreaker.NewCircuitBreaker[string](g.settings)
+	return g
+}
+
+// isShutdown keeps our own cancellation (SIGTERM drain) from counting as an
+// upstream failure.
+func isShutdown(err error) bool { return errors.Is(err, context.Canceled) }
+
+// Name is the upstream's name.
+func (g *Gate) Name() string { return g.up.Name() }
+
+// State is the upstream breaker's state.
+func (g *Gate) State() gobreaker.State { return g.cb.State() }
+
+// MaxMessageBytes is the upstream's size limit, 0 for none.
+func (g *Gate) MaxMessageBytes() int64 { return g.maxBytes }
+
+// Admit says whether the upstream may be tried now for a message of size
+// bytes from senderDomain. It takes a rate-limit token when it says yes, so
+// call Send right after.
+func (g *Gate) Admit(ctx context.Context, size int, senderDomain string) Skip {
+	if g.maxBytes > 0 && int64(size) > g.maxBytes {
+		return SkipTooBig
+	}
+	if g.cb.State() == gobreaker.StateOpen {
+		return SkipBreakerOpen
+	}
+	if sb := g.sender(senderDomain, false); sb != nil && sb.State() == gobreaker.StateOpen {
+		return SkipSenderOpen
+	}
+	if g.limiter != nil {
+		wctx, cancel := context.WithTimeout(ctx, g.maxWait)
+		defer cancel()
+		// Wait fails at once, without taking a token, when the token would
+		// come after max_wait.
+		if err := g.limiter.Wait(wctx); err != nil {
+			return SkipRateLimited
+		}
+	}
+	return NotSkipped
+}
+
+// ErrBreakerOpen is returned by Send when a breaker refused the call (it
+// opened, or half-open already has its probe in flight, since Admit).
+var ErrBreakerOpen = errors.New("circuit breaker open")
+
+// Send runs the upstream through the sender breaker (if this sender was ever
+// refused here) and the upstream breaker.
+func (g *Gate) Send(ctx context.Context, m *upstreams.Message) (string, error) {
+	send := func() (string, error) {
+		id, err := g.up.Send(ctx, m)
+		if err != nil && upstreams.ClassOf(err) == upstreams.ProviderFault {
+			g.tripNow.Store(true)
+		}
+		return id, err
+	}
+	call := func() (string, error) { return g.cb.Execute(send) }
+	var (
+		id  string
+		err error
+	)
+	if sb := g.sender(m.SenderDomain(), false); sb != nil {
+		id, err = sb.Execute(call)
+	} else {
+		id, err = call()
+	}
+	if errors.Is(err, gobreaker.ErrOpenState) || errors.Is(err, gobreaker.ErrTooManyRequests) {
+		return "", ErrBreakerOpen
+	}
+	if err != nil && upstreams.ClassOf(err) == upstreams.SenderRejected {
+		if sb := g.sender(m.SenderDomain(), true); sb.State() == gobreaker.StateClosed {
+			// First refusal of this sender: record it so the breaker opens.
+			sb.Execute(func() (string, error) { return "", err })
+		}
+	}
+	return id, err
+}
+
+// sender returns the breaker for (this upstream, domain), creating it when
+// create is set. Breakers exist only for senders that were refused, so the
+// map stays as small as the set of misconfigured sender domains.
+func (g *Gate) sender(domain string, create bool) *gobreaker.CircuitBreaker[string] {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	sb := g.senders[domain]
+	if sb == nil && create {
+		st := g.settings
+		st.Name = g.up.Name() + "/" + domain
+		st.ReadyToTrip = func(n gobreaker.Counts) bool { return n.ConsecutiveFailures >= 1 }
+		st.IsSuccessful = func(err error) bool { return upstreams.ClassOf(err) != upstreams.SenderRejected || err == nil }
+		st.OnStateChange = func(_ string, from, to gobreaker.State) {
+			if g.hooks.OnStateChange != nil {
+				g.hooks.OnStateChange(g.up.Name(), domain, from, to)
+			}
+		}
+		sb = gobreaker.NewCircuitBreaker[string](st)
+		g.senders[domain] = sb
+	}
+	return sb
+}

@@ -1,0 +1,462 @@
+package relay
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"reflect"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/relaycar/relaycar/policy"
+	"github.com/relaycar/relaycar/upstreams"
+)
+
+// Config is relay.yaml. Each package owns the part it consumes.
+type Config struct {
+	Listen        ListenConfig         `yaml:"listen"`
+	Admin         AdminConfig          `yaml:"admin"`
+	Spool         SpoolConfig          `yaml:"spool"`
+	ShutdownGrace time.Duration        `yaml:"shutdown_grace"`
+	Upstreams     []upstreams.Config   `yaml:"upstreams"`
+	Routes        []policy.RouteConfig `yaml:"routes"`
+}
+
+// ListenConfig is the SMTP listener.
+type ListenConfig struct {
+	Address         string        `yaml:"address"`
+	Hostname        string        `yaml:"hostname"`
+	MaxMessageBytes int64         `yaml:"max_message_bytes"`
+	MaxRecipients   int           `yaml:"max_recipients"`
+	ReadTimeout     time.Duration `yaml:"read_timeout"`
+	WriteTimeout    time.Duration `yaml:"write_timeout"`
+	AllowedNetworks []string      `yaml:"allowed_networks"`
+	AllowedSenders  []string      `yaml:"allowed_senders"`
+	TLS             TLSConfig     `yaml:"tls"`
+	Auth            AuthConfig    `yaml:"auth"`
+	BareLF          string        `yaml:"bare_lf"`
+}
+
+// TLSConfig enables STARTTLS when both files are set.
+type TLSConfig struct {
+	CertFile string `yaml:"cert_file"`
+	KeyFile  string `yaml:"key_file"`
+}
+
+// AuthConfig enables AUTH PLAIN/LOGIN from an htpasswd (bcrypt) file.
+type AuthConfig struct {
+	UsersFile string `yaml:"users_file"`
+}
+
+// AdminConfig is the HTTP endpoint for metrics, probes and the queue API.
+type AdminConfig struct {
+	Address string `yaml:"address"`
+}
+
+// SpoolConfig is the durable queue and its retry schedule.
+type SpoolConfig struct {
+	Dir         string             `yaml:"dir"`
+	MaxAge      time.Duration      `yaml:"max_age"`
+	Retry       policy.RetryConfig `yaml:"retry"`
+	Workers     int                `yaml:"workers"`
+	OnAmbiguous string             `yaml:"on_ambiguous"`
+}
+
+// Default returns the documented defaults; Load decodes relay.yaml over it.
+func Default() Config {
+	return Config{
+		Listen: ListenConfig{
+			Address:         "127.0.0.1:2525",
+			Hostname:        "relaycar.local",
+			MaxMessageBytes: 25 << 20,
+			MaxRecipients:   100,
+			ReadTimeout:     60 * time.Second,
+			WriteTimeout:    60 * time.Second,
+			AllowedNetworks: []string{"127.0.0.0/8", "::1/128"},
+			BareLF:          "reject",
+		},
+		Admin: AdminConfig{Address: "127.0.0.1:9025"},
+		Spool: SpoolConfig{
+			Dir:         "./spool",
+			MaxAge:      48 * time.Hour,
+			Retry:       policy.RetryConfig{Initial: 30 * time.Second, Max: 15 * time.Minute, Multiplier: 2},
+			Workers:     16,
+			OnAmbiguous: "retry_same",
+		},
+		ShutdownGrace: 20 * time.Second,
+	}
+}
+
+// Load reads, expands and decodes a config file and resolves `*_file`
+// secrets. Problems come back joined, one "yaml.path: message" each. Load
+// does not Validate.
+func Load(path string) (*Config, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	return Parse(b)
+}
+
+// Parse is Load on bytes.
+func Parse(b []byte) (*Config, error) {
+	var root yaml.Node
+	if err := yaml.Unmarshal(b, &root); err != nil {
+		return nil, fmt.Errorf("relay.yaml: %v", err)
+	}
+	cfg := Default()
+	if len(root.Content) == 0 {
+		return &cfg, nil
+	}
+	doc := root.Content[0]
+	var errs []error
+	expandNode(doc, "", &errs)
+	checkNode(doc, reflect.TypeOf(cfg), "", &errs)
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	if err := doc.Decode(&cfg); err != nil {
+		return nil, fmt.Errorf("relay.yaml: %v", err)
+	}
+	for i := range cfg.Upstreams {
+		cfg.Upstreams[i].ApplyDefaults()
+		errs = append(errs, cfg.Upstreams[i].ResolveSecrets(fmt.Sprintf("upstreams[%d]", i))...)
+	}
+	for i := range cfg.Routes {
+		if cfg.Routes[i].Strategy == "" {
+			cfg.Routes[i].Strategy = "failover"
+		}
+	}
+	return &cfg, errors.Join(errs...)
+}
+
+var envRE = regexp.MustCompile(`\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}`)
+
+// expandNode replaces ${VAR} and ${VAR:-default} in every scalar. Doing it
+// on parsed scalars, not on the file text, means a value from the
+// environment can never inject YAML structure.
+func expandNode(n *yaml.Node, path string, errs *[]error) {
+	switch n.Kind {
+	case yaml.ScalarNode:
+		if !strings.Contains(n.Value, "${") {
+			return
+		}
+		n.Value = envRE.ReplaceAllStringFunc(n.Value, func(m string) string {
+			sub := envRE.FindStringSubmatch(m)
+			if v, ok := os.LookupEnv(sub[1]); ok && (v != "" || sub[2] == "") {
+				return v
+			}
+			if sub[2] != "" {
+				return sub[3]
+			}
+			*errs = append(*errs, fmt.Errorf("%s: environment variable %s is not set (use ${%s:-} for an empty default)", path, sub[1], sub[1]))
+			return ""
+		})
+		if n.Tag == "!!str" && n.Style == 0 {
+			// Re-resolve the tag so `${PORT:-25}` decodes as a number.
+			n.Tag = ""
+		}
+	case yaml.MappingNode:
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			expandNode(n.Content[i+1], join(path, n.Content[i].Value), errs)
+		}
+	case yaml.SequenceNode:
+		for i, c := range n.Content {
+			expandNode(c, fmt.Sprintf("%s[%d]", path, i), errs)
+		}
+	case yaml.DocumentNode, yaml.AliasNode:
+		for _, c := range n.Content {
+			expandNode(c, path, errs)
+		}
+	}
+}
+
+func join(path, key string) string {
+	if path == "" {
+		return key
+	}
+	return path + "." + key
+}
+
+var durationType = reflect.TypeOf(time.Duration(0))
+
+// checkNode reports unknown keys and values of the wrong kind with their
+// YAML path, which yaml.v3's own errors give only as line numbers.
+func checkNode(n *yaml.Node, t reflect.Type, path string, errs *[]error) {
+	if n.Kind == yaml.AliasNode {
+		n = n.Alias
+	}
+	if t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	bad := func(format string, args ...any) {
+		*errs = append(*errs, fmt.Errorf("%s: %s", path, fmt.Sprintf(format, args...)))
+	}
+	if n.Kind == yaml.ScalarNode && n.Tag == "!!null" {
+		return
+	}
+	switch {
+	case t == durationType:
+		if n.Kind != yaml.ScalarNode {
+			bad("expected a duration such as 30s")
+		} else if _, err := time.ParseDuration(n.Value); err != nil {
+			bad("%q is not a duration (use e.g. 30s, 15m, 48h)", n.Value)
+		}
+		return
+	}
+	switch t.Kind() {
+	case reflect.Struct:
+		if n.Kind != yaml.MappingNode {
+			bad("expected a mapping")
+			return
+		}
+		fields := map[string]reflect.Type{}
+		var names []string
+		for i := 0; i < t.NumField(); i++ {
+			f := t.Field(i)
+			name, _, _ := strings.Cut(f.Tag.Get("yaml"), ",")
+			if name == "" || name == "-" {
+				continue
+			}
+			fields[name] = f.Type
+			names = append(names, name)
+		}
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			key := n.Content[i].Value
+			ft, ok := fields[key]
+			if !ok {
+				msg := "unknown key"
+				if s := suggest(key, names); s != "" {
+					msg += fmt.Sprintf(" (did you mean %s?)", s)
+				}
+				*errs = append(*errs, fmt.Errorf("%s: %s", join(path, key), msg))
+				continue
+			}
+			checkNode(n.Content[i+1], ft, join(path, key), errs)
+		}
+	case reflect.Slice:
+		if n.Kind != yaml.SequenceNode {
+			bad("expected a list")
+			return
+		}
+		for i, c := range n.Content {
+			checkNode(c, t.Elem(), fmt.Sprintf("%s[%d]", path, i), errs)
+		}
+	case reflect.Map:
+		if n.Kind != yaml.MappingNode {
+			bad("expected a mapping")
+			return
+		}
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			checkNode(n.Content[i+1], t.Elem(), join(path, n.Content[i].Value), errs)
+		}
+	case reflect.Int, reflect.Int64, reflect.Int32, reflect.Uint32, reflect.Uint64:
+		if n.Kind != yaml.ScalarNode {
+			bad("expected an integer")
+		} else if _, err := strconv.ParseInt(n.Value, 0, 64); err != nil {
+			bad("%q is not an integer", n.Value)
+		}
+	case reflect.Float64:
+		if n.Kind != yaml.ScalarNode {
+			bad("expected a number")
+		} else if _, err := strconv.ParseFloat(n.Value, 64); err != nil {
+			bad("%q is not a number", n.Value)
+		}
+	case reflect.Bool:
+		if n.Kind != yaml.ScalarNode {
+			bad("expected true or false")
+		}
+	case reflect.String:
+		if n.Kind != yaml.ScalarNode {
+			bad("expected a string")
+		}
+	}
+}
+
+// suggest returns the known key closest to a misspelt one.
+func suggest(key string, names []string) string {
+	best, bestD := "", 3
+	for _, n := range names {
+		if d := editDistance(key, n); d < bestD {
+			best, bestD = n, d
+		}
+	}
+	return best
+}
+
+func editDistance(a, b string) int {
+	prev := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur := make([]int, len(b)+1)
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev = cur
+	}
+	return prev[len(b)]
+}
+
+// Validate returns every problem in the config, one "yaml.path: message"
+// each, joined. It never prints secret values.
+func (c *Config) Validate() error {
+	var errs []error
+	bad := func(path, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: %s", path, fmt.Sprintf(format, args...)))
+	}
+	l := c.Listen
+	if _, _, err := net.SplitHostPort(l.Address); err != nil {
+		bad("listen.address", "%q: want host:port", l.Address)
+	}
+	if l.Hostname == "" || strings.ContainsAny(l.Hostname, " \t\r\n") {
+		bad("listen.hostname", "%q is not a host name", l.Hostname)
+	}
+	if l.MaxMessageBytes <= 0 {
+		bad("listen.max_message_bytes", "must be positive")
+	}
+	if l.MaxRecipients <= 0 {
+		bad("listen.max_recipients", "must be positive")
+	}
+	if l.ReadTimeout <= 0 {
+		bad("listen.read_timeout", "must be positive")
+	}
+	if l.WriteTimeout <= 0 {
+		bad("listen.write_timeout", "must be positive")
+	}
+	for i, n := range l.AllowedNetworks {
+		if _, err := parseNetwork(n); err != nil {
+			bad(fmt.Sprintf("listen.allowed_networks[%d]", i), "%q is not a CIDR or IP address", n)
+		}
+	}
+	for i, d := range l.AllowedSenders {
+		if d == "" || strings.ContainsAny(d, "@ ") {
+			bad(fmt.Sprintf("listen.allowed_senders[%d]", i), "%q is not a domain", d)
+		}
+	}
+	if (l.TLS.CertFile == "") != (l.TLS.KeyFile == "") {
+		bad("listen.tls", "set both cert_file and key_file, or neither")
+	} else if l.TLS.CertFile != "" {
+		if _, err := loadTLS(l.TLS); err != nil {
+			bad("listen.tls", "%v", err)
+		}
+	}
+	if l.Auth.UsersFile != "" {
+		if _, err := loadUsers(l.Auth.UsersFile); err != nil {
+			bad("listen.auth.users_file", "%v", err)
+		}
+	}
+	if l.BareLF != "reject" && l.BareLF != "normalize" {
+		bad("listen.bare_lf", "%q: must be reject or normalize", l.BareLF)
+	}
+	if c.Admin.Address != "" {
+		if _, _, err := net.SplitHostPort(c.Admin.Address); err != nil {
+			bad("admin.address", "%q: want host:port", c.Admin.Address)
+		}
+	}
+	s := c.Spool
+	if s.Dir == "" {
+		bad("spool.dir", "required")
+	}
+	if s.MaxAge <= 0 {
+		bad("spool.max_age", "must be positive")
+	}
+	if s.Retry.Initial <= 0 {
+		bad("spool.retry.initial", "must be positive")
+	}
+	if s.Retry.Max < s.Retry.Initial {
+		bad("spool.retry.max", "must be at least spool.retry.initial (%s)", s.Retry.Initial)
+	}
+	if s.Retry.Multiplier < 1 {
+		bad("spool.retry.multiplier", "must be at least 1")
+	}
+	if s.Workers < 1 {
+		bad("spool.workers", "must be at least 1")
+	}
+	if s.OnAmbiguous != "retry_same" && s.OnAmbiguous != "failover" {
+		bad("spool.on_ambiguous", "%q: must be retry_same or failover", s.OnAmbiguous)
+	}
+	if c.ShutdownGrace < 0 {
+		bad("shutdown_grace", "must not be negative")
+	}
+	known := map[string]bool{}
+	if len(c.Upstreams) == 0 {
+		bad("upstreams", "at least one upstream is required")
+	}
+	for i := range c.Upstreams {
+		u := &c.Upstreams[i]
+		path := fmt.Sprintf("upstreams[%d]", i)
+		errs = append(errs, u.Validate(path)...)
+		if u.Name != "" && known[u.Name] {
+			bad(path+".name", "%q is used twice", u.Name)
+		}
+		known[u.Name] = true
+	}
+	if len(c.Routes) == 0 {
+		bad("routes", "at least one route is required")
+	}
+	routes := map[string]bool{}
+	for i := range c.Routes {
+		r := &c.Routes[i]
+		path := fmt.Sprintf("routes[%d]", i)
+		errs = append(errs, r.Validate(path, known)...)
+		if r.Name != "" && routes[r.Name] {
+			bad(path+".name", "%q is used twice", r.Name)
+		}
+		routes[r.Name] = true
+	}
+	return errors.Join(errs...)
+}
+
+// parseNetwork accepts a CIDR or a single address.
+func parseNetwork(s string) (netip.Prefix, error) {
+	if p, err := netip.ParsePrefix(s); err == nil {
+		return p.Masked(), nil
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		return netip.Prefix{}, err
+	}
+	return netip.PrefixFrom(a, a.BitLen()), nil
+}
+
+// loadUsers reads an htpasswd file with bcrypt hashes.
+func loadUsers(path string) (map[string][]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	users := map[string][]byte{}
+	sc := bufio.NewScanner(f)
+	line := 0
+	for sc.Scan() {
+		line++
+		t := strings.TrimSpace(sc.Text())
+		if t == "" || strings.HasPrefix(t, "#") {
+			continue
+		}
+		user, hash, ok := strings.Cut(t, ":")
+		if !ok || user == "" {
+			return nil, fmt.Errorf("line %d: want user:bcrypt-hash", line)
+		}
+		if !strings.HasPrefix(hash, "$2a$") && !strings.HasPrefix(hash, "$2b$") && !strings.HasPrefix(hash, "$2y$") {
+			return nil, fmt.Errorf("line %d: user %q: only bcrypt hashes are supported (htpasswd -B)", line, user)
+		}
+		users[user] = []byte(hash)
+	}
+	return users, sc.Err()
+}

@@ -1,0 +1,252 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/relaycar/relaycar/policy"
+	"github.com/relaycar/relaycar/upstreams"
+)
+
+// worker delivers items from in until it is closed.
+func (r *Relay) worker(ctx context.Context, in <-chan *item) {
+	for it := range in {
+		keep := r.attempt(ctx, it.env)
+		r.queue.done(it, keep)
+	}
+}
+
+// attempt makes one delivery attempt for every route of env that still has
+// recipients, then persists the outcome. It returns whether the message
+// stays in the spool.
+func (r *Relay) attempt(ctx context.Context, env *Envelope) (keep bool) {
+	log := r.log.With("msg_id", env.ID)
+	data, err := r.spool.ReadData(env.ID)
+	if err != nil {
+		// Dropped by an operator (or the disk lost it): nothing to send.
+		log.Warn("message body missing; forgetting message", "err", err)
+		return false
+	}
+	now := r.now()
+	var (
+		tried   bool
+		lastErr error
+	)
+	for i := range env.Routes {
+		rs := &env.Routes[i]
+		if len(rs.Pending) == 0 {
+			continue
+		}
+		if !r.router.Has(rs.Route) {
+			// The route was renamed or removed since the message was accepted.
+			def := r.router.Default()
+			if def == "" {
+				r.fail(env, rs, "", "rejected", fmt.Sprintf("route %q no longer exists and there is no default route", rs.Route), now)
+				continue
+			}
+			log.Warn("route no longer exists; using the default route", "route", rs.Route, "default", def)
+			rs.Route, rs.Pinned = def, ""
+		}
+		t, err := r.deliverRoute(ctx, env, rs, data)
+		tried = tried || t
+		if err != nil {
+			lastErr = err
+		}
+	}
+	if ctx.Err() != nil && env.pending() {
+		// Shutting down mid-attempt: keep what was delivered, retry the
+		// rest first thing after the restart.
+		env.NextAttempt = now
+		r.persist(env, log)
+		return false
+	}
+	if !env.pending() {
+		r.finish(env, log)
+		return false
+	}
+	if tried {
+		env.Attempts++
+	}
+	if lastErr != nil {
+		msg := lastErr.Error()
+		if msg != env.LastError {
+			log.Warn("delivery attempt failed", "err", lastErr, "attempt", env.Attempts)
+		}
+		env.LastError = msg
+	}
+	if age := now.Sub(env.ReceivedAt); age >= r.cfg.Spool.MaxAge {
+		reason := fmt.Sprintf("max age %s exceeded after %d attempts", r.cfg.Spool.MaxAge, env.Attempts)
+		if env.LastError != "" {
+			reason += "; last error: " + env.LastError
+		}
+		for i := range env.Routes {
+			if len(env.Routes[i].Pending) > 0 {
+				r.fail(env, &env.Routes[i], "", "expired", reason, now)
+			}
+		}
+		r.finish(env, log)
+		return false
+	}
+	var wait time.Duration
+	if tried {
+		wait = policy.Backoff(env.Attempts, r.cfg.Spool.Retry, r.rand)
+	} else {
+		// Every upstream was skipped (breaker open, rate limit): nothing
+		// failed, so come back soon without growing the backoff.
+		wait = policy.Backoff(1, r.cfg.Spool.Retry, r.rand)
+	}
+	env.NextAttempt = now.Add(wait)
+	log.Debug("delivery deferred", "next_attempt", env.NextAttempt, "attempts", env.Attempts)
+	if !r.persist(env, log) {
+		return false
+	}
+	return true
+}
+
+// persist writes env; false means the message vanished (dropped).
+func (r *Relay) persist(env *Envelope, log interface{ Warn(string, ...any) }) bool {
+	if err := r.spool.Update(env); err != nil {
+		log.Warn("updating spool entry failed", "err", err)
+		return false
+	}
+	return true
+}
+
+// finish removes a fully handled message, or dead-letters it if any
+// recipient failed.
+func (r *Relay) finish(env *Envelope, log interface {
+	Info(string, ...any)
+	Error(string, ...any)
+}) {
+	if len(env.Failures) == 0 {
+		if err := r.spool.Remove(env.ID); err != nil {
+			log.Error("removing delivered message failed", "err", err)
+		}
+		return
+	}
+	reasons := make([]string, 0, len(env.Failures))
+	for _, f := range env.Failures {
+		reasons = append(reasons, fmt.Sprintf("%s: %s", strings.Join(f.Rcpts, ","), f.Reason))
+	}
+	reason := strings.Join(reasons, "; ")
+	if err := r.spool.Bury(env, reason, r.now()); err != nil {
+		// The message stays in the spool and is retried; nothing is lost.
+		log.Error("dead-lettering failed", "err", err)
+		return
+	}
+	r.metrics.deadTotal.Inc()
+	log.Info("message dead-lettered", "reason", reason, "age", r.now().Sub(env.ReceivedAt).Round(time.Second).String())
+}
+
+func (r *Relay) fail(env *Envelope, rs *RouteState, upstream, class, reason string, now time.Time) {
+	env.Failures = append(env.Failures, Failure{Route: rs.Route, Upstream: upstream, Class: class, Rcpts: rs.Pending, Reason: reason, At: now.UTC()})
+	rs.Pending, rs.Pinned = nil, ""
+}
+
+// deliverRoute walks the route's upstreams for the pending recipients, in
+// strategy order: Rejected stops the walk and fails them; Ambiguous stops
+// it and pins the upstream (on_ambiguous: retry_same); everything else
+// moves on to the next upstream. tried says whether any upstream was
+// actually called.
+func (r *Relay) deliverRoute(ctx context.Context, env *Envelope, rs *RouteState, data []byte) (tried bool, lastErr error) {
+	cands := r.router.Candidates(rs.Route)
+	if rs.Pinned != "" {
+		i := slices.IndexFunc(cands, func(g *policy.Gate) bool { return g.Name() == rs.Pinned })
+		if i >= 0 {
+			cands = cands[i : i+1]
+		} else {
+			rs.Pinned = ""
+		}
+	}
+	m := &upstreams.Message{ID: env.ID, From: env.From, To: slices.Clone(rs.Pending), Data: data, MessageID: env.MessageID}
+	log := r.log.With("msg_id", env.ID, "route", rs.Route)
+	cannot := 0 // upstreams that can never carry this message
+	var skips []string
+	for _, g := range cands {
+		if ctx.Err() != nil {
+			return tried, lastErr
+		}
+		name := g.Name()
+		if skip := g.Admit(ctx, len(data), m.SenderDomain()); skip != policy.NotSkipped {
+			r.metrics.skipped.WithLabelValues(name, skip.String()).Inc()
+			if skip == policy.SkipRateLimited {
+				r.metrics.rateLimited.WithLabelValues(name).Inc()
+			}
+			if skip == policy.SkipTooBig {
+				cannot++
+			}
+			skips = append(skips, name+" "+skip.String())
+			continue
+		}
+		start := r.now()
+		id, err := g.Send(ctx, m)
+		if errors.Is(err, policy.ErrBreakerOpen) {
+			r.metrics.skipped.WithLabelValues(name, policy.SkipBreakerOpen.String()).Inc()
+			skips = append(skips, name+" "+policy.SkipBreakerOpen.String())
+			continue
+		}
+		if err != nil && ctx.Err() != nil {
+			// Our own shutdown, not the upstream's fault.
+			return tried, lastErr
+		}
+		tried = true
+		elapsed := r.now().Sub(start)
+		r.metrics.duration.WithLabelValues(name).Observe(elapsed.Seconds())
+		if err == nil {
+			r.metrics.deliveries.WithLabelValues(name, "delivered").Inc()
+			r.delivered(env, rs, name, id, m.To, elapsed, log)
+			rs.Pending, rs.Pinned = nil, ""
+			return tried, nil
+		}
+		class := upstreams.ClassOf(err)
+		r.metrics.deliveries.WithLabelValues(name, class.String()).Inc()
+		lastErr = err
+		var ue *upstreams.Error
+		if errors.As(err, &ue) && len(ue.Recipients) > 0 && len(ue.Recipients) < len(m.To) {
+			// Partly accepted: record those, carry on with the rest.
+			done := slices.DeleteFunc(slices.Clone(m.To), func(a string) bool { return slices.Contains(ue.Recipients, a) })
+			r.delivered(env, rs, name, ue.Delivered, done, elapsed, log)
+			m.To = slices.Clone(ue.Recipients)
+			rs.Pending = slices.Clone(ue.Recipients)
+		}
+		log.Debug("upstream attempt failed", "upstream", name, "err", err)
+		switch class {
+		case upstreams.Rejected:
+			log.Warn("message rejected by upstream; not failing over", "err", err)
+			r.fail(env, rs, name, class.String(), err.Error(), r.now())
+			return tried, err
+		case upstreams.Ambiguous:
+			if r.cfg.Spool.OnAmbiguous == "retry_same" {
+				log.Warn("outcome unknown; will retry the same upstream only", "upstream", name, "err", err)
+				rs.Pinned = name
+				return tried, err
+			}
+			log.Warn("outcome unknown; failing over (the message may be delivered twice)", "upstream", name, "err", err)
+			rs.Pinned = ""
+		case upstreams.Unsupported:
+			cannot++
+		}
+	}
+	if cannot == len(cands) && len(cands) > 0 {
+		reason := "no upstream of the route can carry this message"
+		if lastErr != nil {
+			reason += ": " + lastErr.Error()
+		}
+		r.fail(env, rs, "", "rejected", reason, r.now())
+		return tried, lastErr
+	}
+	if lastErr == nil && len(skips) > 0 {
+		lastErr = fmt.Errorf("all upstreams skipped: %s", strings.Join(skips, ", "))
+	}
+	return tried, lastErr
+}
+
+func (r *Relay) delivered(env *Envelope, rs *RouteState, upstream, id string, rcpts []string, took time.Duration, log interface{ Info(string, ...any) }) {
+	env.Deliveries = append(env.Deliveries, Delivery{Route: rs.Route, Upstream: upstream, ProviderID: id, Rcpts: rcpts, At: r.now().UTC()})
+	log.Info("message delivered", "upstream", upstream, "provider_id", id, "rcpt_count", len(rcpts),
+		"attempts", env.Attempts+1, "duration", took.Round(time.Millisecond).String())
+}

@@ -1,0 +1,134 @@
+package relay
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"io"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/emersion/go-message/textproto"
+)
+
+// hasBareCRLF reports a CR not followed by LF or an LF not preceded by CR:
+// the building blocks of SMTP smuggling (CVE-2023-51764 family), which
+// downstream servers may read as end-of-data.
+func hasBareCRLF(b []byte) bool {
+	for i := bytes.IndexAny(b, "\r\n"); i >= 0 && i < len(b); {
+		switch b[i] {
+		case '\r':
+			if i+1 >= len(b) || b[i+1] != '\n' {
+				return true
+			}
+			i += 2
+		case '\n':
+			return true // an LF after CR was skipped above
+		}
+		j := bytes.IndexAny(b[i:], "\r\n")
+		if j < 0 {
+			break
+		}
+		i += j
+	}
+	return false
+}
+
+// normalizeCRLF turns every bare CR and bare LF into CRLF, as Postfix does
+// for bare newlines when not rejecting them.
+func normalizeCRLF(b []byte) []byte {
+	out := make([]byte, 0, len(b)+len(b)/50)
+	for i := 0; i < len(b); i++ {
+		switch c := b[i]; c {
+		case '\r':
+			out = append(out, '\r', '\n')
+			if i+1 < len(b) && b[i+1] == '\n' {
+				i++
+			}
+		case '\n':
+			out = append(out, '\r', '\n')
+		default:
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+// prepared is an accepted message as every upstream will receive it.
+type prepared struct {
+	data      []byte
+	messageID string
+	header    textproto.Header // after X-Relay-* removal; for routing
+	relayHdrs map[string]string
+}
+
+// receivedInfo describes the SMTP session for the Received trace header.
+type receivedInfo struct {
+	helo, remote, hostname, id, with string
+	at                                time.Time
+}
+
+// prepare removes X-Relay-* headers (keeping their values for routing),
+// adds a Message-ID when missing, so every attempt and every provider sees
+// the same one, and prepends one Received header. The body and all other
+// header bytes are unchanged. A message that does not start with a header
+// block is treated as all body, as Postfix's cleanup does.
+func prepare(raw []byte, ri receivedInfo) (*prepared, error) {
+	bodyOff := len(raw)
+	if bytes.HasPrefix(raw, []byte("\r\n")) {
+		bodyOff = 2
+	} else if i := bytes.Index(raw, []byte("\r\n\r\n")); i >= 0 {
+		bodyOff = i + 4
+	}
+	h, err := textproto.ReadHeader(bufio.NewReader(bytes.NewReader(raw[:bodyOff])))
+	if err != nil && !errors.Is(err, io.EOF) {
+		h, bodyOff = textproto.Header{}, 0
+	}
+	p := &prepared{relayHdrs: map[string]string{}}
+	for f := h.Fields(); f.Next(); {
+		if strings.HasPrefix(strings.ToLower(f.Key()), "x-relay-") {
+			p.relayHdrs[f.Key()] = f.Value()
+			f.Del()
+		}
+	}
+	p.messageID = strings.TrimSpace(h.Get("Message-Id"))
+	if p.messageID == "" {
+		p.messageID = fmt.Sprintf("<%s@%s>", ri.id, ri.hostname)
+		h.Add("Message-Id", p.messageID)
+	}
+	h.AddRaw([]byte(receivedHeader(ri)))
+	var out bytes.Buffer
+	out.Grow(len(raw) + 512)
+	if err := textproto.WriteHeader(&out, h); err != nil {
+		return nil, err
+	}
+	out.Write(raw[bodyOff:])
+	p.data = out.Bytes()
+	// The routing view sees the original X-Relay-* values too.
+	p.header = h
+	for k, v := range p.relayHdrs {
+		p.header.Add(k, v)
+	}
+	return p, nil
+}
+
+func receivedHeader(ri receivedInfo) string {
+	// Folded at 78 columns is not required (998 max) but keeps it readable.
+	return fmt.Sprintf("Received: from %s ([%s])\r\n\tby %s (relaycar) with %s id %s;\r\n\t%s\r\n",
+		sanitize(ri.helo), ri.remote, ri.hostname, ri.with, ri.id, ri.at.Format(time.RFC1123Z))
+}
+
+// sanitize keeps a client-supplied HELO name from breaking the header.
+func sanitize(s string) string {
+	s = strings.Map(func(r rune) rune {
+		if r < 0x21 || r > 0x7e || r == '(' || r == ')' {
+			return -1
+		}
+		return r
+	}, s)
+	if s == "" {
+		return "unknown"
+	}
+	return s
+}

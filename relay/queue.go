@@ -1,0 +1,181 @@
+package relay
+
+import (
+	"container/heap"
+	"context"
+	"sync"
+	"time"
+)
+
+// queue holds the live messages in memory, ordered by next attempt. It is
+// rebuilt from the spool files at start; the files stay the truth.
+type queue struct {
+	mu    sync.Mutex
+	items map[string]*item
+	due   itemHeap
+	wake  chan struct{}
+	now   func() time.Time
+}
+
+type item struct {
+	env   *Envelope
+	at    time.Time
+	index int  // in due; -1 while a worker has it
+	gone  bool // dropped while a worker had it
+}
+
+func newQueue(now func() time.Time) *queue {
+	return &queue{items: map[string]*item{}, wake: make(chan struct{}, 1), now: now}
+}
+
+func (q *queue) poke() {
+	select {
+	case q.wake <- struct{}{}:
+	default:
+	}
+}
+
+// add schedules env at env.NextAttempt.
+func (q *queue) add(env *Envelope) {
+	q.mu.Lock()
+	it := &item{env: env, at: env.NextAttempt}
+	q.items[env.ID] = it
+	heap.Push(&q.due, it)
+	q.mu.Unlock()
+	q.poke()
+}
+
+// done returns a worker's item: rescheduled at env.NextAttempt if keep,
+// forgotten otherwise.
+func (q *queue) done(it *item, keep bool) {
+	q.mu.Lock()
+	if !keep || it.gone {
+		delete(q.items, it.env.ID)
+	} else {
+		it.at = it.env.NextAttempt
+		heap.Push(&q.due, it)
+	}
+	q.mu.Unlock()
+	q.poke()
+}
+
+// retry makes a message due now. It reports whether the id is queued.
+func (q *queue) retry(id string) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	it, ok := q.items[id]
+	if !ok {
+		return false
+	}
+	if it.index >= 0 {
+		it.at = q.now()
+		heap.Fix(&q.due, it.index)
+		q.poke()
+	}
+	return true
+}
+
+func (q *queue) retryAll() int {
+	q.mu.Lock()
+	now := q.now()
+	for _, it := range q.due {
+		it.at = now
+	}
+	heap.Init(&q.due)
+	n := len(q.items)
+	q.mu.Unlock()
+	q.poke()
+	return n
+}
+
+// forget removes a message an operator dropped.
+func (q *queue) forget(id string) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	it, ok := q.items[id]
+	if !ok {
+		return
+	}
+	if it.index >= 0 {
+		heap.Remove(&q.due, it.index)
+		delete(q.items, id)
+	} else {
+		it.gone = true
+	}
+}
+
+func (q *queue) len() int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return len(q.items)
+}
+
+// busy reports how many items workers hold and whether any is due now.
+func (q *queue) state() (busy int, dueNow bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	busy = len(q.items) - len(q.due)
+	return busy, len(q.due) > 0 && !q.due[0].at.After(q.now())
+}
+
+// dispatch hands due items to out until ctx ends.
+func (q *queue) dispatch(ctx context.Context, out chan<- *item) {
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	for {
+		q.mu.Lock()
+		var next *item
+		wait := time.Hour
+		if len(q.due) > 0 {
+			if d := q.due[0].at.Sub(q.now()); d <= 0 {
+				next = heap.Pop(&q.due).(*item)
+			} else {
+				wait = d
+			}
+		}
+		q.mu.Unlock()
+		if next != nil {
+			select {
+			case out <- next:
+				continue
+			case <-ctx.Done():
+				q.done(next, true)
+				return
+			}
+		}
+		timer.Reset(wait)
+		select {
+		case <-ctx.Done():
+			return
+		case <-q.wake:
+		case <-timer.C:
+		}
+	}
+}
+
+type itemHeap []*item
+
+func (h itemHeap) Len() int { return len(h) }
+func (h itemHeap) Less(i, j int) bool {
+	if !h[i].at.Equal(h[j].at) {
+		return h[i].at.Before(h[j].at)
+	}
+	return h[i].env.ID < h[j].env.ID
+}
+func (h itemHeap) Swap(i, j int) {
+	h[i], h[j] = h[j], h[i]
+	h[i].index, h[j].index = i, j
+}
+func (h *itemHeap) Push(x any) {
+	it := x.(*item)
+	it.index = len(*h)
+	*h = append(*h, it)
+}
+func (h *itemHeap) Pop() any {
+	old := *h
+	it := old[len(old)-1]
+	old[len(old)-1] = nil
+	*h = old[:len(old)-1]
+	it.index = -1
+	return it
+}

@@ -1,0 +1,331 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/netip"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/emersion/go-smtp"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/sony/gobreaker/v2"
+
+	"github.com/relaycar/relaycar/policy"
+	"github.com/relaycar/relaycar/upstreams"
+)
+
+// Deps are the things a Relay takes from its caller rather than from
+// globals, so tests can run many relays in one process.
+type Deps struct {
+	Logger   *slog.Logger
+	Registry *prometheus.Registry
+	Now      func() time.Time
+	// Upstreams replaces adapters built from config, by name (tests).
+	Upstreams map[string]upstreams.Upstream
+	// Version is shown on the status page.
+	Version string
+}
+
+// Relay is one running relaycar: SMTP listener, spool, delivery workers and
+// admin HTTP.
+type Relay struct {
+	cfg            *Config
+	log            *slog.Logger
+	now            func() time.Time
+	rand           func() float64
+	spool          *Spool
+	queue          *queue
+	router         *policy.Router
+	gates          map[string]*policy.Gate
+	ups            []upstreams.Upstream
+	metrics        *metrics
+	reg            *prometheus.Registry
+	users          map[string][]byte
+	allowedSenders map[string]bool
+	maxBytes       int64
+	version        string
+
+	draining atomic.Bool
+	ready    atomic.Bool
+
+	smtpLn  net.Listener
+	adminLn net.Listener
+}
+
+// New validates nothing (call Config.Validate first) but builds every part,
+// so a bad certificate or an unusable spool fails before anything listens.
+func New(cfg *Config, d Deps) (*Relay, error) {
+	r := &Relay{cfg: cfg, log: d.Logger, now: d.Now, rand: rand.Float64, reg: d.Registry, version: d.Version,
+		gates: map[string]*policy.Gate{}, allowedSenders: map[string]bool{}}
+	if r.log == nil {
+		r.log = slog.New(slog.DiscardHandler)
+	}
+	if r.now == nil {
+		r.now = time.Now
+	}
+	if r.reg == nil {
+		r.reg = prometheus.NewRegistry()
+	}
+	for _, s := range cfg.Listen.AllowedSenders {
+		r.allowedSenders[strings.ToLower(s)] = true
+	}
+	if cfg.Listen.Auth.UsersFile != "" {
+		users, err := loadUsers(cfg.Listen.Auth.UsersFile)
+		if err != nil {
+			return nil, fmt.Errorf("listen.auth.users_file: %w", err)
+		}
+		r.users = users
+	}
+	udeps := upstreams.Deps{Logger: r.log, Hostname: cfg.Listen.Hostname, Now: r.now}
+	for _, uc := range cfg.Upstreams {
+		u, ok := d.Upstreams[uc.Name]
+		if !ok {
+			var err error
+			if u, err = upstreams.New(uc, udeps); err != nil {
+				return nil, err
+			}
+		}
+		r.ups = append(r.ups, u)
+		r.gates[uc.Name] = policy.NewGate(u, uc, policy.GateHooks{OnStateChange: r.breakerChanged})
+	}
+	router, err := policy.NewRouter(cfg.Routes, r.gates)
+	if err != nil {
+		return nil, err
+	}
+	r.router = router
+	// SIZE: the largest message some route can deliver, capped by the
+	// listener's own limit.
+	r.maxBytes = cfg.Listen.MaxMessageBytes
+	var largest int64
+	unlimited := false
+	for _, rc := range cfg.Routes {
+		m := router.MaxMessageBytes(rc.Name)
+		if m == 0 {
+			unlimited = true
+		}
+		largest = max(largest, m)
+	}
+	if !unlimited && largest > 0 {
+		r.maxBytes = min(r.maxBytes, largest)
+	}
+	sp, err := OpenSpool(cfg.Spool.Dir, r.log)
+	if err != nil {
+		return nil, fmt.Errorf("spool.dir: %w", err)
+	}
+	r.spool = sp
+	r.queue = newQueue(r.now)
+	r.metrics = newMetrics(r.reg, r.gates, func() float64 { return float64(r.queue.len()) }, func() float64 { return float64(r.spool.CountDead()) })
+	return r, nil
+}
+
+func (r *Relay) breakerChanged(upstream, sender string, from, to gobreaker.State) {
+	lvl := slog.LevelWarn
+	if to == gobreaker.StateClosed {
+		lvl = slog.LevelInfo
+	}
+	if sender == "" {
+		r.log.Log(context.Background(), lvl, "circuit breaker "+to.String(), "upstream", upstream, "from", from.String())
+	} else {
+		r.log.Log(context.Background(), lvl, "sender circuit breaker "+to.String(), "upstream", upstream, "sender_domain", sender, "from", from.String())
+	}
+}
+
+// accept routes, prepares and spools one message; it returns the id once
+// the message is durable, or an *smtp.SMTPError for the client.
+func (r *Relay) accept(from string, rcpts []string, raw []byte, ri receivedInfo) (string, error) {
+	now := r.now()
+	id := NewID(now)
+	ri.id, ri.at = id, now
+	p, err := prepare(raw, ri)
+	if err != nil {
+		return "", err
+	}
+	groups, unrouted := r.router.Split(from, rcpts, p.header.Get)
+	if len(unrouted) > 0 {
+		r.log.Warn("message refused: no route", "from", from, "rcpts", unrouted)
+		return "", replyNoRoute
+	}
+	env := &Envelope{ID: id, From: from, Rcpts: rcpts, MessageID: p.messageID, Size: len(p.data),
+		ReceivedAt: now.UTC(), NextAttempt: now.UTC(), RemoteAddr: ri.remote}
+	for _, g := range groups {
+		if m := r.router.MaxMessageBytes(g.Route); m > 0 && int64(len(p.data)) > m {
+			return "", replyTooBig
+		}
+		env.Routes = append(env.Routes, RouteState{Route: g.Route, Pending: g.Rcpts})
+	}
+	if err := r.spool.Put(env, p.data); err != nil {
+		return "", err
+	}
+	r.metrics.received.Inc()
+	r.log.Info("message queued", "msg_id", id, "from", from, "rcpt_count", len(rcpts), "size", len(p.data), "remote_addr", ri.remote)
+	r.queue.add(env)
+	return id, nil
+}
+
+// SMTPAddr and AdminAddr are the bound addresses (for tests binding :0).
+func (r *Relay) SMTPAddr() net.Addr  { return r.smtpLn.Addr() }
+func (r *Relay) AdminAddr() net.Addr { return r.adminLn.Addr() }
+
+// Listen binds the SMTP and admin sockets and loads the spool. Run serves.
+func (r *Relay) Listen() error {
+	if err := r.spool.Lock(); err != nil {
+		return fmt.Errorf("spool.dir %s: %w", r.spool.Dir(), err)
+	}
+	envs, broken, err := r.spool.Load()
+	if err != nil {
+		return fmt.Errorf("loading spool: %w", err)
+	}
+	r.metrics.broken.Add(float64(broken))
+	for _, env := range envs {
+		r.queue.add(env)
+	}
+	if len(envs) > 0 {
+		r.log.Info("spool loaded", "messages", len(envs), "broken", broken)
+	}
+	ln, err := net.Listen("tcp", r.cfg.Listen.Address)
+	if err != nil {
+		return fmt.Errorf("listen.address: %w", err)
+	}
+	var allowed []netip.Prefix
+	for _, n := range r.cfg.Listen.AllowedNetworks {
+		p, _ := parseNetwork(n)
+		allowed = append(allowed, p)
+	}
+	r.smtpLn = &allowListener{Listener: ln, allowed: allowed, log: r.log,
+		denied: func() { r.metrics.smtpRefused.WithLabelValues("554").Inc() }}
+	if r.cfg.Admin.Address != "" {
+		if r.adminLn, err = net.Listen("tcp", r.cfg.Admin.Address); err != nil {
+			ln.Close()
+			return fmt.Errorf("admin.address: %w", err)
+		}
+	}
+	return nil
+}
+
+// Run serves until ctx ends, then drains: /readyz turns 503, the listener
+// closes, open sessions finish, deliveries go on until shutdown_grace, and
+// what is left stays in the spool for the next start.
+func (r *Relay) Run(ctx context.Context) error {
+	if r.smtpLn == nil {
+		if err := r.Listen(); err != nil {
+			return err
+		}
+	}
+	defer r.spool.Unlock()
+	srv := smtp.NewServer(backend{r})
+	srv.Domain = r.cfg.Listen.Hostname
+	srv.MaxMessageBytes = r.maxBytes
+	srv.MaxRecipients = r.cfg.Listen.MaxRecipients
+	srv.ReadTimeout, srv.WriteTimeout = r.cfg.Listen.ReadTimeout, r.cfg.Listen.WriteTimeout
+	// Real-world HTML often has very long lines; RFC 5322's 998 is not what
+	// legacy senders honour, and the size limit still bounds memory.
+	srv.MaxLineLength = 1 << 20
+	srv.EnableSMTPUTF8 = true
+	srv.ErrorLog = slog.NewLogLogger(r.log.Handler(), slog.LevelWarn)
+	if r.users != nil {
+		// Sessions decide per connection (TLS or loopback); see authAllowed.
+		srv.AllowInsecureAuth = true
+	}
+	if c := r.cfg.Listen.TLS; c.CertFile != "" {
+		tc, err := loadTLS(c)
+		if err != nil {
+			return fmt.Errorf("listen.tls: %w", err)
+		}
+		srv.TLSConfig = tc
+	}
+
+	var adminSrv *http.Server
+	errc := make(chan error, 2)
+	if r.adminLn != nil {
+		adminSrv = &http.Server{Handler: r.adminHandler(), ReadHeaderTimeout: 10 * time.Second}
+		go func() {
+			if err := adminSrv.Serve(r.adminLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				errc <- fmt.Errorf("admin: %w", err)
+			}
+		}()
+	}
+
+	// Deliveries run under their own context: it outlives ctx by the grace.
+	dctx, dcancel := context.WithCancel(context.WithoutCancel(ctx))
+	defer dcancel()
+	work := make(chan *item)
+	var wg sync.WaitGroup
+	for range r.cfg.Spool.Workers {
+		wg.Go(func() { r.worker(dctx, work) })
+	}
+	dispatchCtx, stopDispatch := context.WithCancel(dctx)
+	dispatchDone := make(chan struct{})
+	go func() {
+		r.queue.dispatch(dispatchCtx, work)
+		close(dispatchDone)
+	}()
+
+	go func() {
+		if err := srv.Serve(r.smtpLn); err != nil && !errors.Is(err, smtp.ErrServerClosed) {
+			errc <- fmt.Errorf("smtp: %w", err)
+		}
+	}()
+	r.ready.Store(true)
+	r.log.Info("relaycar serving", "smtp", r.smtpLn.Addr().String(), "admin", r.cfg.Admin.Address,
+		"spool", r.cfg.Spool.Dir, "size_limit", r.maxBytes, "upstreams", len(r.ups), "queued", r.queue.len())
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+	case runErr = <-errc:
+	}
+
+	// Drain.
+	r.ready.Store(false)
+	r.draining.Store(true)
+	grace := r.cfg.ShutdownGrace
+	r.log.Info("shutting down", "grace", grace.String())
+	graceCtx, cancelGrace := context.WithTimeout(context.WithoutCancel(ctx), grace)
+	defer cancelGrace()
+	if err := srv.Shutdown(graceCtx); err != nil {
+		r.log.Warn("smtp sessions did not finish within the grace period", "err", err)
+		srv.Close()
+	}
+	// Keep delivering what is due until nothing is, or the grace ends.
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+drain:
+	for {
+		busy, due := r.queue.state()
+		if busy == 0 && !due {
+			break
+		}
+		select {
+		case <-graceCtx.Done():
+			break drain
+		case <-tick.C:
+		}
+	}
+	stopDispatch()
+	<-dispatchDone
+	close(work)
+	// Cancel in-flight sends at the end of the grace period.
+	stop := context.AfterFunc(graceCtx, dcancel)
+	wg.Wait()
+	stop()
+	for _, u := range r.ups {
+		if c, ok := u.(upstreams.Closer); ok {
+			c.Close()
+		}
+	}
+	if adminSrv != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		adminSrv.Shutdown(sctx)
+		cancel()
+	}
+	r.log.Info("stopped", "left_in_spool", r.queue.len())
+	return runErr
+}

@@ -1,0 +1,457 @@
+package relay
+
+import (
+	"bytes"
+	"crypto/rand"
+	"encoding/base32"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/relaycar/relaycar/internal/atomicfile"
+)
+
+// Spool is the durable queue on disk:
+//
+//	<dir>/<id>.eml          message bytes, written once
+//	<dir>/<id>.json         Envelope: the commit record, rewritten per attempt
+//	<dir>/dead/<id>.{eml,json}  dead letters, with DeadReason
+//	<dir>/.tmp-*            in-progress writes, removed at start
+//	<dir>/<id>.json.broken  unreadable envelopes, kept for a human
+//
+// A message exists once its .json is renamed into place and the directory
+// is fsynced; until then nothing was promised to the client.
+type Spool struct {
+	dir  string
+	dead string
+	fs   atomicfile.FS
+	log  *slog.Logger
+	sync dirSyncer
+	lock *os.File
+}
+
+const (
+	fileMode = 0o600
+	dirMode  = 0o700
+)
+
+// OpenSpool creates the directories if needed. Call Lock to own it as the
+// serving process.
+func OpenSpool(dir string, log *slog.Logger) (*Spool, error) {
+	s := &Spool{dir: dir, dead: filepath.Join(dir, "dead"), fs: atomicfile.OS{}, log: log}
+	s.sync.dir = dir
+	for _, d := range []string{dir, s.dead} {
+		if err := os.MkdirAll(d, dirMode); err != nil {
+			return nil, err
+		}
+	}
+	return s, nil
+}
+
+// ErrLocked means another relaycar serves this spool.
+var ErrLocked = errors.New("spool is in use by a running relaycar")
+
+// Lock takes the spool's exclusive lock for the life of the process, so two
+// relays never deliver the same files, and `relaycar queue` knows to go
+// through the admin API instead of the files.
+func (s *Spool) Lock() error {
+	f, err := os.OpenFile(filepath.Join(s.dir, ".lock"), os.O_CREATE|os.O_RDWR, fileMode)
+	if err != nil {
+		return err
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return ErrLocked
+		}
+		return err
+	}
+	s.lock = f
+	return nil
+}
+
+// Locked reports whether another process holds the spool lock.
+func (s *Spool) Locked() bool {
+	if s.lock != nil {
+		return false
+	}
+	if err := s.Lock(); err != nil {
+		return errors.Is(err, ErrLocked)
+	}
+	s.Unlock()
+	return false
+}
+
+// Unlock releases the lock taken by Lock.
+func (s *Spool) Unlock() {
+	if s.lock != nil {
+		s.lock.Close()
+		s.lock = nil
+	}
+}
+
+// Dir is the spool directory.
+func (s *Spool) Dir() string { return s.dir }
+
+// NewID returns a time-sortable id: `ls` and `queue ls` list oldest first.
+// It uses only [0-9a-z], so it never collides with ".tmp-" names.
+func NewID(now time.Time) string {
+	var b [8]byte
+	rand.Read(b[:])
+	r := strings.ToLower(base32.StdEncoding.WithPadding(base32.NoPadding).EncodeToString(b[:]))
+	return fmt.Sprintf("%013s%s", strconv.FormatInt(now.UnixMicro(), 36), r[:10])
+}
+
+func validID(id string) bool {
+	if id == "" || len(id) > 64 {
+		return false
+	}
+	for _, c := range id {
+		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'z' || c == '-' || c == '_') {
+			return false
+		}
+	}
+	return true
+}
+
+func (s *Spool) path(id, ext string) string { return filepath.Join(s.dir, id+ext) }
+
+// Put stores a new message durably. It returns only after the body, the
+// envelope and their directory entries are on stable storage; concurrent
+// callers share directory fsyncs (group commit) and their file fsyncs run
+// in parallel, which the file system's journal coalesces. On error nothing
+// is kept.
+func (s *Spool) Put(env *Envelope, data []byte) error {
+	js, err := json.MarshalIndent(env, "", "  ")
+	if err != nil {
+		return err
+	}
+	emlTmp, err := atomicfile.WriteTemp(s.fs, s.dir, bytes.NewReader(data), fileMode)
+	if err != nil {
+		return err
+	}
+	jsTmp, err := atomicfile.WriteTemp(s.fs, s.dir, bytes.NewReader(js), fileMode)
+	if err != nil {
+		os.Remove(emlTmp)
+		return err
+	}
+	eml, jsn := s.path(env.ID, ".eml"), s.path(env.ID, ".json")
+	// Body first: a .json always has its .eml; an .eml alone is an
+	// unacknowledged leftover that Load removes.
+	if err := os.Rename(emlTmp, eml); err != nil {
+		os.Remove(emlTmp)
+		os.Remove(jsTmp)
+		return err
+	}
+	if err := os.Rename(jsTmp, jsn); err != nil {
+		os.Remove(jsTmp)
+		os.Remove(eml)
+		return err
+	}
+	if err := s.sync.Sync(); err != nil {
+		os.Remove(jsn)
+		os.Remove(eml)
+		return err
+	}
+	return nil
+}
+
+// ReadData returns the message bytes.
+func (s *Spool) ReadData(id string) ([]byte, error) { return os.ReadFile(s.path(id, ".eml")) }
+
+// Update rewrites the envelope atomically. The directory is not fsynced: if
+// the rename is lost in a crash the previous state comes back, which at
+// worst repeats an attempt (at-least-once).
+func (s *Spool) Update(env *Envelope) error {
+	if _, err := os.Stat(s.path(env.ID, ".eml")); err != nil {
+		// Dropped by an operator meanwhile: do not resurrect an envelope
+		// without its body.
+		return err
+	}
+	js, err := json.MarshalIndent(env, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp, err := atomicfile.WriteTemp(s.fs, s.dir, bytes.NewReader(js), fileMode)
+	if err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, s.path(env.ID, ".json")); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	return nil
+}
+
+// Remove deletes a delivered message: envelope first, so a crash in between
+// leaves only an orphan body, which Load removes.
+func (s *Spool) Remove(id string) error {
+	if err := os.Remove(s.path(id, ".json")); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	if err := os.Remove(s.path(id, ".eml")); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	return s.sync.Sync()
+}
+
+// Bury moves a message to dead/ with its reason. The dead envelope is
+// written first; Load finishes a move that a crash interrupted.
+func (s *Spool) Bury(env *Envelope, reason string, now time.Time) error {
+	env.DeadReason = reason
+	t := now.UTC()
+	env.DeadAt = &t
+	js, err := json.MarshalIndent(env, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := atomicfile.WriteFile(s.fs, filepath.Join(s.dead, env.ID+".json"), bytes.NewReader(js), fileMode); err != nil {
+		return err
+	}
+	return s.finishBury(env.ID)
+}
+
+func (s *Spool) finishBury(id string) error {
+	err := os.Rename(s.path(id, ".eml"), filepath.Join(s.dead, id+".eml"))
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	if err := atomicfile.SyncDir(s.dead); err != nil {
+		return err
+	}
+	if err := os.Remove(s.path(id, ".json")); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	return s.sync.Sync()
+}
+
+// Load recovers the spool after a start: it removes temp files and bodies
+// that never got an envelope, completes interrupted dead-letter moves,
+// quarantines unreadable envelopes as .broken, and returns the live
+// envelopes oldest first.
+func (s *Spool) Load() (envs []*Envelope, broken int, err error) {
+	entries, err := os.ReadDir(s.dir)
+	if err != nil {
+		return nil, 0, err
+	}
+	have := map[string]bool{}
+	for _, e := range entries {
+		have[e.Name()] = true
+	}
+	for _, e := range entries {
+		name := e.Name()
+		switch {
+		case e.IsDir():
+		case strings.HasPrefix(name, atomicfile.TempPrefix):
+			os.Remove(filepath.Join(s.dir, name))
+		case strings.HasSuffix(name, ".eml"):
+			id := strings.TrimSuffix(name, ".eml")
+			if !have[id+".json"] {
+				s.log.Warn("removing body without envelope (never acknowledged)", "msg_id", id)
+				os.Remove(filepath.Join(s.dir, name))
+			}
+		case strings.HasSuffix(name, ".json"):
+			id := strings.TrimSuffix(name, ".json")
+			if _, err := os.Stat(filepath.Join(s.dead, id+".json")); err == nil {
+				if err := s.finishBury(id); err != nil {
+					return nil, broken, err
+				}
+				continue
+			}
+			env, err := s.readEnvelope(filepath.Join(s.dir, name))
+			if err == nil && !have[id+".eml"] {
+				err = errors.New("body (.eml) is missing")
+			}
+			if err != nil {
+				broken++
+				s.log.Error("quarantining unreadable envelope", "msg_id", id, "file", name+".broken", "err", err)
+				if rerr := os.Rename(filepath.Join(s.dir, name), filepath.Join(s.dir, name+".broken")); rerr != nil {
+					return nil, broken, rerr
+				}
+				continue
+			}
+			envs = append(envs, env)
+		}
+	}
+	slices.SortFunc(envs, func(a, b *Envelope) int { return strings.Compare(a.ID, b.ID) })
+	return envs, broken, s.sync.Sync()
+}
+
+func (s *Spool) readEnvelope(path string) (*Envelope, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var env Envelope
+	if err := json.Unmarshal(b, &env); err != nil {
+		return nil, err
+	}
+	if env.ID == "" || !validID(env.ID) || filepath.Base(path) != env.ID+".json" {
+		return nil, fmt.Errorf("id %q does not match file name", env.ID)
+	}
+	return &env, nil
+}
+
+// List returns the live envelopes without touching anything, for
+// read-only tools (`relaycar queue ls` beside a running relay).
+func (s *Spool) List() ([]*Envelope, error) { return s.list(s.dir) }
+
+// Dead returns the dead-lettered envelopes, oldest first.
+func (s *Spool) Dead() ([]*Envelope, error) { return s.list(s.dead) }
+
+func (s *Spool) list(dir string) ([]*Envelope, error) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	var envs []*Envelope
+	for _, e := range entries {
+		if e.IsDir() || !strings.HasSuffix(e.Name(), ".json") || strings.HasPrefix(e.Name(), ".") {
+			continue
+		}
+		env, err := s.readEnvelope(filepath.Join(dir, e.Name()))
+		if err != nil {
+			continue // moved or removed meanwhile, or broken: Load handles those
+		}
+		envs = append(envs, env)
+	}
+	slices.SortFunc(envs, func(a, b *Envelope) int { return strings.Compare(a.ID, b.ID) })
+	return envs, nil
+}
+
+// CountDead returns the number of dead letters.
+func (s *Spool) CountDead() int {
+	entries, _ := os.ReadDir(s.dead)
+	n := 0
+	for _, e := range entries {
+		if strings.HasSuffix(e.Name(), ".json") && !strings.HasPrefix(e.Name(), ".") {
+			n++
+		}
+	}
+	return n
+}
+
+// Get reads one live envelope.
+func (s *Spool) Get(id string) (*Envelope, error) {
+	if !validID(id) {
+		return nil, fs.ErrNotExist
+	}
+	return s.readEnvelope(s.path(id, ".json"))
+}
+
+// Resurrect moves a dead letter back into the live spool for another round
+// of attempts: failed recipients become pending again, delivered ones stay
+// delivered.
+func (s *Spool) Resurrect(id string, now time.Time) (*Envelope, error) {
+	if !validID(id) {
+		return nil, fs.ErrNotExist
+	}
+	env, err := s.readEnvelope(filepath.Join(s.dead, id+".json"))
+	if err != nil {
+		return nil, err
+	}
+	for _, f := range env.Failures {
+		for i := range env.Routes {
+			if env.Routes[i].Route == f.Route {
+				env.Routes[i].Pending = append(env.Routes[i].Pending, f.Rcpts...)
+			}
+		}
+	}
+	env.Failures, env.DeadReason, env.DeadAt = nil, "", nil
+	env.Attempts, env.NextAttempt, env.LastError = 0, now.UTC(), ""
+	// Counting max_age from now gives the retried message a full window.
+	env.ReceivedAt = now.UTC()
+	if err := os.Rename(filepath.Join(s.dead, id+".eml"), s.path(id, ".eml")); err != nil {
+		return nil, err
+	}
+	js, _ := json.MarshalIndent(env, "", "  ")
+	if err := atomicfile.WriteFile(s.fs, s.path(id, ".json"), bytes.NewReader(js), fileMode); err != nil {
+		return nil, err
+	}
+	os.Remove(filepath.Join(s.dead, id+".json"))
+	return env, atomicfile.SyncDir(s.dead)
+}
+
+// Drop deletes a message, live or dead.
+func (s *Spool) Drop(id string) error {
+	if !validID(id) {
+		return fs.ErrNotExist
+	}
+	found := false
+	for _, dir := range []string{s.dir, s.dead} {
+		for _, ext := range []string{".json", ".eml"} {
+			err := os.Remove(filepath.Join(dir, id+ext))
+			if err == nil {
+				found = true
+			} else if !errors.Is(err, fs.ErrNotExist) {
+				return err
+			}
+		}
+	}
+	if !found {
+		return fs.ErrNotExist
+	}
+	atomicfile.SyncDir(s.dead)
+	return s.sync.Sync()
+}
+
+// Writable checks that a file can be created in the spool, for /readyz.
+func (s *Spool) Writable() error {
+	f, err := os.CreateTemp(s.dir, atomicfile.TempPrefix+"probe-*")
+	if err != nil {
+		return err
+	}
+	name := f.Name()
+	f.Close()
+	return os.Remove(name)
+}
+
+// dirSyncer batches directory fsyncs: a caller waits for one fsync that
+// started after its own renames; every caller that arrived while an fsync
+// ran shares the next one.
+type dirSyncer struct {
+	dir       string
+	mu        sync.Mutex
+	cond      *sync.Cond
+	requested uint64
+	completed uint64
+	running   bool
+	lastErr   error
+}
+
+func (d *dirSyncer) Sync() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.cond == nil {
+		d.cond = sync.NewCond(&d.mu)
+	}
+	d.requested++
+	ticket := d.requested
+	for {
+		if d.completed >= ticket {
+			return d.lastErr
+		}
+		if !d.running {
+			d.running = true
+			covers := d.requested
+			d.mu.Unlock()
+			err := atomicfile.SyncDir(d.dir)
+			d.mu.Lock()
+			d.running = false
+			d.completed, d.lastErr = covers, err
+			d.cond.Broadcast()
+			continue
+		}
+		d.cond.Wait()
+	}
+}

@@ -1,0 +1,89 @@
+package upstreams
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net/http/httptrace"
+	"net/url"
+	"strings"
+	"sync/atomic"
+)
+
+// Helpers shared by the HTTP API adapters (ses, mailgun, smtp2go).
+
+// apiProgress records how far one HTTP exchange got, so a failure can be
+// classified: nothing written is safe to send elsewhere, a fully written
+// request without an answer may have been accepted (Ambiguous).
+type apiProgress struct {
+	wrote atomic.Bool // the whole request, body included, went out
+	reply atomic.Bool // the first byte of a response came back
+}
+
+// apiTrace returns ctx with an httptrace hook that fills the returned
+// progress. It composes with traces already in ctx (SDKs add their own).
+func apiTrace(ctx context.Context) (context.Context, *apiProgress) {
+	p := &apiProgress{}
+	return httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{
+		WroteRequest: func(i httptrace.WroteRequestInfo) {
+			if i.Err == nil {
+				p.wrote.Store(true)
+			}
+		},
+		GotFirstResponseByte: func() { p.reply.Store(true) },
+	}), p
+}
+
+// apiTransportError classifies an error that came without an HTTP status:
+// Transient when the request may not have reached the provider, Ambiguous
+// when it was fully written and then timed out or lost its connection.
+// The reason never quotes the request URL (url.Error does), only the cause.
+func apiTransportError(ctx context.Context, upstream string, err error, p *apiProgress, secrets ...Secret) *Error {
+	wrote := p != nil && p.wrote.Load()
+	class := ContextClass(err, wrote)
+	var cause string
+	switch {
+	case errors.Is(err, context.DeadlineExceeded) || isTimeout(err):
+		cause = "timeout"
+		// WithTimeoutCause's cause says which timeout and how long.
+		if c := context.Cause(ctx); c != nil && !errors.Is(c, context.DeadlineExceeded) && !errors.Is(c, context.Canceled) {
+			cause = c.Error()
+		}
+	case errors.Is(err, context.Canceled):
+		cause = "canceled"
+	default:
+		inner := err
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			inner = ue.Err
+		}
+		cause = oneLine(inner.Error())
+	}
+	if wrote {
+		cause = "after request was sent: " + cause
+	}
+	return &Error{Upstream: upstream, Class: class, Reason: Truncate(apiRedact(cause, secrets...), 300), Err: err}
+}
+
+// apiRedact removes every non-empty secret from s. Providers sometimes echo
+// a bad key back in an error body; reasons end up in logs and the spool.
+func apiRedact(s string, secrets ...Secret) string {
+	for _, sec := range secrets {
+		if v := sec.Reveal(); v != "" {
+			s = strings.ReplaceAll(s, v, "<secret>")
+		}
+	}
+	return s
+}
+
+// apiDrainClose reads what is left of a response body (bounded) and closes
+// it, so the connection can be reused.
+func apiDrainClose(body io.ReadCloser) {
+	_, _ = io.Copy(io.Discard, io.LimitReader(body, 256<<10))
+	_ = body.Close()
+}
+
+// apiBodyReason turns a provider's error body into a one-line reason.
+func apiBodyReason(body []byte, secrets ...Secret) string {
+	return Truncate(apiRedact(oneLine(string(body)), secrets...), 300)
+}

@@ -1,0 +1,114 @@
+package upstreams
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/relaycar/relaycar/internal/fakes"
+)
+
+// Shared by ses_test.go, mailgun_test.go and smtp2go_test.go.
+
+// apiTestMessage builds a CRLF message with the given header recipients.
+func apiTestMessage(from string, headerTo []string, envelope []string) *Message {
+	data := "Received: from app (localhost [127.0.0.1]) by relaycar.local; Sat, 22 Nov 2026 10:00:00 +0000\r\n" +
+		"From: \"Alice Example\" <" + from + ">\r\n" +
+		"To: " + strings.Join(headerTo, ", ") + "\r\n" +
+		"Subject: relaycar adapter test\r\n" +
+		"Message-ID: <test-1@relaycar.local>\r\n" +
+		"Date: Sat, 22 Nov 2026 10:00:00 +0000\r\n" +
+		"MIME-Version: 1.0\r\n" +
+		"Content-Type: text/plain; charset=utf-8\r\n" +
+		"\r\n" +
+		"Hello from the relaycar adapter test.\r\n"
+	return &Message{ID: "spool-1", From: from, To: envelope, Data: []byte(data), MessageID: "<test-1@relaycar.local>"}
+}
+
+// apiRcpts returns n distinct recipient addresses.
+func apiRcpts(n int) []string {
+	out := make([]string, n)
+	for i := range out {
+		out[i] = fmt.Sprintf("rcpt%04d@example.net", i)
+	}
+	return out
+}
+
+// apiSweepWant is the class a provider without richer error codes must give
+// an HTTP status: the table of DESIGN.md/STYLE.md §2, written out rather than
+// calling ClassifyHTTP so that a change to either is caught.
+func apiSweepWant(status int) Class {
+	switch {
+	case status >= 200 && status < 300:
+		return Ambiguous // a 2xx the adapter cannot read as "accepted, id X"
+	case status == 401, status == 403:
+		return ProviderFault
+	case status == 408, status == 429:
+		return Transient
+	case status == 400, status == 413, status == 422:
+		return Rejected
+	case status >= 500:
+		return Transient
+	case status >= 400:
+		return ProviderFault // 402, 404, 451, ...: account or configuration
+	}
+	return Transient // 3xx without Location: not an answer from the API
+}
+
+// apiClassOf asserts err is an *Error and returns it.
+func apiClassOf(t *testing.T, err error) *Error {
+	t.Helper()
+	var e *Error
+	if !errors.As(err, &e) {
+		t.Fatalf("error %v (%T) is not an *upstreams.Error", err, err)
+	}
+	return e
+}
+
+// apiLeakTest runs the secret-leak checks for one adapter: a fake that
+// fails (echoing the key in its body, as some APIs do) and one that hangs
+// past the timeout. newU builds the adapter for a fake URL with the logger;
+// failReply is the provider's failure answer (containing the key).
+func apiLeakTest(t *testing.T, secrets []string, failReply fakes.Reply, newU func(url string, log *slog.Logger, timeout time.Duration) Upstream) {
+	t.Run("fails", func(t *testing.T) {
+		t.Parallel()
+		f := fakes.NewHTTP(t, func(int, fakes.Request) fakes.Reply { return failReply })
+		log, logs := fakes.NewLogger()
+		u := newU(f.URL, log, 5*time.Second)
+		_, err := u.Send(context.Background(), apiTestMessage("alice@example.com", []string{"bob@example.net"}, []string{"bob@example.net"}))
+		if err == nil {
+			t.Fatal("Send succeeded against a failing fake")
+		}
+		log.Warn("delivery attempt failed", slog.Any("err", err))
+		log.Error("delivery attempt failed", "err", err, "text", err.Error())
+		fakes.AssertNoSecret(t, err, logs, secrets...)
+		if len(f.Requests()) == 0 {
+			t.Fatal("fake saw no request")
+		}
+	})
+	t.Run("hangs", func(t *testing.T) {
+		t.Parallel()
+		f := fakes.NewHTTP(t, func(int, fakes.Request) fakes.Reply { return fakes.Reply{Hang: true} })
+		log, logs := fakes.NewLogger()
+		u := newU(f.URL, log, 300*time.Millisecond)
+		start := time.Now()
+		_, err := u.Send(context.Background(), apiTestMessage("alice@example.com", []string{"bob@example.net"}, []string{"bob@example.net"}))
+		if err == nil {
+			t.Fatal("Send succeeded against a hanging fake")
+		}
+		if d := time.Since(start); d > 5*time.Second {
+			t.Errorf("Send took %v; the 300ms timeout was not applied", d)
+		}
+		// The whole request was written before the hang: it may have been taken.
+		if c := ClassOf(err); c != Ambiguous {
+			t.Errorf("class = %v, want ambiguous (request sent, no answer): %v", c, err)
+		}
+		log.Warn("delivery attempt failed", slog.Any("err", err))
+		log.Error("delivery attempt failed", "err", err, "text", err.Error())
+		fakes.AssertNoSecret(t, err, logs, secrets...)
+	})
+}
