@@ -4,8 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"errors"
-	"io"
 	"fmt"
+	"io"
 	"strings"
 	"time"
 
@@ -66,7 +66,7 @@ type prepared struct {
 // receivedInfo describes the SMTP session for the Received trace header.
 type receivedInfo struct {
 	helo, remote, hostname, id, with string
-	at                                time.Time
+	at                               time.Time
 }
 
 // prepare removes X-Relay-* headers (keeping their values for routing),
