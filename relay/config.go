@@ -95,8 +95,10 @@ func Default() Config {
 }
 
 // Load reads, expands and decodes a config file and resolves `*_file`
-// secrets. Problems come back joined, one "yaml.path: message" each. Load
-// does not Validate.
+// secrets. Problems come back joined, one "yaml.path: message" each. Even
+// with problems it returns the config (bad values left at their defaults)
+// when the file was YAML at all, so callers can Validate and report
+// everything at once; see LoadValid.
 func Load(path string) (*Config, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
@@ -119,9 +121,6 @@ func Parse(b []byte) (*Config, error) {
 	var errs []error
 	expandNode(doc, "", &errs)
 	checkNode(doc, reflect.TypeOf(cfg), "", &errs)
-	if len(errs) > 0 {
-		return nil, errors.Join(errs...)
-	}
 	if err := doc.Decode(&cfg); err != nil {
 		return nil, fmt.Errorf("relay.yaml: %v", err)
 	}
@@ -135,6 +134,33 @@ func Parse(b []byte) (*Config, error) {
 		}
 	}
 	return &cfg, errors.Join(errs...)
+}
+
+// LoadValid is Load then Validate, with the problems of both joined.
+func LoadValid(path string) (*Config, error) {
+	cfg, err := Load(path)
+	if cfg == nil {
+		return nil, err
+	}
+	verr := cfg.Validate()
+	if verr == nil && err == nil {
+		return cfg, nil
+	}
+	// One problem per path: a value that failed to load was left at its
+	// default, so Validate's word on the same path would only repeat it.
+	seen := map[string]bool{}
+	var all []error
+	for _, e := range splitJoined(err) {
+		path, _, _ := strings.Cut(e.Error(), ": ")
+		seen[path] = true
+		all = append(all, e)
+	}
+	for _, e := range splitJoined(verr) {
+		if path, _, _ := strings.Cut(e.Error(), ": "); !seen[path] {
+			all = append(all, e)
+		}
+	}
+	return nil, errors.Join(all...)
 }
 
 var envRE = regexp.MustCompile(`\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}`)
@@ -198,6 +224,9 @@ func checkNode(n *yaml.Node, t reflect.Type, path string, errs *[]error) {
 	}
 	bad := func(format string, args ...any) {
 		*errs = append(*errs, fmt.Errorf("%s: %s", path, fmt.Sprintf(format, args...)))
+		// Null the value so decoding keeps the default and Validate can
+		// still report every other problem in the same run.
+		*n = yaml.Node{Kind: yaml.ScalarNode, Tag: "!!null"}
 	}
 	if n.Kind == yaml.ScalarNode && n.Tag == "!!null" {
 		return
@@ -228,6 +257,7 @@ func checkNode(n *yaml.Node, t reflect.Type, path string, errs *[]error) {
 			fields[name] = f.Type
 			names = append(names, name)
 		}
+		kept := n.Content[:0]
 		for i := 0; i+1 < len(n.Content); i += 2 {
 			key := n.Content[i].Value
 			ft, ok := fields[key]
@@ -240,7 +270,9 @@ func checkNode(n *yaml.Node, t reflect.Type, path string, errs *[]error) {
 				continue
 			}
 			checkNode(n.Content[i+1], ft, join(path, key), errs)
+			kept = append(kept, n.Content[i], n.Content[i+1])
 		}
+		n.Content = kept
 	case reflect.Slice:
 		if n.Kind != yaml.SequenceNode {
 			bad("expected a list")
@@ -419,6 +451,16 @@ func (c *Config) Validate() error {
 		routes[r.Name] = true
 	}
 	return errors.Join(errs...)
+}
+
+func splitJoined(err error) []error {
+	if err == nil {
+		return nil
+	}
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		return j.Unwrap()
+	}
+	return []error{err}
 }
 
 // parseNetwork accepts a CIDR or a single address.

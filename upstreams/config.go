@@ -3,6 +3,7 @@ package upstreams
 import (
 	"fmt"
 	"log/slog"
+	"net"
 	"net/url"
 	"os"
 	"regexp"
@@ -211,6 +212,9 @@ func (c *Config) Validate(path string) []error {
 		isAPI = true
 	case "smtp":
 		required("address", c.Address)
+		if _, port, err := net.SplitHostPort(c.Address); c.Address != "" && (err != nil || port == "") {
+			bad("address", "%q: want host:port (587 for STARTTLS, 465 for implicit TLS)", c.Address)
+		}
 		switch c.TLS {
 		case "starttls", "implicit", "none":
 		default:

@@ -121,10 +121,7 @@ func parseFlags(fs *flag.FlagSet, args []string, stdout io.Writer) (bool, int) {
 
 // loadConfig loads and validates; problems go to stderr one per line.
 func loadConfig(path string, stderr io.Writer) (*relay.Config, bool) {
-	cfg, err := relay.Load(path)
-	if err == nil {
-		err = cfg.Validate()
-	}
+	cfg, err := relay.LoadValid(path)
 	if err != nil {
 		for _, line := range strings.Split(err.Error(), "\n") {
 			fmt.Fprintf(stderr, "%s\n", line)

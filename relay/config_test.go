@@ -1,0 +1,131 @@
+package relay
+
+import (
+	"flag"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+var update = flag.Bool("update", false, "rewrite golden .err files")
+
+// Each testdata/config/bad/NN-name.yaml must fail Load+Validate with exactly
+// the lines in NN-name.err. Run with -update to regenerate after a
+// deliberate change, then read the diff.
+func TestConfig_BadGolden(t *testing.T) {
+	files, _ := filepath.Glob("testdata/config/bad/*.yaml")
+	if len(files) == 0 {
+		t.Fatal("no golden files")
+	}
+	for _, f := range files {
+		t.Run(filepath.Base(f), func(t *testing.T) {
+			_, err := LoadValid(f)
+			if err == nil {
+				t.Fatal("config accepted, want errors")
+			}
+			got := err.Error() + "\n"
+			golden := strings.TrimSuffix(f, ".yaml") + ".err"
+			if *update {
+				os.WriteFile(golden, []byte(got), 0o644)
+			}
+			want, _ := os.ReadFile(golden)
+			if got != string(want) {
+				t.Errorf("errors:\n%s\nwant:\n%s", got, want)
+			}
+			for _, line := range strings.Split(strings.TrimSpace(got), "\n") {
+				if !strings.Contains(line, ": ") || strings.HasPrefix(line, " ") {
+					t.Errorf("line %q does not start with a YAML path", line)
+				}
+			}
+		})
+	}
+}
+
+func TestConfig_DefaultRelayYAMLIsValid(t *testing.T) {
+	cfg, err := Load("../relay.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Upstreams[0].Type != "file" || cfg.Listen.Address != "127.0.0.1:2525" || cfg.Admin.Address != "127.0.0.1:9025" {
+		t.Errorf("default relay.yaml drifted: %+v", cfg)
+	}
+}
+
+func TestConfig_EnvAndSecretFiles(t *testing.T) {
+	dir := t.TempDir()
+	keyFile := filepath.Join(dir, "key")
+	os.WriteFile(keyFile, []byte("SG.file-secret\n"), 0o600)
+	t.Setenv("RC_TEST_WORKERS", "7")
+	t.Setenv("RC_TEST_HOST", "mail.internal")
+	t.Setenv("RC_TEST_INJECT", "x\nroutes: []")
+	cfg, err := Parse([]byte(`
+listen:
+  hostname: ${RC_TEST_HOST}
+  address: ${RC_TEST_ADDR:-127.0.0.1:2626}
+spool:
+  workers: ${RC_TEST_WORKERS}
+  max_age: ${RC_TEST_AGE:-1h}
+upstreams:
+  - name: sg
+    type: sendgrid
+    api_key_file: ` + keyFile + `
+  - name: relay
+    type: smtp
+    address: smtp.example.com:25
+    username: ${RC_TEST_INJECT}
+    password: ${RC_TEST_EMPTY:-}p
+routes:
+  - name: default
+    upstreams: [sg, relay]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Listen.Hostname != "mail.internal" || cfg.Listen.Address != "127.0.0.1:2626" || cfg.Spool.Workers != 7 || cfg.Spool.MaxAge != time.Hour {
+		t.Errorf("expansion: %+v %+v", cfg.Listen, cfg.Spool)
+	}
+	if got := cfg.Upstreams[0].APIKey.Reveal(); got != "SG.file-secret" {
+		t.Errorf("api_key_file: got %q", got)
+	}
+	// A value from the environment stays one scalar: it cannot add keys.
+	if cfg.Upstreams[1].Username != "x\nroutes: []" || len(cfg.Routes) != 1 {
+		t.Errorf("env value changed the YAML structure: %q %d", cfg.Upstreams[1].Username, len(cfg.Routes))
+	}
+	if cfg.Routes[0].Strategy != "failover" || cfg.Upstreams[1].TLS != "starttls" || cfg.Upstreams[0].MaxMessageBytes != 30<<20 {
+		t.Errorf("defaults not applied: %+v", cfg.Upstreams)
+	}
+}
+
+func TestConfig_SecretsNeverPrinted(t *testing.T) {
+	t.Setenv("RC_TEST_SECRET", "sk-very-secret-value")
+	cfg, err := Parse([]byte(`
+upstreams:
+  - name: sg
+    type: sendgrid
+    api_key: ${RC_TEST_SECRET}
+    dir: ./x
+routes:
+  - name: default
+    upstreams: [sg, nope]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = cfg.Validate()
+	if err == nil {
+		t.Fatal("want errors")
+	}
+	for _, s := range []string{err.Error(), cfg.Upstreams[0].APIKey.String()} {
+		if strings.Contains(s, "sk-very-secret-value") {
+			t.Errorf("secret printed: %s", s)
+		}
+	}
+}
