@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"encoding/json"
 	"time"
 )
 
@@ -14,6 +15,9 @@ type Envelope struct {
 	Rcpts       []string     `json:"rcpts"`
 	MessageID   string       `json:"message_id"`
 	Size        int          `json:"size"`
+	// BodyCRC is the CRC-32C of the .eml, to tell a body torn by a crash
+	// before its commit from a good one.
+	BodyCRC string `json:"body_crc,omitempty"`
 	ReceivedAt  time.Time    `json:"received_at"`
 	RemoteAddr  string       `json:"remote_addr,omitempty"`
 	Routes      []RouteState `json:"routes"`
@@ -66,3 +70,5 @@ func (e *Envelope) pending() bool {
 	}
 	return false
 }
+
+func jsonBytes(e *Envelope) ([]byte, error) { return json.MarshalIndent(e, "", "  ") }

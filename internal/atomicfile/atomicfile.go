@@ -34,10 +34,11 @@ type OS struct{}
 // CreateTemp creates a temp file in dir.
 func (OS) CreateTemp(dir, pattern string) (File, error) { return os.CreateTemp(dir, pattern) }
 
-// WriteTemp copies r into a new fsynced temp file in dir (same directory as
-// the final name, or Rename would not be atomic) and returns its path. On
-// error nothing is left behind.
-func WriteTemp(fsys FS, dir string, r io.Reader, perm os.FileMode) (string, error) {
+// WriteTemp copies r into a new temp file in dir (same directory as the
+// final name, or Rename would not be atomic) and returns its path. With
+// sync it fsyncs the file; callers that batch durability (syncfs) pass
+// false. On error nothing is left behind.
+func WriteTemp(fsys FS, dir string, r io.Reader, perm os.FileMode, sync bool) (string, error) {
 	if fsys == nil {
 		fsys = OS{}
 	}
@@ -57,8 +58,10 @@ func WriteTemp(fsys FS, dir string, r io.Reader, perm os.FileMode) (string, erro
 	if _, err := io.Copy(f, r); err != nil {
 		return fail(err)
 	}
-	if err := f.Sync(); err != nil {
-		return fail(err)
+	if sync {
+		if err := f.Sync(); err != nil {
+			return fail(err)
+		}
 	}
 	if err := f.Close(); err != nil {
 		os.Remove(name)
@@ -71,7 +74,7 @@ func WriteTemp(fsys FS, dir string, r io.Reader, perm os.FileMode) (string, erro
 // fsync of the directory so the rename itself survives a power loss.
 func WriteFile(fsys FS, path string, r io.Reader, perm os.FileMode) error {
 	dir := filepath.Dir(path)
-	tmp, err := WriteTemp(fsys, dir, r, perm)
+	tmp, err := WriteTemp(fsys, dir, r, perm, true)
 	if err != nil {
 		return err
 	}

@@ -60,6 +60,7 @@ type Server struct {
 	msgs    []Msg
 	conns   int
 	srv     *smtp.Server
+	ln      net.Listener
 	stopped bool
 }
 
@@ -106,7 +107,7 @@ func (s *Server) listen(addr string) error {
 		}
 	}
 	s.mu.Lock()
-	s.srv, s.Addr, s.stopped = srv, ln.Addr().String(), false
+	s.srv, s.ln, s.Addr, s.stopped = srv, ln, ln.Addr().String(), false
 	s.mu.Unlock()
 	go srv.Serve(ln)
 	return nil
@@ -115,11 +116,16 @@ func (s *Server) listen(addr string) error {
 // Stop closes the listener and every connection: the upstream is "down".
 func (s *Server) Stop() {
 	s.mu.Lock()
-	srv := s.srv
+	srv, ln := s.srv, s.ln
 	s.stopped = true
 	s.mu.Unlock()
 	if srv != nil {
 		srv.Close()
+	}
+	// srv.Close only closes listeners that Serve has registered; right
+	// after Start or Restart, Serve may not have run yet.
+	if ln != nil {
+		ln.Close()
 	}
 }
 

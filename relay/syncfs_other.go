@@ -1,0 +1,12 @@
+//go:build !linux
+
+package relay
+
+import "syscall"
+
+// syncFS falls back to sync(2) where syncfs(2) does not exist; relaycar's
+// production target is Linux, this keeps development builds correct.
+func syncFS(string) error {
+	syscall.Sync()
+	return nil
+}
