@@ -32,7 +32,9 @@ func (s *scripted) Send(context.Context, *upstreams.Message) (string, error) {
 	return "", err
 }
 
-func classErr(c upstreams.Class) error { return &upstreams.Error{Upstream: "up", Class: c, Reason: c.String()} }
+func classErr(c upstreams.Class) error {
+	return &upstreams.Error{Upstream: "up", Class: c, Reason: c.String()}
+}
 
 func newTestGate(u upstreams.Upstream, failures uint32, openFor time.Duration, rl upstreams.RateLimit) (*Gate, *[]string) {
 	c := upstreams.Config{Name: "up", CircuitBreaker: upstreams.CircuitBreaker{Failures: failures, OpenFor: openFor}, RateLimit: rl}

@@ -10,14 +10,14 @@ import (
 // rewritten atomically after every attempt, before the relay waits for the
 // next one, so a restart resumes from it.
 type Envelope struct {
-	ID          string       `json:"id"`
-	From        string       `json:"from"`
-	Rcpts       []string     `json:"rcpts"`
-	MessageID   string       `json:"message_id"`
-	Size        int          `json:"size"`
+	ID        string   `json:"id"`
+	From      string   `json:"from"`
+	Rcpts     []string `json:"rcpts"`
+	MessageID string   `json:"message_id"`
+	Size      int      `json:"size"`
 	// BodyCRC is the CRC-32C of the .eml, to tell a body torn by a crash
 	// before its commit from a good one.
-	BodyCRC string `json:"body_crc,omitempty"`
+	BodyCRC     string       `json:"body_crc,omitempty"`
 	ReceivedAt  time.Time    `json:"received_at"`
 	RemoteAddr  string       `json:"remote_addr,omitempty"`
 	Routes      []RouteState `json:"routes"`
