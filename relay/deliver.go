@@ -190,7 +190,11 @@ func (r *Relay) deliverRoute(ctx context.Context, env *Envelope, rs *RouteState,
 			continue
 		}
 		if err != nil && ctx.Err() != nil {
-			// Our own shutdown, not the upstream's fault.
+			// Our own shutdown, not the upstream's fault: not an attempt. But
+			// if the whole message had gone out, the upstream may have it.
+			if upstreams.ClassOf(err) == upstreams.Ambiguous && r.cfg.Spool.OnAmbiguous == "retry_same" {
+				rs.Pinned = name
+			}
 			return tried, lastErr
 		}
 		tried = true

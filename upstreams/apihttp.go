@@ -3,11 +3,13 @@ package upstreams
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net/http/httptrace"
 	"net/url"
 	"strings"
 	"sync/atomic"
+	"time"
 )
 
 // Helpers shared by the HTTP API adapters (ses, mailgun, smtp2go).
@@ -34,6 +36,13 @@ func apiTrace(ctx context.Context) (context.Context, *apiProgress) {
 	}), p
 }
 
+// apiTimeoutCause is the context cause for an adapter's own timeout. It
+// wraps context.DeadlineExceeded: net/http returns the cause, and
+// ContextClass must still see a deadline.
+func apiTimeoutCause(d time.Duration) error {
+	return fmt.Errorf("configured timeout reached (%s): %w", d, context.DeadlineExceeded)
+}
+
 // apiTransportError classifies an error that came without an HTTP status:
 // Transient when the request may not have reached the provider, Ambiguous
 // when it was fully written and then timed out or lost its connection.
@@ -45,9 +54,9 @@ func apiTransportError(ctx context.Context, upstream string, err error, p *apiPr
 	switch {
 	case errors.Is(err, context.DeadlineExceeded) || isTimeout(err):
 		cause = "timeout"
-		// WithTimeoutCause's cause says which timeout and how long.
-		if c := context.Cause(ctx); c != nil && !errors.Is(c, context.DeadlineExceeded) && !errors.Is(c, context.Canceled) {
-			cause = c.Error()
+		// apiTimeoutCause says which timeout and how long.
+		if c := context.Cause(ctx); c != nil && c != context.DeadlineExceeded && !errors.Is(c, context.Canceled) {
+			cause = strings.TrimSuffix(c.Error(), ": "+context.DeadlineExceeded.Error())
 		}
 	case errors.Is(err, context.Canceled):
 		cause = "canceled"
@@ -63,6 +72,18 @@ func apiTransportError(ctx context.Context, upstream string, err error, p *apiPr
 		cause = "after request was sent: " + cause
 	}
 	return &Error{Upstream: upstream, Class: class, Reason: Truncate(apiRedact(cause, secrets...), 300), Err: err}
+}
+
+// apiCheckEndpoint validates an `endpoint` override. The value is not
+// echoed: an endpoint may carry proxy credentials.
+func apiCheckEndpoint(endpoint string) error {
+	if endpoint == "" {
+		return nil
+	}
+	if u, err := url.Parse(endpoint); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return errors.New("endpoint: must be an absolute http(s) URL")
+	}
+	return nil
 }
 
 // apiRedact removes every non-empty secret from s. Providers sometimes echo

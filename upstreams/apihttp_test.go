@@ -1,10 +1,15 @@
 package upstreams
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"net"
+	"net/http"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -111,4 +116,87 @@ func apiLeakTest(t *testing.T, secrets []string, failReply fakes.Reply, newU fun
 		log.Error("delivery attempt failed", "err", err, "text", err.Error())
 		fakes.AssertNoSecret(t, err, logs, secrets...)
 	})
+}
+
+// apiDropAfterRequest starts a server on 127.0.0.1 that reads each whole
+// request and closes the connection without answering, and returns its URL.
+func apiDropAfterRequest(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				req, err := http.ReadRequest(bufio.NewReader(c))
+				if err == nil {
+					io.Copy(io.Discard, req.Body)
+				}
+			}()
+		}
+	}()
+	return "http://" + l.Addr().String()
+}
+
+// apiRefusedURL returns a loopback URL where nothing listens.
+func apiRefusedURL(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	return "http://" + addr
+}
+
+func TestAPIAdapters_RejectBadEndpoint(t *testing.T) {
+	t.Parallel()
+	const secretish = "https//user:hunter2@proxy"
+	for _, typ := range []string{"ses", "mailgun", "smtp2go"} {
+		c := Config{Name: "x", Type: typ, Region: "us-east-1", Domain: "mg.example.com", APIKey: "k", Endpoint: secretish}
+		if typ == "mailgun" {
+			c.Region = "us"
+		}
+		_, err := New(c, Deps{})
+		if err == nil {
+			t.Errorf("%s: endpoint %q accepted", typ, secretish)
+			continue
+		}
+		if strings.Contains(err.Error(), "hunter2") {
+			t.Errorf("%s: error echoes the endpoint: %v", typ, err)
+		}
+	}
+}
+
+func TestAPIConfig_Validate(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		c    Config
+		want string // "" = valid
+	}{
+		{Config{Name: "s", Type: "ses", Region: "us-east-1"}, ""},
+		{Config{Name: "s", Type: "ses", Region: "us-gov-west-1", Endpoint: "http://127.0.0.1:8005"}, ""},
+		{Config{Name: "s", Type: "ses", Region: "US East"}, `upstreams[0].region: "US East": not an AWS region name (like us-east-1)`},
+		{Config{Name: "s", Type: "ses", Region: "eu-west-1", Endpoint: "localhost:8005"}, "upstreams[0].endpoint: must be an absolute http:// or https:// URL"},
+		{Config{Name: "m", Type: "mailgun", Region: "eu", Domain: "mg.example.com", APIKey: "k", Endpoint: "https://api.eu.mailgun.net/v3"},
+			"upstreams[0].endpoint: give the Mailgun API base without the version (no /v3)"},
+		{Config{Name: "g", Type: "smtp2go", APIKey: "k", Endpoint: "https://eu-api.smtp2go.com/v3"}, ""},
+	} {
+		errs := tc.c.Validate("upstreams[0]")
+		var got []string
+		for _, e := range errs {
+			got = append(got, e.Error())
+		}
+		if tc.want == "" && len(got) != 0 || tc.want != "" && !slices.Contains(got, tc.want) {
+			t.Errorf("%+v: problems %q, want %q", tc.c, got, tc.want)
+		}
+	}
 }

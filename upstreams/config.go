@@ -91,7 +91,10 @@ var Types = []string{"ses", "sendgrid", "mailgun", "smtp2go", "smtp", "file"}
 func DefaultMaxMessageBytes(typ string) int64 {
 	switch typ {
 	case "ses":
-		return 40 << 20
+		// SES counts its 40 MB limit after base64 (4/3 growth), so raw
+		// messages above 30 MB cannot pass; 28 MiB leaves room for the
+		// request envelope.
+		return 28 << 20
 	case "sendgrid":
 		return 30 << 20
 	case "mailgun":
@@ -237,9 +240,9 @@ func (c *Config) Validate(path string) []error {
 		unused("endpoint", c.Endpoint != "" && !isAPI)
 		if c.Endpoint != "" && isAPI {
 			if u, err := url.Parse(c.Endpoint); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-				bad("endpoint", "%q: must be an http:// or https:// URL", c.Endpoint)
+				bad("endpoint", "must be an absolute http:// or https:// URL") // value not echoed: it may carry proxy credentials
 			} else if c.Type == "mailgun" && mailgunVersionRE.MatchString(c.Endpoint) {
-				bad("endpoint", "%q: give the API base without the version (no /v3)", c.Endpoint)
+				bad("endpoint", "give the Mailgun API base without the version (no /v3)")
 			}
 		}
 		unused("api_key", c.APIKey != "" && c.Type != "sendgrid" && c.Type != "mailgun" && c.Type != "smtp2go")

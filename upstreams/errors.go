@@ -128,11 +128,12 @@ func ClassifyHTTP(status int) Class {
 	return Transient
 }
 
-// ContextClass classifies a transport error. A deadline or broken connection
-// after the whole request went out is Ambiguous: the provider may have
-// accepted the message.
+// ContextClass classifies a transport error. A deadline, a cancellation
+// (shutdown) or a broken connection after the whole request went out is
+// Ambiguous: the provider may have accepted the message.
 func ContextClass(err error, requestSent bool) Class {
-	if requestSent && (errors.Is(err, context.DeadlineExceeded) || isTimeout(err) || isConnReset(err)) {
+	if requestSent && (errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) ||
+		isTimeout(err) || isConnReset(err)) {
 		return Ambiguous
 	}
 	return Transient

@@ -29,6 +29,9 @@ type Mailgun struct {
 }
 
 func newMailgun(c Config, d Deps) (*Mailgun, error) {
+	if err := apiCheckEndpoint(c.Endpoint); err != nil {
+		return nil, err
+	}
 	timeout := c.Timeout
 	if timeout <= 0 {
 		timeout = 30 * time.Second
@@ -81,7 +84,7 @@ func (g *Mailgun) Send(ctx context.Context, m *Message) (string, error) {
 
 // send makes one messages.mime call for rcpts.
 func (g *Mailgun) send(ctx context.Context, m *Message, rcpts []string) (string, *Error) {
-	ctx, cancel := context.WithTimeoutCause(ctx, g.timeout, fmt.Errorf("configured timeout reached (%s)", g.timeout))
+	ctx, cancel := context.WithTimeoutCause(ctx, g.timeout, apiTimeoutCause(g.timeout))
 	defer cancel()
 	ctx, progress := apiTrace(ctx)
 	// A fresh reader per call: the SDK consumes and closes it.

@@ -12,12 +12,10 @@ import (
 	"mime"
 	"mime/quotedprintable"
 	"net/http"
-	"net/http/httptrace"
 	"net/mail"
 	"net/url"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"time"
 	"unicode/utf8"
 
@@ -40,6 +38,9 @@ type SendGrid struct {
 	timeout time.Duration
 	client  *rest.Client
 	log     *slog.Logger
+	// maxBody is SendGrid's total size limit, checked on the JSON body so a
+	// message that is too big fails over instead of being dead-lettered on 413.
+	maxBody int
 }
 
 const (
@@ -48,6 +49,9 @@ const (
 	// sendGridMaxRecipients is the documented limit of to+cc+bcc over all
 	// personalizations of one request.
 	sendGridMaxRecipients = 1000
+	// sendGridMaxBytes is the documented "total email size including
+	// attachments" limit.
+	sendGridMaxBytes = 30 << 20
 )
 
 func newSendGrid(c Config, d Deps) (Upstream, error) {
@@ -73,8 +77,9 @@ func newSendGrid(c Config, d Deps) (Upstream, error) {
 		timeout: timeout,
 		// sendgrid.DefaultClient has no timeout and MakeRequestRetry sleeps on
 		// 429 by itself; the relay owns retries, so use a plain client.
-		client: &rest.Client{HTTPClient: d.httpClient(timeout)},
-		log:    d.logger().With("upstream", c.Name),
+		client:  &rest.Client{HTTPClient: d.httpClient(timeout)},
+		log:     d.logger().With("upstream", c.Name),
+		maxBody: sendGridMaxBytes,
 	}, nil
 }
 
@@ -92,14 +97,25 @@ func (s *SendGrid) Send(ctx context.Context, m *Message) (string, error) {
 	if len(chunks) > 1 {
 		s.log.Debug("sendgrid request split", "msg_id", m.ID, "requests", len(chunks), "rcpt_count", len(m.To))
 	}
-	var ids []string
+	// Encode every request first: a size problem must show before anything
+	// is sent.
+	bodies := make([][]byte, len(chunks))
 	for i, ch := range chunks {
 		req := *base
 		req.Personalizations = []*sgmail.Personalization{ch.p}
-		body, err := json.Marshal(&req)
-		if err != nil {
+		var buf bytes.Buffer
+		enc := json.NewEncoder(&buf)
+		enc.SetEscapeHTML(false) // HTML bodies would grow by \u003c escapes
+		if err := enc.Encode(&req); err != nil {
 			return "", Errorf(s.name, Unsupported, "", err, "encode request: %v", err)
 		}
+		if buf.Len() > s.maxBody {
+			return "", Errorf(s.name, Unsupported, "", nil, "request of %d bytes exceeds SendGrid's limit of %d", buf.Len(), s.maxBody)
+		}
+		bodies[i] = buf.Bytes()
+	}
+	var ids []string
+	for i, body := range bodies {
 		id, e := s.post(ctx, body)
 		if e != nil {
 			if i > 0 {
@@ -122,17 +138,10 @@ func (s *SendGrid) Send(ctx context.Context, m *Message) (string, error) {
 // post sends one request body and classifies the outcome. It returns the
 // X-Message-Id of an accepted request.
 func (s *SendGrid) post(ctx context.Context, body []byte) (string, *Error) {
-	ctx, cancel := context.WithTimeoutCause(ctx, s.timeout, fmt.Errorf("configured timeout reached (%s)", s.timeout))
+	ctx, cancel := context.WithTimeoutCause(ctx, s.timeout, apiTimeoutCause(s.timeout))
 	defer cancel()
 
-	var wrote atomic.Bool
-	ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{
-		WroteRequest: func(i httptrace.WroteRequestInfo) {
-			if i.Err == nil {
-				wrote.Store(true)
-			}
-		},
-	})
+	ctx, progress := apiTrace(ctx)
 	req := sendgrid.GetRequest(s.key.Reveal(), sendGridPath, s.host)
 	req.Method = rest.Post
 	req.Body = body
@@ -141,7 +150,7 @@ func (s *SendGrid) post(ctx context.Context, body []byte) (string, *Error) {
 		if err == nil {
 			err = errors.New("no response")
 		}
-		return "", s.transportError(ctx, err, wrote.Load())
+		return "", apiTransportError(ctx, s.name, err, progress, s.key)
 	}
 	// A body read error after a status line still leaves the status usable:
 	// SendGrid's 202 has no body worth reading.
@@ -149,35 +158,6 @@ func (s *SendGrid) post(ctx context.Context, body []byte) (string, *Error) {
 		return http.Header(resp.Headers).Get("X-Message-Id"), nil
 	}
 	return "", s.statusError(resp)
-}
-
-// transportError classifies a request that got no HTTP response.
-func (s *SendGrid) transportError(ctx context.Context, err error, sent bool) *Error {
-	class := ContextClass(err, sent)
-	if sent && errors.Is(err, context.Canceled) {
-		// Cancelled (shutdown) after the body went out: SendGrid may have it.
-		class = Ambiguous
-	}
-	var cause string
-	switch {
-	case errors.Is(err, context.DeadlineExceeded) || isTimeout(err):
-		cause = "timeout"
-		if c := context.Cause(ctx); c != nil && !errors.Is(c, context.DeadlineExceeded) {
-			cause = c.Error()
-		}
-	default:
-		// The *url.Error text names the URL; keep only the cause.
-		inner := err
-		var ue *url.Error
-		if errors.As(err, &ue) {
-			inner = ue.Err
-		}
-		cause = oneLine(inner.Error())
-	}
-	if sent {
-		cause += " after the request was sent"
-	}
-	return Errorf(s.name, class, "", err, "%s", s.scrub(cause))
 }
 
 // sendGridErrors is SendGrid's error body.
@@ -200,7 +180,7 @@ func (s *SendGrid) statusError(resp *rest.Response) *Error {
 		for _, e := range eb.Errors {
 			field, _ := e.Field.(string)
 			msg := oneLine(e.Message)
-			if field != "" && field != "null" {
+			if msg != "" && field != "" && field != "null" {
 				msg += " [" + field + "]"
 			}
 			if msg != "" {
@@ -244,16 +224,8 @@ func (s *SendGrid) statusError(resp *rest.Response) *Error {
 	default:
 		class = ClassifyHTTP(code)
 	}
-	return &Error{Upstream: s.name, Class: class, Code: strconv.Itoa(code), Reason: Truncate(s.scrub(reason), 300)}
-}
-
-// scrub removes the API key from text that came from the network: a proxy
-// or a misbehaving server may echo the Authorization header.
-func (s *SendGrid) scrub(text string) string {
-	if k := s.key.Reveal(); k != "" {
-		text = strings.ReplaceAll(text, k, "<secret>")
-	}
-	return text
+	// A proxy or a misbehaving server may echo the Authorization header.
+	return &Error{Upstream: s.name, Class: class, Code: strconv.Itoa(code), Reason: Truncate(apiRedact(reason, s.key), 300)}
 }
 
 // sgChunk is one request's personalization and the envelope recipients it
@@ -494,16 +466,18 @@ func sgAddress(addr string) (string, bool) {
 // entity fields of the original root (Content-*) are left out; of a
 // repeated field only the first is kept, as `headers` is a JSON object.
 func sgHeaders(data []byte) map[string]string {
-	end := bytes.Index(data, []byte("\r\n\r\n"))
-	if end < 0 {
-		end = len(data)
-	}
 	type field struct{ name, value string }
 	var fields []field
-	for _, line := range strings.Split(string(data[:end]), "\n") {
+	for len(data) > 0 {
+		var line string
+		if i := bytes.IndexByte(data, '\n'); i >= 0 {
+			line, data = string(data[:i]), data[i+1:]
+		} else {
+			line, data = string(data), nil
+		}
 		line = strings.TrimSuffix(line, "\r")
 		if line == "" {
-			continue
+			break // end of the header section
 		}
 		if line[0] == ' ' || line[0] == '\t' {
 			if len(fields) > 0 {

@@ -2,6 +2,7 @@ package upstreams
 
 import (
 	"context"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -19,8 +20,14 @@ import (
 	smithyhttp "github.com/aws/smithy-go/transport/http"
 )
 
-// sesMaxRecipients is SES's limit of destinations (To+Cc+Bcc) per message.
-const sesMaxRecipients = 50
+const (
+	// sesMaxRecipients is SES's limit of destinations (To+Cc+Bcc) per message.
+	sesMaxRecipients = 50
+	// sesMaxEncoded is SES v2's message size limit, which counts the message
+	// after base64 encoding ("40 MB"; read as 40,000,000 to be safe). Raw
+	// messages above ~28.6 MiB exceed it.
+	sesMaxEncoded = 40_000_000
+)
 
 // SES sends raw MIME through the Amazon SES v2 SendEmail API. The envelope
 // recipients go in Destination, which is what makes Bcc work: SES delivers
@@ -35,6 +42,9 @@ type SES struct {
 }
 
 func newSES(c Config, d Deps) (*SES, error) {
+	if err := apiCheckEndpoint(c.Endpoint); err != nil {
+		return nil, err
+	}
 	timeout := c.Timeout
 	if timeout <= 0 {
 		timeout = 30 * time.Second
@@ -105,6 +115,13 @@ func (s *SES) Send(ctx context.Context, m *Message) (string, error) {
 		return "", Errorf(s.name, Unsupported, "SMTPUTF8", nil,
 			"SES does not support SMTPUTF8: non-ASCII envelope %s", who)
 	}
+	if n := base64.StdEncoding.EncodedLen(len(m.Data)); n > sesMaxEncoded {
+		// SES would refuse it (Rejected: dead-letter) although another
+		// upstream of the route may take it; max_message_bytes counts raw
+		// bytes, so this can pass the policy's size check.
+		return "", Errorf(s.name, Unsupported, "size", nil,
+			"message is %d bytes, %d after base64; SES takes at most %d", len(m.Data), n, sesMaxEncoded)
+	}
 	first := ""
 	for i := 0; i < len(m.To); i += sesMaxRecipients {
 		rcpts := m.To[i:min(i+sesMaxRecipients, len(m.To))]
@@ -127,7 +144,7 @@ func (s *SES) Send(ctx context.Context, m *Message) (string, error) {
 
 // send makes one SendEmail call for rcpts.
 func (s *SES) send(ctx context.Context, m *Message, rcpts []string) (string, *Error) {
-	ctx, cancel := context.WithTimeoutCause(ctx, s.timeout, fmt.Errorf("configured timeout reached (%s)", s.timeout))
+	ctx, cancel := context.WithTimeoutCause(ctx, s.timeout, apiTimeoutCause(s.timeout))
 	defer cancel()
 	ctx, progress := apiTrace(ctx)
 	in := &sesv2.SendEmailInput{

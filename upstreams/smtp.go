@@ -83,12 +83,12 @@ const (
 // Send delivers m in one SMTP transaction. Recipients refused at RCPT while
 // others were accepted are reported in Error.Recipients; the rest are delivered.
 func (s *SMTP) Send(ctx context.Context, m *Message) (string, error) {
-	ctx, cancel := context.WithTimeoutCause(ctx, s.timeout, fmt.Errorf("configured timeout reached (%s)", s.timeout))
+	ctx, cancel := context.WithTimeoutCause(ctx, s.timeout, apiTimeoutCause(s.timeout))
 	defer cancel()
 
 	conn, err := s.dialer.DialContext(ctx, "tcp", s.addr)
 	if err != nil {
-		return "", s.fail(phaseConnect, err)
+		return "", s.fail(ctx, phaseConnect, err)
 	}
 	// Closing the connection when ctx ends unblocks any read or write.
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
@@ -100,7 +100,7 @@ func (s *SMTP) Send(ctx context.Context, m *Message) (string, error) {
 	case "implicit":
 		tconn := tls.Client(conn, s.tls)
 		if err := tconn.HandshakeContext(ctx); err != nil {
-			return "", s.fail(phaseConnect, err)
+			return "", s.fail(ctx, phaseConnect, err)
 		}
 		c = smtp.NewClient(tconn)
 	case "starttls":
@@ -112,7 +112,7 @@ func (s *SMTP) Send(ctx context.Context, m *Message) (string, error) {
 				// and mail in the clear to a misconfigured or tampered peer.
 				return "", Errorf(s.name, ProviderFault, "", err, "server does not offer STARTTLS and tls is starttls")
 			}
-			return "", s.fail(phaseHello, err)
+			return "", s.fail(ctx, phaseHello, err)
 		}
 	default:
 		c = smtp.NewClient(conn)
@@ -120,7 +120,7 @@ func (s *SMTP) Send(ctx context.Context, m *Message) (string, error) {
 	defer c.Close()
 	c.CommandTimeout, c.SubmissionTimeout = s.timeout, s.timeout
 	if err := c.Hello(s.helo); err != nil {
-		return "", s.fail(phaseHello, err)
+		return "", s.fail(ctx, phaseHello, err)
 	}
 	if s.username != "" {
 		if ok, _ := c.Extension("AUTH"); !ok {
@@ -135,12 +135,12 @@ func (s *SMTP) Send(ctx context.Context, m *Message) (string, error) {
 			return "", Errorf(s.name, ProviderFault, "", nil, "server offers neither AUTH PLAIN nor LOGIN")
 		}
 		if err := c.Auth(client); err != nil {
-			return "", s.fail(phaseAuth, err)
+			return "", s.fail(ctx, phaseAuth, err)
 		}
 	}
 	opts := &smtp.MailOptions{Size: int64(len(m.Data)), UTF8: needsUTF8(m)}
 	if err := c.Mail(m.From, opts); err != nil {
-		return "", s.fail(phaseMail, err)
+		return "", s.fail(ctx, phaseMail, err)
 	}
 	var accepted, refused []string
 	var firstRcptErr, tempRcptErr error
@@ -148,7 +148,7 @@ func (s *SMTP) Send(ctx context.Context, m *Message) (string, error) {
 		if err := c.Rcpt(rcpt, nil); err != nil {
 			var se *smtp.SMTPError
 			if !errors.As(err, &se) {
-				return "", s.fail(phaseRcpt, err)
+				return "", s.fail(ctx, phaseRcpt, err)
 			}
 			refused = append(refused, rcpt)
 			if firstRcptErr == nil {
@@ -162,19 +162,19 @@ func (s *SMTP) Send(ctx context.Context, m *Message) (string, error) {
 		accepted = append(accepted, rcpt)
 	}
 	if len(accepted) == 0 {
-		return "", s.fail(phaseRcpt, firstRcptErr)
+		return "", s.fail(ctx, phaseRcpt, firstRcptErr)
 	}
 	w, err := c.Data()
 	if err != nil {
-		return "", s.fail(phaseData, err)
+		return "", s.fail(ctx, phaseData, err)
 	}
 	if _, err := w.Write(m.Data); err != nil {
 		w.Close()
-		return "", s.fail(phaseData, err)
+		return "", s.fail(ctx, phaseData, err)
 	}
 	resp, err := w.CloseWithResponse()
 	if err != nil {
-		return "", s.fail(phaseDataEnd, err)
+		return "", s.fail(ctx, phaseDataEnd, err)
 	}
 	c.Quit()
 	id := ""
@@ -189,7 +189,7 @@ func (s *SMTP) Send(ctx context.Context, m *Message) (string, error) {
 		if tempRcptErr != nil {
 			rerr = tempRcptErr
 		}
-		e := s.fail(phaseRcpt, rerr)
+		e := s.fail(ctx, phaseRcpt, rerr)
 		e.Recipients = refused
 		e.Delivered = id
 		return id, e
@@ -218,8 +218,10 @@ func isASCII(s string) bool {
 	return true
 }
 
-// fail classifies err from the given phase.
-func (s *SMTP) fail(ph smtpPhase, err error) *Error {
+// fail classifies err from the given phase. When ctx has ended, the I/O
+// error is only the symptom of the closed connection: the cause is the
+// deadline (or shutdown).
+func (s *SMTP) fail(ctx context.Context, ph smtpPhase, err error) *Error {
 	var se *smtp.SMTPError
 	if errors.As(err, &se) {
 		code := strconv.Itoa(se.Code)
@@ -232,11 +234,19 @@ func (s *SMTP) fail(ph smtpPhase, err error) *Error {
 		}
 		return Errorf(s.name, class, code, err, "%s: %s", ph, oneLine(se.Message))
 	}
+	if ctx.Err() != nil {
+		err = fmt.Errorf("%w (%v)", context.Cause(ctx), err)
+	}
 	class := ContextClass(err, ph == phaseDataEnd)
 	var cause string
 	switch {
 	case errors.Is(err, context.DeadlineExceeded) || isTimeout(err):
 		cause = "timeout"
+		if ph == phaseDataEnd {
+			cause = "timeout waiting for the reply to DATA (the upstream may have accepted the message)"
+		}
+	case errors.Is(err, context.Canceled):
+		cause = "canceled"
 	default:
 		cause = oneLine(err.Error())
 	}

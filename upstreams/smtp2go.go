@@ -35,6 +35,9 @@ type SMTP2GO struct {
 }
 
 func newSMTP2GO(c Config, d Deps) (*SMTP2GO, error) {
+	if err := apiCheckEndpoint(c.Endpoint); err != nil {
+		return nil, err
+	}
 	timeout := c.Timeout
 	if timeout <= 0 {
 		timeout = 30 * time.Second
@@ -75,7 +78,7 @@ func (s *SMTP2GO) Send(ctx context.Context, m *Message) (string, error) {
 	if len(m.To) == 0 {
 		return "", Errorf(s.name, Rejected, "", nil, "no recipients")
 	}
-	ctx, cancel := context.WithTimeoutCause(ctx, s.timeout, fmt.Errorf("configured timeout reached (%s)", s.timeout))
+	ctx, cancel := context.WithTimeoutCause(ctx, s.timeout, apiTimeoutCause(s.timeout))
 	defer cancel()
 	ctx, progress := apiTrace(ctx)
 
@@ -87,7 +90,7 @@ func (s *SMTP2GO) Send(ctx context.Context, m *Message) (string, error) {
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, s.url, bytes.NewReader(body))
 	if err != nil {
-		return "", Errorf(s.name, ProviderFault, "", nil, "endpoint: %s", apiRedact(oneLine(err.Error()), s.key))
+		return "", Errorf(s.name, ProviderFault, "", nil, "endpoint: cannot build the request")
 	}
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("Accept", "application/json")

@@ -11,8 +11,8 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 nodemailer_version="10.6.0"
-# npm installs outside the work tree so nothing stray shows up in git status.
-cache="${RELAYCAR_NPM_CORPUS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/relaycar-npm-corpus}"
+# npm installs into the repo's .cache/ (git-ignored).
+cache="${RELAYCAR_NPM_CORPUS_DIR:-$(cd "$here/../../.." && pwd)/.cache/npm-corpus}"
 
 mkdir -p "$cache"
 if [ "$(cd "$cache" && node -p "try{require('nodemailer/package.json').version}catch(e){''}" 2>/dev/null)" != "$nodemailer_version" ]; then

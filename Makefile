@@ -1,0 +1,40 @@
+# make test: everything CI runs. It installs what the tests need (the SES
+# emulator from npm into .cache/) and needs only Go, Node/npm and a shell.
+GO ?= go
+BIN ?= bin/relaycar
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+LDFLAGS := -s -w -X main.version=$(VERSION) -X main.commit=$(COMMIT)
+
+.PHONY: all build run test test-deps vet unit bench load clean
+
+all: build
+
+build:
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/relaycar
+
+run:
+	$(GO) run ./cmd/relaycar serve --config relay.yaml
+
+test-deps:
+	./scripts/test-deps.sh
+
+test: test-deps vet
+	$(GO) test -race -count=1 -timeout 20m ./...
+
+vet:
+	@fmt=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './.cache/*')); \
+	 if [ -n "$$fmt" ]; then echo "gofmt needed:"; echo "$$fmt"; exit 1; fi
+	$(GO) vet ./...
+
+unit:
+	$(GO) test -race -short ./...
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchtime 3000x ./relay/
+
+load: build
+	$(GO) run ./tools/loadgen
+
+clean:
+	rm -rf bin .cache spool outbox

@@ -1,0 +1,278 @@
+package upstreams
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/relaycar/relaycar/internal/testsmtp"
+)
+
+func newTestSMTP(t *testing.T, c Config) *SMTP {
+	t.Helper()
+	c.Name, c.Type = "smarthost", "smtp"
+	if c.TLS == "" {
+		c.TLS = "none"
+	}
+	c.ApplyDefaults()
+	if c.Timeout == 30*time.Second {
+		c.Timeout = 2 * time.Second
+	}
+	if errs := c.Validate("upstreams[0]"); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	u, err := New(c, Deps{Hostname: "relay.test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return u.(*SMTP)
+}
+
+var testMsg = &Message{ID: "id1", From: "a@example.com", To: []string{"b@example.net", "c@example.org"},
+	Data: []byte("Subject: hi\r\nMessage-Id: <m1@x>\r\n\r\nline\r\n.leading dot\r\n"), MessageID: "<m1@x>"}
+
+func TestSMTP_DeliversExactBytesAndEnvelope(t *testing.T) {
+	sink := testsmtp.Start(t, testsmtp.Options{})
+	u := newTestSMTP(t, Config{Address: sink.Addr})
+	id, err := u.Send(context.Background(), testMsg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := sink.Messages()
+	if len(got) != 1 {
+		t.Fatalf("sink has %d messages", len(got))
+	}
+	if got[0].From != testMsg.From || !slices.Equal(got[0].To, testMsg.To) {
+		t.Errorf("envelope %s %v", got[0].From, got[0].To)
+	}
+	if !bytes.Equal(got[0].Data, testMsg.Data) {
+		t.Errorf("data %q, want %q", got[0].Data, testMsg.Data)
+	}
+	if id == "" {
+		t.Error("no id from the DATA reply")
+	}
+}
+
+func TestSMTP_StartTLSAndAuth(t *testing.T) {
+	cert := testsmtp.NewCert(t)
+	sink := testsmtp.Start(t, testsmtp.Options{TLS: cert.Config, Users: map[string]string{"relay": "pw"}})
+	u := newTestSMTP(t, Config{Address: sink.Addr, TLS: "starttls", CAFile: cert.CertFile, Username: "relay", Password: "pw"})
+	if _, err := u.Send(context.Background(), testMsg); err != nil {
+		t.Fatal(err)
+	}
+	if m := sink.Messages()[0]; !m.TLS || m.User != "relay" {
+		t.Errorf("tls=%v user=%q", m.TLS, m.User)
+	}
+	// Wrong password: the provider's fault, not the message's.
+	u = newTestSMTP(t, Config{Address: sink.Addr, TLS: "starttls", CAFile: cert.CertFile, Username: "relay", Password: "bad"})
+	_, err := u.Send(context.Background(), testMsg)
+	if ClassOf(err) != ProviderFault || !strings.Contains(err.Error(), "535") {
+		t.Errorf("bad password: %v", err)
+	}
+	if strings.Contains(err.Error(), "bad") && strings.Contains(err.Error(), "password: bad") {
+		t.Errorf("password leaked: %v", err)
+	}
+	// Untrusted certificate: no delivery.
+	u = newTestSMTP(t, Config{Address: sink.Addr, TLS: "starttls"})
+	if _, err := u.Send(context.Background(), testMsg); err == nil {
+		t.Error("delivered over TLS to an untrusted certificate")
+	}
+}
+
+func TestSMTP_ImplicitTLS(t *testing.T) {
+	cert := testsmtp.NewCert(t)
+	sink := testsmtp.Start(t, testsmtp.Options{TLS: cert.Config, Implicit: true})
+	u := newTestSMTP(t, Config{Address: sink.Addr, TLS: "implicit", CAFile: cert.CertFile})
+	if _, err := u.Send(context.Background(), testMsg); err != nil {
+		t.Fatal(err)
+	}
+	if !sink.Messages()[0].TLS {
+		t.Error("not over TLS")
+	}
+}
+
+// A peer that stops offering STARTTLS (misconfiguration or a downgrade
+// attack) must not get the mail in plaintext.
+func TestSMTP_NoPlaintextFallback(t *testing.T) {
+	sink := testsmtp.Start(t, testsmtp.Options{})
+	u := newTestSMTP(t, Config{Address: sink.Addr, TLS: "starttls", Username: "relay", Password: "pw"})
+	_, err := u.Send(context.Background(), testMsg)
+	if ClassOf(err) != ProviderFault || !strings.Contains(err.Error(), "STARTTLS") {
+		t.Errorf("got %v, want provider_fault about STARTTLS", err)
+	}
+	if sink.Count() != 0 {
+		t.Error("message sent in plaintext")
+	}
+}
+
+func TestSMTP_ReplyClassification(t *testing.T) {
+	type phase int
+	const (
+		atMail phase = iota
+		atRcpt
+		atData
+	)
+	sink := testsmtp.Start(t, testsmtp.Options{})
+	u := newTestSMTP(t, Config{Address: sink.Addr})
+	for _, tc := range []struct {
+		at    phase
+		code  int
+		enh   string
+		class Class
+	}{
+		{atMail, 421, "4.3.2", Transient},
+		{atMail, 451, "4.3.0", Transient},
+		{atMail, 530, "5.7.0", ProviderFault},
+		{atMail, 550, "5.7.1", SenderRejected}, // relay denied for this sender
+		{atMail, 553, "5.1.8", SenderRejected},
+		{atMail, 552, "5.3.4", Rejected}, // SIZE
+		{atRcpt, 450, "4.2.1", Transient},
+		{atRcpt, 452, "4.5.3", Transient},
+		{atRcpt, 550, "5.1.1", Rejected},
+		{atRcpt, 552, "5.5.3", Transient}, // RFC 5321 4.5.3.1.10
+		{atRcpt, 553, "5.1.3", Rejected},
+		{atRcpt, 530, "5.7.0", ProviderFault},
+		{atData, 451, "4.7.1", Transient},
+		{atData, 421, "4.4.2", Transient},
+		{atData, 550, "5.7.1", Rejected},
+		{atData, 552, "5.3.4", Rejected},
+		{atData, 554, "5.6.0", Rejected},
+	} {
+		name := fmt.Sprintf("%d-at-%s", tc.code, []string{"MAIL", "RCPT", "DATA"}[tc.at])
+		t.Run(name, func(t *testing.T) {
+			reply := testsmtp.Reply(tc.code, tc.enh, "scripted")
+			sc := testsmtp.Script{}
+			switch tc.at {
+			case atMail:
+				sc.Mail = func(string) error { return reply }
+			case atRcpt:
+				sc.Rcpt = func(string) error { return reply }
+			case atData:
+				sc.Data = func(testsmtp.Msg) error { return reply }
+			}
+			sink.SetScript(sc)
+			_, err := u.Send(context.Background(), testMsg)
+			if got := ClassOf(err); got != tc.class {
+				t.Errorf("class = %v, want %v (err %v)", got, tc.class, err)
+			}
+			var e *Error
+			if !errors.As(err, &e) || !strings.HasPrefix(e.Code, fmt.Sprint(tc.code)) {
+				t.Errorf("code = %+v", err)
+			}
+		})
+	}
+}
+
+func TestSMTP_ConnectionErrorsAreTransient(t *testing.T) {
+	sink := testsmtp.Start(t, testsmtp.Options{})
+	addr := sink.Addr
+	sink.Stop()
+	u := newTestSMTP(t, Config{Address: addr})
+	if _, err := u.Send(context.Background(), testMsg); ClassOf(err) != Transient {
+		t.Errorf("down upstream: %v", err)
+	}
+}
+
+// The upstream took the whole message and went silent: it may have queued
+// it, so this must not be treated like a plain transient failure.
+func TestSMTP_TimeoutAfterDataIsAmbiguous(t *testing.T) {
+	sink := testsmtp.Start(t, testsmtp.Options{})
+	sink.SetScript(testsmtp.Script{DataDelay: 3 * time.Second})
+	u := newTestSMTP(t, Config{Address: sink.Addr, Timeout: 500 * time.Millisecond})
+	start := time.Now()
+	_, err := u.Send(context.Background(), testMsg)
+	if ClassOf(err) != Ambiguous {
+		t.Errorf("got %v, want ambiguous", err)
+	}
+	if time.Since(start) > 2*time.Second {
+		t.Errorf("Send took %v, timeout is 500ms", time.Since(start))
+	}
+}
+
+func TestSMTP_PartialRecipients(t *testing.T) {
+	sink := testsmtp.Start(t, testsmtp.Options{})
+	sink.SetScript(testsmtp.Script{Rcpt: func(to string) error {
+		if strings.HasPrefix(to, "c@") {
+			return testsmtp.Reply(550, "5.1.1", "no such user")
+		}
+		return nil
+	}})
+	u := newTestSMTP(t, Config{Address: sink.Addr})
+	_, err := u.Send(context.Background(), testMsg)
+	var e *Error
+	if !errors.As(err, &e) || e.Class != Rejected || !slices.Equal(e.Recipients, []string{"c@example.org"}) || e.Delivered == "" {
+		t.Fatalf("got %+v", err)
+	}
+	if m := sink.Messages(); len(m) != 1 || !slices.Equal(m[0].To, []string{"b@example.net"}) {
+		t.Errorf("sink got %+v", m)
+	}
+}
+
+func TestSMTP_SecretNotLeaked(t *testing.T) {
+	const pw = "pw-9f8e7d6c5b4a"
+	var logs bytes.Buffer
+	log := slog.New(slog.NewTextHandler(&logs, nil))
+	cert := testsmtp.NewCert(t)
+	sink := testsmtp.Start(t, testsmtp.Options{TLS: cert.Config, Users: map[string]string{"relay": "other"}})
+	u := newTestSMTP(t, Config{Address: sink.Addr, TLS: "starttls", CAFile: cert.CertFile, Username: "relay", Password: Secret(pw)})
+	_, err := u.Send(context.Background(), testMsg)
+	log.Error("delivery failed", "err", err, "password", u.password)
+	if err == nil || strings.Contains(err.Error(), pw) || strings.Contains(logs.String(), pw) {
+		t.Errorf("password leaked or no error: %v / %s", err, logs.String())
+	}
+}
+
+func TestClassifyHTTP_Sweep(t *testing.T) {
+	for code := 200; code <= 599; code++ {
+		want := Transient
+		switch {
+		case code == 401 || code == 403:
+			want = ProviderFault
+		case code == 408 || code == 429:
+			want = Transient
+		case code == 400 || code == 413 || code == 422:
+			want = Rejected
+		case code >= 400 && code < 500:
+			want = ProviderFault
+		}
+		if got := ClassifyHTTP(code); got != want {
+			t.Errorf("ClassifyHTTP(%d) = %v, want %v", code, got, want)
+		}
+	}
+	if ClassOf(errors.New("unclassified")) != Transient {
+		t.Error("unclassified errors must default to transient")
+	}
+	for _, c := range Classes {
+		if c.String() == "unknown" {
+			t.Errorf("class %d has no name", c)
+		}
+	}
+	if Class(99).String() != "unknown" {
+		t.Error("out-of-range class")
+	}
+}
+
+func TestFile_WritesEmlAndEnvelope(t *testing.T) {
+	dir := t.TempDir()
+	u, err := New(Config{Name: "out", Type: "file", Dir: dir}, Deps{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := u.Send(context.Background(), testMsg); err != nil {
+		t.Fatal(err)
+	}
+	eml, _ := readFile(dir + "/id1.eml")
+	js, _ := readFile(dir + "/id1.json")
+	if !bytes.Equal(eml, testMsg.Data) || !bytes.Contains(js, []byte(`"b@example.net"`)) {
+		t.Errorf("eml %q json %s", eml, js)
+	}
+}
+
+func readFile(p string) ([]byte, error) { return os.ReadFile(p) }
