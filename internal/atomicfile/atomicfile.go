@@ -17,6 +17,8 @@ const TempPrefix = ".tmp-"
 // simulate a full disk without filling one.
 type FS interface {
 	CreateTemp(dir, pattern string) (File, error)
+	// Create makes a new file that must not exist yet (O_EXCL).
+	Create(path string, perm os.FileMode) (File, error)
 }
 
 // File is the subset of *os.File a writer uses.
@@ -33,6 +35,11 @@ type OS struct{}
 
 // CreateTemp creates a temp file in dir.
 func (OS) CreateTemp(dir, pattern string) (File, error) { return os.CreateTemp(dir, pattern) }
+
+// Create makes a new file, failing if it exists.
+func (OS) Create(path string, perm os.FileMode) (File, error) {
+	return os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, perm)
+}
 
 // WriteTemp copies r into a new temp file in dir (same directory as the
 // final name, or Rename would not be atomic) and returns its path. With
