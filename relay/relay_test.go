@@ -80,6 +80,14 @@ type testRelay struct {
 // startRelay runs an in-process relay with the given upstream recorders;
 // edit lets a test adjust the config first.
 func startRelay(t *testing.T, ups []*recorder, routes []policy.RouteConfig, edit func(*Config)) *testRelay {
+	return startRelayTB(t, ups, routes, edit, true)
+}
+
+func startRelayB(b *testing.B, ups []*recorder) *testRelay {
+	return startRelayTB(b, ups, nil, nil, false)
+}
+
+func startRelayTB(t testing.TB, ups []*recorder, routes []policy.RouteConfig, edit func(*Config), logs bool) *testRelay {
 	t.Helper()
 	dir := t.TempDir()
 	cfg := Default()
@@ -110,7 +118,10 @@ func startRelay(t *testing.T, ups []*recorder, routes []policy.RouteConfig, edit
 	if err := cfg.Validate(); err != nil {
 		t.Fatal(err)
 	}
-	log := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	log := slog.New(slog.DiscardHandler)
+	if logs {
+		log = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
 	r, err := New(&cfg, Deps{Logger: log, Upstreams: over})
 	if err != nil {
 		t.Fatal(err)
@@ -140,7 +151,7 @@ func startRelay(t *testing.T, ups []*recorder, routes []policy.RouteConfig, edit
 	return tr
 }
 
-type testWriter struct{ t *testing.T }
+type testWriter struct{ t testing.TB }
 
 func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimRight(string(p), "\n"))

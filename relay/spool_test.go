@@ -181,6 +181,14 @@ func (f failingFS) CreateTemp(dir, pattern string) (atomicfile.File, error) {
 	return &failingFile{File: of, left: f.after}, nil
 }
 
+func (f failingFS) Create(path string, perm os.FileMode) (atomicfile.File, error) {
+	of, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, perm)
+	if err != nil {
+		return nil, err
+	}
+	return &failingFile{File: of, left: f.after}, nil
+}
+
 func (f *failingFile) Write(b []byte) (int, error) {
 	if len(b) > f.left {
 		n, _ := f.File.Write(b[:f.left])
