@@ -55,6 +55,7 @@ type Relay struct {
 
 	draining atomic.Bool
 	ready    atomic.Bool
+	inTx     atomic.Int64 // SMTP transactions between MAIL and the end of DATA
 
 	smtpLn  net.Listener
 	adminLn net.Listener
@@ -269,7 +270,7 @@ func (r *Relay) Run(ctx context.Context) error {
 	}()
 
 	go func() {
-		if err := srv.Serve(r.smtpLn); err != nil && !errors.Is(err, smtp.ErrServerClosed) {
+		if err := srv.Serve(r.smtpLn); err != nil && !errors.Is(err, smtp.ErrServerClosed) && !r.draining.Load() {
 			errc <- fmt.Errorf("smtp: %w", err)
 		}
 	}()
@@ -290,10 +291,23 @@ func (r *Relay) Run(ctx context.Context) error {
 	r.log.Info("shutting down", "grace", grace.String())
 	graceCtx, cancelGrace := context.WithTimeout(context.WithoutCancel(ctx), grace)
 	defer cancelGrace()
-	if err := srv.Shutdown(graceCtx); err != nil {
-		r.log.Warn("smtp sessions did not finish within the grace period", "err", err)
-		srv.Close()
+	// Stop accepting, let transactions in flight finish, then close the
+	// remaining connections: they are idle (connection-pooling clients)
+	// and have nothing of ours to lose. go-smtp's Shutdown would wait for
+	// idle connections too, holding the drain for the whole grace period.
+	r.smtpLn.Close()
+	poll := time.NewTicker(20 * time.Millisecond)
+	for r.inTx.Load() > 0 && graceCtx.Err() == nil {
+		select {
+		case <-graceCtx.Done():
+		case <-poll.C:
+		}
 	}
+	poll.Stop()
+	if n := r.inTx.Load(); n > 0 {
+		r.log.Warn("closing SMTP sessions still in a transaction at the end of the grace period", "transactions", n)
+	}
+	srv.Close()
 	// Keep delivering what is due until nothing is, or the grace ends.
 	tick := time.NewTicker(50 * time.Millisecond)
 	defer tick.Stop()

@@ -33,11 +33,27 @@ type session struct {
 	user  string
 	from  string
 	rcpts []string
+	inTx  bool
 }
 
-func (s *session) Reset() { s.from, s.rcpts = "", nil }
+// endTx marks the end of a MAIL..DATA transaction; draining waits only for
+// those, not for idle connections.
+func (s *session) endTx() {
+	if s.inTx {
+		s.inTx = false
+		s.r.inTx.Add(-1)
+	}
+}
 
-func (s *session) Logout() error { return nil }
+func (s *session) Reset() {
+	s.from, s.rcpts = "", nil
+	s.endTx()
+}
+
+func (s *session) Logout() error {
+	s.endTx()
+	return nil
+}
 
 func (s *session) Mail(from string, _ *smtp.MailOptions) error {
 	if s.r.users != nil && s.user == "" {
@@ -53,6 +69,10 @@ func (s *session) Mail(from string, _ *smtp.MailOptions) error {
 		return s.refuse(replySenderDenied)
 	}
 	s.from = from
+	if !s.inTx {
+		s.inTx = true
+		s.r.inTx.Add(1)
+	}
 	return nil
 }
 

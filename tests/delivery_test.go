@@ -571,8 +571,8 @@ routes:
 	if code != 0 {
 		t.Errorf("exit code %d after SIGTERM, want 0", code)
 	}
-	if took > h.grace+2*time.Second {
-		t.Errorf("took %s to stop, want within shutdown_grace (%s) plus a margin", took, h.grace)
+	if took > 3*time.Second {
+		t.Errorf("took %s to stop with only an idle client, want well under shutdown_grace (%s)", took, h.grace)
 	}
 
 	delivered := sink.Count() == 1
@@ -604,14 +604,16 @@ func TestShutdown_IdleClientDoesNotBlockExit(t *testing.T) {
 	t.Parallel()
 	sink := testsmtp.Start(t, testsmtp.Options{})
 	h := newHarness(t, fmt.Sprintf(`
-shutdown_grace: 1s
+shutdown_grace: 10s
 upstreams:
   - {name: sink, type: smtp, address: %q, tls: none}
 routes:
   - {name: default, upstreams: [sink]}
 `, sink.Addr))
 
-	// A client that connected and then went quiet (a pooled connection).
+	// A client that connected and then went quiet (a pooled connection):
+	// with no transaction in flight the relay closes it at once instead of
+	// waiting out the grace period.
 	c := h.dialRaw()
 	c.expect(220)
 	c.cmd(250, "EHLO tests.local")
@@ -620,8 +622,8 @@ routes:
 	if code != 0 {
 		t.Errorf("exit code %d after SIGTERM, want 0", code)
 	}
-	if took > h.grace+2*time.Second {
-		t.Errorf("took %s to stop, want within shutdown_grace (%s) plus a margin", took, h.grace)
+	if took > 3*time.Second {
+		t.Errorf("took %s to stop with only an idle client, want well under shutdown_grace (%s)", took, h.grace)
 	}
 	if _, err := c.tp.ReadLine(); err == nil {
 		// A 421 before closing is fine; the connection must end.
