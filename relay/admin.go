@@ -87,8 +87,8 @@ func (r *Relay) adminHandler() http.Handler {
 // Retry makes a queued message due now, or moves a dead letter back into
 // the queue.
 func (r *Relay) Retry(id string) error {
-	if r.queue.retry(id) {
-		return nil
+	if queued, err := r.queue.retry(id); queued {
+		return err
 	}
 	env, err := r.spool.Resurrect(id, r.now())
 	if err != nil {
@@ -116,9 +116,12 @@ func writeJSON(w http.ResponseWriter, v any, err error) {
 	w.Header().Set("Content-Type", "application/json")
 	if err != nil {
 		code := http.StatusInternalServerError
-		if errors.Is(err, fs.ErrNotExist) {
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
 			code = http.StatusNotFound
 			err = errors.New("no such message")
+		case errors.Is(err, errBusy):
+			code = http.StatusConflict
 		}
 		w.WriteHeader(code)
 		json.NewEncoder(w).Encode(map[string]string{"error": err.Error()})

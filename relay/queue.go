@@ -3,6 +3,7 @@ package relay
 import (
 	"container/heap"
 	"context"
+	"errors"
 	"sync"
 	"time"
 )
@@ -59,20 +60,25 @@ func (q *queue) done(it *item, keep bool) {
 	q.poke()
 }
 
-// retry makes a message due now. It reports whether the id is queued.
-func (q *queue) retry(id string) bool {
+// errBusy: a worker is delivering the message right now.
+var errBusy = errors.New("message is being delivered right now; try again in a moment")
+
+// retry makes a message due now. It reports whether the id is queued, or
+// errBusy while a worker holds it (its outcome is not known yet).
+func (q *queue) retry(id string) (bool, error) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	it, ok := q.items[id]
 	if !ok {
-		return false
+		return false, nil
 	}
-	if it.index >= 0 {
-		it.at = q.now()
-		heap.Fix(&q.due, it.index)
-		q.poke()
+	if it.index < 0 {
+		return true, errBusy
 	}
-	return true
+	it.at = q.now()
+	heap.Fix(&q.due, it.index)
+	q.poke()
+	return true, nil
 }
 
 func (q *queue) retryAll() int {

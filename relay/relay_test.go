@@ -190,6 +190,13 @@ func smtpCode(err error) int {
 	return 0
 }
 
+// waitDead waits until n messages are dead-lettered and no worker holds
+// one (the move into dead/ is complete).
+func (tr *testRelay) waitDead(t *testing.T, n int) {
+	t.Helper()
+	waitFor(t, "dead letter", func() bool { return len(tr.deadEnvelopes(t)) == n && tr.queue.len() == 0 })
+}
+
 func (tr *testRelay) deadEnvelopes(t *testing.T) []*Envelope {
 	envs, err := tr.spool.Dead()
 	if err != nil {
@@ -227,7 +234,7 @@ func TestDelivery_RejectedGoesToDeadLetter(t *testing.T) {
 	if err := tr.send("a@example.com", []string{"b@example.net"}, simpleMsg); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "dead letter", func() bool { return len(tr.deadEnvelopes(t)) == 1 })
+	tr.waitDead(t, 1)
 	d := tr.deadEnvelopes(t)[0]
 	if !strings.Contains(d.DeadReason, "550 5.1.1 no such user") || d.DeadAt == nil {
 		t.Errorf("dead reason = %q", d.DeadReason)
@@ -306,7 +313,7 @@ func TestDelivery_PartialRecipients(t *testing.T) {
 		Recipients: []string{"bad@example.net"}, Delivered: "a-partial"}}}
 	tr := startRelay(t, []*recorder{a}, nil, nil)
 	tr.send("a@example.com", []string{"ok@example.net", "bad@example.net"}, simpleMsg)
-	waitFor(t, "dead letter", func() bool { return len(tr.deadEnvelopes(t)) == 1 })
+	tr.waitDead(t, 1)
 	d := tr.deadEnvelopes(t)[0]
 	if len(d.Deliveries) != 1 || !slices.Equal(d.Deliveries[0].Rcpts, []string{"ok@example.net"}) || d.Deliveries[0].ProviderID != "a-partial" {
 		t.Errorf("deliveries = %+v", d.Deliveries)
@@ -353,7 +360,7 @@ func TestDelivery_MaxAgeDeadLetters(t *testing.T) {
 	a := &recorder{name: "a", errs: errs}
 	tr := startRelay(t, []*recorder{a}, nil, func(c *Config) { c.Spool.MaxAge = 300 * time.Millisecond })
 	tr.send("a@example.com", []string{"b@example.net"}, simpleMsg)
-	waitFor(t, "dead letter", func() bool { return len(tr.deadEnvelopes(t)) == 1 })
+	tr.waitDead(t, 1)
 	d := tr.deadEnvelopes(t)[0]
 	if !strings.Contains(d.DeadReason, "max age") || !strings.Contains(d.DeadReason, "421 try later") || d.Attempts < 2 {
 		t.Errorf("dead = %q after %d attempts", d.DeadReason, d.Attempts)

@@ -15,7 +15,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
@@ -37,7 +36,7 @@ type Spool struct {
 	dead string
 	fs   atomicfile.FS
 	log  *slog.Logger
-	sync dirSyncer
+	sync *atomicfile.GroupSync
 	lock *os.File
 }
 
@@ -50,7 +49,7 @@ const (
 // serving process.
 func OpenSpool(dir string, log *slog.Logger) (*Spool, error) {
 	s := &Spool{dir: dir, dead: filepath.Join(dir, "dead"), fs: atomicfile.OS{}, log: log}
-	s.sync.dir = dir
+	s.sync = &atomicfile.GroupSync{Dir: dir}
 	for _, d := range []string{dir, s.dead} {
 		if err := os.MkdirAll(d, dirMode); err != nil {
 			return nil, err
@@ -449,46 +448,4 @@ func (s *Spool) Writable() error {
 	name := f.Name()
 	f.Close()
 	return os.Remove(name)
-}
-
-// dirSyncer batches syncs of the spool's file system: a caller waits for
-// one sync that started after its own writes; every caller that arrived
-// while a sync ran shares the next one.
-type dirSyncer struct {
-	dir       string
-	mu        sync.Mutex
-	cond      *sync.Cond
-	requested uint64
-	completed uint64
-	running   bool
-	lastErr   error
-	syncs     uint64 // fsyncs done, for tests and curiosity
-}
-
-func (d *dirSyncer) Sync() error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.cond == nil {
-		d.cond = sync.NewCond(&d.mu)
-	}
-	d.requested++
-	ticket := d.requested
-	for {
-		if d.completed >= ticket {
-			return d.lastErr
-		}
-		if !d.running {
-			d.running = true
-			covers := d.requested
-			d.mu.Unlock()
-			err := syncFS(d.dir)
-			d.mu.Lock()
-			d.running = false
-			d.syncs++
-			d.completed, d.lastErr = covers, err
-			d.cond.Broadcast()
-			continue
-		}
-		d.cond.Wait()
-	}
 }

@@ -235,10 +235,10 @@ func TestSpool_ConcurrentPuts(t *testing.T) {
 		t.Fatalf("Load = %d envs, %v", len(envs), err)
 	}
 	// 64 commits racing for the directory must share fsyncs.
-	if s.sync.syncs >= uint64(len(ids)) {
-		t.Errorf("%d directory fsyncs for %d concurrent commits: no group commit", s.sync.syncs, len(ids))
+	if s.sync.Syncs() >= uint64(len(ids)) {
+		t.Errorf("%d directory fsyncs for %d concurrent commits: no group commit", s.sync.Syncs(), len(ids))
 	}
-	t.Logf("%d directory fsyncs for %d commits", s.sync.syncs, len(ids))
+	t.Logf("%d directory fsyncs for %d commits", s.sync.Syncs(), len(ids))
 }
 
 func TestSpool_Lock(t *testing.T) {

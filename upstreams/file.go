@@ -1,7 +1,6 @@
 package upstreams
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -19,6 +18,7 @@ type File struct {
 	name string
 	dir  string
 	now  func() time.Time
+	sync *atomicfile.GroupSync
 }
 
 // FileEnvelope is the JSON written next to each .eml.
@@ -35,24 +35,31 @@ func newFile(c Config, d Deps) (*File, error) {
 	if err := os.MkdirAll(c.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("dir: %v", err)
 	}
-	return &File{name: c.Name, dir: c.Dir, now: d.now()}, nil
+	return &File{name: c.Name, dir: c.Dir, now: d.now(), sync: &atomicfile.GroupSync{Dir: c.Dir}}, nil
 }
 
 // Name returns the configured name.
 func (f *File) Name() string { return f.name }
 
 // Send writes the .eml first and the .json last, so a reader that sees the
-// .json can rely on the .eml being complete.
+// .json can rely on the .eml being complete, then waits for a shared sync
+// of the file system (concurrent workers batch it). A resend after a crash
+// overwrites the same names.
 func (f *File) Send(ctx context.Context, m *Message) (string, error) {
 	base := filepath.Join(f.dir, m.ID)
-	if err := atomicfile.WriteFile(nil, base+".eml", bytes.NewReader(m.Data), 0o600); err != nil {
-		return "", Errorf(f.name, Transient, "", err, "write: %v", err)
-	}
 	env, _ := json.MarshalIndent(FileEnvelope{
 		ID: m.ID, From: m.From, To: m.To, MessageID: m.MessageID, Size: len(m.Data), WrittenAt: f.now().UTC(),
 	}, "", "  ")
-	if err := atomicfile.WriteFile(nil, base+".json", bytes.NewReader(env), 0o600); err != nil {
-		return "", Errorf(f.name, Transient, "", err, "write: %v", err)
+	for _, w := range []struct {
+		path string
+		data []byte
+	}{{base + ".eml", m.Data}, {base + ".json", env}} {
+		if err := os.WriteFile(w.path, w.data, 0o600); err != nil {
+			return "", Errorf(f.name, Transient, "", err, "write: %v", err)
+		}
+	}
+	if err := f.sync.Sync(); err != nil {
+		return "", Errorf(f.name, Transient, "", err, "sync: %v", err)
 	}
 	return m.ID, nil
 }
