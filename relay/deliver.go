@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"slices"
 	"strings"
 	"time"
@@ -107,12 +108,20 @@ func (r *Relay) attempt(ctx context.Context, env *Envelope) (keep bool) {
 	return true
 }
 
-// persist writes env; false means the message vanished (dropped).
+// persist writes env; false means the message vanished (an operator
+// dropped it). Any other failure (a full disk) keeps the message queued in
+// memory: its files are still on disk, only this attempt's bookkeeping is
+// not, which at worst repeats an attempt after a restart.
 func (r *Relay) persist(env *Envelope, log interface{ Warn(string, ...any) }) bool {
-	if err := r.spool.Update(env); err != nil {
-		log.Warn("updating spool entry failed", "err", err)
+	err := r.spool.Update(env)
+	switch {
+	case err == nil:
+		return true
+	case errors.Is(err, fs.ErrNotExist):
+		log.Warn("message no longer in the spool; forgetting it", "err", err)
 		return false
 	}
+	log.Warn("updating spool entry failed; keeping the message queued", "err", err)
 	return true
 }
 

@@ -513,8 +513,10 @@ func TestSMTP_NoRouteAndTooBigForRoute(t *testing.T) {
 // must keep nothing.
 func TestSMTP_SpoolWriteFailureIs451(t *testing.T) {
 	a := &recorder{name: "a"}
+	sw := &switchFS{}
 	tr := startRelay(t, []*recorder{a}, nil, nil)
-	tr.spool.fs = failingFS{after: 10}
+	tr.spool.fs = sw // before any message: no worker reads it yet
+	sw.full.Store(true)
 	err := tr.send("a@example.com", []string{"b@example.net"}, simpleMsg)
 	var se *smtp.SMTPError
 	if !errors.As(err, &se) || se.Code != 451 || se.EnhancedCode != (smtp.EnhancedCode{4, 3, 0}) {
@@ -527,7 +529,7 @@ func TestSMTP_SpoolWriteFailureIs451(t *testing.T) {
 	if len(envs) != 0 || len(dirNames(t, tr.dir)) != 2 { // dead/ and .lock
 		t.Errorf("spool after failure: %v", dirNames(t, tr.dir))
 	}
-	tr.spool.fs = failingFS{after: 1 << 30}
+	sw.full.Store(false)
 	if err := tr.send("a@example.com", []string{"b@example.net"}, simpleMsg); err != nil {
 		t.Errorf("after the disk recovered: %v", err)
 	}
@@ -637,4 +639,31 @@ func TestReadyz_SpoolNotWritable(t *testing.T) {
 	}
 	os.Remove(tr.dir)
 	os.Rename(tr.dir+".moved", tr.dir)
+}
+
+// Models the disk filling up between attempts: the attempt bookkeeping
+// cannot be written, but the message must stay queued and be delivered.
+func TestDelivery_UpdateFailureKeepsMessageQueued(t *testing.T) {
+	a := &recorder{name: "a", errs: []error{uerr(upstreams.Transient, "busy"), uerr(upstreams.Transient, "busy")}}
+	sw := &switchFS{}
+	tr := startRelay(t, []*recorder{a}, nil, func(c *Config) {
+		c.Spool.Retry = policy.RetryConfig{Initial: time.Hour, Max: time.Hour, Multiplier: 1}
+	})
+	tr.spool.fs = sw
+	tr.send("a@example.com", []string{"b@example.net"}, simpleMsg)
+	waitFor(t, "first attempt", func() bool { return a.calls() == 1 })
+	sw.full.Store(true)
+	envs, _ := tr.spool.List()
+	if len(envs) != 1 {
+		t.Fatalf("spool has %d messages", len(envs))
+	}
+	// Two more attempts, each unable to write its bookkeeping; the third
+	// is accepted.
+	waitFor(t, "delivery", func() bool {
+		tr.Retry(envs[0].ID) // errBusy while in flight; not found once delivered
+		return len(a.accepted()) == 1 && tr.queue.len() == 0
+	})
+	if a.calls() != 3 {
+		t.Errorf("upstream called %d times, want 3", a.calls())
+	}
 }

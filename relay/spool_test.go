@@ -11,6 +11,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -187,6 +188,23 @@ func (f failingFS) Create(path string, perm os.FileMode) (atomicfile.File, error
 		return nil, err
 	}
 	return &failingFile{File: of, left: f.after}, nil
+}
+
+// switchFS fails like a full disk while full is set; tests flip it while
+// the relay runs.
+type switchFS struct{ full atomic.Bool }
+
+func (s *switchFS) fs() atomicfile.FS {
+	if s.full.Load() {
+		return failingFS{after: 0}
+	}
+	return atomicfile.OS{}
+}
+func (s *switchFS) CreateTemp(dir, pattern string) (atomicfile.File, error) {
+	return s.fs().CreateTemp(dir, pattern)
+}
+func (s *switchFS) Create(path string, perm os.FileMode) (atomicfile.File, error) {
+	return s.fs().Create(path, perm)
 }
 
 func (f *failingFile) Write(b []byte) (int, error) {
