@@ -3,6 +3,7 @@ package relay
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -21,6 +22,7 @@ import (
 	"github.com/emersion/go-smtp"
 	"golang.org/x/crypto/bcrypt"
 
+	"github.com/relaycar/relaycar/internal/testsmtp"
 	"github.com/relaycar/relaycar/policy"
 	"github.com/relaycar/relaycar/upstreams"
 )
@@ -665,5 +667,25 @@ func TestDelivery_UpdateFailureKeepsMessageQueued(t *testing.T) {
 	})
 	if a.calls() != 3 {
 		t.Errorf("upstream called %d times, want 3", a.calls())
+	}
+}
+
+func TestSMTP_StartTLS(t *testing.T) {
+	cert := testsmtp.NewCert(t)
+	a := &recorder{name: "a"}
+	tr := startRelay(t, []*recorder{a}, nil, func(c *Config) {
+		c.Listen.TLS = TLSConfig{CertFile: cert.CertFile, KeyFile: cert.KeyFile}
+	})
+	c, err := smtp.DialStartTLS(tr.smtp, &tls.Config{RootCAs: cert.Pool, ServerName: "localhost"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.SendMail("a@example.com", []string{"b@example.net"}, strings.NewReader(simpleMsg)); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "delivery", func() bool { return len(a.accepted()) == 1 })
+	if !strings.Contains(string(a.accepted()[0].Data), "with ESMTPS id") {
+		t.Errorf("Received does not record TLS: %q", a.accepted()[0].Data)
 	}
 }
