@@ -60,7 +60,7 @@ func (s *session) Mail(from string, _ *smtp.MailOptions) error {
 		return s.refuse(replyAuthRequired)
 	}
 	if from != "" {
-		if _, err := mail.ParseAddress("<" + from + ">"); err != nil && isASCII(from) {
+		if _, err := mail.ParseAddress("<" + from + ">"); err != nil && upstreams.IsASCII(from) {
 			return s.refuse(replyBadSender)
 		}
 	}
@@ -80,7 +80,7 @@ func (s *session) Rcpt(to string, _ *smtp.RcptOptions) error {
 	if strings.IndexByte(to, '@') <= 0 || strings.HasSuffix(to, "@") {
 		return s.refuse(replyBadAddress)
 	}
-	if _, err := mail.ParseAddress("<" + to + ">"); err != nil && isASCII(to) {
+	if _, err := mail.ParseAddress("<" + to + ">"); err != nil && upstreams.IsASCII(to) {
 		return s.refuse(replyBadAddress)
 	}
 	s.rcpts = append(s.rcpts, to)
@@ -133,15 +133,6 @@ func (s *session) traceInfo() receivedInfo {
 func (s *session) refuse(e *smtp.SMTPError) error {
 	s.r.metrics.smtpRefused.WithLabelValues(itoa(e.Code)).Inc()
 	return e
-}
-
-func isASCII(s string) bool {
-	for i := 0; i < len(s); i++ {
-		if s[i] >= 0x80 {
-			return false
-		}
-	}
-	return true
 }
 
 var (

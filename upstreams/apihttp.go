@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http/httptrace"
 	"net/url"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -107,4 +108,27 @@ func apiDrainClose(body io.ReadCloser) {
 // apiBodyReason turns a provider's error body into a one-line reason.
 func apiBodyReason(body []byte, secrets ...Secret) string {
 	return Truncate(apiRedact(oneLine(string(body)), secrets...), 300)
+}
+
+// sendChunks calls send for consecutive chunks of at most size recipients
+// (a provider's per-call limit) and returns the first call's id. When a
+// later chunk fails, the error names the recipients not yet delivered, so
+// the relay records the earlier chunks as delivered and never resends them.
+func sendChunks(rcpts []string, size int, send func([]string) (string, *Error)) (string, error) {
+	first := ""
+	for i := 0; i < len(rcpts); i += size {
+		id, err := send(rcpts[i:min(i+size, len(rcpts))])
+		if err != nil {
+			if i == 0 {
+				return "", err
+			}
+			err.Recipients = slices.Clone(rcpts[i:])
+			err.Delivered = first
+			return first, err
+		}
+		if i == 0 {
+			first = id
+		}
+	}
+	return first, nil
 }

@@ -9,7 +9,6 @@ import (
 	"io"
 	"log/slog"
 	"net/url"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -62,21 +61,11 @@ func (g *Mailgun) Send(ctx context.Context, m *Message) (string, error) {
 	if len(m.To) == 0 {
 		return "", Errorf(g.name, Rejected, "", nil, "no recipients")
 	}
-	first := ""
-	for i := 0; i < len(m.To); i += mailgun.MaxNumberOfRecipients {
-		rcpts := m.To[i:min(i+mailgun.MaxNumberOfRecipients, len(m.To))]
-		id, err := g.send(ctx, m, rcpts)
-		if err != nil {
-			if i == 0 {
-				return "", err
-			}
-			err.Recipients = slices.Clone(m.To[i:])
-			err.Delivered = first
-			return first, err
-		}
-		if i == 0 {
-			first = id
-		}
+	first, err := sendChunks(m.To, mailgun.MaxNumberOfRecipients, func(rcpts []string) (string, *Error) {
+		return g.send(ctx, m, rcpts)
+	})
+	if err != nil {
+		return first, err
 	}
 	g.log.Debug("mailgun accepted message", "upstream", g.name, "msg_id", m.ID, "provider_id", first, "rcpt_count", len(m.To))
 	return first, nil

@@ -448,10 +448,10 @@ func sgAddress(addr string) (string, bool) {
 		return "", false
 	}
 	local, domain := addr[:i], addr[i+1:]
-	if !isASCII(local) {
+	if !IsASCII(local) {
 		return "", false
 	}
-	if !isASCII(domain) {
+	if !IsASCII(domain) {
 		d, err := idna.Lookup.ToASCII(domain)
 		if err != nil {
 			return "", false

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -109,7 +108,7 @@ func (s *SES) Send(ctx context.Context, m *Message) (string, error) {
 		// same UTF-8 addresses in their headers, which SES may reject
 		// (MessageRejected: dead-letter) where failing over would deliver.
 		who := "recipient"
-		if !isASCII(m.From) {
+		if !IsASCII(m.From) {
 			who = "sender"
 		}
 		return "", Errorf(s.name, Unsupported, "SMTPUTF8", nil,
@@ -122,21 +121,11 @@ func (s *SES) Send(ctx context.Context, m *Message) (string, error) {
 		return "", Errorf(s.name, Unsupported, "size", nil,
 			"message is %d bytes, %d after base64; SES takes at most %d", len(m.Data), n, sesMaxEncoded)
 	}
-	first := ""
-	for i := 0; i < len(m.To); i += sesMaxRecipients {
-		rcpts := m.To[i:min(i+sesMaxRecipients, len(m.To))]
-		id, err := s.send(ctx, m, rcpts)
-		if err != nil {
-			if i == 0 {
-				return "", err
-			}
-			err.Recipients = slices.Clone(m.To[i:])
-			err.Delivered = first
-			return first, err
-		}
-		if i == 0 {
-			first = id
-		}
+	first, err := sendChunks(m.To, sesMaxRecipients, func(rcpts []string) (string, *Error) {
+		return s.send(ctx, m, rcpts)
+	})
+	if err != nil {
+		return first, err
 	}
 	s.log.Debug("ses accepted message", "upstream", s.name, "msg_id", m.ID, "provider_id", first, "rcpt_count", len(m.To))
 	return first, nil

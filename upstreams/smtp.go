@@ -198,18 +198,19 @@ func (s *SMTP) Send(ctx context.Context, m *Message) (string, error) {
 }
 
 func needsUTF8(m *Message) bool {
-	if !isASCII(m.From) {
+	if !IsASCII(m.From) {
 		return true
 	}
 	for _, r := range m.To {
-		if !isASCII(r) {
+		if !IsASCII(r) {
 			return true
 		}
 	}
 	return false
 }
 
-func isASCII(s string) bool {
+// IsASCII reports whether s needs no SMTPUTF8.
+func IsASCII(s string) bool {
 	for i := 0; i < len(s); i++ {
 		if s[i] >= 0x80 {
 			return false
