@@ -5,6 +5,7 @@ import (
 	"errors"
 	"html/template"
 	"io/fs"
+	"net"
 	"net/http"
 	"time"
 
@@ -71,18 +72,35 @@ func (r *Relay) adminHandler() http.Handler {
 		envs, err := r.spool.Dead()
 		writeJSON(w, entries(envs), err)
 	})
-	mux.HandleFunc("POST /api/queue/retry", func(w http.ResponseWriter, _ *http.Request) {
+	mux.HandleFunc("POST /api/queue/retry", loopbackOnly(func(w http.ResponseWriter, _ *http.Request) {
 		writeJSON(w, map[string]int{"retried": r.RetryAll()}, nil)
-	})
-	mux.HandleFunc("POST /api/queue/{id}/retry", func(w http.ResponseWriter, req *http.Request) {
+	}))
+	mux.HandleFunc("POST /api/queue/{id}/retry", loopbackOnly(func(w http.ResponseWriter, req *http.Request) {
 		writeJSON(w, map[string]string{"retried": req.PathValue("id")}, r.Retry(req.PathValue("id")))
-	})
-	mux.HandleFunc("DELETE /api/queue/{id}", func(w http.ResponseWriter, req *http.Request) {
+	}))
+	mux.HandleFunc("DELETE /api/queue/{id}", loopbackOnly(func(w http.ResponseWriter, req *http.Request) {
 		writeJSON(w, map[string]string{"dropped": req.PathValue("id")}, r.Drop(req.PathValue("id")))
-	})
+	}))
 	mux.HandleFunc("GET /{$}", r.statusPage)
 	return mux
 }
+
+// loopbackOnly guards the endpoints that change the queue. The admin port
+// is often bound to 0.0.0.0 so the kubelet can probe it and Prometheus can
+// scrape it; dropping mail must still need a shell in the pod (kubectl exec
+// or port-forward, which both arrive over loopback).
+func loopbackOnly(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, req *http.Request) {
+		host, _, err := net.SplitHostPort(req.RemoteAddr)
+		if ip := net.ParseIP(host); err != nil || ip == nil || !ip.IsLoopback() {
+			writeJSON(w, nil, errForbidden)
+			return
+		}
+		h(w, req)
+	}
+}
+
+var errForbidden = errors.New("queue changes are accepted only from loopback (kubectl exec or port-forward)")
 
 // Retry makes a queued message due now, or moves a dead letter back into
 // the queue.
@@ -122,6 +140,8 @@ func writeJSON(w http.ResponseWriter, v any, err error) {
 			err = errors.New("no such message")
 		case errors.Is(err, errBusy):
 			code = http.StatusConflict
+		case errors.Is(err, errForbidden):
+			code = http.StatusForbidden
 		}
 		w.WriteHeader(code)
 		json.NewEncoder(w).Encode(map[string]string{"error": err.Error()})

@@ -24,7 +24,7 @@ type metrics struct {
 
 // newMetrics registers on reg, a private registry per Relay, so tests and
 // embedded relays never share global state.
-func newMetrics(reg prometheus.Registerer, gates map[string]*policy.Gate, spoolLen func() float64, deadLen func() float64) *metrics {
+func newMetrics(reg prometheus.Registerer, gates map[string]*policy.Gate, spoolLen, oldestAge, deadLen func() float64) *metrics {
 	m := &metrics{
 		received: prometheus.NewCounter(prometheus.CounterOpts{Name: "relaycar_messages_received_total",
 			Help: "Messages accepted with 250 and committed to the spool."}),
@@ -47,6 +47,8 @@ func newMetrics(reg prometheus.Registerer, gates map[string]*policy.Gate, spoolL
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "relaycar_spool_messages",
 		Help: "Messages in the spool waiting for delivery."}, spoolLen))
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "relaycar_spool_oldest_message_age_seconds",
+		Help: "Age of the oldest message waiting in the spool; 0 when empty."}, oldestAge))
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "relaycar_dead_letter_messages",
 		Help: "Messages in the dead-letter directory."}, deadLen))
 	for name, g := range gates {

@@ -21,6 +21,9 @@ type queue struct {
 type item struct {
 	env   *Envelope
 	at    time.Time
+	// received is a copy of env.ReceivedAt, readable without racing the
+	// worker that owns env.
+	received time.Time
 	index int  // in due; -1 while a worker has it
 	gone  bool // dropped while a worker had it
 }
@@ -39,7 +42,7 @@ func (q *queue) poke() {
 // add schedules env at env.NextAttempt.
 func (q *queue) add(env *Envelope) {
 	q.mu.Lock()
-	it := &item{env: env, at: env.NextAttempt}
+	it := &item{env: env, at: env.NextAttempt, received: env.ReceivedAt}
 	q.items[env.ID] = it
 	heap.Push(&q.due, it)
 	q.mu.Unlock()
@@ -114,6 +117,19 @@ func (q *queue) len() int {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	return len(q.items)
+}
+
+// oldest returns when the oldest queued message was received (zero if none).
+func (q *queue) oldest() time.Time {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	var t time.Time
+	for _, it := range q.items {
+		if r := it.received; t.IsZero() || r.Before(t) {
+			t = r
+		}
+	}
+	return t
 }
 
 // busy reports how many items workers hold and whether any is due now.

@@ -123,7 +123,14 @@ func New(cfg *Config, d Deps) (*Relay, error) {
 	}
 	r.spool = sp
 	r.queue = newQueue(r.now)
-	r.metrics = newMetrics(r.reg, r.gates, func() float64 { return float64(r.queue.len()) }, func() float64 { return float64(r.spool.CountDead()) })
+	oldestAge := func() float64 {
+		if t := r.queue.oldest(); !t.IsZero() {
+			return r.now().Sub(t).Seconds()
+		}
+		return 0
+	}
+	r.metrics = newMetrics(r.reg, r.gates, func() float64 { return float64(r.queue.len()) }, oldestAge,
+		func() float64 { return float64(r.spool.CountDead()) })
 	return r, nil
 }
 

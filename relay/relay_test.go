@@ -9,7 +9,9 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"io"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"slices"
@@ -687,5 +689,59 @@ func TestSMTP_StartTLS(t *testing.T) {
 	waitFor(t, "delivery", func() bool { return len(a.accepted()) == 1 })
 	if !strings.Contains(string(a.accepted()[0].Data), "with ESMTPS id") {
 		t.Errorf("Received does not record TLS: %q", a.accepted()[0].Data)
+	}
+}
+
+// The admin port listens on the pod IP for probes and scrapes; only a
+// shell in the pod may change the queue.
+func TestAdmin_QueueChangesOnlyFromLoopback(t *testing.T) {
+	tr := startRelay(t, []*recorder{{name: "a"}}, nil, nil)
+	h := tr.adminHandler()
+	for _, tc := range []struct {
+		method, path, remote string
+		want                 int
+	}{
+		{http.MethodPost, "/api/queue/retry", "10.1.2.3:4000", http.StatusForbidden},
+		{http.MethodDelete, "/api/queue/abc", "[2001:db8::1]:4000", http.StatusForbidden},
+		{http.MethodPost, "/api/queue/abc/retry", "192.168.1.1:4000", http.StatusForbidden},
+		{http.MethodPost, "/api/queue/retry", "127.0.0.1:4000", http.StatusOK},
+		{http.MethodDelete, "/api/queue/abc", "[::1]:4000", http.StatusNotFound},
+		{http.MethodGet, "/api/queue", "10.1.2.3:4000", http.StatusOK},
+		{http.MethodGet, "/metrics", "10.1.2.3:4000", http.StatusOK},
+	} {
+		req := httptest.NewRequest(tc.method, tc.path, nil)
+		req.RemoteAddr = tc.remote
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, req)
+		if rec.Code != tc.want {
+			t.Errorf("%s %s from %s = %d, want %d", tc.method, tc.path, tc.remote, rec.Code, tc.want)
+		}
+	}
+}
+
+func TestMetrics_OldestMessageAge(t *testing.T) {
+	var errs []error
+	for range 100 {
+		errs = append(errs, uerr(upstreams.Transient, "down"))
+	}
+	tr := startRelay(t, []*recorder{{name: "a", errs: errs}}, nil, func(c *Config) {
+		c.Spool.Retry = policy.RetryConfig{Initial: time.Hour, Max: time.Hour, Multiplier: 1}
+	})
+	tr.send("a@example.com", []string{"b@example.net"}, simpleMsg)
+	time.Sleep(50 * time.Millisecond)
+	resp, err := http.Get("http://" + tr.admin + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	var age float64
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "relaycar_spool_oldest_message_age_seconds "); ok {
+			fmt.Sscan(v, &age)
+		}
+	}
+	if age <= 0 || age > 5 {
+		t.Errorf("oldest age = %v, want a small positive number", age)
 	}
 }

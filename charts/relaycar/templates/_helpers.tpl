@@ -1,0 +1,224 @@
+{{/*
+Names and labels.
+*/}}
+{{- define "relaycar.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "relaycar.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "relaycar.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "relaycar.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "relaycar.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "relaycar.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "relaycar.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "relaycar.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "relaycar.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/* The port relaycar listens on for SMTP inside the pod. */}}
+{{- define "relaycar.smtpPort" -}}
+{{- if .Values.smtp.legacyPort25 -}}25{{- else -}}{{ .Values.smtp.port }}{{- end -}}
+{{- end -}}
+
+{{/*
+relay.yaml: .Values.config plus the keys the chart owns.
+*/}}
+{{- define "relaycar.config" -}}
+{{- $cfg := deepCopy .Values.config -}}
+{{- $listen := get $cfg "listen" | default dict -}}
+{{- if eq .Values.mode "sidecar" -}}
+{{- /* Only the app in the same pod connects, over loopback. */ -}}
+{{- $_ := set $listen "address" (printf "127.0.0.1:%s" (include "relaycar.smtpPort" .)) -}}
+{{- $_ := set $listen "allowed_networks" (list "127.0.0.0/8" "::1/128") -}}
+{{- else -}}
+{{- $_ := set $listen "address" (printf "0.0.0.0:%s" (include "relaycar.smtpPort" .)) -}}
+{{- end -}}
+{{- $_ := set $cfg "listen" $listen -}}
+{{- $_ := set $cfg "admin" (dict "address" (printf "0.0.0.0:%d" (int .Values.admin.port))) -}}
+{{- $spool := get $cfg "spool" | default dict -}}
+{{- $_ := set $spool "dir" "/var/spool/relaycar/queue" -}}
+{{- $_ := set $cfg "spool" $spool -}}
+{{- $_ := set $cfg "shutdown_grace" (printf "%ds" (int .Values.shutdownGraceSeconds)) -}}
+{{- toYaml $cfg -}}
+{{- end -}}
+
+{{- define "relaycar.configMapName" -}}
+{{- printf "%s-config" (include "relaycar.fullname" .) -}}
+{{- end -}}
+
+{{/*
+Pod-level settings a pod running relaycar needs. Port 25 without root: the
+safe sysctl net.ipv4.ip_unprivileged_port_start (Kubernetes >= 1.22).
+*/}}
+{{- define "relaycar.podSecurityContext" -}}
+{{- $psc := deepCopy .Values.podSecurityContext -}}
+{{- if .Values.smtp.legacyPort25 -}}
+{{- $sysctls := get $psc "sysctls" | default list -}}
+{{- $sysctls = append $sysctls (dict "name" "net.ipv4.ip_unprivileged_port_start" "value" "25") -}}
+{{- $_ := set $psc "sysctls" $sysctls -}}
+{{- end -}}
+{{- toYaml $psc -}}
+{{- end -}}
+
+{{/*
+The relaycar container. Context: the relaycar chart's root context (inside
+this chart: "."; from a parent chart: .Subcharts.relaycar).
+*/}}
+{{- define "relaycar.container" -}}
+name: relaycar
+image: {{ include "relaycar.image" . | quote }}
+imagePullPolicy: {{ .Values.image.pullPolicy }}
+args:
+  - serve
+  - --config=/etc/relaycar/relay.yaml
+  - --log-format={{ .Values.logFormat }}
+  - --log-level={{ .Values.logLevel }}
+ports:
+  - name: smtp
+    containerPort: {{ include "relaycar.smtpPort" . }}
+    protocol: TCP
+  - name: admin
+    containerPort: {{ .Values.admin.port }}
+    protocol: TCP
+{{- if or .Values.secrets.env .Values.extraEnv }}
+env:
+  {{- range .Values.secrets.env }}
+  - name: {{ .name }}
+    valueFrom:
+      secretKeyRef:
+        name: {{ required "secrets.existingSecret is required when secrets.env is set" $.Values.secrets.existingSecret }}
+        key: {{ .key }}
+  {{- end }}
+  {{- with .Values.extraEnv }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end }}
+volumeMounts:
+  - name: relaycar-config
+    mountPath: /etc/relaycar/relay.yaml
+    subPath: relay.yaml
+    readOnly: true
+  - name: relaycar-spool
+    mountPath: /var/spool/relaycar
+  {{- if .Values.secrets.files }}
+  - name: relaycar-secrets
+    mountPath: {{ .Values.secrets.mountPath }}
+    readOnly: true
+  {{- end }}
+livenessProbe:
+  httpGet: {path: /healthz, port: admin}
+  periodSeconds: 10
+  failureThreshold: 3
+readinessProbe:
+  httpGet: {path: /readyz, port: admin}
+  periodSeconds: 5
+  failureThreshold: 2
+startupProbe:
+  httpGet: {path: /healthz, port: admin}
+  periodSeconds: 1
+  failureThreshold: 30
+resources:
+  {{- toYaml .Values.resources | nindent 2 }}
+securityContext:
+  {{- toYaml .Values.securityContext | nindent 2 }}
+{{- end -}}
+
+{{/* The container as a Kubernetes native sidecar (init container that keeps running). */}}
+{{- define "relaycar.sidecar.initContainer" -}}
+{{ include "relaycar.container" . }}
+restartPolicy: Always
+{{- end -}}
+
+{{/* Volumes the container needs. The spool is an emptyDir unless a StatefulSet claims it. */}}
+{{- define "relaycar.volumes" -}}
+- name: relaycar-config
+  configMap:
+    name: {{ include "relaycar.configMapName" . }}
+{{- if .Values.secrets.files }}
+- name: relaycar-secrets
+  secret:
+    secretName: {{ required "secrets.existingSecret is required when secrets.files is set" .Values.secrets.existingSecret }}
+    defaultMode: 0440
+    items:
+      {{- range .Values.secrets.files }}
+      - key: {{ .key }}
+        path: {{ .path }}
+      {{- end }}
+{{- end }}
+{{- if not (and (eq .Values.mode "standalone") .Values.persistence.enabled) }}
+- name: relaycar-spool
+  emptyDir:
+    sizeLimit: {{ .Values.spoolSizeLimit }}
+{{- end }}
+{{- end -}}
+
+{{/* Pod annotations: roll pods when relay.yaml changes. */}}
+{{- define "relaycar.podAnnotations" -}}
+checksum/config: {{ include "relaycar.config" . | sha256sum }}
+{{- with .Values.podAnnotations }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* The pod spec shared by the Deployment and the StatefulSet. */}}
+{{- define "relaycar.podSpec" -}}
+serviceAccountName: {{ include "relaycar.serviceAccountName" . }}
+automountServiceAccountToken: {{ .Values.serviceAccount.automountServiceAccountToken }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+terminationGracePeriodSeconds: {{ add (int .Values.shutdownGraceSeconds) 15 }}
+securityContext:
+  {{- include "relaycar.podSecurityContext" . | nindent 2 }}
+containers:
+  {{- include "relaycar.container" . | indent 2 | trim | printf "- %s" | nindent 2 }}
+volumes:
+  {{- include "relaycar.volumes" . | nindent 2 }}
+{{- with .Values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
