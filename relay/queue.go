@@ -19,13 +19,13 @@ type queue struct {
 }
 
 type item struct {
-	env   *Envelope
-	at    time.Time
+	env *Envelope
+	at  time.Time
 	// received is a copy of env.ReceivedAt, readable without racing the
 	// worker that owns env.
 	received time.Time
-	index int  // in due; -1 while a worker has it
-	gone  bool // dropped while a worker had it
+	index    int  // in due; -1 while a worker has it
+	gone     bool // dropped while a worker had it
 }
 
 func newQueue(now func() time.Time) *queue {
