@@ -1,12 +1,13 @@
-# make test: everything CI runs. It installs what the tests need (the SES
-# emulator from npm into .cache/) and needs only Go, Node/npm and a shell.
+# make test: everything CI runs. It installs what the tests need into
+# .cache/ (the SES emulator from npm, helm built from the Go module proxy)
+# and needs only Go, Node/npm and a shell.
 GO ?= go
 BIN ?= bin/relaycar
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 LDFLAGS := -s -w -X main.version=$(VERSION) -X main.commit=$(COMMIT)
 
-.PHONY: all build run test test-deps vet unit bench load clean
+.PHONY: all build run test test-deps vet unit bench load chart-test demo clean
 
 all: build
 
@@ -21,6 +22,7 @@ test-deps:
 
 test: test-deps vet
 	$(GO) test -race -count=1 -timeout 20m ./...
+	cd charts/tests && $(GO) vet ./... && HELM=$(CURDIR)/.cache/bin/helm $(GO) test -count=1 -timeout 10m ./...
 
 vet:
 	@fmt=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './.cache/*')); \
@@ -35,6 +37,12 @@ bench:
 
 load: build
 	$(GO) run ./tools/loadgen
+
+chart-test: test-deps
+	cd charts/tests && HELM=$(CURDIR)/.cache/bin/helm $(GO) test -count=1 ./...
+
+demo:
+	$(GO) run ./examples/failover-demo
 
 clean:
 	rm -rf bin .cache spool outbox

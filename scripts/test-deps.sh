@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what `make test` needs beyond Go: Node.js/npm (from Debian when
-# missing) and the SES v2 emulator (npm, into .cache/). Idempotent.
+# missing), the SES v2 emulator (npm) and helm (Go module proxy), both into
+# .cache/. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,4 +15,14 @@ if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
 	fi
 fi
 ./scripts/ses-emulator.sh install
+
+# helm for the chart tests, built from the Go module proxy (no binary
+# downloads), once per checkout.
+HELM_VERSION=v3.22.0
+if ! [ -x .cache/bin/helm ] || ! [ -f ".cache/bin/.helm-$HELM_VERSION" ]; then
+	echo "test-deps: building helm $HELM_VERSION into .cache/bin (about a minute)"
+	GOBIN="$PWD/.cache/bin" go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+	touch ".cache/bin/.helm-$HELM_VERSION"
+fi
 go mod download
+(cd charts/tests && go mod download)

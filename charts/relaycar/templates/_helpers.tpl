@@ -52,6 +52,15 @@ relay.yaml: .Values.config plus the keys the chart owns.
 */}}
 {{- define "relaycar.config" -}}
 {{- $cfg := deepCopy .Values.config -}}
+{{- /* A ConfigMap is readable by anyone who can read the namespace: refuse literal credentials. */ -}}
+{{- range $i, $u := $cfg.upstreams -}}
+{{- range $k := list "api_key" "password" "secret_access_key" "access_key_id" -}}
+{{- $v := get $u $k | toString -}}
+{{- if and $v (ne $v "<nil>") (not (hasPrefix "${" $v)) -}}
+{{- fail (printf "config.upstreams[%d].%s: do not put credentials in values (they would land in a ConfigMap); use secrets.env with ${VAR} or secrets.files with %s_file" $i $k $k) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- $listen := get $cfg "listen" | default dict -}}
 {{- if eq .Values.mode "sidecar" -}}
 {{- /* Only the app in the same pod connects, over loopback. */ -}}

@@ -1,0 +1,503 @@
+// Package tests renders the relaycar Helm chart with helm and checks the
+// result as Kubernetes would see it: every document decodes strictly into
+// its k8s.io/api type. It is a separate Go module so the relay itself never
+// depends on Kubernetes packages.
+package tests
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	policyv1 "k8s.io/api/policy/v1"
+	"sigs.k8s.io/yaml"
+)
+
+var (
+	repoRoot string
+	helmBin  string
+	relaycar string // built once, for `relaycar check` on rendered configs
+)
+
+func TestMain(m *testing.M) {
+	os.Exit(run(m))
+}
+
+func run(m *testing.M) int {
+	root, err := filepath.Abs("../..")
+	if err != nil {
+		panic(err)
+	}
+	repoRoot = root
+	helmBin = os.Getenv("HELM")
+	if helmBin == "" {
+		helmBin = filepath.Join(root, ".cache", "bin", "helm")
+	}
+	if _, err := os.Stat(helmBin); err != nil {
+		fmt.Fprintf(os.Stderr, "helm not found at %s: run `make test-deps` (or set HELM)\n", helmBin)
+		return 1
+	}
+	tmp, err := os.MkdirTemp("", "relaycar-chart-tests-")
+	if err != nil {
+		panic(err)
+	}
+	defer os.RemoveAll(tmp)
+	relaycar = filepath.Join(tmp, "relaycar")
+	if out, err := exec.Command("go", "build", "-C", root, "-o", relaycar, "./cmd/relaycar").CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "building relaycar: %v\n%s", err, out)
+		return 1
+	}
+	if out, err := exec.Command(helmBin, "dependency", "build", filepath.Join(root, "examples/kubernetes/legacy-app")).CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "helm dependency build: %v\n%s", err, out)
+		return 1
+	}
+	return m.Run()
+}
+
+func chartDir() string { return filepath.Join(repoRoot, "charts", "relaycar") }
+
+func ciValues(t *testing.T) []string {
+	files, _ := filepath.Glob(filepath.Join(chartDir(), "ci", "*-values.yaml"))
+	if len(files) < 4 {
+		t.Fatalf("expected the four ci values files, found %v", files)
+	}
+	return files
+}
+
+// helm runs helm and returns stdout, or the combined output as error.
+func helm(args ...string) (string, error) {
+	cmd := exec.Command(helmBin, args...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := cmd.Run(); err != nil {
+		return "", fmt.Errorf("helm %s: %v\n%s%s", strings.Join(args, " "), err, out.String(), errb.String())
+	}
+	return out.String(), nil
+}
+
+// doc is one rendered manifest.
+type doc struct {
+	Kind, Name string
+	Raw        []byte
+}
+
+func render(t *testing.T, chart string, args ...string) []doc {
+	t.Helper()
+	out, err := helm(append([]string{"template", "rc", chart, "--namespace", "mail"}, args...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var docs []doc
+	for _, part := range strings.Split(out, "\n---") {
+		if strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(part), "---")) == "" {
+			continue
+		}
+		var meta struct {
+			Kind     string `json:"kind"`
+			Metadata struct {
+				Name string `json:"name"`
+			} `json:"metadata"`
+		}
+		if err := yaml.Unmarshal([]byte(part), &meta); err != nil {
+			t.Fatalf("rendered YAML does not parse: %v\n%s", err, part)
+		}
+		if meta.Kind == "" {
+			continue // comment-only document
+		}
+		docs = append(docs, doc{Kind: meta.Kind, Name: meta.Metadata.Name, Raw: []byte(part)})
+	}
+	return docs
+}
+
+// strict decodes a manifest into its typed object, refusing unknown fields
+// (a typo in a template would otherwise be silently dropped by the API).
+func strict(t *testing.T, d doc, into any) {
+	t.Helper()
+	if err := yaml.UnmarshalStrict(d.Raw, into); err != nil {
+		t.Fatalf("%s %s does not decode strictly: %v\n%s", d.Kind, d.Name, err, d.Raw)
+	}
+}
+
+// objects decodes every document and fails on a kind the chart should not
+// produce.
+type objects struct {
+	deployments  []appsv1.Deployment
+	statefulsets []appsv1.StatefulSet
+	services     []corev1.Service
+	configMaps   []corev1.ConfigMap
+	accounts     []corev1.ServiceAccount
+	netpols      []networkingv1.NetworkPolicy
+	pdbs         []policyv1.PodDisruptionBudget
+	monitoring   []map[string]any // ServiceMonitor, PrometheusRule (CRDs)
+}
+
+func decode(t *testing.T, docs []doc) objects {
+	t.Helper()
+	var o objects
+	for _, d := range docs {
+		switch d.Kind {
+		case "Deployment":
+			var x appsv1.Deployment
+			strict(t, d, &x)
+			o.deployments = append(o.deployments, x)
+		case "StatefulSet":
+			var x appsv1.StatefulSet
+			strict(t, d, &x)
+			o.statefulsets = append(o.statefulsets, x)
+		case "Service":
+			var x corev1.Service
+			strict(t, d, &x)
+			o.services = append(o.services, x)
+		case "ConfigMap":
+			var x corev1.ConfigMap
+			strict(t, d, &x)
+			o.configMaps = append(o.configMaps, x)
+		case "ServiceAccount":
+			var x corev1.ServiceAccount
+			strict(t, d, &x)
+			o.accounts = append(o.accounts, x)
+		case "NetworkPolicy":
+			var x networkingv1.NetworkPolicy
+			strict(t, d, &x)
+			o.netpols = append(o.netpols, x)
+		case "PodDisruptionBudget":
+			var x policyv1.PodDisruptionBudget
+			strict(t, d, &x)
+			o.pdbs = append(o.pdbs, x)
+		case "ServiceMonitor", "PrometheusRule":
+			var x map[string]any
+			if err := yaml.Unmarshal(d.Raw, &x); err != nil {
+				t.Fatal(err)
+			}
+			if x["apiVersion"] != "monitoring.coreos.com/v1" {
+				t.Errorf("%s apiVersion = %v", d.Kind, x["apiVersion"])
+			}
+			o.monitoring = append(o.monitoring, x)
+		default:
+			t.Fatalf("unexpected kind %s (%s)", d.Kind, d.Name)
+		}
+	}
+	return o
+}
+
+// relayConfig returns the rendered relay.yaml.
+func relayConfig(t *testing.T, o objects) string {
+	t.Helper()
+	for _, cm := range o.configMaps {
+		if v, ok := cm.Data["relay.yaml"]; ok {
+			return v
+		}
+	}
+	t.Fatal("no ConfigMap with relay.yaml")
+	return ""
+}
+
+var envRef = regexp.MustCompile(`\$\{([A-Za-z_][A-Za-z0-9_]*)`)
+
+// checkConfig runs `relaycar check` on a rendered relay.yaml. Secret files
+// the pod would mount are stubbed under a temp dir, and ${VAR}s set to
+// dummies, as the Secret would provide them.
+func checkConfig(t *testing.T, cfg, secretsMount string) {
+	t.Helper()
+	dir := t.TempDir()
+	stub := filepath.Join(dir, "secrets")
+	os.MkdirAll(stub, 0o700)
+	text := cfg
+	if secretsMount != "" {
+		text = strings.ReplaceAll(cfg, secretsMount+"/", stub+"/")
+		for _, m := range regexp.MustCompile(regexp.QuoteMeta(stub)+`/([A-Za-z0-9._-]+)`).FindAllStringSubmatch(text, -1) {
+			os.WriteFile(filepath.Join(stub, m[1]), []byte("dummy-secret\n"), 0o600)
+		}
+	}
+	path := filepath.Join(dir, "relay.yaml")
+	os.WriteFile(path, []byte(text), 0o600)
+	cmd := exec.Command(relaycar, "check", "--config", path)
+	cmd.Env = os.Environ()
+	for _, m := range envRef.FindAllStringSubmatch(text, -1) {
+		cmd.Env = append(cmd.Env, m[1]+"=dummy")
+	}
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Errorf("relaycar check on the rendered relay.yaml: %v\n%s\n--- relay.yaml\n%s", err, out, text)
+	}
+}
+
+// secretFree fails if a credential field of relay.yaml holds a literal
+// value instead of a ${VAR} reference.
+func secretFree(t *testing.T, cfg string) {
+	t.Helper()
+	var c struct {
+		Upstreams []map[string]any `json:"upstreams"`
+	}
+	if err := yaml.Unmarshal([]byte(cfg), &c); err != nil {
+		t.Fatal(err)
+	}
+	for i, u := range c.Upstreams {
+		for _, k := range []string{"api_key", "password", "secret_access_key", "access_key_id"} {
+			if v, ok := u[k].(string); ok && v != "" && !strings.HasPrefix(v, "${") {
+				t.Errorf("upstreams[%d].%s holds a literal value in a ConfigMap", i, k)
+			}
+		}
+	}
+}
+
+// checkPod asserts the security context, probes, grace period and port-25
+// sysctl of a pod template running relaycar.
+func checkPod(t *testing.T, spec corev1.PodSpec, cfg string, native bool) {
+	t.Helper()
+	var c *corev1.Container
+	list := spec.Containers
+	if native {
+		list = spec.InitContainers
+	}
+	for i := range list {
+		if list[i].Name == "relaycar" {
+			c = &list[i]
+		}
+	}
+	if c == nil {
+		t.Fatalf("no relaycar container (native sidecar: %v)", native)
+	}
+	if native && (c.RestartPolicy == nil || *c.RestartPolicy != corev1.ContainerRestartPolicyAlways) {
+		t.Errorf("native sidecar without restartPolicy: Always")
+	}
+	sc := c.SecurityContext
+	switch {
+	case sc == nil:
+		t.Fatal("no container securityContext")
+	case sc.RunAsNonRoot == nil || !*sc.RunAsNonRoot:
+		t.Error("runAsNonRoot is not true")
+	case sc.ReadOnlyRootFilesystem == nil || !*sc.ReadOnlyRootFilesystem:
+		t.Error("readOnlyRootFilesystem is not true")
+	case sc.AllowPrivilegeEscalation == nil || *sc.AllowPrivilegeEscalation:
+		t.Error("allowPrivilegeEscalation is not false")
+	case sc.Capabilities == nil || len(sc.Capabilities.Drop) != 1 || sc.Capabilities.Drop[0] != "ALL" || len(sc.Capabilities.Add) > 0:
+		t.Errorf("capabilities = %+v, want drop [ALL]", sc.Capabilities)
+	case sc.SeccompProfile == nil || sc.SeccompProfile.Type != corev1.SeccompProfileTypeRuntimeDefault:
+		t.Error("seccompProfile is not RuntimeDefault")
+	}
+	probe := func(name string, p *corev1.Probe, path string) {
+		if p == nil || p.HTTPGet == nil || p.HTTPGet.Path != path || p.HTTPGet.Port.String() != "admin" {
+			t.Errorf("%s probe = %+v, want GET %s on the admin port", name, p, path)
+		}
+	}
+	probe("liveness", c.LivenessProbe, "/healthz")
+	probe("readiness", c.ReadinessProbe, "/readyz")
+	var smtpPort int32
+	for _, p := range c.Ports {
+		if p.Name == "smtp" {
+			smtpPort = p.ContainerPort
+		}
+	}
+	// Everything the relay writes lives on the spool volume.
+	mounted := map[string]bool{}
+	for _, m := range c.VolumeMounts {
+		mounted[m.MountPath] = true
+	}
+	if !mounted["/var/spool/relaycar"] || !mounted["/etc/relaycar/relay.yaml"] {
+		t.Errorf("mounts = %v", mounted)
+	}
+	var rc struct {
+		ShutdownGrace string `json:"shutdown_grace"`
+		Listen        struct {
+			Address string `json:"address"`
+		} `json:"listen"`
+		Spool struct {
+			Dir string `json:"dir"`
+		} `json:"spool"`
+	}
+	yaml.Unmarshal([]byte(cfg), &rc)
+	grace, err := time.ParseDuration(rc.ShutdownGrace)
+	if err != nil {
+		t.Fatalf("shutdown_grace %q: %v", rc.ShutdownGrace, err)
+	}
+	if spec.TerminationGracePeriodSeconds == nil || time.Duration(*spec.TerminationGracePeriodSeconds)*time.Second <= grace {
+		t.Errorf("terminationGracePeriodSeconds = %v, want more than shutdown_grace %s", spec.TerminationGracePeriodSeconds, grace)
+	}
+	if !strings.HasSuffix(rc.Listen.Address, fmt.Sprintf(":%d", smtpPort)) || !strings.HasPrefix(rc.Spool.Dir, "/var/spool/relaycar/") {
+		t.Errorf("relay.yaml listen %q / spool %q do not match the container (port %d)", rc.Listen.Address, rc.Spool.Dir, smtpPort)
+	}
+	hasSysctl := false
+	if psc := spec.SecurityContext; psc != nil {
+		for _, s := range psc.Sysctls {
+			if s.Name == "net.ipv4.ip_unprivileged_port_start" && s.Value == "25" {
+				hasSysctl = true
+			}
+		}
+		if psc.RunAsNonRoot == nil || !*psc.RunAsNonRoot {
+			t.Error("pod runAsNonRoot is not true")
+		}
+	}
+	if (smtpPort == 25) != hasSysctl {
+		t.Errorf("SMTP port %d but unprivileged-port sysctl present = %v", smtpPort, hasSysctl)
+	}
+	volumes := map[string]bool{}
+	for _, v := range spec.Volumes {
+		volumes[v.Name] = true
+	}
+	if !volumes["relaycar-config"] {
+		t.Error("no relaycar-config volume")
+	}
+}
+
+func TestLint(t *testing.T) {
+	for _, f := range ciValues(t) {
+		t.Run(filepath.Base(f), func(t *testing.T) {
+			if out, err := helm("lint", "--strict", chartDir(), "-f", f); err != nil {
+				t.Fatalf("%v\n%s", err, out)
+			}
+		})
+	}
+}
+
+func TestRender(t *testing.T) {
+	for _, f := range ciValues(t) {
+		t.Run(filepath.Base(f), func(t *testing.T) {
+			o := decode(t, render(t, chartDir(), "-f", f))
+			cfg := relayConfig(t, o)
+			secretFree(t, cfg)
+			checkConfig(t, cfg, "/etc/relaycar/secrets")
+			if len(o.accounts) != 1 {
+				t.Errorf("%d ServiceAccounts", len(o.accounts))
+			}
+			switch filepath.Base(f) {
+			case "standalone-values.yaml":
+				if len(o.deployments) != 1 || len(o.statefulsets) != 0 || len(o.services) != 1 || len(o.netpols) != 1 || len(o.pdbs) != 1 {
+					t.Fatalf("kinds: %d deploy, %d sts, %d svc, %d netpol, %d pdb", len(o.deployments), len(o.statefulsets), len(o.services), len(o.netpols), len(o.pdbs))
+				}
+				d := o.deployments[0]
+				checkPod(t, d.Spec.Template.Spec, cfg, false)
+				if d.Spec.Template.Annotations["checksum/config"] == "" {
+					t.Error("no checksum/config annotation: config changes would not roll the pods")
+				}
+				if o.accounts[0].Annotations["eks.amazonaws.com/role-arn"] == "" {
+					t.Error("IRSA annotation missing from the ServiceAccount")
+				}
+				c := d.Spec.Template.Spec.Containers[0]
+				if len(c.Env) != 1 || c.Env[0].ValueFrom == nil || c.Env[0].ValueFrom.SecretKeyRef == nil || c.Env[0].ValueFrom.SecretKeyRef.Name != "relaycar-secrets" {
+					t.Errorf("secret env = %+v", c.Env)
+				}
+				np := o.netpols[0]
+				from := np.Spec.Ingress[0].From
+				if len(from) != 1 || from[0].NamespaceSelector == nil || from[0].PodSelector == nil ||
+					from[0].NamespaceSelector.MatchLabels["kubernetes.io/metadata.name"] != "billing" || from[0].PodSelector.MatchLabels["app"] != "legacy-php" {
+					t.Errorf("NetworkPolicy from = %+v", from)
+				}
+				if o.services[0].Spec.Ports[0].Port != 25 {
+					t.Errorf("service port = %d", o.services[0].Spec.Ports[0].Port)
+				}
+			case "persistence-values.yaml":
+				if len(o.statefulsets) != 1 || len(o.deployments) != 0 || len(o.services) != 2 {
+					t.Fatalf("kinds: %d sts, %d deploy, %d svc", len(o.statefulsets), len(o.deployments), len(o.services))
+				}
+				s := o.statefulsets[0]
+				checkPod(t, s.Spec.Template.Spec, cfg, false)
+				if len(s.Spec.VolumeClaimTemplates) != 1 || s.Spec.VolumeClaimTemplates[0].Name != "relaycar-spool" {
+					t.Errorf("volumeClaimTemplates = %+v", s.Spec.VolumeClaimTemplates)
+				}
+				if *s.Spec.Replicas != 3 || *s.Spec.Template.Spec.TerminationGracePeriodSeconds != 60 {
+					t.Errorf("replicas %d, grace %d", *s.Spec.Replicas, *s.Spec.Template.Spec.TerminationGracePeriodSeconds)
+				}
+			case "sidecar-values.yaml":
+				if len(o.deployments)+len(o.statefulsets)+len(o.services) != 0 || len(o.configMaps) != 1 {
+					t.Fatalf("sidecar mode rendered workloads: %+v", o)
+				}
+				if !strings.Contains(cfg, "address: 127.0.0.1:25") || !strings.Contains(cfg, "- 127.0.0.0/8") || strings.Contains(cfg, "10.0.0.0/8") {
+					t.Errorf("sidecar relay.yaml must listen on loopback only:\n%s", cfg)
+				}
+			case "monitoring-values.yaml":
+				if len(o.monitoring) != 2 {
+					t.Fatalf("%d monitoring objects", len(o.monitoring))
+				}
+				var dash *corev1.ConfigMap
+				for i := range o.configMaps {
+					if _, ok := o.configMaps[i].Data["relaycar.json"]; ok {
+						dash = &o.configMaps[i]
+					}
+				}
+				if dash == nil || dash.Labels["grafana_dashboard"] != "1" {
+					t.Fatal("no Grafana dashboard ConfigMap with the sidecar label")
+				}
+				var d struct {
+					Panels []struct {
+						Targets []struct{ Expr string } `json:"targets"`
+					} `json:"panels"`
+				}
+				if err := json.Unmarshal([]byte(dash.Data["relaycar.json"]), &d); err != nil || len(d.Panels) < 6 {
+					t.Fatalf("dashboard JSON: %v, %d panels", err, len(d.Panels))
+				}
+				rules := fmt.Sprint(o.monitoring)
+				for _, alert := range []string{"RelaycarUpstreamBreakerOpen", "RelaycarSpoolGrowing", "RelaycarSpoolOldMessages", "RelaycarDeadLetters", "RelaycarRateLimitSaturated"} {
+					if !strings.Contains(rules, alert) {
+						t.Errorf("PrometheusRule lacks %s", alert)
+					}
+				}
+			}
+		})
+	}
+}
+
+// The example app chart includes relaycar as a native sidecar through the
+// chart's named templates, as a user's own chart would.
+func TestSidecarIncludedByAnotherChart(t *testing.T) {
+	o := decode(t, render(t, filepath.Join(repoRoot, "examples/kubernetes/legacy-app")))
+	if len(o.deployments) != 1 {
+		t.Fatalf("%d Deployments", len(o.deployments))
+	}
+	spec := o.deployments[0].Spec.Template.Spec
+	cfg := relayConfig(t, o)
+	checkPod(t, spec, cfg, true)
+	if len(spec.InitContainers) != 1 || len(spec.Containers) != 1 || spec.Containers[0].Name != "app" {
+		t.Errorf("init %d, containers %v", len(spec.InitContainers), spec.Containers)
+	}
+	secretFree(t, cfg)
+	checkConfig(t, cfg, "")
+	if !strings.Contains(cfg, "address: 127.0.0.1:25") {
+		t.Errorf("sidecar must listen on loopback port 25:\n%s", cfg)
+	}
+	// Without native sidecars (Kubernetes < 1.29) it is a regular container.
+	o = decode(t, render(t, filepath.Join(repoRoot, "examples/kubernetes/legacy-app"), "--set", "relaycar.sidecar.native=false"))
+	checkPod(t, o.deployments[0].Spec.Template.Spec, relayConfig(t, o), false)
+}
+
+func TestSchemaRejectsBadValues(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--set-string", "replicaCount=two"}, "/replicaCount': got string, want integer"},
+		{[]string{"--set", "mode=daemon"}, "/mode': value must be one of 'standalone', 'sidecar'"},
+		{[]string{"--set", "replicaCount=-1"}, "/replicaCount'"},
+		{[]string{"--set", "smtp.port=70000"}, "/smtp/port'"},
+		{[]string{"--set", "replicas=2"}, "additional properties 'replicas' not allowed"},
+		{[]string{"--set", "persistence.size=lots"}, "/persistence/size'"},
+		// Credentials inline would land in the ConfigMap.
+		{[]string{"--set", "config.upstreams[0].name=sg,config.upstreams[0].type=sendgrid,config.upstreams[0].api_key=SG.literal"},
+			"config.upstreams[0].api_key: do not put credentials in values"},
+	} {
+		_, err := helm(append([]string{"template", "rc", chartDir()}, tc.args...)...)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("helm template %v: %v, want an error containing %q", tc.args, err, tc.want)
+		}
+	}
+}
+
+// The default values render and the default relay.yaml needs no secrets.
+func TestDefaults(t *testing.T) {
+	o := decode(t, render(t, chartDir()))
+	cfg := relayConfig(t, o)
+	checkConfig(t, cfg, "")
+	checkPod(t, o.deployments[0].Spec.Template.Spec, cfg, false)
+	if *o.deployments[0].Spec.Replicas != 2 || o.pdbs[0].Spec.MaxUnavailable.IntValue() != 1 {
+		t.Error("defaults drifted")
+	}
+}
