@@ -326,4 +326,6 @@ func freeAddr() string {
 
 func stamp(start time.Time) string { return fmt.Sprintf("%.1fs", time.Since(start).Seconds()) }
 
-func indent(s string) string { return "  " + strings.ReplaceAll(strings.TrimRight(s, "\n"), "\n", "\n  ") }
+func indent(s string) string {
+	return "  " + strings.ReplaceAll(strings.TrimRight(s, "\n"), "\n", "\n  ")
+}
