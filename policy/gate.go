@@ -103,8 +103,14 @@ func NewGate(u upstreams.Upstream, c upstreams.Config, h GateHooks) *Gate {
 			}
 			return false
 		},
-		IsExcluded:    isShutdown,
-		OnStateChange: notify(""),
+		IsExcluded: isShutdown,
+		OnStateChange: func(name string, from, to gobreaker.State) {
+			// A provider fault seen while half-open (or from an older
+			// generation) never reached ReadyToTrip; do not let it trip
+			// the next closed period on a single transient error.
+			g.tripNow.Store(false)
+			notify("")(name, from, to)
+		},
 	}
 	g.cb = gobreaker.NewCircuitBreaker[string](g.settings)
 	return g

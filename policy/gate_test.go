@@ -176,3 +176,22 @@ func TestGate_RateLimitAndSize(t *testing.T) {
 		t.Errorf("rate-limited Admit waited %v; it must give up at once when the token is beyond max_wait", time.Since(start))
 	}
 }
+
+// A provider fault seen while half-open must not linger and trip the
+// breaker on the first transient error after it closes again.
+func TestGate_ProviderFaultInHalfOpenDoesNotLinger(t *testing.T) {
+	u := &scripted{errs: []error{classErr(upstreams.ProviderFault), classErr(upstreams.ProviderFault), nil, classErr(upstreams.Transient)}}
+	g, _ := newTestGate(u, 3, 50*time.Millisecond, upstreams.RateLimit{})
+	g.Send(context.Background(), msg) // open
+	time.Sleep(70 * time.Millisecond)
+	g.Send(context.Background(), msg) // half-open probe fails: open again
+	if g.State() != gobreaker.StateOpen {
+		t.Fatalf("state = %v", g.State())
+	}
+	time.Sleep(70 * time.Millisecond)
+	g.Send(context.Background(), msg) // probe succeeds: closed
+	g.Send(context.Background(), msg) // one transient failure
+	if g.State() != gobreaker.StateClosed {
+		t.Errorf("state = %v after one transient failure with failures: 3, want closed", g.State())
+	}
+}

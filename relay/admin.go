@@ -88,11 +88,12 @@ func (r *Relay) adminHandler() http.Handler {
 // loopbackOnly guards the endpoints that change the queue. The admin port
 // is often bound to 0.0.0.0 so the kubelet can probe it and Prometheus can
 // scrape it; dropping mail must still need a shell in the pod (kubectl exec
-// or port-forward, which both arrive over loopback).
+// or port-forward). Requests from this host arrive from loopback, or from
+// one of its own addresses when admin.address names the pod IP.
 func loopbackOnly(h http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, req *http.Request) {
 		host, _, err := net.SplitHostPort(req.RemoteAddr)
-		if ip := net.ParseIP(host); err != nil || ip == nil || !ip.IsLoopback() {
+		if ip := net.ParseIP(host); err != nil || ip == nil || !isLocalIP(ip) {
 			writeJSON(w, nil, errForbidden)
 			return
 		}
@@ -100,7 +101,20 @@ func loopbackOnly(h http.HandlerFunc) http.HandlerFunc {
 	}
 }
 
-var errForbidden = errors.New("queue changes are accepted only from loopback (kubectl exec or port-forward)")
+func isLocalIP(ip net.IP) bool {
+	if ip.IsLoopback() {
+		return true
+	}
+	addrs, _ := net.InterfaceAddrs()
+	for _, a := range addrs {
+		if n, ok := a.(*net.IPNet); ok && n.IP.Equal(ip) {
+			return true
+		}
+	}
+	return false
+}
+
+var errForbidden = errors.New("queue changes are accepted only from this host (kubectl exec or port-forward)")
 
 // Retry makes a queued message due now, or moves a dead letter back into
 // the queue.

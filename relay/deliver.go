@@ -27,10 +27,16 @@ func (r *Relay) worker(ctx context.Context, in <-chan *item) {
 func (r *Relay) attempt(ctx context.Context, env *Envelope) (keep bool) {
 	log := r.log.With("msg_id", env.ID)
 	data, err := r.spool.ReadData(env.ID)
-	if err != nil {
-		// Dropped by an operator (or the disk lost it): nothing to send.
-		log.Warn("message body missing; forgetting message", "err", err)
+	if errors.Is(err, fs.ErrNotExist) {
+		// Dropped by an operator meanwhile: nothing to send.
+		log.Warn("message body gone (dropped); forgetting message", "err", err)
 		return false
+	}
+	if err != nil {
+		// An I/O error is no reason to give up on the message.
+		log.Error("reading message body failed; will retry", "err", err)
+		env.NextAttempt = r.now().Add(policy.Backoff(1, r.cfg.Spool.Retry, r.rand))
+		return true
 	}
 	now := r.now()
 	var (
@@ -62,12 +68,10 @@ func (r *Relay) attempt(ctx context.Context, env *Envelope) (keep bool) {
 		// Shutting down mid-attempt: keep what was delivered, retry the
 		// rest first thing after the restart.
 		env.NextAttempt = now
-		r.persist(env, log)
-		return false
+		return r.persist(env, log)
 	}
 	if !env.pending() {
-		r.finish(env, log)
-		return false
+		return r.finish(env, log)
 	}
 	if tried {
 		env.Attempts++
@@ -89,8 +93,7 @@ func (r *Relay) attempt(ctx context.Context, env *Envelope) (keep bool) {
 				r.fail(env, &env.Routes[i], "", "expired", reason, now)
 			}
 		}
-		r.finish(env, log)
-		return false
+		return r.finish(env, log)
 	}
 	var wait time.Duration
 	if tried {
@@ -126,16 +129,24 @@ func (r *Relay) persist(env *Envelope, log interface{ Warn(string, ...any) }) bo
 }
 
 // finish removes a fully handled message, or dead-letters it if any
-// recipient failed.
+// recipient failed. It returns whether the message must stay queued: when
+// the spool cannot record the outcome, the message is retried later
+// rather than forgotten while its files remain.
 func (r *Relay) finish(env *Envelope, log interface {
 	Info(string, ...any)
 	Error(string, ...any)
-}) {
+}) (keep bool) {
+	retryLater := func() bool {
+		env.DeadReason, env.DeadAt = "", nil
+		env.NextAttempt = r.now().Add(policy.Backoff(1, r.cfg.Spool.Retry, r.rand))
+		return true
+	}
 	if len(env.Failures) == 0 {
 		if err := r.spool.Remove(env.ID); err != nil {
+			// Delivered; a leftover would only be sent again.
 			log.Error("removing delivered message failed", "err", err)
 		}
-		return
+		return false
 	}
 	reasons := make([]string, 0, len(env.Failures))
 	for _, f := range env.Failures {
@@ -143,12 +154,15 @@ func (r *Relay) finish(env *Envelope, log interface {
 	}
 	reason := strings.Join(reasons, "; ")
 	if err := r.spool.Bury(env, reason, r.now()); err != nil {
-		// The message stays in the spool and is retried; nothing is lost.
-		log.Error("dead-lettering failed", "err", err)
-		return
+		if errors.Is(err, fs.ErrNotExist) {
+			return false // dropped by an operator meanwhile
+		}
+		log.Error("dead-lettering failed; will try again", "err", err)
+		return retryLater()
 	}
 	r.metrics.deadTotal.Inc()
 	log.Info("message dead-lettered", "reason", reason, "age", r.now().Sub(env.ReceivedAt).Round(time.Second).String())
+	return false
 }
 
 func (r *Relay) fail(env *Envelope, rs *RouteState, upstream, class, reason string, now time.Time) {

@@ -116,3 +116,58 @@ func BenchmarkPrepare2KB(b *testing.B) {
 		prepare(raw, ri)
 	}
 }
+
+// Real-world sloppy input: the header section ends at the first line that
+// is not a field, and X-Relay-* headers above it are still removed.
+func TestPrepare_MalformedHeaderSection(t *testing.T) {
+	for _, tc := range []struct {
+		name, raw, wantBody string
+		wantHdr             []string
+	}{
+		{"no blank line before body", "Subject: hi\r\nX-Relay-Route: m\r\nHello there\r\nbye\r\n", "\r\nHello there\r\nbye\r\n", []string{"Subject: hi"}},
+		{"bad header line", "Subject: hi\r\nX-Relay-Route: m\r\nX Bad: 1\r\n\r\nbody\r\n", "\r\nX Bad: 1\r\n\r\nbody\r\n", []string{"Subject: hi"}},
+		{"mbox From line", "From app@example.com Sun Nov 22 10:00:00 2026\r\nSubject: hi\r\nX-Relay-Route: m\r\n\r\nbody\r\n", "\r\nbody\r\n", []string{"Subject: hi"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p, err := prepare([]byte(tc.raw), ri)
+			if err != nil {
+				t.Fatal(err)
+			}
+			out := string(p.data)
+			if strings.Contains(out, "X-Relay-Route") {
+				t.Errorf("X-Relay header leaked: %q", out)
+			}
+			if p.header.Get("X-Relay-Route") != "m" {
+				t.Errorf("routing lost the X-Relay header")
+			}
+			head, body, _ := strings.Cut(out, "\r\n\r\n")
+			for _, h := range tc.wantHdr {
+				if !strings.Contains(head, h) {
+					t.Errorf("header section lacks %q: %q", h, head)
+				}
+			}
+			if "\r\n"+body != tc.wantBody {
+				t.Errorf("body = %q, want %q", "\r\n"+body, tc.wantBody)
+			}
+		})
+	}
+}
+
+func TestValidAddress(t *testing.T) {
+	for a, want := range map[string]bool{
+		"user@example.com":                      true,
+		"first.last+tag@sub.example.co.uk":      true,
+		"\"quoted user\"@example.com":           true,
+		"josé@exemple.fr":                       true,
+		"用户@例子.广告":                              true,
+		"not an address":                        false,
+		"a@b\rBcc: victim@evil.example":         false,
+		"\"é\rBcc: victim@evil.example\"@x.net": false,
+		"é\x00@x.net":                           false,
+		"bad\xff@x.net":                         false,
+	} {
+		if got := validAddress(a); got != want {
+			t.Errorf("validAddress(%q) = %v, want %v", a, got, want)
+		}
+	}
+}

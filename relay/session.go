@@ -7,6 +7,8 @@ import (
 	"net"
 	"net/mail"
 	"strings"
+	"sync/atomic"
+	"unicode/utf8"
 
 	"github.com/emersion/go-smtp"
 
@@ -33,14 +35,15 @@ type session struct {
 	user  string
 	from  string
 	rcpts []string
-	inTx  bool
+	// inTx is atomic: go-smtp calls Logout from the goroutine that closes
+	// the server while the session's own goroutine may be in Mail.
+	inTx atomic.Bool
 }
 
 // endTx marks the end of a MAIL..DATA transaction; draining waits only for
 // those, not for idle connections.
 func (s *session) endTx() {
-	if s.inTx {
-		s.inTx = false
+	if s.inTx.CompareAndSwap(true, false) {
 		s.r.inTx.Add(-1)
 	}
 }
@@ -56,31 +59,30 @@ func (s *session) Logout() error {
 }
 
 func (s *session) Mail(from string, _ *smtp.MailOptions) error {
+	if s.r.draining.Load() {
+		// A pooled connection starting a new transaction while we drain:
+		// send it elsewhere (or later) instead of holding the shutdown.
+		return s.refuse(replyShuttingDown)
+	}
 	if s.r.users != nil && s.user == "" {
 		return s.refuse(replyAuthRequired)
 	}
-	if from != "" {
-		if _, err := mail.ParseAddress("<" + from + ">"); err != nil && upstreams.IsASCII(from) {
-			return s.refuse(replyBadSender)
-		}
+	if from != "" && !validAddress(from) {
+		return s.refuse(replyBadSender)
 	}
 	if len(s.r.allowedSenders) > 0 && !s.r.allowedSenders[upstreams.Domain(from)] {
 		s.log.Warn("sender refused: domain not allowed", "from", from)
 		return s.refuse(replySenderDenied)
 	}
 	s.from = from
-	if !s.inTx {
-		s.inTx = true
+	if s.inTx.CompareAndSwap(false, true) {
 		s.r.inTx.Add(1)
 	}
 	return nil
 }
 
 func (s *session) Rcpt(to string, _ *smtp.RcptOptions) error {
-	if strings.IndexByte(to, '@') <= 0 || strings.HasSuffix(to, "@") {
-		return s.refuse(replyBadAddress)
-	}
-	if _, err := mail.ParseAddress("<" + to + ">"); err != nil && upstreams.IsASCII(to) {
+	if strings.IndexByte(to, '@') <= 0 || strings.HasSuffix(to, "@") || !validAddress(to) {
 		return s.refuse(replyBadAddress)
 	}
 	s.rcpts = append(s.rcpts, to)
@@ -113,6 +115,26 @@ func (s *session) Data(r io.Reader) error {
 		return s.refuse(replySpoolFailed)
 	}
 	return replyQueued(id)
+}
+
+// validAddress checks an envelope address. ASCII addresses must parse as
+// RFC 5322; SMTPUTF8 ones must be valid UTF-8. Neither may carry control
+// characters: a CR in an address copied into a header (SMTP2GO's Bcc) would
+// be header injection.
+func validAddress(a string) bool {
+	if !utf8.ValidString(a) {
+		return false
+	}
+	for _, c := range a {
+		if c < 0x20 || c == 0x7f {
+			return false
+		}
+	}
+	if upstreams.IsASCII(a) {
+		_, err := mail.ParseAddress("<" + a + ">")
+		return err == nil
+	}
+	return true
 }
 
 func (s *session) traceInfo() receivedInfo {

@@ -276,10 +276,18 @@ func (s *Spool) Load() (envs []*Envelope, broken int, err error) {
 			os.Remove(filepath.Join(s.dir, name))
 		case strings.HasSuffix(name, ".eml"):
 			id := strings.TrimSuffix(name, ".eml")
-			if !have[id+".json"] {
-				s.log.Warn("removing body without envelope (never acknowledged)", "msg_id", id)
-				os.Remove(filepath.Join(s.dir, name))
+			if have[id+".json"] {
+				continue
 			}
+			if _, err := os.Stat(filepath.Join(s.dead, id+".json")); err == nil {
+				// A dead-letter retry that did not complete: back to dead/.
+				if err := os.Rename(filepath.Join(s.dir, name), filepath.Join(s.dead, name)); err != nil {
+					return nil, broken, err
+				}
+				continue
+			}
+			s.log.Warn("removing body without envelope (never acknowledged)", "msg_id", id)
+			os.Remove(filepath.Join(s.dir, name))
 		case strings.HasSuffix(name, ".json"):
 			id := strings.TrimSuffix(name, ".json")
 			if _, err := os.Stat(filepath.Join(s.dead, id+".json")); err == nil {
@@ -292,31 +300,49 @@ func (s *Spool) Load() (envs []*Envelope, broken int, err error) {
 			if err == nil {
 				err = s.checkBody(env)
 			}
-			if err != nil {
+			var corrupt *corruptError
+			switch {
+			case err == nil:
+				envs = append(envs, env)
+			case errors.As(err, &corrupt):
+				// Torn by a crash before its commit (never acknowledged) or
+				// damaged on disk: set aside, body and all, for a human.
 				broken++
-				s.log.Error("quarantining unreadable envelope", "msg_id", id, "file", name+".broken", "err", err)
-				if rerr := os.Rename(filepath.Join(s.dir, name), filepath.Join(s.dir, name+".broken")); rerr != nil {
-					return nil, broken, rerr
+				s.log.Warn("quarantining unreadable spool entry", "msg_id", id, "files", id+".{json,eml}.broken", "reason", err)
+				for _, ext := range []string{".json", ".eml"} {
+					if rerr := os.Rename(s.path(id, ext), s.path(id, ext+".broken")); rerr != nil && !errors.Is(rerr, fs.ErrNotExist) {
+						return nil, broken, rerr
+					}
 				}
-				continue
+			default:
+				// An I/O error is not evidence of corruption: refuse to start
+				// rather than mislabel an acknowledged message.
+				return nil, broken, fmt.Errorf("reading spool entry %s: %w", id, err)
 			}
-			envs = append(envs, env)
 		}
 	}
 	slices.SortFunc(envs, func(a, b *Envelope) int { return strings.Compare(a.ID, b.ID) })
 	return envs, broken, s.sync.Sync()
 }
 
+// corruptError marks a spool entry whose contents are wrong, as opposed
+// to one that could not be read.
+type corruptError struct{ msg string }
+
+func (e *corruptError) Error() string { return e.msg }
+
 // checkBody finds bodies torn by a crash before their commit sync: such a
 // message was never acknowledged, but it goes to .broken for a human
 // rather than being deleted.
 func (s *Spool) checkBody(env *Envelope) error {
 	b, err := os.ReadFile(s.path(env.ID, ".eml"))
-	if err != nil {
-		return fmt.Errorf("body: %w", err)
-	}
-	if env.BodyCRC != "" && bodyCRC(b) != env.BodyCRC {
-		return fmt.Errorf("body checksum mismatch (%d bytes on disk, %d expected)", len(b), env.Size)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return &corruptError{"body (.eml) is missing"}
+	case err != nil:
+		return err
+	case env.BodyCRC != "" && bodyCRC(b) != env.BodyCRC:
+		return &corruptError{fmt.Sprintf("body checksum mismatch (%d bytes on disk, %d expected)", len(b), env.Size)}
 	}
 	return nil
 }
@@ -328,10 +354,10 @@ func (s *Spool) readEnvelope(path string) (*Envelope, error) {
 	}
 	var env Envelope
 	if err := json.Unmarshal(b, &env); err != nil {
-		return nil, err
+		return nil, &corruptError{"envelope: " + err.Error()}
 	}
 	if env.ID == "" || !validID(env.ID) || filepath.Base(path) != env.ID+".json" {
-		return nil, fmt.Errorf("id %q does not match file name", env.ID)
+		return nil, &corruptError{fmt.Sprintf("envelope id %q does not match the file name", env.ID)}
 	}
 	return &env, nil
 }
@@ -405,14 +431,24 @@ func (s *Spool) Resurrect(id string, now time.Time) (*Envelope, error) {
 	env.Attempts, env.NextAttempt, env.LastError = 0, now.UTC(), ""
 	// Counting max_age from now gives the retried message a full window.
 	env.ReceivedAt = now.UTC()
-	if err := os.Rename(filepath.Join(s.dead, id+".eml"), s.path(id, ".eml")); err != nil {
-		return nil, err
-	}
+	// Live envelope first, body second, dead envelope last. Until the dead
+	// envelope is gone, Load treats the message as dead (it finishes an
+	// interrupted move into dead/), so a crash or a full disk at any step
+	// leaves the message dead, never lost.
 	js, _ := json.MarshalIndent(env, "", "  ")
 	if err := atomicfile.WriteFile(s.fs, s.path(id, ".json"), bytes.NewReader(js), fileMode); err != nil {
 		return nil, err
 	}
-	os.Remove(filepath.Join(s.dead, id+".json"))
+	if err := os.Rename(filepath.Join(s.dead, id+".eml"), s.path(id, ".eml")); err != nil {
+		os.Remove(s.path(id, ".json"))
+		return nil, err
+	}
+	if err := atomicfile.SyncDir(s.dir); err != nil {
+		return nil, err
+	}
+	if err := os.Remove(filepath.Join(s.dead, id+".json")); err != nil {
+		return nil, err
+	}
 	return env, atomicfile.SyncDir(s.dead)
 }
 
@@ -439,8 +475,12 @@ func (s *Spool) Drop(id string) error {
 	return s.sync.Sync()
 }
 
-// Writable checks that a file can be created in the spool, for /readyz.
+// Writable checks that a file can be created in the spool and that no
+// sync has failed, for /readyz.
 func (s *Spool) Writable() error {
+	if err := s.sync.Err(); err != nil {
+		return err
+	}
 	f, err := os.CreateTemp(s.dir, atomicfile.TempPrefix+"probe-*")
 	if err != nil {
 		return err

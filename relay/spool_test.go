@@ -118,7 +118,7 @@ func TestSpool_LoadRecoversAfterCrash(t *testing.T) {
 	if len(envs) != 1 || envs[0].ID != ok || nBroken != 1 {
 		t.Fatalf("Load = %d envs (%v), %d broken", len(envs), envs, nBroken)
 	}
-	want := []string{broken + ".eml", broken + ".json.broken", "dead", ok + ".eml", ok + ".json"}
+	want := []string{broken + ".eml.broken", broken + ".json.broken", "dead", ok + ".eml", ok + ".json"}
 	sort.Strings(want)
 	if got := dirNames(t, s.dir); !slices.Equal(got, want) {
 		t.Errorf("spool after Load = %v, want %v", got, want)
@@ -298,4 +298,53 @@ func benchPut(b *testing.B, writers int) {
 		}
 	})
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "msgs/s")
+}
+
+// Models an operator retrying a dead letter while the disk is full, and a
+// crash in the middle of that retry: the message must stay dead, body and
+// all, never vanish.
+func TestSpool_ResurrectNeverLosesTheBody(t *testing.T) {
+	s := newTestSpool(t)
+	id := NewID(time.Now())
+	env := testEnv(id)
+	s.Put(env, []byte("body"))
+	s.Bury(env, "rejected", time.Now())
+
+	sw := &switchFS{}
+	s.fs = sw
+	sw.full.Store(true)
+	if _, err := s.Resurrect(id, time.Now()); err == nil {
+		t.Fatal("Resurrect succeeded on a full disk")
+	}
+	sw.full.Store(false)
+	if got := dirNames(t, s.dead); !slices.Equal(got, []string{id + ".eml", id + ".json"}) {
+		t.Fatalf("dead/ after a failed retry = %v", got)
+	}
+
+	// Crash after the body moved back but before the dead envelope went:
+	// Load finishes it as dead.
+	js, _ := jsonBytes(env)
+	os.WriteFile(s.path(id, ".json"), js, 0o600)
+	os.Rename(filepath.Join(s.dead, id+".eml"), s.path(id, ".eml"))
+	if _, _, err := s.Load(); err != nil {
+		t.Fatal(err)
+	}
+	if got := dirNames(t, s.dead); !slices.Equal(got, []string{id + ".eml", id + ".json"}) {
+		t.Fatalf("dead/ after Load = %v", got)
+	}
+
+	// Crash with only the body moved (no live envelope): back to dead/.
+	os.Rename(filepath.Join(s.dead, id+".eml"), s.path(id, ".eml"))
+	if _, _, err := s.Load(); err != nil {
+		t.Fatal(err)
+	}
+	if got := dirNames(t, s.dead); !slices.Equal(got, []string{id + ".eml", id + ".json"}) {
+		t.Fatalf("dead/ after Load = %v", got)
+	}
+	if _, err := s.Resurrect(id, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if got := dirNames(t, s.dir); !slices.Equal(got, []string{id + ".eml", id + ".json", "dead"}) {
+		t.Errorf("spool after retry = %v", got)
+	}
 }

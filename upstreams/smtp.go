@@ -162,6 +162,11 @@ func (s *SMTP) Send(ctx context.Context, m *Message) (string, error) {
 		accepted = append(accepted, rcpt)
 	}
 	if len(accepted) == 0 {
+		// A greylisting 4xx beside a 5xx: retry all rather than dead-letter
+		// a recipient that would have been accepted later.
+		if tempRcptErr != nil {
+			return "", s.fail(ctx, phaseRcpt, tempRcptErr)
+		}
 		return "", s.fail(ctx, phaseRcpt, firstRcptErr)
 	}
 	w, err := c.Data()
@@ -238,7 +243,12 @@ func (s *SMTP) fail(ctx context.Context, ph smtpPhase, err error) *Error {
 	if ctx.Err() != nil {
 		err = fmt.Errorf("%w (%v)", context.Cause(ctx), err)
 	}
-	class := ContextClass(err, ph == phaseDataEnd)
+	class := ContextClass(err, false)
+	if ph == phaseDataEnd {
+		// The whole message went out; without a reply we cannot know
+		// whether the upstream queued it (TLS alert, reset, timeout alike).
+		class = Ambiguous
+	}
 	var cause string
 	switch {
 	case errors.Is(err, context.DeadlineExceeded) || isTimeout(err):

@@ -276,3 +276,17 @@ func TestFile_WritesEmlAndEnvelope(t *testing.T) {
 }
 
 func readFile(p string) ([]byte, error) { return os.ReadFile(p) }
+
+func TestSMTP_AllRecipientsRefusedPrefersTemporary(t *testing.T) {
+	sink := testsmtp.Start(t, testsmtp.Options{})
+	sink.SetScript(testsmtp.Script{Rcpt: func(to string) error {
+		if strings.HasPrefix(to, "b@") {
+			return testsmtp.Reply(550, "5.1.1", "no such user")
+		}
+		return testsmtp.Reply(451, "4.7.1", "greylisted")
+	}})
+	u := newTestSMTP(t, Config{Address: sink.Addr})
+	if _, err := u.Send(context.Background(), testMsg); ClassOf(err) != Transient {
+		t.Errorf("550 then 451: %v, want transient (retry both)", err)
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"log/slog"
 	"net/http"
+	"os"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -48,6 +49,11 @@ func cmdQueue(args []string, stdout, stderr io.Writer) int {
 	}
 	cfg, ok := loadConfig(*cfgPath, stderr)
 	if !ok {
+		return exitUsage
+	}
+	if _, err := os.Stat(cfg.Spool.Dir); err != nil {
+		// Do not create an empty spool and report "0 messages" for a typo.
+		fmt.Fprintf(stderr, "relaycar queue: spool.dir: %v\n", err)
 		return exitUsage
 	}
 	sp, err := relay.OpenSpool(cfg.Spool.Dir, slog.New(slog.DiscardHandler))

@@ -1,6 +1,9 @@
 package atomicfile
 
-import "sync"
+import (
+	"os"
+	"sync"
+)
 
 // GroupSync batches syncs of one file system (group commit): a caller waits for
 // one sync that started after its own writes; every caller that arrived
@@ -13,8 +16,14 @@ type GroupSync struct {
 	requested uint64
 	completed uint64
 	running   bool
-	lastErr   error
-	syncs     uint64
+	// failed is sticky: after a failed sync the kernel may have dropped
+	// the dirty pages and a later sync can succeed without them, so no
+	// later caller may be told its data is durable.
+	failed error
+	syncs  uint64
+	// dir stays open: Linux reports a writeback error once per open file
+	// description, so a fresh handle per sync could miss one.
+	dir *os.File
 }
 
 // Sync returns once everything written on Dir's file system before the
@@ -28,23 +37,48 @@ func (d *GroupSync) Sync() error {
 	d.requested++
 	ticket := d.requested
 	for {
+		if d.failed != nil {
+			return d.failed
+		}
 		if d.completed >= ticket {
-			return d.lastErr
+			return nil
 		}
 		if !d.running {
 			d.running = true
 			covers := d.requested
 			d.mu.Unlock()
-			err := syncFS(d.Dir)
+			err := d.syncOnce()
 			d.mu.Lock()
 			d.running = false
 			d.syncs++
-			d.completed, d.lastErr = covers, err
+			d.completed = covers
+			if err != nil {
+				d.failed = err
+			}
 			d.cond.Broadcast()
 			continue
 		}
 		d.cond.Wait()
 	}
+}
+
+func (d *GroupSync) syncOnce() error {
+	if d.dir == nil {
+		f, err := os.Open(d.Dir)
+		if err != nil {
+			return err
+		}
+		d.dir = f
+	}
+	return syncFS(d.dir)
+}
+
+// Err is the sticky sync failure, if any: the file system lost writes and
+// nothing written since can be called durable until the process restarts.
+func (d *GroupSync) Err() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.failed
 }
 
 // Syncs is the number of file-system syncs done so far.

@@ -7,17 +7,12 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// syncFS makes every write and rename on dir's file system durable with one
+// syncFS makes every write and rename on d's file system durable with one
 // syncfs(2), the primitive behind the spool's group commit. Since Linux 5.8
 // it reports writeback errors of that file system.
-func syncFS(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
+func syncFS(d *os.File) error {
 	if err := unix.Syncfs(int(d.Fd())); err != nil {
-		return fmt.Errorf("syncfs %s: %w", dir, err)
+		return fmt.Errorf("syncfs %s: %w", d.Name(), err)
 	}
 	return nil
 }
