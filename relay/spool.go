@@ -242,8 +242,17 @@ func (s *Spool) Bury(env *Envelope, reason string, now time.Time) error {
 }
 
 func (s *Spool) finishBury(id string) error {
-	err := os.Rename(s.path(id, ".eml"), filepath.Join(s.dead, id+".eml"))
-	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+	deadEml := filepath.Join(s.dead, id+".eml")
+	err := os.Rename(s.path(id, ".eml"), deadEml)
+	if errors.Is(err, fs.ErrNotExist) {
+		if _, serr := os.Stat(deadEml); errors.Is(serr, fs.ErrNotExist) {
+			// An operator dropped the message while it was being buried:
+			// do not leave a dead envelope without its body.
+			os.Remove(filepath.Join(s.dead, id+".json"))
+			os.Remove(s.path(id, ".json"))
+			return fs.ErrNotExist
+		}
+	} else if err != nil {
 		return err
 	}
 	if err := atomicfile.SyncDir(s.dead); err != nil {
@@ -291,7 +300,7 @@ func (s *Spool) Load() (envs []*Envelope, broken int, err error) {
 		case strings.HasSuffix(name, ".json"):
 			id := strings.TrimSuffix(name, ".json")
 			if _, err := os.Stat(filepath.Join(s.dead, id+".json")); err == nil {
-				if err := s.finishBury(id); err != nil {
+				if err := s.finishBury(id); err != nil && !errors.Is(err, fs.ErrNotExist) {
 					return nil, broken, err
 				}
 				continue

@@ -348,3 +348,19 @@ func TestSpool_ResurrectNeverLosesTheBody(t *testing.T) {
 		t.Errorf("spool after retry = %v", got)
 	}
 }
+
+// An operator drops a message while a worker is dead-lettering it: no dead
+// envelope may be left without its body.
+func TestSpool_DropDuringBury(t *testing.T) {
+	s := newTestSpool(t)
+	id := NewID(time.Now())
+	env := testEnv(id)
+	s.Put(env, []byte("body"))
+	s.Drop(id) // lands before Bury writes the dead envelope
+	if err := s.Bury(env, "rejected", time.Now()); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("Bury of a dropped message = %v, want not exist", err)
+	}
+	if got := dirNames(t, s.dead); len(got) != 0 {
+		t.Errorf("dead/ = %v, want empty", got)
+	}
+}
