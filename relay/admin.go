@@ -127,7 +127,7 @@ func (r *Relay) Retry(id string) error {
 		return err
 	}
 	r.log.Info("dead letter requeued", "msg_id", id)
-	r.queue.add(env)
+	r.queue.add(env, nil)
 	return nil
 }
 

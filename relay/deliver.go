@@ -16,7 +16,7 @@ import (
 // worker delivers items from in until it is closed.
 func (r *Relay) worker(ctx context.Context, in <-chan *item) {
 	for it := range in {
-		keep := r.attempt(ctx, it.env)
+		keep := r.attempt(ctx, it.env, it.data)
 		r.queue.done(it, keep)
 	}
 }
@@ -24,9 +24,12 @@ func (r *Relay) worker(ctx context.Context, in <-chan *item) {
 // attempt makes one delivery attempt for every route of env that still has
 // recipients, then persists the outcome. It returns whether the message
 // stays in the spool.
-func (r *Relay) attempt(ctx context.Context, env *Envelope) (keep bool) {
+func (r *Relay) attempt(ctx context.Context, env *Envelope, data []byte) (keep bool) {
 	log := r.log.With("msg_id", env.ID)
-	data, err := r.spool.ReadData(env.ID)
+	var err error
+	if data == nil {
+		data, err = r.spool.ReadData(env.ID)
+	}
 	if errors.Is(err, fs.ErrNotExist) {
 		// Dropped by an operator meanwhile: nothing to send.
 		log.Warn("message body gone (dropped); forgetting message", "err", err)

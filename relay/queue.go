@@ -16,7 +16,16 @@ type queue struct {
 	due   itemHeap
 	wake  chan struct{}
 	now   func() time.Time
+	// cached is the total of item.data held in memory.
+	cached int64
 }
+
+// maxCached bounds the bodies kept in memory for first attempts; beyond
+// it (a burst while upstreams are slow) workers read them from the spool.
+const (
+	maxCached     = 8 << 20
+	maxCachedItem = 256 << 10
+)
 
 type item struct {
 	env *Envelope
@@ -24,6 +33,9 @@ type item struct {
 	// received is a copy of env.ReceivedAt, readable without racing the
 	// worker that owns env.
 	received time.Time
+	// data is the body just written to the spool, kept for the first
+	// attempt so it need not be read back; nil afterwards.
+	data []byte
 	index    int  // in due; -1 while a worker has it
 	gone     bool // dropped while a worker had it
 }
@@ -39,10 +51,14 @@ func (q *queue) poke() {
 	}
 }
 
-// add schedules env at env.NextAttempt.
-func (q *queue) add(env *Envelope) {
+// add schedules env at env.NextAttempt; data, if not nil, is its body.
+func (q *queue) add(env *Envelope, data []byte) {
 	q.mu.Lock()
 	it := &item{env: env, at: env.NextAttempt, received: env.ReceivedAt}
+	if data != nil && len(data) <= maxCachedItem && q.cached+int64(len(data)) <= maxCached {
+		it.data = data
+		q.cached += int64(len(data))
+	}
 	q.items[env.ID] = it
 	heap.Push(&q.due, it)
 	q.mu.Unlock()
@@ -53,6 +69,8 @@ func (q *queue) add(env *Envelope) {
 // forgotten otherwise.
 func (q *queue) done(it *item, keep bool) {
 	q.mu.Lock()
+	q.cached -= int64(len(it.data))
+	it.data = nil
 	if !keep || it.gone {
 		delete(q.items, it.env.ID)
 	} else {

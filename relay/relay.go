@@ -85,7 +85,12 @@ func New(cfg *Config, d Deps) (*Relay, error) {
 		}
 		r.users = users
 	}
-	udeps := upstreams.Deps{Logger: r.log, Hostname: cfg.Listen.Hostname, Now: r.now}
+	sp, err := OpenSpool(cfg.Spool.Dir, r.log)
+	if err != nil {
+		return nil, fmt.Errorf("spool.dir: %w", err)
+	}
+	r.spool = sp
+	udeps := upstreams.Deps{Logger: r.log, Hostname: cfg.Listen.Hostname, Now: r.now, SyncFor: sp.SyncFor}
 	for _, uc := range cfg.Upstreams {
 		u, ok := d.Upstreams[uc.Name]
 		if !ok {
@@ -117,11 +122,6 @@ func New(cfg *Config, d Deps) (*Relay, error) {
 	if !unlimited && largest > 0 {
 		r.maxBytes = min(r.maxBytes, largest)
 	}
-	sp, err := OpenSpool(cfg.Spool.Dir, r.log)
-	if err != nil {
-		return nil, fmt.Errorf("spool.dir: %w", err)
-	}
-	r.spool = sp
 	r.queue = newQueue(r.now)
 	oldestAge := func() float64 {
 		if t := r.queue.oldest(); !t.IsZero() {
@@ -174,7 +174,7 @@ func (r *Relay) accept(from string, rcpts []string, raw []byte, ri receivedInfo)
 	}
 	r.metrics.received.Inc()
 	r.log.Info("message queued", "msg_id", id, "from", from, "rcpt_count", len(rcpts), "size", len(p.data), "remote_addr", ri.remote)
-	r.queue.add(env)
+	r.queue.add(env, p.data)
 	return id, nil
 }
 
@@ -193,7 +193,7 @@ func (r *Relay) Listen() error {
 	}
 	r.metrics.broken.Add(float64(broken))
 	for _, env := range envs {
-		r.queue.add(env)
+		r.queue.add(env, nil)
 	}
 	if len(envs) > 0 {
 		r.log.Info("spool loaded", "messages", len(envs), "broken", broken)

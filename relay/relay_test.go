@@ -632,9 +632,7 @@ func TestReadyz_SpoolNotWritable(t *testing.T) {
 		resp.Body.Close()
 		return resp.StatusCode
 	}
-	if get() != 200 {
-		t.Fatal("not ready")
-	}
+	waitFor(t, "ready", func() bool { return get() == 200 })
 	// Replace the spool dir by a file (root ignores permission bits).
 	os.Rename(tr.dir, tr.dir+".moved")
 	os.WriteFile(tr.dir, []byte("x"), 0o600)

@@ -100,6 +100,23 @@ func (s *Spool) Unlock() {
 	}
 }
 
+// SyncFor returns the spool's group syncer when dir is on the spool's file
+// system (one syncfs then covers both), else a syncer of its own.
+func (s *Spool) SyncFor(dir string) *atomicfile.GroupSync {
+	if sameDevice(dir, s.dir) {
+		return s.sync
+	}
+	return &atomicfile.GroupSync{Dir: dir}
+}
+
+func sameDevice(a, b string) bool {
+	var sa, sb syscall.Stat_t
+	if syscall.Stat(a, &sa) != nil || syscall.Stat(b, &sb) != nil {
+		return false
+	}
+	return sa.Dev == sb.Dev
+}
+
 // Dir is the spool directory.
 func (s *Spool) Dir() string { return s.dir }
 
@@ -138,7 +155,7 @@ func (s *Spool) path(id, ext string) string { return filepath.Join(s.dir, id+ext
 // kept.
 func (s *Spool) Put(env *Envelope, data []byte) error {
 	env.BodyCRC = bodyCRC(data)
-	js, err := json.MarshalIndent(env, "", "  ")
+	js, err := json.Marshal(env)
 	if err != nil {
 		return err
 	}

@@ -2,6 +2,8 @@ package upstreams
 
 import (
 	"fmt"
+
+	"github.com/relaycar/relaycar/internal/atomicfile"
 	"log/slog"
 	"net/http"
 	"time"
@@ -16,6 +18,10 @@ type Deps struct {
 	// Hostname is the EHLO name used towards SMTP upstreams.
 	Hostname string
 	Now      func() time.Time
+	// SyncFor returns the group syncer for a directory's file system, so
+	// the file upstream shares syncs with the spool when both live on one
+	// file system. Nil means a syncer of its own.
+	SyncFor func(dir string) *atomicfile.GroupSync
 }
 
 func (d Deps) logger() *slog.Logger {
@@ -30,6 +36,13 @@ func (d Deps) now() func() time.Time {
 		return time.Now
 	}
 	return d.Now
+}
+
+func (d Deps) syncFor(dir string) *atomicfile.GroupSync {
+	if d.SyncFor != nil {
+		return d.SyncFor(dir)
+	}
+	return &atomicfile.GroupSync{Dir: dir}
 }
 
 func (d Deps) httpClient(timeout time.Duration) *http.Client {

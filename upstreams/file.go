@@ -35,7 +35,7 @@ func newFile(c Config, d Deps) (*File, error) {
 	if err := os.MkdirAll(c.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("dir: %v", err)
 	}
-	return &File{name: c.Name, dir: c.Dir, now: d.now(), sync: &atomicfile.GroupSync{Dir: c.Dir}}, nil
+	return &File{name: c.Name, dir: c.Dir, now: d.now(), sync: d.syncFor(c.Dir)}, nil
 }
 
 // Name returns the configured name.
