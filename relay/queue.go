@@ -35,9 +35,9 @@ type item struct {
 	received time.Time
 	// data is the body just written to the spool, kept for the first
 	// attempt so it need not be read back; nil afterwards.
-	data []byte
-	index    int  // in due; -1 while a worker has it
-	gone     bool // dropped while a worker had it
+	data  []byte
+	index int  // in due; -1 while a worker has it
+	gone  bool // dropped while a worker had it
 }
 
 func newQueue(now func() time.Time) *queue {
