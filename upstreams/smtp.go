@@ -11,15 +11,14 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
 )
 
-// SMTP relays through an SMTP smarthost (or an ESP's SMTP endpoint). It dials
-// once per message: a sidecar's volume does not justify pooled connections
-// and their stale-connection failure modes.
+// SMTP relays through an SMTP smarthost (or an ESP's SMTP endpoint).
 type SMTP struct {
 	name     string
 	addr     string
@@ -31,6 +30,10 @@ type SMTP struct {
 	helo     string
 	log      *slog.Logger
 	dialer   net.Dialer
+
+	mu     sync.Mutex
+	idle   []*smtpConn
+	closed bool
 }
 
 func newSMTP(c Config, d Deps) (*SMTP, error) {
@@ -81,27 +84,69 @@ const (
 )
 
 // Send delivers m in one SMTP transaction. Recipients refused at RCPT while
-// others were accepted are reported in Error.Recipients; the rest are delivered.
+// others were accepted are reported in Error.Recipients; the rest are
+// delivered. A connection left idle by an earlier successful transaction is
+// reused (as Postfix's connection cache does); if it turns out to be dead
+// before the message went out, the transaction is retried once on a fresh
+// connection, so a stale connection never counts as an upstream failure.
 func (s *SMTP) Send(ctx context.Context, m *Message) (string, error) {
 	ctx, cancel := context.WithTimeoutCause(ctx, s.timeout, apiTimeoutCause(s.timeout))
 	defer cancel()
+	if sc := s.takeIdle(); sc != nil {
+		id, stale, err := s.transact(ctx, sc, m)
+		if !stale {
+			return id, err
+		}
+	}
+	sc, err := s.dial(ctx)
+	if err != nil {
+		return "", err
+	}
+	id, _, err := s.transact(ctx, sc, m)
+	return id, err
+}
 
+// smtpConn is an open, greeted (and authenticated) upstream connection.
+type smtpConn struct {
+	conn net.Conn
+	c    *smtp.Client
+	idle time.Time
+}
+
+func (sc *smtpConn) close() {
+	sc.c.Close()
+	sc.conn.Close()
+}
+
+// dial connects, greets, upgrades to TLS and authenticates.
+func (s *SMTP) dial(ctx context.Context) (*smtpConn, error) {
 	conn, err := s.dialer.DialContext(ctx, "tcp", s.addr)
 	if err != nil {
-		return "", s.fail(ctx, phaseConnect, err)
+		return nil, s.fail(ctx, phaseConnect, err)
 	}
 	// Closing the connection when ctx ends unblocks any read or write.
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	defer stop()
-	defer conn.Close()
+	sc, err := s.handshake(ctx, conn)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return sc, nil
+}
 
-	var c *smtp.Client
+func (s *SMTP) handshake(ctx context.Context, conn net.Conn) (*smtpConn, error) {
+	var (
+		c   *smtp.Client
+		err error
+	)
 	switch s.mode {
 	case "implicit":
 		tconn := tls.Client(conn, s.tls)
 		if err := tconn.HandshakeContext(ctx); err != nil {
-			return "", s.fail(ctx, phaseConnect, err)
+			return nil, s.fail(ctx, phaseConnect, err)
 		}
+		conn = tconn
 		c = smtp.NewClient(tconn)
 	case "starttls":
 		// The pre-TLS EHLO says "localhost"; go-smtp offers no other way in.
@@ -110,21 +155,22 @@ func (s *SMTP) Send(ctx context.Context, m *Message) (string, error) {
 			if strings.Contains(err.Error(), "doesn't support STARTTLS") {
 				// Never fall back to plaintext: that would send credentials
 				// and mail in the clear to a misconfigured or tampered peer.
-				return "", Errorf(s.name, ProviderFault, "", err, "server does not offer STARTTLS and tls is starttls")
+				return nil, Errorf(s.name, ProviderFault, "", err, "server does not offer STARTTLS and tls is starttls")
 			}
-			return "", s.fail(ctx, phaseHello, err)
+			return nil, s.fail(ctx, phaseHello, err)
 		}
 	default:
 		c = smtp.NewClient(conn)
 	}
-	defer c.Close()
 	c.CommandTimeout, c.SubmissionTimeout = s.timeout, s.timeout
 	if err := c.Hello(s.helo); err != nil {
-		return "", s.fail(ctx, phaseHello, err)
+		c.Close()
+		return nil, s.fail(ctx, phaseHello, err)
 	}
 	if s.username != "" {
 		if ok, _ := c.Extension("AUTH"); !ok {
-			return "", Errorf(s.name, ProviderFault, "", nil, "server does not offer AUTH but credentials are configured")
+			c.Close()
+			return nil, Errorf(s.name, ProviderFault, "", nil, "server does not offer AUTH but credentials are configured")
 		}
 		var client sasl.Client
 		if c.SupportsAuth("PLAIN") {
@@ -132,15 +178,42 @@ func (s *SMTP) Send(ctx context.Context, m *Message) (string, error) {
 		} else if c.SupportsAuth("LOGIN") {
 			client = sasl.NewLoginClient(s.username, s.password.Reveal())
 		} else {
-			return "", Errorf(s.name, ProviderFault, "", nil, "server offers neither AUTH PLAIN nor LOGIN")
+			c.Close()
+			return nil, Errorf(s.name, ProviderFault, "", nil, "server offers neither AUTH PLAIN nor LOGIN")
 		}
 		if err := c.Auth(client); err != nil {
-			return "", s.fail(ctx, phaseAuth, err)
+			c.Close()
+			return nil, s.fail(ctx, phaseAuth, err)
 		}
+	}
+	return &smtpConn{conn: conn, c: c}, nil
+}
+
+// transact runs MAIL, RCPT and DATA on sc. It keeps sc for reuse after a
+// clean success and closes it otherwise. stale reports that a reused
+// connection failed before anything of the message was accepted, so the
+// caller may retry on a fresh one.
+func (s *SMTP) transact(ctx context.Context, sc *smtpConn, m *Message) (id string, stale bool, err error) {
+	reused := !sc.idle.IsZero()
+	stop := context.AfterFunc(ctx, func() { sc.conn.Close() })
+	keep := false
+	defer func() {
+		if stop() && keep {
+			s.putIdle(sc)
+		} else {
+			sc.close()
+		}
+	}()
+	c := sc.c
+	// A connection the server closed while idle fails at MAIL with an I/O
+	// error or a 421; neither says anything about this message.
+	isStale := func(err error) bool {
+		var se *smtp.SMTPError
+		return reused && ctx.Err() == nil && (!errors.As(err, &se) || se.Code == 421)
 	}
 	opts := &smtp.MailOptions{Size: int64(len(m.Data)), UTF8: needsUTF8(m)}
 	if err := c.Mail(m.From, opts); err != nil {
-		return "", s.fail(ctx, phaseMail, err)
+		return "", isStale(err), s.fail(ctx, phaseMail, err)
 	}
 	var accepted, refused []string
 	var firstRcptErr, tempRcptErr error
@@ -148,7 +221,7 @@ func (s *SMTP) Send(ctx context.Context, m *Message) (string, error) {
 		if err := c.Rcpt(rcpt, nil); err != nil {
 			var se *smtp.SMTPError
 			if !errors.As(err, &se) {
-				return "", s.fail(ctx, phaseRcpt, err)
+				return "", false, s.fail(ctx, phaseRcpt, err)
 			}
 			refused = append(refused, rcpt)
 			if firstRcptErr == nil {
@@ -165,24 +238,22 @@ func (s *SMTP) Send(ctx context.Context, m *Message) (string, error) {
 		// A greylisting 4xx beside a 5xx: retry all rather than dead-letter
 		// a recipient that would have been accepted later.
 		if tempRcptErr != nil {
-			return "", s.fail(ctx, phaseRcpt, tempRcptErr)
+			return "", false, s.fail(ctx, phaseRcpt, tempRcptErr)
 		}
-		return "", s.fail(ctx, phaseRcpt, firstRcptErr)
+		return "", false, s.fail(ctx, phaseRcpt, firstRcptErr)
 	}
 	w, err := c.Data()
 	if err != nil {
-		return "", s.fail(ctx, phaseData, err)
+		return "", false, s.fail(ctx, phaseData, err)
 	}
 	if _, err := w.Write(m.Data); err != nil {
 		w.Close()
-		return "", s.fail(ctx, phaseData, err)
+		return "", false, s.fail(ctx, phaseData, err)
 	}
 	resp, err := w.CloseWithResponse()
 	if err != nil {
-		return "", s.fail(ctx, phaseDataEnd, err)
+		return "", false, s.fail(ctx, phaseDataEnd, err)
 	}
-	c.Quit()
-	id := ""
 	if resp != nil {
 		id = resp.StatusText
 	}
@@ -197,9 +268,55 @@ func (s *SMTP) Send(ctx context.Context, m *Message) (string, error) {
 		e := s.fail(ctx, phaseRcpt, rerr)
 		e.Recipients = refused
 		e.Delivered = id
-		return id, e
+		return id, false, e
 	}
-	return id, nil
+	keep = true
+	return id, false, nil
+}
+
+// Idle connections are kept briefly: long enough to carry a burst, short
+// enough that servers rarely drop them first (Postfix keeps them 2 s).
+const (
+	smtpIdleTimeout = 5 * time.Second
+	smtpMaxIdle     = 8
+)
+
+func (s *SMTP) takeIdle() *smtpConn {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for len(s.idle) > 0 {
+		sc := s.idle[len(s.idle)-1]
+		s.idle = s.idle[:len(s.idle)-1]
+		if time.Since(sc.idle) < smtpIdleTimeout {
+			return sc
+		}
+		go sc.close()
+	}
+	return nil
+}
+
+func (s *SMTP) putIdle(sc *smtpConn) {
+	sc.idle = time.Now()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed || len(s.idle) >= smtpMaxIdle {
+		go sc.close()
+		return
+	}
+	s.idle = append(s.idle, sc)
+}
+
+// Close quits the idle connections; called at shutdown.
+func (s *SMTP) Close() error {
+	s.mu.Lock()
+	idle := s.idle
+	s.idle, s.closed = nil, true
+	s.mu.Unlock()
+	for _, sc := range idle {
+		sc.c.Quit()
+		sc.close()
+	}
+	return nil
 }
 
 func needsUTF8(m *Message) bool {
@@ -297,4 +414,7 @@ func oneLine(s string) string {
 	return strings.Join(strings.Fields(s), " ")
 }
 
-var _ Upstream = (*SMTP)(nil)
+var (
+	_ Upstream = (*SMTP)(nil)
+	_ Closer   = (*SMTP)(nil)
+)

@@ -290,3 +290,53 @@ func TestSMTP_AllRecipientsRefusedPrefersTemporary(t *testing.T) {
 		t.Errorf("550 then 451: %v, want transient (retry both)", err)
 	}
 }
+
+func TestSMTP_ReusesIdleConnections(t *testing.T) {
+	sink := testsmtp.Start(t, testsmtp.Options{})
+	u := newTestSMTP(t, Config{Address: sink.Addr})
+	for range 5 {
+		if _, err := u.Send(context.Background(), testMsg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if sink.Count() != 5 || sink.Conns() != 1 {
+		t.Errorf("%d messages over %d connections, want 5 over 1", sink.Count(), sink.Conns())
+	}
+	u.Close()
+	if _, err := u.Send(context.Background(), testMsg); err != nil || sink.Conns() != 2 {
+		t.Errorf("after Close: %v, %d connections", err, sink.Conns())
+	}
+}
+
+// The smarthost restarted (or timed out our idle connection): the next
+// message must go through on a fresh connection, not count as a failure.
+func TestSMTP_StaleIdleConnectionIsRetried(t *testing.T) {
+	sink := testsmtp.Start(t, testsmtp.Options{})
+	u := newTestSMTP(t, Config{Address: sink.Addr})
+	if _, err := u.Send(context.Background(), testMsg); err != nil {
+		t.Fatal(err)
+	}
+	sink.Stop()
+	sink.Restart()
+	if _, err := u.Send(context.Background(), testMsg); err != nil {
+		t.Fatalf("send after the upstream restarted: %v", err)
+	}
+	if sink.Count() != 2 {
+		t.Errorf("sink has %d messages", sink.Count())
+	}
+}
+
+// A failed transaction never leaves its connection for the next message.
+func TestSMTP_FailedTransactionIsNotReused(t *testing.T) {
+	sink := testsmtp.Start(t, testsmtp.Options{})
+	u := newTestSMTP(t, Config{Address: sink.Addr})
+	sink.SetScript(testsmtp.Script{Data: func(testsmtp.Msg) error { return testsmtp.Reply(554, "5.6.0", "no") }})
+	u.Send(context.Background(), testMsg)
+	sink.SetScript(testsmtp.Script{})
+	if _, err := u.Send(context.Background(), testMsg); err != nil {
+		t.Fatal(err)
+	}
+	if sink.Conns() != 2 {
+		t.Errorf("%d connections, want a fresh one after the failure", sink.Conns())
+	}
+}
