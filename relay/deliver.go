@@ -188,7 +188,7 @@ func (r *Relay) deliverRoute(ctx context.Context, env *Envelope, rs *RouteState,
 			rs.Pinned = ""
 		}
 	}
-	m := &upstreams.Message{ID: env.ID, From: env.From, To: slices.Clone(rs.Pending), Data: data, MessageID: env.MessageID}
+	m := &upstreams.Message{ID: env.ID, From: env.From, To: slices.Clone(rs.Pending), AllRcpts: env.Rcpts, Data: data, MessageID: env.MessageID}
 	log := r.log.With("msg_id", env.ID, "route", rs.Route)
 	cannot := 0 // upstreams that can never carry this message
 	var skips []string

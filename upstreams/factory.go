@@ -51,6 +51,10 @@ func (d Deps) httpClient(timeout time.Duration) *http.Client {
 		*c = *d.HTTPClient
 	}
 	c.Timeout = timeout
+	// A redirect to another host would carry API-key headers along (Go
+	// strips only Authorization and Cookie); providers do not redirect the
+	// send APIs, so treat a 3xx as the answer.
+	c.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
 	return c
 }
 

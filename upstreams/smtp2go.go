@@ -1,10 +1,12 @@
 package upstreams
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -14,6 +16,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/emersion/go-message/textproto"
 )
 
 // smtp2goDefaultEndpoint is the global API host; it routes to the nearest
@@ -82,12 +86,22 @@ func (s *SMTP2GO) Send(ctx context.Context, m *Message) (string, error) {
 	defer cancel()
 	ctx, progress := apiTrace(ctx)
 
-	body, err := json.Marshal(struct {
-		MIME string `json:"mime_email"`
-	}{base64.StdEncoding.EncodeToString(smtp2goMIME(m))})
-	if err != nil {
-		return "", Errorf(s.name, Transient, "", err, "encode request: %v", err)
+	named := headerRecipients(m.Data)
+	if dup := deliveredElsewhere(m, named); dup != "" {
+		// SMTP2GO mails every address in the headers. This delivery covers
+		// only part of the message's recipients (a route split, or a retry
+		// after a partial delivery), so it would mail dup a second time.
+		return "", Errorf(s.name, Unsupported, "", nil,
+			"headers name %s, who is not part of this delivery; SMTP2GO's API would mail them again (use its SMTP endpoint for split routes)", dup)
 	}
+	mime := smtp2goMIME(m, named)
+	// {"mime_email":"<base64>"} written directly: base64 needs no JSON
+	// escaping, and a 25 MB message is not copied three more times.
+	const pre, post = `{"mime_email":"`, `"}`
+	body := make([]byte, len(pre)+base64.StdEncoding.EncodedLen(len(mime))+len(post))
+	copy(body, pre)
+	base64.StdEncoding.Encode(body[len(pre):], mime)
+	copy(body[len(body)-len(post):], post)
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, s.url, bytes.NewReader(body))
 	if err != nil {
 		return "", Errorf(s.name, ProviderFault, "", nil, "endpoint: cannot build the request")
@@ -243,10 +257,10 @@ func smtp2goTextClass(text string) (Class, bool) {
 }
 
 // smtp2goMIME returns the bytes sent to SMTP2GO: m.Data with, when needed,
-// a "Bcc:" header prepended that names the envelope recipients absent from
-// the To, Cc and Bcc headers. m.Data itself is never modified.
-func smtp2goMIME(m *Message) []byte {
-	named := headerRecipients(m.Data)
+// the envelope recipients absent from the To, Cc and Bcc headers added to
+// the Bcc header (one Bcc field: a second one may be ignored downstream).
+// m.Data itself is never modified.
+func smtp2goMIME(m *Message, named map[string]bool) []byte {
 	var extra []string
 	seen := map[string]bool{}
 	for _, rcpt := range m.To {
@@ -260,23 +274,47 @@ func smtp2goMIME(m *Message) []byte {
 	if len(extra) == 0 {
 		return m.Data
 	}
-	eol := "\r\n"
-	if i := bytes.IndexByte(m.Data, '\n'); i >= 0 && (i == 0 || m.Data[i-1] != '\r') {
-		eol = "\n"
+	end := bytes.Index(m.Data, []byte("\r\n\r\n"))
+	if end < 0 {
+		end = len(m.Data)
+	} else {
+		end += 2
 	}
+	h, err := textproto.ReadHeader(bufio.NewReader(bytes.NewReader(m.Data[:end])))
+	if err != nil && !errors.Is(err, io.EOF) {
+		h, end = textproto.Header{}, 0
+	}
+	bcc := extra
+	if old := h.Values("Bcc"); len(old) > 0 {
+		bcc = append(old, extra...)
+		h.Del("Bcc")
+	}
+	// One address per folded line keeps every line far below 998.
+	h.AddRaw([]byte("Bcc: " + strings.Join(bcc, ",\r\n ") + "\r\n"))
 	var b bytes.Buffer
-	b.Grow(len(m.Data) + 8 + len(extra)*(len(eol)+40))
-	b.WriteString("Bcc: ")
-	for i, a := range extra {
-		if i > 0 {
-			// One address per folded line keeps every line far below 998.
-			b.WriteString("," + eol + " ")
-		}
-		b.WriteString(a)
+	b.Grow(len(m.Data) + 8 + len(extra)*42)
+	textproto.WriteHeader(&b, h)
+	if end == 0 {
+		b.Write(m.Data)
+	} else {
+		b.Write(m.Data[end+2:])
 	}
-	b.WriteString(eol)
-	b.Write(m.Data)
 	return b.Bytes()
+}
+
+// deliveredElsewhere returns a header recipient of m that is an envelope
+// recipient of the message but not of this delivery, or "".
+func deliveredElsewhere(m *Message, named map[string]bool) string {
+	this := map[string]bool{}
+	for _, r := range m.To {
+		this[strings.ToLower(r)] = true
+	}
+	for _, r := range m.AllRcpts {
+		if k := strings.ToLower(r); named[k] && !this[k] {
+			return r
+		}
+	}
+	return ""
 }
 
 // headerRecipients returns the lower-cased addresses named in the To, Cc

@@ -119,10 +119,36 @@ func TestSMTP2GO_HeaderRecipients(t *testing.T) {
 	if n := len(headerRecipients([]byte("not a header block"))); n != 0 {
 		t.Errorf("garbage: %d recipients", n)
 	}
-	// A LF-only message gets a LF-only Bcc line.
-	m := &Message{To: []string{"x@example.org"}, Data: []byte("From: a@example.com\nTo: b@example.com\n\nhi\n")}
-	if got := string(smtp2goMIME(m)); !strings.HasPrefix(got, "Bcc: x@example.org\nFrom:") {
-		t.Errorf("LF message: %q", got)
+	// An existing Bcc field is extended, never duplicated.
+	m := &Message{To: []string{"b@example.com", "x@example.org"},
+		Data: []byte("From: a@example.com\r\nBcc: c@example.com\r\nTo: b@example.com\r\n\r\nhi\r\n")}
+	mime := string(smtp2goMIME(m, headerRecipients(m.Data)))
+	if strings.Count(mime, "Bcc:") != 1 || !strings.Contains(mime, "Bcc: c@example.com,\r\n x@example.org\r\n") ||
+		!strings.HasSuffix(mime, "To: b@example.com\r\n\r\nhi\r\n") {
+		t.Errorf("merged Bcc: %q", mime)
+	}
+}
+
+// SMTP2GO mails every header address: a delivery that covers only some of
+// the message's recipients (route split, retry after a partial delivery)
+// must go elsewhere rather than mail the others twice.
+func TestSMTP2GO_RefusesWhenHeadersNameOtherDeliveries(t *testing.T) {
+	t.Parallel()
+	f := fakes.NewHTTP(t, func(int, fakes.Request) fakes.Reply { return smtp2goOK("id-1") })
+	u := newTestSMTP2GO(t, f.URL)
+	m := apiTestMessage("alice@example.com", []string{"bob@example.net", "carol@example.org"}, []string{"carol@example.org"})
+	m.AllRcpts = []string{"bob@example.net", "carol@example.org"}
+	if _, err := u.Send(context.Background(), m); ClassOf(err) != Unsupported || !strings.Contains(err.Error(), "bob@example.net") {
+		t.Errorf("partial delivery: %v, want unsupported naming bob", err)
+	}
+	if len(f.Requests()) != 0 {
+		t.Error("request sent anyway")
+	}
+	// A header address that is no envelope recipient at all (a list alias)
+	// is unaffected.
+	m.AllRcpts = []string{"carol@example.org"}
+	if _, err := u.Send(context.Background(), m); err != nil {
+		t.Errorf("alias in To: %v", err)
 	}
 }
 

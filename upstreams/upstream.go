@@ -15,6 +15,10 @@ type Message struct {
 	From string
 	// To are the envelope recipients this upstream must deliver to.
 	To []string
+	// AllRcpts are all envelope recipients of the message, across routes
+	// and attempts; adapters that cannot restrict delivery to To use it to
+	// avoid mailing someone twice.
+	AllRcpts []string
 	// Data is the RFC 5322 message with CRLF line endings.
 	Data []byte
 	// MessageID is the Message-ID header value, with angle brackets.

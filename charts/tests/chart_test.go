@@ -371,7 +371,7 @@ func TestRender(t *testing.T) {
 			}
 			switch filepath.Base(f) {
 			case "standalone-values.yaml":
-				if len(o.deployments) != 1 || len(o.statefulsets) != 0 || len(o.services) != 1 || len(o.netpols) != 1 || len(o.pdbs) != 1 {
+				if len(o.deployments) != 1 || len(o.statefulsets) != 0 || len(o.services) != 2 || len(o.netpols) != 1 || len(o.pdbs) != 1 {
 					t.Fatalf("kinds: %d deploy, %d sts, %d svc, %d netpol, %d pdb", len(o.deployments), len(o.statefulsets), len(o.services), len(o.netpols), len(o.pdbs))
 				}
 				d := o.deployments[0]
@@ -392,11 +392,24 @@ func TestRender(t *testing.T) {
 					from[0].NamespaceSelector.MatchLabels["kubernetes.io/metadata.name"] != "billing" || from[0].PodSelector.MatchLabels["app"] != "legacy-php" {
 					t.Errorf("NetworkPolicy from = %+v", from)
 				}
-				if o.services[0].Spec.Ports[0].Port != 25 {
-					t.Errorf("service port = %d", o.services[0].Spec.Ports[0].Port)
+				// SMTP and admin on separate Services: exposing SMTP must not
+				// expose the queue API.
+				for _, svc := range o.services {
+					ports := svc.Spec.Ports
+					switch {
+					case strings.HasSuffix(svc.Name, "-metrics"):
+						if len(ports) != 1 || ports[0].Name != "admin" || svc.Spec.Type != corev1.ServiceTypeClusterIP {
+							t.Errorf("metrics Service = %+v", svc.Spec)
+						}
+					case len(ports) != 1 || ports[0].Name != "smtp" || ports[0].Port != 25:
+						t.Errorf("SMTP Service ports = %+v", ports)
+					}
+				}
+				if admin := np.Spec.Ingress[1]; len(admin.From) == 0 {
+					t.Error("admin port open to every source")
 				}
 			case "persistence-values.yaml":
-				if len(o.statefulsets) != 1 || len(o.deployments) != 0 || len(o.services) != 2 {
+				if len(o.statefulsets) != 1 || len(o.deployments) != 0 || len(o.services) != 3 {
 					t.Fatalf("kinds: %d sts, %d deploy, %d svc", len(o.statefulsets), len(o.deployments), len(o.services))
 				}
 				s := o.statefulsets[0]

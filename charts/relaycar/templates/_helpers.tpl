@@ -67,10 +67,11 @@ relay.yaml: .Values.config plus the keys the chart owns.
 {{- $_ := set $listen "address" (printf "127.0.0.1:%s" (include "relaycar.smtpPort" .)) -}}
 {{- $_ := set $listen "allowed_networks" (list "127.0.0.0/8" "::1/128") -}}
 {{- else -}}
-{{- $_ := set $listen "address" (printf "0.0.0.0:%s" (include "relaycar.smtpPort" .)) -}}
+{{- /* All addresses, IPv4 and IPv6. */ -}}
+{{- $_ := set $listen "address" (printf ":%s" (include "relaycar.smtpPort" .)) -}}
 {{- end -}}
 {{- $_ := set $cfg "listen" $listen -}}
-{{- $_ := set $cfg "admin" (dict "address" (printf "0.0.0.0:%d" (int .Values.admin.port))) -}}
+{{- $_ := set $cfg "admin" (dict "address" (printf ":%d" (int .Values.admin.port))) -}}
 {{- $spool := get $cfg "spool" | default dict -}}
 {{- $_ := set $spool "dir" "/var/spool/relaycar/queue" -}}
 {{- $_ := set $cfg "spool" $spool -}}
@@ -136,6 +137,8 @@ volumeMounts:
     readOnly: true
   - name: relaycar-spool
     mountPath: /var/spool/relaycar
+  - name: relaycar-outbox
+    mountPath: /var/lib/relaycar/outbox
   {{- if .Values.secrets.files }}
   - name: relaycar-secrets
     mountPath: {{ .Values.secrets.mountPath }}
@@ -186,6 +189,10 @@ restartPolicy: Always
   emptyDir:
     sizeLimit: {{ .Values.spoolSizeLimit }}
 {{- end }}
+{{- /* For the file upstream only, and apart from the spool: a full outbox
+  must never get the pod evicted with the spool's mail in it. */}}
+- name: relaycar-outbox
+  emptyDir: {}
 {{- end -}}
 
 {{/* Pod annotations: roll pods when relay.yaml changes. */}}
