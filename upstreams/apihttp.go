@@ -28,6 +28,14 @@ type apiProgress struct {
 func apiTrace(ctx context.Context) (context.Context, *apiProgress) {
 	p := &apiProgress{}
 	return httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{
+		// Each request starts by getting a connection. Resetting here makes
+		// the progress describe the last request, the provider call, not
+		// an earlier one in the same operation (SDK credential fetches
+		// from STS or the instance metadata service).
+		GetConn: func(string) {
+			p.wrote.Store(false)
+			p.reply.Store(false)
+		},
 		WroteRequest: func(i httptrace.WroteRequestInfo) {
 			if i.Err == nil {
 				p.wrote.Store(true)

@@ -200,3 +200,34 @@ func TestAPIConfig_Validate(t *testing.T) {
 		}
 	}
 }
+
+// An operation that made an earlier request (an SDK credential fetch) and
+// then failed to connect for the provider call sent nothing to the provider:
+// that is transient, not ambiguous.
+func TestAPITrace_ProgressIsPerRequest(t *testing.T) {
+	ok := fakes.NewHTTP(t, func(int, fakes.Request) fakes.Reply { return fakes.Reply{Status: 200, Body: "{}"} })
+	ctx, p := apiTrace(context.Background())
+	resp, err := http.DefaultClient.Do(mustRequest(t, ctx, ok.URL))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if !p.wrote.Load() {
+		t.Fatal("first request not recorded")
+	}
+	if _, err := http.DefaultClient.Do(mustRequest(t, ctx, apiRefusedURL(t))); err == nil {
+		t.Fatal("refused URL answered")
+	}
+	if p.wrote.Load() {
+		t.Error("progress of the earlier request leaked into the failed one")
+	}
+}
+
+func mustRequest(t *testing.T, ctx context.Context, url string) *http.Request {
+	t.Helper()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, strings.NewReader("x"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return req
+}
