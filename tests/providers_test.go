@@ -1,11 +1,7 @@
 package tests
 
 import (
-	"bytes"
 	"fmt"
-	"io"
-	"mime"
-	"mime/multipart"
 	"net/http"
 	"slices"
 	"strings"
@@ -37,35 +33,23 @@ func decodeMailgun(t *testing.T, r fakes.Request) mailgunReq {
 	if r.Method != http.MethodPost || r.Path != mailgunPath {
 		t.Errorf("mailgun fake got %s %s, want POST %s", r.Method, r.Path, mailgunPath)
 	}
-	mt, params, err := mime.ParseMediaType(r.Header.Get("Content-Type"))
-	if err != nil || mt != "multipart/form-data" {
-		t.Fatalf("mailgun fake: Content-Type = %q, want multipart/form-data", r.Header.Get("Content-Type"))
+	parts, err := fakes.MultipartForm(r)
+	if err != nil {
+		t.Fatalf("mailgun fake: %v", err)
 	}
 	var out mailgunReq
-	mr := multipart.NewReader(bytes.NewReader(r.Body), params["boundary"])
-	for {
-		p, err := mr.NextPart()
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			t.Fatalf("mailgun fake: multipart: %v", err)
-		}
-		b, err := io.ReadAll(p)
-		if err != nil {
-			t.Fatalf("mailgun fake: multipart part %q: %v", p.FormName(), err)
-		}
-		switch p.FormName() {
+	for _, p := range parts {
+		switch p.Name {
 		case "to":
-			out.to = append(out.to, string(b))
+			out.to = append(out.to, string(p.Data))
 		case "message":
 			if out.message != nil {
 				t.Error("mailgun fake: more than one `message` part")
 			}
-			if p.FileName() == "" {
+			if p.FileName == "" {
 				t.Error("mailgun fake: `message` is not a file part")
 			}
-			out.message = b
+			out.message = p.Data
 		}
 	}
 	if out.message == nil {

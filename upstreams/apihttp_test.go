@@ -231,3 +231,38 @@ func mustRequest(t *testing.T, ctx context.Context, url string) *http.Request {
 	}
 	return req
 }
+
+// Transport failures of the raw-MIME HTTP adapters, one table: nothing
+// listening means the request never left (fail over safely); a connection
+// dropped after the whole request, or a 200 that does not parse, means the
+// provider may have the message.
+func TestAPI_TransportErrors(t *testing.T) {
+	t.Parallel()
+	adapters := map[string]func(t *testing.T, endpoint string) Upstream{
+		"ses":     func(t *testing.T, e string) Upstream { return newTestSES(t, e) },
+		"mailgun": func(t *testing.T, e string) Upstream { return newTestMailgun(t, e) },
+		"smtp2go": func(t *testing.T, e string) Upstream { return newTestSMTP2GO(t, e) },
+	}
+	garbage200 := func(t *testing.T) string {
+		return fakes.NewHTTP(t, func(int, fakes.Request) fakes.Reply { return fakes.Reply{Status: 200, Body: "<html>ok</html>"} }).URL
+	}
+	for name, newUp := range adapters {
+		for _, tc := range []struct {
+			what     string
+			endpoint func(*testing.T) string
+			want     Class
+		}{
+			{"connection refused", apiRefusedURL, Transient},
+			{"dropped after the request", apiDropAfterRequest, Ambiguous},
+			{"unparseable 200", garbage200, Ambiguous},
+		} {
+			t.Run(name+"/"+tc.what, func(t *testing.T) {
+				t.Parallel()
+				msg := apiTestMessage("alice@example.com", []string{"bob@example.net"}, []string{"bob@example.net"})
+				if _, err := newUp(t, tc.endpoint(t)).Send(context.Background(), msg); ClassOf(err) != tc.want {
+					t.Errorf("got %v, want %v", err, tc.want)
+				}
+			})
+		}
+	}
+}

@@ -484,23 +484,6 @@ func TestSES_SMTPUTF8IsRefusedBeforeTheAPI(t *testing.T) {
 	}
 }
 
-func TestSES_TransportErrors(t *testing.T) {
-	t.Parallel()
-	// Nothing listens: the request never left, so failing over is safe.
-	_, err := newTestSES(t, apiRefusedURL(t)).Send(context.Background(),
-		apiTestMessage("alice@example.com", []string{"bob@example.net"}, []string{"bob@example.net"}))
-	if e := apiClassOf(t, err); e.Class != Transient {
-		t.Errorf("connection refused: class = %v, want transient (%v)", e.Class, err)
-	}
-
-	// The connection drops after the whole request was read: SES may have it.
-	_, err = newTestSES(t, apiDropAfterRequest(t)).Send(context.Background(),
-		apiTestMessage("alice@example.com", []string{"bob@example.net"}, []string{"bob@example.net"}))
-	if e := apiClassOf(t, err); e.Class != Ambiguous {
-		t.Errorf("connection dropped after the request: class = %v, want ambiguous (%v)", e.Class, err)
-	}
-}
-
 func TestSES_SecretLeak(t *testing.T) {
 	t.Parallel()
 	// An auth failure whose message quotes the key id and, as a worst case,

@@ -273,21 +273,6 @@ func TestSMTP2GO_StatusSweep(t *testing.T) {
 	}
 }
 
-func TestSMTP2GO_TransportErrors(t *testing.T) {
-	t.Parallel()
-	msg := apiTestMessage("alice@example.com", []string{"bob@example.net"}, []string{"bob@example.net"})
-	if _, err := newTestSMTP2GO(t, apiRefusedURL(t)).Send(context.Background(), msg); ClassOf(err) != Transient {
-		t.Errorf("connection refused: %v, want transient", err)
-	}
-	if _, err := newTestSMTP2GO(t, apiDropAfterRequest(t)).Send(context.Background(), msg); ClassOf(err) != Ambiguous {
-		t.Errorf("connection dropped after the request: %v, want ambiguous", err)
-	}
-	f := fakes.NewHTTP(t, func(int, fakes.Request) fakes.Reply { return fakes.Reply{Status: 200, Body: "<html>ok</html>"} })
-	if _, err := newTestSMTP2GO(t, f.URL).Send(context.Background(), msg); ClassOf(err) != Ambiguous {
-		t.Errorf("unparseable 200: %v, want ambiguous", err)
-	}
-}
-
 func TestSMTP2GO_SecretLeak(t *testing.T) {
 	t.Parallel()
 	fail := fakes.JSON(401, `{"data":{"error":"Invalid API key `+smtp2goTestKey+`","error_code":"E_ApiResponseCodes.API_KEY_INVALID"}}`)

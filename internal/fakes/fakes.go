@@ -5,8 +5,11 @@ package fakes
 
 import (
 	"bytes"
+	"fmt"
 	"io"
 	"log/slog"
+	"mime"
+	"mime/multipart"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -146,5 +149,36 @@ func AssertNoSecret(t testing.TB, err error, logs *Logs, secrets ...string) {
 		if logs != nil && strings.Contains(logs.String(), s) {
 			t.Errorf("secret %q leaked into the log:\n%s", s, logs.String())
 		}
+	}
+}
+
+// FormPart is one part of a multipart/form-data request body.
+type FormPart struct {
+	Name, FileName string
+	Data           []byte
+}
+
+// MultipartForm decodes a recorded multipart/form-data request (Mailgun's
+// messages.mime) into its parts, in order.
+func MultipartForm(r Request) ([]FormPart, error) {
+	mt, params, err := mime.ParseMediaType(r.Header.Get("Content-Type"))
+	if err != nil || mt != "multipart/form-data" {
+		return nil, fmt.Errorf("Content-Type = %q, want multipart/form-data", r.Header.Get("Content-Type"))
+	}
+	var parts []FormPart
+	mr := multipart.NewReader(bytes.NewReader(r.Body), params["boundary"])
+	for {
+		p, err := mr.NextPart()
+		if err == io.EOF {
+			return parts, nil
+		}
+		if err != nil {
+			return nil, fmt.Errorf("multipart: %w", err)
+		}
+		b, err := io.ReadAll(p)
+		if err != nil {
+			return nil, fmt.Errorf("multipart part %q: %w", p.FormName(), err)
+		}
+		parts = append(parts, FormPart{Name: p.FormName(), FileName: p.FileName(), Data: b})
 	}
 }
