@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"slices"
 	"strings"
 	"time"
@@ -118,7 +119,7 @@ func (r *Relay) attempt(ctx context.Context, env *Envelope, data []byte) (keep b
 // dropped it). Any other failure (a full disk) keeps the message queued in
 // memory: its files are still on disk, only this attempt's bookkeeping is
 // not, which at worst repeats an attempt after a restart.
-func (r *Relay) persist(env *Envelope, log interface{ Warn(string, ...any) }) bool {
+func (r *Relay) persist(env *Envelope, log *slog.Logger) bool {
 	err := r.spool.Update(env)
 	switch {
 	case err == nil:
@@ -135,10 +136,7 @@ func (r *Relay) persist(env *Envelope, log interface{ Warn(string, ...any) }) bo
 // recipient failed. It returns whether the message must stay queued: when
 // the spool cannot record the outcome, the message is retried later
 // rather than forgotten while its files remain.
-func (r *Relay) finish(env *Envelope, log interface {
-	Info(string, ...any)
-	Error(string, ...any)
-}) (keep bool) {
+func (r *Relay) finish(env *Envelope, log *slog.Logger) (keep bool) {
 	retryLater := func() bool {
 		env.DeadReason, env.DeadAt = "", nil
 		env.NextAttempt = r.now().Add(policy.Backoff(1, r.cfg.Spool.Retry, r.rand))
@@ -275,7 +273,7 @@ func (r *Relay) deliverRoute(ctx context.Context, env *Envelope, rs *RouteState,
 	return tried, lastErr
 }
 
-func (r *Relay) delivered(env *Envelope, rs *RouteState, upstream, id string, rcpts []string, took time.Duration, log interface{ Info(string, ...any) }) {
+func (r *Relay) delivered(env *Envelope, rs *RouteState, upstream, id string, rcpts []string, took time.Duration, log *slog.Logger) {
 	env.Deliveries = append(env.Deliveries, Delivery{Route: rs.Route, Upstream: upstream, ProviderID: id, Rcpts: rcpts, At: r.now().UTC()})
 	log.Info("message delivered", "upstream", upstream, "provider_id", id, "rcpt_count", len(rcpts),
 		"attempts", env.Attempts+1, "duration", took.Round(time.Millisecond).String())

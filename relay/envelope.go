@@ -71,4 +71,6 @@ func (e *Envelope) pending() bool {
 	return false
 }
 
-func jsonBytes(e *Envelope) ([]byte, error) { return json.MarshalIndent(e, "", "  ") }
+// encodeEnvelope is the one on-disk form of an envelope: indented, so an
+// operator can read a spool file at 3 a.m.
+func encodeEnvelope(e *Envelope) ([]byte, error) { return json.MarshalIndent(e, "", "  ") }

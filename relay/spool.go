@@ -155,7 +155,7 @@ func (s *Spool) path(id, ext string) string { return filepath.Join(s.dir, id+ext
 // kept.
 func (s *Spool) Put(env *Envelope, data []byte) error {
 	env.BodyCRC = bodyCRC(data)
-	js, err := json.Marshal(env)
+	js, err := encodeEnvelope(env)
 	if err != nil {
 		return err
 	}
@@ -213,11 +213,11 @@ func (s *Spool) Update(env *Envelope) error {
 		// without its body.
 		return err
 	}
-	js, err := json.MarshalIndent(env, "", "  ")
+	js, err := encodeEnvelope(env)
 	if err != nil {
 		return err
 	}
-	tmp, err := atomicfile.WriteTemp(s.fs, s.dir, bytes.NewReader(js), fileMode, true)
+	tmp, err := atomicfile.WriteTemp(s.fs, s.dir, bytes.NewReader(js), fileMode)
 	if err != nil {
 		return err
 	}
@@ -248,7 +248,7 @@ func (s *Spool) Bury(env *Envelope, reason string, now time.Time) error {
 	env.DeadReason = reason
 	t := now.UTC()
 	env.DeadAt = &t
-	js, err := json.MarshalIndent(env, "", "  ")
+	js, err := encodeEnvelope(env)
 	if err != nil {
 		return err
 	}
@@ -461,7 +461,7 @@ func (s *Spool) Resurrect(id string, now time.Time) (*Envelope, error) {
 	// envelope is gone, Load treats the message as dead (it finishes an
 	// interrupted move into dead/), so a crash or a full disk at any step
 	// leaves the message dead, never lost.
-	js, _ := json.MarshalIndent(env, "", "  ")
+	js, _ := encodeEnvelope(env)
 	if err := atomicfile.WriteFile(s.fs, s.path(id, ".json"), bytes.NewReader(js), fileMode); err != nil {
 		return nil, err
 	}

@@ -108,7 +108,7 @@ func TestSpool_LoadRecoversAfterCrash(t *testing.T) {
 	// Dead envelope written, body not yet moved, live envelope not removed.
 	env := testEnv(half)
 	env.DeadReason = "rejected"
-	js, _ := jsonBytes(env)
+	js, _ := encodeEnvelope(env)
 	os.WriteFile(filepath.Join(s.dead, half+".json"), js, 0o600)
 
 	envs, nBroken, err := s.Load()
@@ -323,7 +323,7 @@ func TestSpool_ResurrectNeverLosesTheBody(t *testing.T) {
 
 	// Crash after the body moved back but before the dead envelope went:
 	// Load finishes it as dead.
-	js, _ := jsonBytes(env)
+	js, _ := encodeEnvelope(env)
 	os.WriteFile(s.path(id, ".json"), js, 0o600)
 	os.Rename(filepath.Join(s.dead, id+".eml"), s.path(id, ".eml"))
 	if _, _, err := s.Load(); err != nil {

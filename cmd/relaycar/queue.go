@@ -7,7 +7,6 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
-	"net"
 	"net/http"
 	"os"
 	"text/tabwriter"
@@ -145,13 +144,7 @@ func viaAPI(addr, sub, id string) (string, error) {
 	if addr == "" {
 		return "", errors.New("a relay is running on this spool and admin.address is empty; cannot reach it")
 	}
-	// A wildcard listener (":9025", "0.0.0.0:9025", "[::]:9025") is reached
-	// over loopback, which the admin API also requires for queue changes.
-	if host, port, err := net.SplitHostPort(addr); err == nil {
-		if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
-			addr = net.JoinHostPort("127.0.0.1", port)
-		}
-	}
+	addr = localAddr(addr)
 	base := "http://" + addr + "/api/queue"
 	method, url := http.MethodPost, base+"/retry"
 	switch {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"runtime"
@@ -188,6 +189,20 @@ func cmdCheck(args []string, stdout, stderr io.Writer) int {
 	}
 	fmt.Fprintf(stdout, "%s: ok (%d upstreams, %d routes)\n", *cfgPath, len(cfg.Upstreams), len(cfg.Routes))
 	return exitOK
+}
+
+// localAddr turns a wildcard listen address (":9025", "0.0.0.0:2525",
+// "[::]:25") into one a client on this host can dial: loopback, which is
+// also what the admin API requires for queue changes.
+func localAddr(addr string) string {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return addr
+	}
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		return net.JoinHostPort("127.0.0.1", port)
+	}
+	return addr
 }
 
 func envOr(k, def string) string {

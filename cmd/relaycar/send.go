@@ -3,7 +3,6 @@ package main
 import (
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"strings"
 	"time"
@@ -29,10 +28,7 @@ func cmdSend(args []string, stdout, stderr io.Writer) int {
 			}
 		}
 	}
-	host, port, _ := net.SplitHostPort(addr)
-	if host == "" || host == "0.0.0.0" || host == "::" {
-		addr = net.JoinHostPort("127.0.0.1", port)
-	}
+	addr = localAddr(addr)
 	rcpts := strings.Split(*to, ",")
 	now := time.Now()
 	msg := fmt.Sprintf("From: %s\r\nTo: %s\r\nSubject: %s\r\nDate: %s\r\nMessage-ID: <%d.relaycar-send@localhost>\r\n\r\n"+

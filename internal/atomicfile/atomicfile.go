@@ -41,11 +41,10 @@ func (OS) Create(path string, perm os.FileMode) (File, error) {
 	return os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, perm)
 }
 
-// WriteTemp copies r into a new temp file in dir (same directory as the
-// final name, or Rename would not be atomic) and returns its path. With
-// sync it fsyncs the file; callers that batch durability (syncfs) pass
-// false. On error nothing is left behind.
-func WriteTemp(fsys FS, dir string, r io.Reader, perm os.FileMode, sync bool) (string, error) {
+// WriteTemp copies r into a new fsynced temp file in dir (same directory
+// as the final name, or Rename would not be atomic) and returns its path.
+// On error nothing is left behind.
+func WriteTemp(fsys FS, dir string, r io.Reader, perm os.FileMode) (string, error) {
 	if fsys == nil {
 		fsys = OS{}
 	}
@@ -65,10 +64,8 @@ func WriteTemp(fsys FS, dir string, r io.Reader, perm os.FileMode, sync bool) (s
 	if _, err := io.Copy(f, r); err != nil {
 		return fail(err)
 	}
-	if sync {
-		if err := f.Sync(); err != nil {
-			return fail(err)
-		}
+	if err := f.Sync(); err != nil {
+		return fail(err)
 	}
 	if err := f.Close(); err != nil {
 		os.Remove(name)
@@ -81,7 +78,7 @@ func WriteTemp(fsys FS, dir string, r io.Reader, perm os.FileMode, sync bool) (s
 // fsync of the directory so the rename itself survives a power loss.
 func WriteFile(fsys FS, path string, r io.Reader, perm os.FileMode) error {
 	dir := filepath.Dir(path)
-	tmp, err := WriteTemp(fsys, dir, r, perm, true)
+	tmp, err := WriteTemp(fsys, dir, r, perm)
 	if err != nil {
 		return err
 	}
