@@ -109,10 +109,7 @@ func (r *Relay) attempt(ctx context.Context, env *Envelope, data []byte) (keep b
 	}
 	env.NextAttempt = now.Add(wait)
 	log.Debug("delivery deferred", "next_attempt", env.NextAttempt, "attempts", env.Attempts)
-	if !r.persist(env, log) {
-		return false
-	}
-	return true
+	return r.persist(env, log)
 }
 
 // persist writes env; false means the message vanished (an operator

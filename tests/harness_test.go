@@ -14,7 +14,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -58,7 +57,7 @@ func buildAndRun(m *testing.M) int {
 	relaycarBin = filepath.Join(tmp, "relaycar")
 	goTool, err := exec.LookPath("go")
 	if err != nil {
-		goTool = filepath.Join(runtime.GOROOT(), "bin", "go")
+		goTool = "/usr/local/go/bin/go" // where the Go toolchain image puts it
 	}
 	args := []string{"build", "-o", relaycarBin}
 	if os.Getenv("RELAYCAR_TEST_RACE") != "" {
