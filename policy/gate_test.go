@@ -49,7 +49,7 @@ func newTestGate(u upstreams.Upstream, failures uint32, openFor time.Duration, r
 	return g, &changes
 }
 
-var msg = &upstreams.Message{ID: "m", From: "a@news.example.com", To: []string{"x@example.net"}, Data: []byte("x")}
+var msg = &upstreams.Message{ID: "m", From: "a@news.example.com", To: []string{"x@example.net"}, Body: upstreams.BytesBody([]byte("x"))}
 
 func TestGate_TransientOpensAfterFailures(t *testing.T) {
 	u := &scripted{errs: []error{classErr(upstreams.Transient), classErr(upstreams.Ambiguous), classErr(upstreams.Transient)}}

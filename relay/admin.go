@@ -3,10 +3,14 @@ package relay
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"html/template"
 	"io/fs"
 	"net"
 	"net/http"
+	"net/netip"
+	"net/url"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -14,26 +18,29 @@ import (
 
 // QueueEntry is one message in GET /api/queue and `relaycar queue ls`.
 type QueueEntry struct {
-	ID          string       `json:"id"`
-	Sender      string       `json:"sender"`
-	Recipients  []string     `json:"recipients"`
-	Attempts    int          `json:"attempts"`
-	NextAttempt time.Time    `json:"next_attempt"`
-	LastError   string       `json:"last_error,omitempty"`
-	ReceivedAt  time.Time    `json:"received_at"`
-	Size        int          `json:"size"`
-	MessageID   string       `json:"message_id"`
-	Routes      []RouteState `json:"routes"`
-	Deliveries  []Delivery   `json:"deliveries,omitempty"`
-	Failures    []Failure    `json:"failures,omitempty"`
-	DeadReason  string       `json:"dead_reason,omitempty"`
-	DeadAt      *time.Time   `json:"dead_at,omitempty"`
+	ID          string    `json:"id"`
+	Sender      string    `json:"sender"`
+	Recipients  []string  `json:"recipients"`
+	Attempts    int       `json:"attempts"`
+	NextAttempt time.Time `json:"next_attempt"`
+	LastError   string    `json:"last_error,omitempty"`
+	// UpstreamErrors is each upstream's own last error: the 535 behind a
+	// last_error that only says the breaker was open.
+	UpstreamErrors map[string]string `json:"upstream_errors,omitempty"`
+	ReceivedAt     time.Time         `json:"received_at"`
+	Size           int               `json:"size"`
+	MessageID      string            `json:"message_id"`
+	Routes         []RouteState      `json:"routes"`
+	Deliveries     []Delivery        `json:"deliveries,omitempty"`
+	Failures       []Failure         `json:"failures,omitempty"`
+	DeadReason     string            `json:"dead_reason,omitempty"`
+	DeadAt         *time.Time        `json:"dead_at,omitempty"`
 }
 
 // Entry is the API view of an envelope.
 func Entry(e *Envelope) QueueEntry {
 	return QueueEntry{ID: e.ID, Sender: e.From, Recipients: e.Rcpts, Attempts: e.Attempts, NextAttempt: e.NextAttempt,
-		LastError: e.LastError, ReceivedAt: e.ReceivedAt, Size: e.Size, MessageID: e.MessageID, Routes: e.Routes,
+		LastError: e.LastError, UpstreamErrors: e.UpstreamErrors, ReceivedAt: e.ReceivedAt, Size: e.Size, MessageID: e.MessageID, Routes: e.Routes,
 		Deliveries: e.Deliveries, Failures: e.Failures, DeadReason: e.DeadReason, DeadAt: e.DeadAt}
 }
 
@@ -46,6 +53,11 @@ func entries(envs []*Envelope) []QueueEntry {
 }
 
 func (r *Relay) adminHandler() http.Handler {
+	hosts := newAdminHosts(r.cfg.Admin.Address, r.cfg.Admin.AllowedHosts)
+	return adminGuard(hosts, r.adminMux())
+}
+
+func (r *Relay) adminMux() *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Write([]byte("ok\n"))
@@ -55,9 +67,15 @@ func (r *Relay) adminHandler() http.Handler {
 			http.Error(w, "not ready: starting or shutting down", http.StatusServiceUnavailable)
 			return
 		}
-		if err := r.spool.Writable(); err != nil {
-			r.log.Error("spool not writable", "err", err)
-			http.Error(w, "not ready: spool not writable", http.StatusServiceUnavailable)
+		// Ready means a message of the largest size SMTP advertises can
+		// be committed now, not merely that a file can be created.
+		if err := r.spool.Ready(r.maxBytes); err != nil {
+			r.log.Error("spool cannot accept messages", "err", err)
+			msg := "not ready: spool not writable"
+			if errors.Is(err, errSpoolFull) {
+				msg = "not ready: spool file system full"
+			}
+			http.Error(w, msg, http.StatusServiceUnavailable)
 			return
 		}
 		w.Write([]byte("ok\n"))
@@ -84,6 +102,112 @@ func (r *Relay) adminHandler() http.Handler {
 	mux.HandleFunc("GET /{$}", r.statusPage)
 	return mux
 }
+
+// Security headers for every admin response. The status page needs only
+// its inline <style>; nothing may run, load, submit or frame it.
+const (
+	adminCSP = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+	// changeHeader must be on every state change. A cross-site form or a
+	// "simple" fetch cannot send a custom header, and a fetch that sets
+	// one needs a CORS preflight that the admin API never grants.
+	changeHeader = "X-Relaycar-Request"
+)
+
+// adminGuard applies the browser-facing rules to every admin request
+// before any handler runs: security headers, the Host check (DNS
+// rebinding), and for state changes the request header and Origin check
+// (cross-site requests). Refusals are 403 with a JSON error.
+func adminGuard(hosts adminHosts, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		h := w.Header()
+		h.Set("X-Content-Type-Options", "nosniff")
+		h.Set("Content-Security-Policy", adminCSP)
+		if !hosts.allowed(req.Host) {
+			writeJSON(w, nil, forbidden(fmt.Sprintf("Host %q is not a name of this admin listener; add it to admin.allowed_hosts", req.Host)))
+			return
+		}
+		if req.Method != http.MethodGet && req.Method != http.MethodHead {
+			if req.Header.Get(changeHeader) != "1" {
+				writeJSON(w, nil, forbidden("state changes need the header "+changeHeader+": 1 (the relaycar CLI sends it)"))
+				return
+			}
+			if o := req.Header.Get("Origin"); o != "" && !hosts.sameSite(o, req.Host) {
+				writeJSON(w, nil, forbidden(fmt.Sprintf("cross-origin request refused (Origin %q)", o)))
+				return
+			}
+		}
+		next.ServeHTTP(w, req)
+	})
+}
+
+// adminHosts decides which Host header values the admin listener answers,
+// the defence against DNS rebinding: a rebinding page reaches this port
+// under the attacker's DNS name, so only names the relay knows for itself
+// are accepted — "localhost", the host of admin.address, and
+// admin.allowed_hosts (a Service name, say), on any port. Any IP literal
+// is accepted too: a page whose origin is an IP literal was served by
+// whoever answers on that IP, so it cannot rebind, and kubelet probes and
+// Prometheus scrapes send the pod IP or a Service's cluster IP, which is
+// not even an address of this host. That also covers the bound address
+// and 127.0.0.0/8 and [::1].
+type adminHosts struct{ names map[string]bool }
+
+func newAdminHosts(address string, allowed []string) adminHosts {
+	h := adminHosts{names: map[string]bool{"localhost": true}}
+	if host, _, err := net.SplitHostPort(address); err == nil && host != "" {
+		h.names[normHost(host)] = true
+	}
+	for _, a := range allowed {
+		host, _ := splitHost(a)
+		h.names[normHost(host)] = true
+	}
+	return h
+}
+
+// allowed reports whether a request with this Host header may be served.
+// An empty Host (HTTP/1.0 health checks, such as HAProxy's default) is
+// allowed: browsers always send one, so it cannot come from a page.
+func (h adminHosts) allowed(hostport string) bool {
+	if hostport == "" {
+		return true
+	}
+	host, _ := splitHost(hostport)
+	host = normHost(host)
+	if _, err := netip.ParseAddr(host); err == nil {
+		return true
+	}
+	return h.names[host]
+}
+
+// sameSite reports whether a state change with this Origin header comes
+// from this listener itself: the Origin is the Host the request was sent
+// to, or one of the listener's names. Unlike a Host, an Origin can be an
+// attacker's page served from an IP literal, so IP literals count only
+// when they are the request's own Host. "null" (sandboxed or opaque
+// origins) is foreign.
+func (h adminHosts) sameSite(origin, reqHost string) bool {
+	u, err := url.Parse(origin)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return false
+	}
+	if strings.EqualFold(u.Host, reqHost) {
+		return true
+	}
+	return h.names[normHost(u.Hostname())]
+}
+
+// splitHost splits "host:port", "[v6]:port", "[v6]", "host" and a bare
+// IPv6 address into host and port.
+func splitHost(hostport string) (host, port string) {
+	if h, p, err := net.SplitHostPort(hostport); err == nil {
+		return h, p
+	}
+	return strings.TrimSuffix(strings.TrimPrefix(hostport, "["), "]"), ""
+}
+
+// normHost makes names compare the way DNS does: case-insensitively, and
+// "name." is "name".
+func normHost(h string) string { return strings.TrimSuffix(strings.ToLower(h), ".") }
 
 // loopbackOnly guards the endpoints that change the queue. The admin port
 // is often bound to 0.0.0.0 so the kubelet can probe it and Prometheus can
@@ -114,7 +238,12 @@ func isLocalIP(ip net.IP) bool {
 	return false
 }
 
-var errForbidden = errors.New("queue changes are accepted only from this host (kubectl exec or port-forward)")
+// forbidden is an admin refusal; writeJSON answers it with 403.
+type forbidden string
+
+func (f forbidden) Error() string { return string(f) }
+
+const errForbidden = forbidden("queue changes are accepted only from this host (kubectl exec or port-forward)")
 
 // Retry makes a queued message due now, or moves a dead letter back into
 // the queue.
@@ -154,7 +283,7 @@ func writeJSON(w http.ResponseWriter, v any, err error) {
 			err = errors.New("no such message")
 		case errors.Is(err, errBusy):
 			code = http.StatusConflict
-		case errors.Is(err, errForbidden):
+		case errors.As(err, new(forbidden)):
 			code = http.StatusForbidden
 		}
 		w.WriteHeader(code)

@@ -3,6 +3,7 @@ package relay
 import (
 	"crypto/tls"
 	"errors"
+	"time"
 
 	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
@@ -74,8 +75,7 @@ func (s *session) Auth(mech string) (sasl.Server, error) {
 	}
 	check := func(user, pass string) error {
 		if err := checkUser(s.r.users, user, pass); err != nil {
-			s.log.Warn("authentication failed", "user", user)
-			return err
+			return s.authFailed(user)
 		}
 		s.user = user
 		return nil
@@ -84,7 +84,7 @@ func (s *session) Auth(mech string) (sasl.Server, error) {
 	case sasl.Plain:
 		return sasl.NewPlainServer(func(identity, user, pass string) error {
 			if identity != "" && identity != user {
-				return smtp.ErrAuthFailed
+				return s.authFailed(user)
 			}
 			return check(user, pass)
 		}), nil
@@ -92,6 +92,61 @@ func (s *session) Auth(mech string) (sasl.Server, error) {
 		return &loginServer{check: check}, nil
 	}
 	return nil, smtp.ErrAuthUnknownMechanism
+}
+
+// Defaults of the AUTH brake: each failure is answered after
+// authFailDelay, and the connection is closed at the authMaxFailures-th.
+// go-smtp itself neither delays nor counts AUTH failures (they are not
+// protocol errors for its errThreshold), so without this one connection
+// could try passwords as fast as bcrypt compares them.
+const (
+	defaultAuthFailDelay   = time.Second
+	defaultAuthMaxFailures = 3
+)
+
+func (r *Relay) authBrake() (delay time.Duration, limit int) {
+	delay, limit = r.authFailDelay, r.authMaxFailures
+	if delay == 0 {
+		delay = defaultAuthFailDelay
+	}
+	if limit == 0 {
+		limit = defaultAuthMaxFailures
+	}
+	return delay, limit
+}
+
+// authFailed counts one failure against the connection, waits out the
+// delay (cut short if the connection closes) and answers 535, or 421 and
+// closes the connection at the limit. The count lives on the connection,
+// not the session: a new EHLO keeps the session, STARTTLS replaces it.
+func (s *session) authFailed(user string) error {
+	s.r.metrics.authFailed.Inc()
+	n := s.addAuthFailure()
+	delay, limit := s.r.authBrake()
+	s.log.Warn("authentication failed", "user", user, "failures", n)
+	t := time.NewTimer(delay)
+	defer t.Stop()
+	var closed <-chan struct{}
+	if s.cc != nil {
+		closed = s.cc.done
+	}
+	select {
+	case <-t.C:
+	case <-closed:
+	}
+	if n >= limit {
+		s.log.Warn("closing connection: too many authentication failures", "failures", n)
+		return s.hangUp(replyAuthTooMany)
+	}
+	return smtp.ErrAuthFailed
+}
+
+func (s *session) addAuthFailure() int {
+	if s.cc != nil {
+		return int(s.cc.authFailures.Add(1))
+	}
+	s.authFails++
+	return s.authFails
 }
 
 func loadTLS(c TLSConfig) (*tls.Config, error) {

@@ -42,6 +42,14 @@ type ListenConfig struct {
 	TLS             TLSConfig     `yaml:"tls"`
 	Auth            AuthConfig    `yaml:"auth"`
 	BareLF          string        `yaml:"bare_lf"`
+	// MaxConnections caps open SMTP connections; beyond it clients get 421.
+	MaxConnections int `yaml:"max_connections"`
+	// DataTimeout bounds a whole DATA transfer; ReadTimeout applies to each
+	// read and moves while bytes arrive.
+	DataTimeout time.Duration `yaml:"data_timeout"`
+	// TrustedNetworks are the clients whose X-Relay-* routing headers are
+	// honoured; empty means every allowed client.
+	TrustedNetworks []string `yaml:"trusted_networks"`
 }
 
 // TLSConfig enables STARTTLS when both files are set.
@@ -58,6 +66,10 @@ type AuthConfig struct {
 // AdminConfig is the HTTP endpoint for metrics, probes and the queue API.
 type AdminConfig struct {
 	Address string `yaml:"address"`
+	// AllowedHosts are Host header values accepted besides loopback names
+	// and the listen address (a Kubernetes Service name, say); any other
+	// Host is refused, which defeats DNS rebinding.
+	AllowedHosts []string `yaml:"allowed_hosts"`
 }
 
 // SpoolConfig is the durable queue and its retry schedule.
@@ -81,6 +93,8 @@ func Default() Config {
 			WriteTimeout:    60 * time.Second,
 			AllowedNetworks: []string{"127.0.0.0/8", "::1/128"},
 			BareLF:          "reject",
+			MaxConnections:  1000,
+			DataTimeout:     10 * time.Minute,
 		},
 		Admin: AdminConfig{Address: "127.0.0.1:9025"},
 		Spool: SpoolConfig{
@@ -394,9 +408,25 @@ func (c *Config) Validate() error {
 	if l.BareLF != "reject" && l.BareLF != "normalize" {
 		bad("listen.bare_lf", "%q: must be reject or normalize", l.BareLF)
 	}
+	if l.MaxConnections < 1 {
+		bad("listen.max_connections", "must be at least 1")
+	}
+	if l.DataTimeout <= 0 {
+		bad("listen.data_timeout", "must be positive")
+	}
+	for i, n := range l.TrustedNetworks {
+		if _, err := parseNetwork(n); err != nil {
+			bad(fmt.Sprintf("listen.trusted_networks[%d]", i), "%q is not a CIDR or IP address", n)
+		}
+	}
 	if c.Admin.Address != "" {
 		if _, _, err := net.SplitHostPort(c.Admin.Address); err != nil {
 			bad("admin.address", "%q: want host:port", c.Admin.Address)
+		}
+	}
+	for i, h := range c.Admin.AllowedHosts {
+		if h == "" || strings.ContainsAny(h, " \t\r\n/@") {
+			bad(fmt.Sprintf("admin.allowed_hosts[%d]", i), "%q is not a host name", h)
 		}
 	}
 	s := c.Spool

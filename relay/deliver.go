@@ -92,6 +92,9 @@ func (r *Relay) attempt(ctx context.Context, env *Envelope, data []byte) (keep b
 		if env.LastError != "" {
 			reason += "; last error: " + env.LastError
 		}
+		if ue := env.upstreamErrorsText(); ue != "" && ue != env.LastError {
+			reason += "; last upstream errors: " + ue
+		}
 		for i := range env.Routes {
 			if len(env.Routes[i].Pending) > 0 {
 				r.fail(env, &env.Routes[i], "", "expired", reason, now)
@@ -183,7 +186,7 @@ func (r *Relay) deliverRoute(ctx context.Context, env *Envelope, rs *RouteState,
 			rs.Pinned = ""
 		}
 	}
-	m := &upstreams.Message{ID: env.ID, From: env.From, To: slices.Clone(rs.Pending), AllRcpts: env.Rcpts, Data: data, MessageID: env.MessageID}
+	m := &upstreams.Message{ID: env.ID, From: env.From, To: slices.Clone(rs.Pending), AllRcpts: env.Rcpts, Body: upstreams.BytesBody(data), MessageID: env.MessageID}
 	log := r.log.With("msg_id", env.ID, "route", rs.Route)
 	cannot := 0 // upstreams that can never carry this message
 	var skips []string
@@ -230,6 +233,7 @@ func (r *Relay) deliverRoute(ctx context.Context, env *Envelope, rs *RouteState,
 		class := upstreams.ClassOf(err)
 		r.metrics.deliveries.WithLabelValues(name, class.String()).Inc()
 		lastErr = err
+		env.upstreamError(name, err)
 		var ue *upstreams.Error
 		if errors.As(err, &ue) && len(ue.Recipients) > 0 && len(ue.Recipients) < len(m.To) {
 			// Partly accepted: record those, carry on with the rest.

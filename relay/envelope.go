@@ -2,6 +2,9 @@ package relay
 
 import (
 	"encoding/json"
+	"maps"
+	"slices"
+	"strings"
 	"time"
 )
 
@@ -24,8 +27,12 @@ type Envelope struct {
 	Attempts    int          `json:"attempts"`
 	NextAttempt time.Time    `json:"next_attempt"`
 	LastError   string       `json:"last_error,omitempty"`
-	Deliveries  []Delivery   `json:"deliveries,omitempty"`
-	Failures    []Failure    `json:"failures,omitempty"`
+	// UpstreamErrors is the last error each upstream itself returned. The
+	// last error of an attempt may only say that every upstream was
+	// skipped (breaker open); the 535 that opened the breaker is here.
+	UpstreamErrors map[string]string `json:"upstream_errors,omitempty"`
+	Deliveries     []Delivery        `json:"deliveries,omitempty"`
+	Failures       []Failure         `json:"failures,omitempty"`
 	// DeadReason and DeadAt are set when the message is dead-lettered.
 	DeadReason string     `json:"dead_reason,omitempty"`
 	DeadAt     *time.Time `json:"dead_at,omitempty"`
@@ -69,6 +76,25 @@ func (e *Envelope) pending() bool {
 		}
 	}
 	return false
+}
+
+// upstreamError records err as the last error upstream returned.
+func (e *Envelope) upstreamError(upstream string, err error) {
+	if e.UpstreamErrors == nil {
+		e.UpstreamErrors = map[string]string{}
+	}
+	e.UpstreamErrors[upstream] = err.Error()
+}
+
+// upstreamErrorsText lists the last error of each upstream, sorted by
+// upstream name, for dead-letter reasons.
+func (e *Envelope) upstreamErrorsText() string {
+	names := slices.Sorted(maps.Keys(e.UpstreamErrors))
+	parts := make([]string, 0, len(names))
+	for _, n := range names {
+		parts = append(parts, e.UpstreamErrors[n])
+	}
+	return strings.Join(parts, "; ")
 }
 
 // encodeEnvelope is the one on-disk form of an envelope: indented, so an

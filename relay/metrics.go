@@ -18,6 +18,8 @@ type metrics struct {
 	rateLimited *prometheus.CounterVec
 	skipped     *prometheus.CounterVec
 	smtpRefused *prometheus.CounterVec
+	connections prometheus.Gauge
+	authFailed  prometheus.Counter
 	deadTotal   prometheus.Counter
 	broken      prometheus.Counter
 }
@@ -38,12 +40,16 @@ func newMetrics(reg prometheus.Registerer, gates map[string]*policy.Gate, spoolL
 			Help: "Times an upstream was not tried for a message, by reason."}, []string{"upstream", "reason"}),
 		smtpRefused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "relaycar_smtp_refused_total",
 			Help: "SMTP commands refused by the listener, by reply code."}, []string{"code"}),
+		connections: prometheus.NewGauge(prometheus.GaugeOpts{Name: "relaycar_smtp_connections",
+			Help: "SMTP connections open now."}),
+		authFailed: prometheus.NewCounter(prometheus.CounterOpts{Name: "relaycar_smtp_auth_failures_total",
+			Help: "Failed SMTP AUTH attempts."}),
 		deadTotal: prometheus.NewCounter(prometheus.CounterOpts{Name: "relaycar_dead_lettered_total",
 			Help: "Messages moved to the dead-letter directory."}),
 		broken: prometheus.NewCounter(prometheus.CounterOpts{Name: "relaycar_spool_broken_total",
 			Help: "Unreadable envelopes quarantined as .broken at start."}),
 	}
-	reg.MustRegister(m.received, m.deliveries, m.duration, m.rateLimited, m.skipped, m.smtpRefused, m.deadTotal, m.broken,
+	reg.MustRegister(m.received, m.deliveries, m.duration, m.rateLimited, m.skipped, m.smtpRefused, m.connections, m.authFailed, m.deadTotal, m.broken,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "relaycar_spool_messages",
 		Help: "Messages in the spool waiting for delivery."}, spoolLen))

@@ -59,17 +59,39 @@ func normalizeCRLF(b []byte) []byte {
 type prepared struct {
 	data      []byte
 	messageID string
-	header    textproto.Header // after X-Relay-* removal; for routing
-	relayHdrs map[string]string
+	header    textproto.Header // after X-Relay-* removal: what upstreams get
+	relayHdrs textproto.Header // the removed X-Relay-* fields
 }
 
-// receivedInfo describes the SMTP session for the Received trace header.
+// receivedInfo describes the SMTP session: for the Received trace header,
+// and whether the client may steer routing with X-Relay-* headers
+// (listen.trusted_networks).
 type receivedInfo struct {
 	helo, remote, hostname, id, with string
 	at                               time.Time
+	trusted                          bool
 }
 
-// prepare removes X-Relay-* headers (keeping their values for routing),
+// routingHeader is the header routes match on (match.headers): the
+// delivered header plus, from a trusted client, the removed X-Relay-*
+// fields. From an untrusted client an X-Relay-* name reads as absent.
+func (p *prepared) routingHeader(trusted bool) func(string) string {
+	return func(name string) string {
+		if isRelayHeader(name) {
+			if !trusted {
+				return ""
+			}
+			return p.relayHdrs.Get(name)
+		}
+		return p.header.Get(name)
+	}
+}
+
+func isRelayHeader(name string) bool {
+	return strings.HasPrefix(strings.ToLower(name), "x-relay-")
+}
+
+// prepare removes X-Relay-* headers (keeping them for routing),
 // adds a Message-ID when missing, so every attempt and every provider sees
 // the same one, and prepends one Received header. The body and all other
 // header bytes are unchanged; see splitHeader for where the header ends.
@@ -81,10 +103,10 @@ func prepare(raw []byte, ri receivedInfo) (*prepared, error) {
 		// body rather than lose them if the parser still disagrees.
 		h, bodyOff = textproto.Header{}, 0
 	}
-	p := &prepared{relayHdrs: map[string]string{}}
+	p := &prepared{}
 	for f := h.Fields(); f.Next(); {
-		if strings.HasPrefix(strings.ToLower(f.Key()), "x-relay-") {
-			p.relayHdrs[f.Key()] = f.Value()
+		if isRelayHeader(f.Key()) {
+			p.relayHdrs.Add(f.Key(), f.Value())
 			f.Del()
 		}
 	}
@@ -101,11 +123,7 @@ func prepare(raw []byte, ri receivedInfo) (*prepared, error) {
 	}
 	out.Write(raw[bodyOff:])
 	p.data = out.Bytes()
-	// The routing view sees the original X-Relay-* values too.
 	p.header = h
-	for k, v := range p.relayHdrs {
-		p.header.Add(k, v)
-	}
 	return p, nil
 }
 

@@ -65,8 +65,35 @@ func TestPrepare_KeepsBytesAddsTraceAndMessageID(t *testing.T) {
 	if p.messageID != "<abc123@relay.test>" {
 		t.Errorf("messageID = %q", p.messageID)
 	}
-	if p.header.Get("X-Relay-Route") != "marketing" || p.header.Get("X-Relay-Priority") != "high" {
-		t.Errorf("routing view lost X-Relay headers")
+	h := p.routingHeader(true)
+	if h("X-Relay-Route") != "marketing" || h("X-Relay-Priority") != "high" || h("To") != "b@example.net" {
+		t.Errorf("trusted routing view lost headers")
+	}
+	if p.header.Get("X-Relay-Route") != "" {
+		t.Errorf("delivered header keeps X-Relay-Route")
+	}
+}
+
+// listen.trusted_networks: an untrusted client's X-Relay-* headers are
+// removed as ever but read as absent for routing; other headers route.
+func TestPrepare_UntrustedRoutingIgnoresRelayHeaders(t *testing.T) {
+	raw := "From: a@example.com\r\nX-Relay-Route: marketing\r\nX-Mailer: app\r\n\r\nbody\r\n"
+	p, err := prepare([]byte(raw), ri)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := p.routingHeader(false)
+	if v := h("X-Relay-Route"); v != "" {
+		t.Errorf("untrusted X-Relay-Route = %q, want it ignored", v)
+	}
+	if v := h("x-relay-route"); v != "" {
+		t.Errorf("untrusted x-relay-route = %q, want it ignored", v)
+	}
+	if v := h("X-Mailer"); v != "app" {
+		t.Errorf("X-Mailer = %q: non-X-Relay headers still route", v)
+	}
+	if strings.Contains(string(p.data), "X-Relay-") {
+		t.Errorf("X-Relay header delivered: %q", p.data)
 	}
 }
 
@@ -137,7 +164,7 @@ func TestPrepare_MalformedHeaderSection(t *testing.T) {
 			if strings.Contains(out, "X-Relay-Route") {
 				t.Errorf("X-Relay header leaked: %q", out)
 			}
-			if p.header.Get("X-Relay-Route") != "m" {
+			if p.routingHeader(true)("X-Relay-Route") != "m" {
 				t.Errorf("routing lost the X-Relay header")
 			}
 			head, body, _ := strings.Cut(out, "\r\n\r\n")

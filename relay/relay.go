@@ -52,6 +52,9 @@ type Relay struct {
 	allowedSenders map[string]bool
 	maxBytes       int64
 	version        string
+	// AUTH brake (auth.go); zero means the default. Tests set them before Run.
+	authFailDelay   time.Duration
+	authMaxFailures int
 
 	draining atomic.Bool
 	ready    atomic.Bool
@@ -156,7 +159,10 @@ func (r *Relay) accept(from string, rcpts []string, raw []byte, ri receivedInfo)
 	if err != nil {
 		return "", err
 	}
-	groups, unrouted := r.router.Split(from, rcpts, p.header.Get)
+	if !ri.trusted && p.relayHdrs.Len() > 0 {
+		r.log.Info("X-Relay-* headers ignored for routing: client not in listen.trusted_networks", "msg_id", id, "remote_addr", ri.remote)
+	}
+	groups, unrouted := r.router.Split(from, rcpts, p.routingHeader(ri.trusted))
 	if len(unrouted) > 0 {
 		r.log.Warn("message refused: no route", "from", from, "rcpts", unrouted)
 		return "", replyNoRoute
@@ -202,13 +208,16 @@ func (r *Relay) Listen() error {
 	if err != nil {
 		return fmt.Errorf("listen.address: %w", err)
 	}
-	var allowed []netip.Prefix
-	for _, n := range r.cfg.Listen.AllowedNetworks {
-		p, _ := parseNetwork(n)
-		allowed = append(allowed, p)
+	nets := func(list []string) []netip.Prefix {
+		var out []netip.Prefix
+		for _, n := range list {
+			p, _ := parseNetwork(n)
+			out = append(out, p)
+		}
+		return out
 	}
-	r.smtpLn = &allowListener{Listener: ln, allowed: allowed, log: r.log,
-		denied: func() { r.metrics.smtpRefused.WithLabelValues("554").Inc() }}
+	r.smtpLn = &allowListener{Listener: ln, allowed: nets(r.cfg.Listen.AllowedNetworks), trusted: nets(r.cfg.Listen.TrustedNetworks),
+		maxConns: r.cfg.Listen.MaxConnections, log: r.log, metrics: r.metrics}
 	if r.cfg.Admin.Address != "" {
 		if r.adminLn, err = net.Listen("tcp", r.cfg.Admin.Address); err != nil {
 			ln.Close()

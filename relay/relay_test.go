@@ -35,7 +35,7 @@ type recorder struct {
 	name string
 	mu   sync.Mutex
 	errs []error
-	got  []upstreams.Message
+	got  []sent
 	ids  []string // Message-ID of every call
 	seen int
 }
@@ -53,12 +53,24 @@ func (r *recorder) Send(_ context.Context, m *upstreams.Message) (string, error)
 			return "", err
 		}
 	}
+	data, err := io.ReadAll(m.Reader())
+	if err != nil {
+		return "", err
+	}
 	cp := *m
 	cp.To = slices.Clone(m.To)
-	r.got = append(r.got, cp)
+	r.got = append(r.got, sent{Message: cp, Data: data})
 	return fmt.Sprintf("%s-%d", r.name, len(r.got)), nil
 }
-func (r *recorder) accepted() []upstreams.Message {
+
+// sent is a message a recorder accepted, with its body read at the time:
+// the spool file behind Body is gone once the delivery is recorded.
+type sent struct {
+	upstreams.Message
+	Data []byte
+}
+
+func (r *recorder) accepted() []sent {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return slices.Clone(r.got)
@@ -84,14 +96,17 @@ type testRelay struct {
 // startRelay runs an in-process relay with the given upstream recorders;
 // edit lets a test adjust the config first.
 func startRelay(t *testing.T, ups []*recorder, routes []policy.RouteConfig, edit func(*Config)) *testRelay {
-	return startRelayTB(t, ups, routes, edit, true)
+	return startRelayTB(t, ups, routes, edit, true, nil)
 }
 
 func startRelayB(b *testing.B, ups []*recorder) *testRelay {
-	return startRelayTB(b, ups, nil, nil, false)
+	return startRelayTB(b, ups, nil, nil, false, nil)
 }
 
-func startRelayTB(t testing.TB, ups []*recorder, routes []policy.RouteConfig, edit func(*Config), logs bool) *testRelay {
+// startRelayTB is startRelay for tests and benchmarks; tune, if set, adjusts
+// the Relay between New and Run (fields tests shorten, such as the AUTH
+// failure delay).
+func startRelayTB(t testing.TB, ups []*recorder, routes []policy.RouteConfig, edit func(*Config), logs bool, tune func(*Relay)) *testRelay {
 	t.Helper()
 	dir := t.TempDir()
 	cfg := Default()
@@ -129,6 +144,9 @@ func startRelayTB(t testing.TB, ups []*recorder, routes []policy.RouteConfig, ed
 	r, err := New(&cfg, Deps{Logger: log, Upstreams: over})
 	if err != nil {
 		t.Fatal(err)
+	}
+	if tune != nil {
+		tune(r)
 	}
 	if err := r.Listen(); err != nil {
 		t.Fatal(err)
@@ -595,10 +613,13 @@ func TestAdmin_QueueRetryDrop(t *testing.T) {
 	if list[0].LastError == "" || list[0].Sender != "a@example.com" || list[0].NextAttempt.Before(time.Now().Add(30*time.Minute)) {
 		t.Errorf("entry = %+v", list[0])
 	}
-	resp, _ := http.Post("http://"+tr.admin+"/api/queue/"+list[0].ID+"/retry", "", nil)
+	req, _ := http.NewRequest(http.MethodPost, "http://"+tr.admin+"/api/queue/"+list[0].ID+"/retry", nil)
+	req.Header.Set("X-Relaycar-Request", "1")
+	resp, _ := http.DefaultClient.Do(req)
 	resp.Body.Close()
 	waitFor(t, "retry", func() bool { return a.calls() == 3 })
-	req, _ := http.NewRequest(http.MethodDelete, "http://"+tr.admin+"/api/queue/"+list[1].ID, nil)
+	req, _ = http.NewRequest(http.MethodDelete, "http://"+tr.admin+"/api/queue/"+list[1].ID, nil)
+	req.Header.Set("X-Relaycar-Request", "1")
 	resp, _ = http.DefaultClient.Do(req)
 	resp.Body.Close()
 	if resp.StatusCode != 200 {
@@ -708,6 +729,8 @@ func TestAdmin_QueueChangesOnlyFromLoopback(t *testing.T) {
 		{http.MethodGet, "/metrics", "10.1.2.3:4000", http.StatusOK},
 	} {
 		req := httptest.NewRequest(tc.method, tc.path, nil)
+		req.Host = "127.0.0.1:9025"
+		req.Header.Set("X-Relaycar-Request", "1")
 		req.RemoteAddr = tc.remote
 		rec := httptest.NewRecorder()
 		h.ServeHTTP(rec, req)

@@ -2,12 +2,15 @@ package relay
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/mail"
+	"os"
 	"strings"
 	"sync/atomic"
+	"time"
 	"unicode/utf8"
 
 	"github.com/emersion/go-smtp"
@@ -22,7 +25,7 @@ func (b backend) NewSession(c *smtp.Conn) (smtp.Session, error) {
 	if b.r.draining.Load() {
 		return nil, replyShuttingDown
 	}
-	return &session{r: b.r, conn: c, log: b.r.log.With("remote_addr", c.Conn().RemoteAddr().String())}, nil
+	return &session{r: b.r, conn: c, cc: clientConnOf(c.Conn()), log: b.r.log.With("remote_addr", c.Conn().RemoteAddr().String())}, nil
 }
 
 // session is one SMTP transaction at a time. Every error it returns is an
@@ -31,10 +34,15 @@ func (b backend) NewSession(c *smtp.Conn) (smtp.Session, error) {
 type session struct {
 	r     *Relay
 	conn  *smtp.Conn
+	cc    *clientConn // nil only for a connection that bypassed allowListener
 	log   *slog.Logger
 	user  string
 	from  string
 	rcpts []string
+	// utf8: this transaction's MAIL had SMTPUTF8 (RFC 6531).
+	utf8 bool
+	// authFails counts AUTH failures when there is no clientConn.
+	authFails int
 	// inTx is atomic: go-smtp calls Logout from the goroutine that closes
 	// the server while the session's own goroutine may be in Mail.
 	inTx atomic.Bool
@@ -49,16 +57,32 @@ func (s *session) endTx() {
 }
 
 func (s *session) Reset() {
-	s.from, s.rcpts = "", nil
+	s.from, s.rcpts, s.utf8 = "", nil, false
+	s.endData()
 	s.endTx()
 }
 
 func (s *session) Logout() error {
+	s.endData()
 	s.endTx()
 	return nil
 }
 
-func (s *session) Mail(from string, _ *smtp.MailOptions) error {
+func (s *session) endData() {
+	if s.cc != nil {
+		s.cc.endData()
+	}
+}
+
+// timedOut: a read on this connection timed out, and go-smtp is still
+// handling the partial line bufio passed on without the error. The
+// connection ends at go-smtp's next read; refuse the line meanwhile.
+func (s *session) timedOut() bool { return s.cc != nil && s.cc.timedOut() }
+
+func (s *session) Mail(from string, opts *smtp.MailOptions) error {
+	if s.timedOut() {
+		return s.refuse(replyTimedOut)
+	}
 	if s.r.draining.Load() {
 		// A pooled connection starting a new transaction while we drain:
 		// send it elsewhere (or later) instead of holding the shutdown.
@@ -70,11 +94,18 @@ func (s *session) Mail(from string, _ *smtp.MailOptions) error {
 	if from != "" && !validAddress(from) {
 		return s.refuse(replyBadSender)
 	}
+	smtputf8 := opts != nil && opts.UTF8
+	if !smtputf8 && !upstreams.IsASCII(from) {
+		return s.refuse(replyNeedSMTPUTF8)
+	}
+	if !withinLimits(from) {
+		return s.refuse(replySenderTooLong)
+	}
 	if len(s.r.allowedSenders) > 0 && !s.r.allowedSenders[upstreams.Domain(from)] {
 		s.log.Warn("sender refused: domain not allowed", "from", from)
 		return s.refuse(replySenderDenied)
 	}
-	s.from = from
+	s.from, s.utf8 = from, smtputf8
 	if s.inTx.CompareAndSwap(false, true) {
 		s.r.inTx.Add(1)
 	}
@@ -82,21 +113,48 @@ func (s *session) Mail(from string, _ *smtp.MailOptions) error {
 }
 
 func (s *session) Rcpt(to string, _ *smtp.RcptOptions) error {
+	if s.timedOut() {
+		return s.refuse(replyTimedOut)
+	}
 	if strings.IndexByte(to, '@') <= 0 || strings.HasSuffix(to, "@") || !validAddress(to) {
 		return s.refuse(replyBadAddress)
+	}
+	if !s.utf8 && !upstreams.IsASCII(to) {
+		return s.refuse(replyNeedSMTPUTF8)
+	}
+	if !withinLimits(to) {
+		return s.refuse(replyRcptTooLong)
 	}
 	s.rcpts = append(s.rcpts, to)
 	return nil
 }
 
 func (s *session) Data(r io.Reader) error {
+	if s.cc != nil {
+		// Until Reset: read_timeout per read, data_timeout for the whole.
+		s.cc.startData(s.r.cfg.Listen.ReadTimeout, s.r.cfg.Listen.DataTimeout)
+	}
 	raw, err := io.ReadAll(r)
 	if err != nil {
 		if errors.Is(err, smtp.ErrDataTooLarge) {
 			return s.refuse(replyTooBig)
 		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			s.log.Warn("reading message timed out", "from", s.from, "bytes", len(raw))
+			return s.refuse(replyDataTimeout)
+		}
 		s.log.Warn("reading message failed", "err", err)
 		return s.refuse(replyReadFailed)
+	}
+	if s.timedOut() {
+		// "BDAT 0 LAST" without its CRLF: go-smtp ran the partial line.
+		return s.refuse(replyDataTimeout)
+	}
+	if s.sawDotCR() {
+		// go-smtp already dropped the ".\r", so there is nothing left to
+		// normalise: refused in both bare_lf modes.
+		s.log.Warn("message refused: <CR><LF>.<CR> in DATA", "from", s.from)
+		return s.refuse(replyBareLF)
 	}
 	if hasBareCRLF(raw) {
 		if s.r.cfg.Listen.BareLF == "reject" {
@@ -115,6 +173,42 @@ func (s *session) Data(r io.Reader) error {
 		return s.refuse(replySpoolFailed)
 	}
 	return replyQueued(id)
+}
+
+// sawDotCR reports the <CR><LF>.<CR> sequence that go-smtp's DATA reader
+// hides (see dotCRScan). The scan sees plaintext only without TLS; under
+// STARTTLS it reads ciphertext and is not consulted, and go-smtp still
+// drops such a ".<CR>" unnoticed: closing that needs its data reader fixed.
+func (s *session) sawDotCR() bool {
+	if s.cc == nil {
+		return false
+	}
+	if _, isTLS := s.conn.TLSConnectionState(); isTLS {
+		return false
+	}
+	return s.cc.dotCR.Load()
+}
+
+// withinLimits applies RFC 5321 4.5.3.1: a local part of at most 64
+// octets, a domain of at most 255 (labels of at most 63), and a path of
+// at most 256 octets with its angle brackets, so 254 for the address.
+func withinLimits(a string) bool {
+	if len(a) > 254 {
+		return false
+	}
+	at := strings.LastIndexByte(a, '@')
+	if at < 0 {
+		return true // the null sender; RCPT checks the @ itself
+	}
+	if at > 64 {
+		return false
+	}
+	for _, label := range strings.Split(a[at+1:], ".") {
+		if len(label) > 63 {
+			return false
+		}
+	}
+	return true
 }
 
 // validAddress checks an envelope address. ASCII addresses must parse as
@@ -149,12 +243,32 @@ func (s *session) traceInfo() receivedInfo {
 	if host, _, err := net.SplitHostPort(remote); err == nil {
 		remote = host
 	}
-	return receivedInfo{helo: s.conn.Hostname(), remote: remote, hostname: s.r.cfg.Listen.Hostname, with: with}
+	// Without a clientConn the listener's trust decision is unknown:
+	// trusted only when no trusted_networks are configured.
+	trusted := len(s.r.cfg.Listen.TrustedNetworks) == 0
+	if s.cc != nil {
+		trusted = s.cc.trusted
+	}
+	return receivedInfo{helo: s.conn.Hostname(), remote: remote, hostname: s.r.cfg.Listen.Hostname, with: with, trusted: trusted}
 }
 
 func (s *session) refuse(e *smtp.SMTPError) error {
 	s.r.metrics.smtpRefused.WithLabelValues(itoa(e.Code)).Inc()
 	return e
+}
+
+// hangUp sends e and closes the connection. go-smtp only writes what a
+// session returns and reads on, so the reply goes out here first, through
+// the connection go-smtp uses (the *tls.Conn after STARTTLS); go-smtp's own
+// write of e then fails on the closed connection and its read loop ends.
+func (s *session) hangUp(e *smtp.SMTPError) error {
+	nc := s.conn.Conn()
+	if d := s.r.cfg.Listen.WriteTimeout; d > 0 {
+		nc.SetWriteDeadline(time.Now().Add(d))
+	}
+	fmt.Fprintf(nc, "%d %d.%d.%d %s\r\n", e.Code, e.EnhancedCode[0], e.EnhancedCode[1], e.EnhancedCode[2], e.Message)
+	s.conn.Close()
+	return s.refuse(e)
 }
 
 var (

@@ -15,6 +15,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -28,6 +29,7 @@ import (
 //	<dir>/dead/<id>.{eml,json}  dead letters, with DeadReason
 //	<dir>/.tmp-*            in-progress writes, removed at start
 //	<dir>/<id>.json.broken  unreadable envelopes, kept for a human
+//	<dir>/<id>.eml.broken   their bodies, and bodies found without an envelope
 //
 // A message exists once its .json is renamed into place and the directory
 // is fsynced; until then nothing was promised to the client.
@@ -38,6 +40,30 @@ type Spool struct {
 	log  *slog.Logger
 	sync *atomicfile.GroupSync
 	lock *os.File
+	// statfs reports the spool's free space; tests fake a full disk with it.
+	statfs func(dir string) (space, error)
+	// fullAt is the free space seen when a commit last failed with ENOSPC,
+	// nil once one succeeds: Ready refuses until space has been freed
+	// since, even if statfs shows enough (concurrent commits, metadata, a
+	// volume too small for the size limit).
+	fullAt atomic.Pointer[uint64]
+}
+
+// space is the part of statfs(2) that readiness looks at.
+type space struct {
+	Avail, Total     uint64 // bytes available to unprivileged writers, and in all
+	FreeFiles, Files uint64 // inodes; Files is 0 where the file system has no fixed count
+}
+
+func statSpace(dir string) (space, error) {
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(dir, &st); err != nil {
+		return space{}, err
+	}
+	// Bsize equals the fragment size that counts blocks on the file
+	// systems a spool lives on (ext4, xfs, tmpfs, overlay).
+	bs := uint64(st.Bsize)
+	return space{Avail: st.Bavail * bs, Total: st.Blocks * bs, FreeFiles: st.Ffree, Files: st.Files}, nil
 }
 
 const (
@@ -48,7 +74,7 @@ const (
 // OpenSpool creates the directories if needed. Call Lock to own it as the
 // serving process.
 func OpenSpool(dir string, log *slog.Logger) (*Spool, error) {
-	s := &Spool{dir: dir, dead: filepath.Join(dir, "dead"), fs: atomicfile.OS{}, log: log}
+	s := &Spool{dir: dir, dead: filepath.Join(dir, "dead"), fs: atomicfile.OS{}, log: log, statfs: statSpace}
 	s.sync = &atomicfile.GroupSync{Dir: dir}
 	for _, d := range []string{dir, s.dead} {
 		if err := os.MkdirAll(d, dirMode); err != nil {
@@ -152,16 +178,32 @@ func (s *Spool) path(id, ext string) string { return filepath.Join(s.dir, id+ext
 // and under load that lock, not the disk, was the limit. A crash before
 // the sync can leave a torn .json (unparseable) or .eml (CRC mismatch);
 // neither was acknowledged, and Load quarantines both. On error nothing is
-// kept.
+// kept; a failure for lack of space is remembered for Ready.
 func (s *Spool) Put(env *Envelope, data []byte) error {
+	err := s.put(env, data)
+	switch {
+	case err == nil:
+		s.fullAt.Store(nil)
+	case errors.Is(err, syscall.ENOSPC):
+		var free uint64 // unknown: any free space counts as freed
+		if sp, serr := s.statfs(s.dir); serr == nil {
+			free = sp.Avail
+		}
+		s.fullAt.Store(&free)
+	}
+	return err
+}
+
+func (s *Spool) put(env *Envelope, data []byte) error {
 	env.BodyCRC = bodyCRC(data)
 	js, err := encodeEnvelope(env)
 	if err != nil {
 		return err
 	}
 	eml, jsn := s.path(env.ID, ".eml"), s.path(env.ID, ".json")
-	// Body first: a .json always has its .eml; an .eml alone is an
-	// unacknowledged leftover that Load removes.
+	// Body first: a .json always has its .eml. An .eml alone is most
+	// likely a leftover of a crash before the commit, but it may be an
+	// acknowledged message whose .json was lost, so Load quarantines it.
 	if err := s.create(eml, data); err != nil {
 		return err
 	}
@@ -229,7 +271,8 @@ func (s *Spool) Update(env *Envelope) error {
 }
 
 // Remove deletes a delivered message: envelope first, so a crash in between
-// leaves only an orphan body, which Load removes. It does not wait for the
+// leaves only an orphan body, which Load quarantines (it cannot tell it
+// from a message whose envelope was lost). It does not wait for the
 // unlink to be durable: if a crash undoes it, the message is sent again,
 // which at-least-once allows, and accepts keep the sync bandwidth.
 func (s *Spool) Remove(id string) error {
@@ -281,9 +324,9 @@ func (s *Spool) finishBury(id string) error {
 	return s.sync.Sync()
 }
 
-// Load recovers the spool after a start: it removes temp files and bodies
-// that never got an envelope, completes interrupted dead-letter moves,
-// quarantines unreadable envelopes as .broken, and returns the live
+// Load recovers the spool after a start: it removes temp files, completes
+// interrupted dead-letter moves, quarantines unreadable envelopes and
+// bodies without one as .broken (counted in broken), and returns the live
 // envelopes oldest first.
 func (s *Spool) Load() (envs []*Envelope, broken int, err error) {
 	entries, err := os.ReadDir(s.dir)
@@ -312,8 +355,14 @@ func (s *Spool) Load() (envs []*Envelope, broken int, err error) {
 				}
 				continue
 			}
-			s.log.Warn("removing body without envelope (never acknowledged)", "msg_id", id)
-			os.Remove(filepath.Join(s.dir, name))
+			// Usually a crash between body and envelope (never
+			// acknowledged), but an envelope lost to corruption looks the
+			// same, and that message was: keep it for a human.
+			broken++
+			s.log.Warn("quarantining body without envelope", "msg_id", id, "files", name+".broken")
+			if err := os.Rename(filepath.Join(s.dir, name), filepath.Join(s.dir, name+".broken")); err != nil {
+				return nil, broken, err
+			}
 		case strings.HasSuffix(name, ".json"):
 			id := strings.TrimSuffix(name, ".json")
 			if _, err := os.Stat(filepath.Join(s.dead, id+".json")); err == nil {
@@ -415,16 +464,11 @@ func (s *Spool) list(dir string) ([]*Envelope, error) {
 	return envs, nil
 }
 
-// CountDead returns the number of dead letters.
+// CountDead returns the number of dead letters: exactly what Dead lists,
+// so the gauge never counts files nobody can find through /api/dead.
 func (s *Spool) CountDead() int {
-	entries, _ := os.ReadDir(s.dead)
-	n := 0
-	for _, e := range entries {
-		if strings.HasSuffix(e.Name(), ".json") && !strings.HasPrefix(e.Name(), ".") {
-			n++
-		}
-	}
-	return n
+	envs, _ := s.Dead()
+	return len(envs)
 }
 
 // Get reads one live envelope.
@@ -455,6 +499,7 @@ func (s *Spool) Resurrect(id string, now time.Time) (*Envelope, error) {
 	}
 	env.Failures, env.DeadReason, env.DeadAt = nil, "", nil
 	env.Attempts, env.NextAttempt, env.LastError = 0, now.UTC(), ""
+	env.UpstreamErrors = nil
 	// Counting max_age from now gives the retried message a full window.
 	env.ReceivedAt = now.UTC()
 	// Live envelope first, body second, dead envelope last. Until the dead
@@ -501,17 +546,53 @@ func (s *Spool) Drop(id string) error {
 	return s.sync.Sync()
 }
 
-// Writable checks that a file can be created in the spool and that no
-// sync has failed, for /readyz.
-func (s *Spool) Writable() error {
+// errSpoolFull means the spool's file system has no room for a message.
+var errSpoolFull = errors.New("spool file system full")
+
+// Envelope, Received header and file-system metadata on top of the body.
+const commitOverhead = 64 << 10
+
+// Ready reports whether a message of need bytes can be committed now, for
+// /readyz: no sync has failed (sticky), a file can be created, and the file
+// system has room for such a message and an inode for each file — and, if
+// a commit failed for lack of space, space has been freed since. The room
+// asked for is at most a tenth of the file system, so a volume smaller
+// than ten maximum-size messages still serves the smaller ones; the ENOSPC
+// record catches it when those fill it too.
+func (s *Spool) Ready(need int64) error {
 	if err := s.sync.Err(); err != nil {
 		return err
 	}
 	f, err := os.CreateTemp(s.dir, atomicfile.TempPrefix+"probe-*")
-	if err != nil {
+	if errors.Is(err, syscall.ENOSPC) {
+		return fmt.Errorf("%w: %w", errSpoolFull, err)
+	} else if err != nil {
 		return err
 	}
 	name := f.Name()
 	f.Close()
-	return os.Remove(name)
+	if err := os.Remove(name); err != nil {
+		return err
+	}
+	sp, err := s.statfs(s.dir)
+	if err != nil {
+		return err
+	}
+	want := uint64(max(need, 0)) + commitOverhead
+	if sp.Total > 0 {
+		want = min(want, sp.Total/10)
+	}
+	if sp.Avail < want {
+		return fmt.Errorf("%w: %d bytes free, %d needed", errSpoolFull, sp.Avail, want)
+	}
+	if sp.Files > 0 && sp.FreeFiles < 3 { // .eml, .json and a temp file
+		return fmt.Errorf("%w: %d inodes free", errSpoolFull, sp.FreeFiles)
+	}
+	if p := s.fullAt.Load(); p != nil {
+		if sp.Avail <= *p {
+			return fmt.Errorf("%w: the last commit failed for lack of space and none was freed since (%d bytes free)", errSpoolFull, sp.Avail)
+		}
+		s.fullAt.CompareAndSwap(p, nil)
+	}
+	return nil
 }

@@ -91,8 +91,9 @@ func TestSpool_IDsSortByTime(t *testing.T) {
 	}
 }
 
-// Models a crash between writing the body and committing the envelope, a
-// torn envelope, and a crash in the middle of dead-lettering.
+// Models a crash between writing the body and committing the envelope (or
+// an envelope lost to corruption after its 250), a torn envelope, and a
+// crash in the middle of dead-lettering.
 func TestSpool_LoadRecoversAfterCrash(t *testing.T) {
 	s := newTestSpool(t)
 	ok, orphan, broken, half := NewID(time.Now()), NewID(time.Now()), NewID(time.Now()), NewID(time.Now())
@@ -101,7 +102,7 @@ func TestSpool_LoadRecoversAfterCrash(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	os.WriteFile(filepath.Join(s.dir, orphan+".eml"), []byte("never acknowledged"), 0o600)
+	os.WriteFile(filepath.Join(s.dir, orphan+".eml"), []byte("maybe acknowledged"), 0o600)
 	os.WriteFile(filepath.Join(s.dir, broken+".eml"), []byte("x"), 0o600)
 	os.WriteFile(filepath.Join(s.dir, broken+".json"), []byte(`{"id": "`+broken), 0o600)
 	os.WriteFile(filepath.Join(s.dir, ".tmp-123"), []byte("partial"), 0o600)
@@ -115,16 +116,53 @@ func TestSpool_LoadRecoversAfterCrash(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(envs) != 1 || envs[0].ID != ok || nBroken != 1 {
-		t.Fatalf("Load = %d envs (%v), %d broken", len(envs), envs, nBroken)
+	// A body without its envelope is quarantined, not deleted: nothing
+	// tells a torn Put from an acknowledged message whose .json was lost.
+	if len(envs) != 1 || envs[0].ID != ok || nBroken != 2 {
+		t.Fatalf("Load = %d envs (%v), %d broken, want 1 and 2", len(envs), envs, nBroken)
 	}
-	want := []string{broken + ".eml.broken", broken + ".json.broken", "dead", ok + ".eml", ok + ".json"}
+	want := []string{broken + ".eml.broken", broken + ".json.broken", "dead", ok + ".eml", ok + ".json", orphan + ".eml.broken"}
 	sort.Strings(want)
 	if got := dirNames(t, s.dir); !slices.Equal(got, want) {
 		t.Errorf("spool after Load = %v, want %v", got, want)
 	}
 	if got := dirNames(t, s.dead); !slices.Equal(got, []string{half + ".eml", half + ".json"}) {
 		t.Errorf("dead after Load = %v", got)
+	}
+}
+
+// Models an operator (or a backup tool) leaving files in dead/: the
+// dead-letter gauge must count what /api/dead lists, or alerts fire on
+// messages nobody can find.
+func TestSpool_CountDeadMatchesListing(t *testing.T) {
+	s := newTestSpool(t)
+	id := NewID(time.Now())
+	env := testEnv(id)
+	s.Put(env, []byte("body"))
+	if err := s.Bury(env, "rejected", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	other := testEnv(NewID(time.Now()))
+	js, _ := encodeEnvelope(other)
+	for name, data := range map[string][]byte{
+		"notes.json":      []byte("operator notes, not an envelope"),
+		"copy of x.json":  js,           // invalid id in the name
+		"a0renamed.json":  js,           // valid name, envelope of another id
+		".tmp-123.json":   js,           // in-progress write
+		id + ".json.bak":  js,           // not .json
+		"empty.json":      nil,          // torn
+		"aaaaaaaaaa.json": []byte("{}"), // no id
+	} {
+		if err := os.WriteFile(filepath.Join(s.dead, name), data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	dead, err := s.Dead()
+	if err != nil || len(dead) != 1 || dead[0].ID != id {
+		t.Fatalf("Dead = %v, %v; want only %s", dead, err, id)
+	}
+	if n := s.CountDead(); n != len(dead) {
+		t.Errorf("CountDead = %d, /api/dead lists %d", n, len(dead))
 	}
 }
 

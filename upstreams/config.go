@@ -89,18 +89,45 @@ var Types = []string{"ses", "sendgrid", "mailgun", "smtp2go", "smtp", "file"}
 // DefaultMaxMessageBytes is each provider's documented limit; 0 means the
 // upstream sets none of its own (the listener's limit applies).
 func DefaultMaxMessageBytes(typ string) int64 {
+	limit, _, _ := providerMaxMessageBytes(typ)
+	return limit
+}
+
+// providerMaxMessageBytes is the largest raw message a provider takes (0
+// for none known), its name and the limit as documented. It is both the
+// default and the ceiling of max_message_bytes: above it the relay would
+// answer 250 and then dead-letter.
+func providerMaxMessageBytes(typ string) (limit int64, provider, documented string) {
 	switch typ {
 	case "ses":
 		// SES counts its 40 MB limit after base64 (4/3 growth), so raw
 		// messages above 30 MB cannot pass; 28 MiB leaves room for the
-		// request envelope.
-		return 28 << 20
+		// request envelope (see sesMaxEncoded).
+		return 28 << 20, "SES", "40 MB after base64"
 	case "sendgrid":
-		return 30 << 20
+		return 30 << 20, "SendGrid", "30 MB"
 	case "mailgun":
-		return 25 << 20
+		return 25 << 20, "Mailgun", "25 MB"
 	}
-	return 0
+	return 0, "", ""
+}
+
+// apiKeyForm says what a provider's key looks like, for the message when a
+// configured one is too short to be real; "" for types without API keys.
+func apiKeyForm(typ, field string) string {
+	switch typ + "." + field {
+	case "sendgrid.api_key":
+		return `a SendGrid API key (those start with "SG." and are about 69 characters)`
+	case "smtp2go.api_key":
+		return `an SMTP2GO API key (those are "api-" and 32 hex digits)`
+	case "mailgun.api_key":
+		return "a Mailgun API key"
+	case "ses.access_key_id":
+		return "an AWS access key ID (those are 20 characters, like AKIA...)"
+	case "ses.secret_access_key":
+		return "an AWS secret access key (those are 40 characters)"
+	}
+	return ""
 }
 
 // ApplyDefaults fills unset fields with the documented defaults.
@@ -255,6 +282,21 @@ func (c *Config) Validate(path string) []error {
 	}
 	if c.MaxMessageBytes < 0 {
 		bad("max_message_bytes", "must not be negative")
+	}
+	if limit, provider, documented := providerMaxMessageBytes(c.Type); limit > 0 && c.MaxMessageBytes > limit {
+		bad("max_message_bytes", "%d is above %s's limit of %s (%d bytes)", c.MaxMessageBytes, provider, documented, limit)
+	}
+	// Refuse only what cannot be a real key: a truncated paste or a
+	// placeholder fails every send, and apiRedact matches secrets by value
+	// only from apiMinSecretLen on. Neither the value nor its length is
+	// echoed.
+	for _, f := range []struct {
+		key string
+		val Secret
+	}{{"access_key_id", c.AccessKeyID}, {"secret_access_key", c.SecretAccessKey}, {"api_key", c.APIKey}} {
+		if form := apiKeyForm(c.Type, f.key); form != "" && f.val != "" && len(f.val.Reveal()) < apiMinSecretLen {
+			bad(f.key, "too short to be %s", form)
+		}
 	}
 	if c.Timeout < 0 {
 		bad("timeout", "must not be negative")

@@ -3,7 +3,9 @@
 //
 // To add a provider, write one file with, in this order: the type; a
 // constructor newX(c Config, d Deps) that validates what it needs and
-// builds its client with Config.Endpoint overridable for tests; Send, which
+// builds its client with Config.Endpoint overridable for tests (HTTP ones
+// from Deps.httpClient, which bounds the time and size of every response,
+// so an endless body cannot hold a worker or its memory); Send, which
 // builds the request, calls the provider once (the relay owns retries, so
 // SDK retries stay off) and classifies every failure into an *Error; its
 // helpers; and an interface guard. Then add the type to New's switch, to

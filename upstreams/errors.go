@@ -115,8 +115,11 @@ func ClassifyHTTP(status int) Class {
 		return ProviderFault
 	case status == http.StatusRequestTimeout, status == http.StatusTooManyRequests:
 		return Transient
-	case status == http.StatusBadRequest, status == http.StatusRequestEntityTooLarge,
-		status == http.StatusUnprocessableEntity:
+	case status == http.StatusRequestEntityTooLarge:
+		// Too big for this provider, not a bad message: another upstream
+		// of the route may carry it.
+		return Unsupported
+	case status == http.StatusBadRequest, status == http.StatusUnprocessableEntity:
 		return Rejected
 	case status >= 500:
 		return Transient

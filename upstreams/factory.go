@@ -13,7 +13,8 @@ import (
 type Deps struct {
 	Logger *slog.Logger
 	// HTTPClient is the base client of HTTP adapters; each adapter still
-	// applies its own timeout. Nil means a fresh client.
+	// applies its own timeout and bounds response bodies. Nil means a
+	// fresh client.
 	HTTPClient *http.Client
 	// Hostname is the EHLO name used towards SMTP upstreams.
 	Hostname string
@@ -22,6 +23,9 @@ type Deps struct {
 	// the file upstream shares syncs with the spool when both live on one
 	// file system. Nil means a syncer of its own.
 	SyncFor func(dir string) *atomicfile.GroupSync
+	// Memory is reserved by adapters that hold a whole message in memory
+	// (SES, SMTP2GO, SendGrid, Mailgun). Nil means no budget.
+	Memory Memory
 }
 
 func (d Deps) logger() *slog.Logger {
@@ -50,7 +54,13 @@ func (d Deps) httpClient(timeout time.Duration) *http.Client {
 	if d.HTTPClient != nil {
 		*c = *d.HTTPClient
 	}
+	// The timeout covers the whole exchange, reading the body included.
 	c.Timeout = timeout
+	base := c.Transport
+	if base == nil {
+		base = http.DefaultTransport
+	}
+	c.Transport = apiLimitTransport{base: base, max: apiMaxResponseBytes}
 	// A redirect to another host would carry API-key headers along (Go
 	// strips only Authorization and Cookie); providers do not redirect the
 	// send APIs, so treat a 3xx as the answer.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"time"
@@ -48,20 +49,31 @@ func (f *File) Name() string { return f.name }
 func (f *File) Send(ctx context.Context, m *Message) (string, error) {
 	base := filepath.Join(f.dir, m.ID)
 	env, _ := json.MarshalIndent(FileEnvelope{
-		ID: m.ID, From: m.From, To: m.To, MessageID: m.MessageID, Size: len(m.Data), WrittenAt: f.now().UTC(),
+		ID: m.ID, From: m.From, To: m.To, MessageID: m.MessageID, Size: int(m.Size()), WrittenAt: f.now().UTC(),
 	}, "", "  ")
-	for _, w := range []struct {
-		path string
-		data []byte
-	}{{base + ".eml", m.Data}, {base + ".json", env}} {
-		if err := os.WriteFile(w.path, w.data, 0o600); err != nil {
-			return "", Errorf(f.name, Transient, "", err, "write: %v", err)
-		}
+	if err := writeFile(base+".eml", m.Reader()); err != nil {
+		return "", Errorf(f.name, Transient, "", err, "write: %v", err)
+	}
+	if err := os.WriteFile(base+".json", env, 0o600); err != nil {
+		return "", Errorf(f.name, Transient, "", err, "write: %v", err)
 	}
 	if err := f.sync.Sync(); err != nil {
 		return "", Errorf(f.name, Transient, "", err, "sync: %v", err)
 	}
 	return m.ID, nil
+}
+
+// writeFile streams r into path (created or truncated, 0600).
+func writeFile(path string, r io.Reader) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(f, r); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
 
 var _ Upstream = (*File)(nil)

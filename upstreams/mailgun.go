@@ -1,7 +1,6 @@
 package upstreams
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -25,6 +24,7 @@ type Mailgun struct {
 	timeout time.Duration
 	key     Secret
 	log     *slog.Logger
+	mem     Memory
 }
 
 func newMailgun(c Config, d Deps) (*Mailgun, error) {
@@ -48,7 +48,7 @@ func newMailgun(c Config, d Deps) (*Mailgun, error) {
 	if err := mg.SetAPIBase(base); err != nil {
 		return nil, fmt.Errorf("endpoint: %v", err)
 	}
-	return &Mailgun{name: c.Name, domain: c.Domain, client: mg, timeout: timeout, key: c.APIKey, log: d.logger()}, nil
+	return &Mailgun{name: c.Name, domain: c.Domain, client: mg, timeout: timeout, key: c.APIKey, log: d.logger(), mem: d.Memory}, nil
 }
 
 // Name returns the configured name.
@@ -61,6 +61,11 @@ func (g *Mailgun) Send(ctx context.Context, m *Message) (string, error) {
 	if len(m.To) == 0 {
 		return "", Errorf(g.name, Rejected, "", nil, "no recipients")
 	}
+	release, err := reserve(ctx, g.mem, g.name, m, memFactorMailgun)
+	if err != nil {
+		return "", err
+	}
+	defer release()
 	first, err := sendChunks(m.To, mailgun.MaxNumberOfRecipients, func(rcpts []string) (string, *Error) {
 		return g.send(ctx, m, rcpts)
 	})
@@ -76,8 +81,9 @@ func (g *Mailgun) send(ctx context.Context, m *Message, rcpts []string) (string,
 	ctx, cancel := context.WithTimeoutCause(ctx, g.timeout, apiTimeoutCause(g.timeout))
 	defer cancel()
 	ctx, progress := apiTrace(ctx)
-	// A fresh reader per call: the SDK consumes and closes it.
-	msg := mailgun.NewMIMEMessage(g.domain, io.NopCloser(bytes.NewReader(m.Data)), rcpts...)
+	// A fresh reader per call, straight from the spool: the SDK consumes
+	// and closes it (into its own form buffer, hence the reservation).
+	msg := mailgun.NewMIMEMessage(g.domain, io.NopCloser(m.Reader()), rcpts...)
 	resp, err := g.client.Send(ctx, msg)
 	if err != nil {
 		return "", g.classify(ctx, err, progress)
@@ -91,8 +97,8 @@ func (g *Mailgun) send(ctx context.Context, m *Message, rcpts []string) (string,
 // classify maps an SDK error. Mailgun has no error codes beyond the status:
 // 401/403 bad key or disabled domain, 404 unknown domain (the configured
 // sending domain, so every message would fail: ProviderFault, not
-// SenderRejected), 400 bad address, 413 too large, 429/5xx transient; that
-// is ClassifyHTTP. A 2xx other than 200/202/204, or one whose body does not
+// SenderRejected), 400 bad address, 413 too large (Unsupported: another
+// upstream may carry it), 429/5xx transient; that is ClassifyHTTP. A 2xx other than 200/202/204, or one whose body does not
 // parse, means the message was probably taken: Ambiguous.
 func (g *Mailgun) classify(ctx context.Context, err error, p *apiProgress) *Error {
 	var ure *mailgun.UnexpectedResponseError
@@ -112,8 +118,23 @@ func (g *Mailgun) classify(ctx context.Context, err error, p *apiProgress) *Erro
 			Reason: Truncate(apiRedact(reason, g.key), 300), Err: fmt.Errorf("mailgun: HTTP %d", status)}
 	}
 	if p.reply.Load() {
-		// A response came but its body did not read or parse.
-		return &Error{Upstream: g.name, Class: Ambiguous, Reason: "unreadable success response", Err: err}
+		// A response came but its body did not read or parse. The SDK
+		// drops the status then; the transport kept it. An error status
+		// is still its own answer, a 2xx may mean Mailgun has the message.
+		why := "unparseable body"
+		if errors.Is(err, errResponseTooLarge) || errors.Is(err, context.DeadlineExceeded) || isTimeout(err) {
+			why = apiUnreadable(err)
+		}
+		if st := int(p.status.Load()); st != 0 && (st < 200 || st >= 300) {
+			return &Error{Upstream: g.name, Class: ClassifyHTTP(st), Code: strconv.Itoa(st),
+				Reason: fmt.Sprintf("HTTP %d: %s", st, why), Err: fmt.Errorf("mailgun: HTTP %d", st)}
+		}
+		return &Error{Upstream: g.name, Class: Ambiguous, Reason: "unreadable success response: " + why, Err: err}
+	}
+	if errors.Is(err, mailgun.ErrInvalidMessage) {
+		// The SDK's own check of the message (no body, no recipient):
+		// a property of this message, not of Mailgun's health.
+		return &Error{Upstream: g.name, Class: Unsupported, Reason: "Mailgun's SDK refused the message as invalid", Err: err}
 	}
 	var ue *url.Error
 	if p.wrote.Load() || errors.As(err, &ue) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {

@@ -88,7 +88,7 @@ func TestMailgun_Request(t *testing.T) {
 	t.Parallel()
 	f := fakes.NewHTTP(t, func(int, fakes.Request) fakes.Reply { return mailgunOK("<20261122.1@mg.example.com>") })
 	m := apiTestMessage("alice@example.com", []string{"bob@example.net"}, []string{"bob@example.net", "hidden@example.org"})
-	orig := bytes.Clone(m.Data)
+	orig := bodyOf(m)
 	id, err := newTestMailgun(t, f.URL).Send(context.Background(), m)
 	if err != nil {
 		t.Fatalf("Send: %v", err)
@@ -110,7 +110,7 @@ func TestMailgun_Request(t *testing.T) {
 	if len(form.other) != 0 {
 		t.Errorf("unexpected form fields %q", form.other)
 	}
-	if !bytes.Equal(m.Data, orig) {
+	if !bytes.Equal(bodyOf(m), orig) {
 		t.Error("Send modified m.Data")
 	}
 }
@@ -221,7 +221,7 @@ func TestMailgun_DocumentedErrors(t *testing.T) {
 		{401, `Forbidden`, ProviderFault},
 		{403, `{"message":"Domain mg.example.com is not allowed to send: Free accounts are for test purposes only."}`, ProviderFault},
 		{404, `{"message":"Domain not found: mg.example.com"}`, ProviderFault},
-		{413, `<html><body>413 Request Entity Too Large</body></html>`, Rejected},
+		{413, `<html><body>413 Request Entity Too Large</body></html>`, Unsupported},
 		{429, `{"message":"Too many requests"}`, Transient},
 		{500, `{"message":"Internal server error"}`, Transient},
 	} {

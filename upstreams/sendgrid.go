@@ -38,6 +38,7 @@ type SendGrid struct {
 	timeout time.Duration
 	client  *rest.Client
 	log     *slog.Logger
+	mem     Memory
 	// maxBody is SendGrid's total size limit, checked on the JSON body so a
 	// message that is too big fails over instead of being dead-lettered on 413.
 	maxBody int
@@ -80,6 +81,7 @@ func newSendGrid(c Config, d Deps) (Upstream, error) {
 		client:  &rest.Client{HTTPClient: d.httpClient(timeout)},
 		log:     d.logger().With("upstream", c.Name),
 		maxBody: sendGridMaxBytes,
+		mem:     d.Memory,
 	}, nil
 }
 
@@ -90,7 +92,12 @@ func (s *SendGrid) Name() string { return s.name }
 // in order. When a later request fails after earlier ones were accepted, the
 // error names only the recipients not yet delivered.
 func (s *SendGrid) Send(ctx context.Context, m *Message) (string, error) {
-	base, chunks, problem := mapSendGrid(m)
+	data, release, err := loadBody(ctx, s.mem, s.name, m, memFactorSendGrid)
+	if err != nil {
+		return "", err
+	}
+	defer release()
+	base, chunks, problem := mapSendGrid(m, data)
 	if problem != "" {
 		return "", Errorf(s.name, Unsupported, "", nil, "%s", problem)
 	}
@@ -137,6 +144,14 @@ func (s *SendGrid) Send(ctx context.Context, m *Message) (string, error) {
 
 // post sends one request body and classifies the outcome. It returns the
 // X-Message-Id of an accepted request.
+//
+// SendGrid's whole answer to an accepted request is the 202 status and
+// the X-Message-Id header (the body is empty), so a 2xx with that header
+// is recorded without reading the body: a proxy or fake that streams a
+// body forever must not hold the worker or its memory. A 2xx without the
+// id is not an answer SendGrid gives: Ambiguous, never delivered with an
+// empty id. sendgrid/rest's BuildResponse is not used: it reads the whole
+// body before anyone can look at the status.
 func (s *SendGrid) post(ctx context.Context, body []byte) (string, *Error) {
 	ctx, cancel := context.WithTimeoutCause(ctx, s.timeout, apiTimeoutCause(s.timeout))
 	defer cancel()
@@ -145,19 +160,42 @@ func (s *SendGrid) post(ctx context.Context, body []byte) (string, *Error) {
 	req := sendgrid.GetRequest(s.key.Reveal(), sendGridPath, s.host)
 	req.Method = rest.Post
 	req.Body = body
-	resp, err := s.client.SendWithContext(ctx, req)
-	if resp == nil {
-		if err == nil {
-			err = errors.New("no response")
-		}
+	hreq, err := rest.BuildRequestObject(req)
+	if err != nil {
+		// The URL was checked in newSendGrid; nothing else can fail here.
+		return "", &Error{Upstream: s.name, Class: ProviderFault, Reason: "endpoint: cannot build the request"}
+	}
+	resp, err := s.client.HTTPClient.Do(hreq.WithContext(ctx))
+	if err != nil {
 		return "", apiTransportError(ctx, s.name, err, progress, s.key)
 	}
-	// A body read error after a status line still leaves the status usable:
-	// SendGrid's 202 has no body worth reading.
-	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
-		return http.Header(resp.Headers).Get("X-Message-Id"), nil
+	code := resp.StatusCode
+	if code >= 200 && code < 300 {
+		id := resp.Header.Get("X-Message-Id")
+		if id != "" {
+			// Closing an unread body drops the connection rather than
+			// reading on; SendGrid's own empty body keeps it reusable.
+			resp.Body.Close()
+			return id, nil
+		}
+		defer apiDrainClose(resp.Body)
+		raw, rerr := io.ReadAll(resp.Body)
+		reason := "success without X-Message-Id"
+		if rerr != nil {
+			reason += "; " + apiUnreadable(rerr)
+		} else if b := apiBodyReason(raw, s.key); b != "" {
+			reason += ": " + b
+		}
+		return "", &Error{Upstream: s.name, Class: Ambiguous, Code: strconv.Itoa(code), Reason: Truncate(reason, 300)}
 	}
-	return "", s.statusError(resp)
+	defer apiDrainClose(resp.Body)
+	raw, rerr := io.ReadAll(resp.Body)
+	if rerr != nil {
+		// The status is the answer; a body that does not read is only a
+		// reason lost.
+		raw = []byte(apiUnreadable(rerr))
+	}
+	return "", s.statusError(&rest.Response{StatusCode: code, Body: string(raw), Headers: resp.Header})
 }
 
 // sendGridErrors is SendGrid's error body.
@@ -210,8 +248,12 @@ func (s *SendGrid) statusError(resp *rest.Response) *Error {
 		if senderIssue {
 			class = SenderRejected
 		}
-	case code == http.StatusBadRequest, code == http.StatusRequestEntityTooLarge:
+	case code == http.StatusBadRequest:
 		class = Rejected
+	case code == http.StatusRequestEntityTooLarge:
+		// Too big for SendGrid, not a bad message: another upstream may
+		// carry it (the request-size check in Send is the same class).
+		class = Unsupported
 	case code == http.StatusTooManyRequests:
 		class = Transient
 		if reset := http.Header(resp.Headers).Get("X-RateLimit-Reset"); reset != "" {
@@ -246,9 +288,9 @@ var sendGridReserved = map[string]bool{
 // mapSendGrid maps m onto a Mail Send request without personalizations, and
 // the personalizations to send it with. problem is set, and nothing else, when
 // the message cannot be carried faithfully.
-func mapSendGrid(m *Message) (base *sgmail.SGMailV3, chunks []sgChunk, problem string) {
+func mapSendGrid(m *Message, data []byte) (base *sgmail.SGMailV3, chunks []sgChunk, problem string) {
 	parser := enmime.NewParser(enmime.DisableTextConversion(true), enmime.DisableCharacterDetection(true))
-	root, err := parser.ReadParts(bytes.NewReader(m.Data))
+	root, err := parser.ReadParts(bytes.NewReader(data))
 	if err != nil {
 		return nil, nil, "cannot parse the MIME structure: " + oneLine(err.Error())
 	}
@@ -306,10 +348,10 @@ func mapSendGrid(m *Message) (base *sgmail.SGMailV3, chunks []sgChunk, problem s
 		return nil, nil, "SendGrid requires a subject and the message has none"
 	}
 
-	if p := sgBodyAndParts(m.Data, root, base); p != "" {
+	if p := sgBodyAndParts(data, root, base); p != "" {
 		return nil, nil, p
 	}
-	base.Headers = sgHeaders(m.Data)
+	base.Headers = sgHeaders(data)
 
 	chunks, problem = sgPersonalizations(m, env)
 	if problem != "" {

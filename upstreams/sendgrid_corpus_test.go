@@ -73,7 +73,7 @@ func TestSendGrid_CorpusMappingFidelity(t *testing.T) {
 			}
 			f := newFakeSendGrid(t, sgTestKey)
 			sg := newTestSendGrid(t, f.URL, sgTestKey, 5*time.Second, nil)
-			m := &Message{ID: name, From: w.Envelope.From, To: w.Envelope.To, Data: data, MessageID: w.Headers["Message-ID"]}
+			m := &Message{ID: name, From: w.Envelope.From, To: w.Envelope.To, Body: BytesBody(data), MessageID: w.Headers["Message-ID"]}
 			_, err = sg.Send(context.Background(), m)
 
 			if w.Unsupported {

@@ -29,7 +29,7 @@ func newTestSendGrid(t *testing.T, endpoint, key string, timeout time.Duration, 
 // sgMessage turns a readable message (LF line ends) into one with CRLF.
 func sgMessage(from string, to []string, text string) *Message {
 	data := strings.ReplaceAll(strings.TrimLeft(text, "\n"), "\n", "\r\n")
-	return &Message{ID: "msg-1", From: from, To: to, Data: []byte(data), MessageID: "<m1@example.com>"}
+	return &Message{ID: "msg-1", From: from, To: to, Body: BytesBody([]byte(data)), MessageID: "<m1@example.com>"}
 }
 
 const sgRichMessage = `
@@ -181,7 +181,9 @@ func sgExpected(code int) (ok bool, class Class) {
 		return false, ProviderFault
 	case code == 403:
 		return false, ProviderFault // generic 403 body: key scope, blocked account
-	case code == 400, code == 413, code == 422:
+	case code == 413:
+		return false, Unsupported // too big for SendGrid; another upstream may take it
+	case code == 400, code == 422:
 		return false, Rejected
 	case code == 408, code == 429:
 		return false, Transient
@@ -550,9 +552,9 @@ func TestSendGrid_TextAttachmentKeepsBytes(t *testing.T) {
 	}
 }
 
-// A message over SendGrid's size limit would be refused with 413 (Rejected,
-// dead-lettered); refusing it first lets a raw upstream with a larger limit
-// take it.
+// A message over SendGrid's size limit would be refused with 413 after the
+// upload; refusing it first lets a raw upstream with a larger limit take
+// it without sending 30 MB for nothing.
 func TestSendGrid_TooLargeIsUnsupported(t *testing.T) {
 	t.Parallel()
 	f := newFakeSendGrid(t, sgTestKey)

@@ -37,6 +37,7 @@ type SES struct {
 	configSet string
 	timeout   time.Duration
 	log       *slog.Logger
+	mem       Memory
 	secrets   []Secret
 }
 
@@ -76,7 +77,7 @@ func newSES(c Config, d Deps) (*SES, error) {
 	})
 	return &SES{
 		name: c.Name, client: client, configSet: c.ConfigurationSet, timeout: timeout,
-		log: d.logger(), secrets: []Secret{c.AccessKeyID, c.SecretAccessKey},
+		log: d.logger(), secrets: []Secret{c.AccessKeyID, c.SecretAccessKey}, mem: d.Memory,
 	}, nil
 }
 
@@ -114,15 +115,20 @@ func (s *SES) Send(ctx context.Context, m *Message) (string, error) {
 		return "", Errorf(s.name, Unsupported, "SMTPUTF8", nil,
 			"SES does not support SMTPUTF8: non-ASCII envelope %s", who)
 	}
-	if n := base64.StdEncoding.EncodedLen(len(m.Data)); n > sesMaxEncoded {
+	if n := base64.StdEncoding.EncodedLen(int(m.Size())); n > sesMaxEncoded {
 		// SES would refuse it (Rejected: dead-letter) although another
 		// upstream of the route may take it; max_message_bytes counts raw
 		// bytes, so this can pass the policy's size check.
 		return "", Errorf(s.name, Unsupported, "size", nil,
-			"message is %d bytes, %d after base64; SES takes at most %d", len(m.Data), n, sesMaxEncoded)
+			"message is %d bytes, %d after base64; SES takes at most %d", m.Size(), n, sesMaxEncoded)
 	}
+	data, release, err := loadBody(ctx, s.mem, s.name, m, memFactorSES)
+	if err != nil {
+		return "", err
+	}
+	defer release()
 	first, err := sendChunks(m.To, sesMaxRecipients, func(rcpts []string) (string, *Error) {
-		return s.send(ctx, m, rcpts)
+		return s.send(ctx, m, data, rcpts)
 	})
 	if err != nil {
 		return first, err
@@ -132,13 +138,13 @@ func (s *SES) Send(ctx context.Context, m *Message) (string, error) {
 }
 
 // send makes one SendEmail call for rcpts.
-func (s *SES) send(ctx context.Context, m *Message, rcpts []string) (string, *Error) {
+func (s *SES) send(ctx context.Context, m *Message, data []byte, rcpts []string) (string, *Error) {
 	ctx, cancel := context.WithTimeoutCause(ctx, s.timeout, apiTimeoutCause(s.timeout))
 	defer cancel()
 	ctx, progress := apiTrace(ctx)
 	in := &sesv2.SendEmailInput{
 		// The SDK base64-encodes Data; the bytes go out unchanged.
-		Content:     &types.EmailContent{Raw: &types.RawMessage{Data: m.Data}},
+		Content:     &types.EmailContent{Raw: &types.RawMessage{Data: data}},
 		Destination: &types.Destination{ToAddresses: rcpts},
 	}
 	if m.From != "" {
@@ -179,13 +185,25 @@ func (s *SES) classify(ctx context.Context, err error, p *apiProgress) *Error {
 		}
 	}
 	if status != 0 {
-		// An answer the SDK could not decode, e.g. a proxy's HTML page.
+		// An answer the SDK could not decode, e.g. a proxy's HTML page, or
+		// one cut off by the response bound or the timeout: a 2xx may mean
+		// SES has the message, never that it was delivered without an id.
 		class := ClassifyHTTP(status)
 		if status >= 200 && status < 300 {
 			class = Ambiguous
 		}
+		why := "undecodable response"
+		if errors.Is(err, errResponseTooLarge) || errors.Is(err, context.DeadlineExceeded) || isTimeout(err) {
+			why = apiUnreadable(err)
+		}
 		return &Error{Upstream: s.name, Class: class, Code: strconv.Itoa(status),
-			Reason: fmt.Sprintf("HTTP %d: undecodable response", status), Err: err}
+			Reason: fmt.Sprintf("HTTP %d: %s", status, why), Err: err}
+	}
+	var ipe smithy.InvalidParamsError
+	if errors.As(err, &ipe) {
+		// The SDK's own input check, before any request: this message
+		// cannot be expressed as a SendEmail call (say, no content).
+		return &Error{Upstream: s.name, Class: Unsupported, Reason: Truncate("SDK refused the request: "+oneLine(ipe.Error()), 300), Err: err}
 	}
 	if p.reply.Load() {
 		// A response started but broke off: the provider may have the message.

@@ -244,7 +244,7 @@ func TestSES_Request(t *testing.T) {
 	f := fakes.NewHTTP(t, func(int, fakes.Request) fakes.Reply { return sesOK("ses-0001") })
 	u := newTestSES(t, f.URL, func(c *Config) { c.ConfigurationSet = "relaycar-events" })
 	m := apiTestMessage("alice@example.com", []string{"bob@example.net"}, []string{"bob@example.net", "hidden@example.org"})
-	orig := bytes.Clone(m.Data)
+	orig := bodyOf(m)
 
 	id, err := u.Send(context.Background(), m)
 	if err != nil {
@@ -285,7 +285,7 @@ func TestSES_Request(t *testing.T) {
 	if !bytes.Equal(raw, orig) {
 		t.Errorf("Raw.Data decodes to\n%q\nwant the input bytes\n%q", raw, orig)
 	}
-	if !bytes.Equal(m.Data, orig) {
+	if !bytes.Equal(bodyOf(m), orig) {
 		t.Error("Send modified m.Data")
 	}
 }
@@ -452,7 +452,7 @@ func TestSES_UndecodableErrorBody(t *testing.T) {
 	for _, tc := range []struct {
 		status int
 		want   Class
-	}{{502, Transient}, {413, Rejected}, {403, ProviderFault}, {200, Ambiguous}} {
+	}{{502, Transient}, {413, Unsupported}, {403, ProviderFault}, {200, Ambiguous}} {
 		f := fakes.NewHTTP(t, func(int, fakes.Request) fakes.Reply {
 			return fakes.Reply{Status: tc.status, Header: map[string]string{"Content-Type": "text/html"}, Body: "<html>Bad Gateway</html>"}
 		})
@@ -530,10 +530,27 @@ func TestSES_TooBigAfterBase64IsUnsupported(t *testing.T) {
 	t.Parallel()
 	f := fakes.NewHTTP(t, func(int, fakes.Request) fakes.Reply { return sesOK("never") })
 	m := apiTestMessage("alice@example.com", []string{"bob@example.net"}, []string{"bob@example.net"})
-	m.Data = append(m.Data, bytes.Repeat([]byte("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789\r\n"), 420_000)...) // 74 bytes a line: 31 MB
+	m.Body = BytesBody(append(bodyOf(m), bytes.Repeat([]byte("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789\r\n"), 420_000)...)) // 74 bytes a line: 31 MB
 	_, err := newTestSES(t, f.URL).Send(context.Background(), m)
 	if e := apiClassOf(t, err); e.Class != Unsupported || e.Code != "size" {
 		t.Errorf("class/code = %v/%s, want unsupported/size (%v)", e.Class, e.Code, err)
+	}
+	if len(f.Requests()) != 0 {
+		t.Error("the API was called")
+	}
+}
+
+// The SDK's own input check fails before any request for a message that
+// cannot be a SendEmail call; that says nothing about SES's health, so it
+// must not count against the breaker (it used to be transient).
+func TestSES_SDKInputCheckIsUnsupported(t *testing.T) {
+	t.Parallel()
+	f := fakes.NewHTTP(t, func(int, fakes.Request) fakes.Reply { return sesOK("never") })
+	m := apiTestMessage("alice@example.com", []string{"bob@example.net"}, []string{"bob@example.net"})
+	m.Body = BytesBody(nil)
+	_, err := newTestSES(t, f.URL).Send(context.Background(), m)
+	if e := apiClassOf(t, err); e.Class != Unsupported {
+		t.Errorf("class = %v, want unsupported (%v)", e.Class, err)
 	}
 	if len(f.Requests()) != 0 {
 		t.Error("the API was called")

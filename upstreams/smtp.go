@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -211,7 +212,12 @@ func (s *SMTP) transact(ctx context.Context, sc *smtpConn, m *Message) (id strin
 		var se *smtp.SMTPError
 		return reused && ctx.Err() == nil && (!errors.As(err, &se) || se.Code == 421)
 	}
-	opts := &smtp.MailOptions{Size: int64(len(m.Data)), UTF8: needsUTF8(m)}
+	if e := s.cannotCarry(c, m); e != nil {
+		// Nothing was sent: the connection stays clean for the next message.
+		keep = true
+		return "", false, e
+	}
+	opts := &smtp.MailOptions{Size: m.Size(), UTF8: needsUTF8(m)}
 	if err := c.Mail(m.From, opts); err != nil {
 		return "", isStale(err), s.fail(ctx, phaseMail, err)
 	}
@@ -246,7 +252,16 @@ func (s *SMTP) transact(ctx context.Context, sc *smtpConn, m *Message) (id strin
 	if err != nil {
 		return "", false, s.fail(ctx, phaseData, err)
 	}
-	if _, err := w.Write(m.Data); err != nil {
+	// Straight from the spool file to the socket: the message is never
+	// whole in memory.
+	src := &readErr{r: m.Reader()}
+	if _, err := io.Copy(w, src); err != nil {
+		if src.err != nil {
+			// Ending DATA now would deliver a truncated message; dropping
+			// the connection (transact's deferred close) makes the server
+			// discard it.
+			return "", false, Errorf(s.name, Transient, "", src.err, "reading the spooled message: %v", src.err)
+		}
 		w.Close()
 		return "", false, s.fail(ctx, phaseData, err)
 	}
@@ -272,6 +287,36 @@ func (s *SMTP) transact(ctx context.Context, sc *smtpConn, m *Message) (id strin
 	}
 	keep = true
 	return id, false, nil
+}
+
+// cannotCarry checks m against what the server said in EHLO, before MAIL.
+// go-smtp would refuse a UTF-8 envelope without SMTPUTF8 with a plain error
+// (which reads as a broken upstream: transient, counted by the breaker,
+// retried until max_age), and a server refuses a message above its SIZE.
+// Both are this upstream's limits for this message: Unsupported, so the
+// route fails over and the breaker is untouched. A CR or LF in an address
+// can be carried by no SMTP server: Rejected.
+func (s *SMTP) cannotCarry(c *smtp.Client, m *Message) *Error {
+	for _, a := range append([]string{m.From}, m.To...) {
+		if strings.ContainsAny(a, "\r\n") {
+			return Errorf(s.name, Rejected, "", nil, "envelope address contains CR or LF")
+		}
+	}
+	if needsUTF8(m) {
+		if ok, _ := c.Extension("SMTPUTF8"); !ok {
+			who := "recipient"
+			if !IsASCII(m.From) {
+				who = "sender"
+			}
+			return Errorf(s.name, Unsupported, "SMTPUTF8", nil,
+				"server does not offer SMTPUTF8: non-ASCII envelope %s", who)
+		}
+	}
+	if limit, ok := c.MaxMessageSize(); ok && limit > 0 && m.Size() > int64(limit) {
+		return Errorf(s.name, Unsupported, "size", nil,
+			"message is %d bytes; the server's SIZE is %d", m.Size(), limit)
+	}
+	return nil
 }
 
 // Idle connections are kept briefly: long enough to carry a burst, short
@@ -355,6 +400,9 @@ func (s *SMTP) fail(ctx context.Context, ph smtpPhase, err error) *Error {
 		if ph == phaseMail && class == Rejected && se.EnhancedCode[1] == 7 {
 			class = SenderRejected
 		}
+		if smtpCannotCarry(ph, se) {
+			class = Unsupported
+		}
 		return Errorf(s.name, class, code, err, "%s: %s", ph, oneLine(se.Message))
 	}
 	if ctx.Err() != nil {
@@ -410,8 +458,55 @@ func classifySMTP(ph smtpPhase, code int) Class {
 	return Transient
 }
 
+// smtpCannotCarry recognises permanent replies that are about this
+// server's limits for this message rather than about the message or the
+// server's health, so another upstream may carry it: the message is too big
+// (552 at MAIL is RFC 1870's SIZE refusal; x.3.4 and x.2.3 are "too big"
+// at any point after RCPT) or needs an extension the server lacks (x.6.3
+// conversion required, x.6.7 non-ASCII address, x.6.9 UTF-8 headers).
+func smtpCannotCarry(ph smtpPhase, se *smtp.SMTPError) bool {
+	if se.Code < 500 || se.Code > 599 {
+		return false
+	}
+	switch ph {
+	case phaseMail, phaseRcpt, phaseData, phaseDataEnd:
+	default:
+		return false
+	}
+	ec := se.EnhancedCode
+	// X.0.0 is what go-smtp (and others) fill in when a reply has none.
+	noEnhanced := ec == smtp.NoEnhancedCode || ec == (smtp.EnhancedCode{}) || ec == (smtp.EnhancedCode{5, 0, 0})
+	switch {
+	case ec == smtp.EnhancedCode{5, 6, 3}, ec == smtp.EnhancedCode{5, 6, 7}, ec == smtp.EnhancedCode{5, 6, 9}:
+		return true
+	case ph == phaseRcpt:
+		// 552 at RCPT is "too many recipients" (see classifySMTP).
+		return false
+	case ec == smtp.EnhancedCode{5, 3, 4}, ec == smtp.EnhancedCode{5, 2, 3}:
+		return true
+	case se.Code == 552 && (noEnhanced || ph == phaseMail && ec[1] != 7):
+		return true
+	}
+	return false
+}
+
 func oneLine(s string) string {
 	return strings.Join(strings.Fields(s), " ")
+}
+
+// readErr remembers a read error, to tell a spool that failed to read from
+// a socket that failed to write.
+type readErr struct {
+	r   io.Reader
+	err error
+}
+
+func (r *readErr) Read(p []byte) (int, error) {
+	n, err := r.r.Read(p)
+	if err != nil && err != io.EOF {
+		r.err = err
+	}
+	return n, err
 }
 
 var (

@@ -36,6 +36,7 @@ type SMTP2GO struct {
 	client  *http.Client
 	timeout time.Duration
 	log     *slog.Logger
+	mem     Memory
 }
 
 func newSMTP2GO(c Config, d Deps) (*SMTP2GO, error) {
@@ -54,7 +55,7 @@ func newSMTP2GO(c Config, d Deps) (*SMTP2GO, error) {
 	base = strings.TrimSuffix(strings.TrimRight(base, "/"), "/v3")
 	return &SMTP2GO{
 		name: c.Name, url: base + "/v3/email/mime", key: c.APIKey,
-		client: d.httpClient(timeout), timeout: timeout, log: d.logger(),
+		client: d.httpClient(timeout), timeout: timeout, log: d.logger(), mem: d.Memory,
 	}, nil
 }
 
@@ -86,7 +87,12 @@ func (s *SMTP2GO) Send(ctx context.Context, m *Message) (string, error) {
 	defer cancel()
 	ctx, progress := apiTrace(ctx)
 
-	named := headerRecipients(m.Data)
+	data, release, err := loadBody(ctx, s.mem, s.name, m, memFactorSMTP2GO)
+	if err != nil {
+		return "", err
+	}
+	defer release()
+	named := headerRecipients(data)
 	if dup := deliveredElsewhere(m, named); dup != "" {
 		// SMTP2GO mails every address in the headers. This delivery covers
 		// only part of the message's recipients (a route split, or a retry
@@ -94,7 +100,7 @@ func (s *SMTP2GO) Send(ctx context.Context, m *Message) (string, error) {
 		return "", Errorf(s.name, Unsupported, "", nil,
 			"headers name %s, who is not part of this delivery; SMTP2GO's API would mail them again (use its SMTP endpoint for split routes)", dup)
 	}
-	mime := smtp2goMIME(m, named)
+	mime := smtp2goMIME(m, data, named)
 	// {"mime_email":"<base64>"} written directly: base64 needs no JSON
 	// escaping, and a 25 MB message is not copied three more times.
 	const pre, post = `{"mime_email":"`, `"}`
@@ -114,7 +120,9 @@ func (s *SMTP2GO) Send(ctx context.Context, m *Message) (string, error) {
 		return "", apiTransportError(ctx, s.name, err, progress, s.key)
 	}
 	defer apiDrainClose(resp.Body)
-	raw, rerr := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	// The client's transport bounds the body and fails past the bound, so
+	// a huge answer is an error here, never a truncated one that parses.
+	raw, rerr := io.ReadAll(resp.Body)
 	status := resp.StatusCode
 	code := strconv.Itoa(status)
 
@@ -122,7 +130,9 @@ func (s *SMTP2GO) Send(ctx context.Context, m *Message) (string, error) {
 	perr := json.Unmarshal(raw, &r)
 	if status >= 200 && status < 300 {
 		switch {
-		case rerr != nil || perr != nil:
+		case rerr != nil:
+			return "", Errorf(s.name, Ambiguous, code, rerr, "unreadable success response: %s", apiUnreadable(rerr))
+		case perr != nil:
 			return "", Errorf(s.name, Ambiguous, code, nil, "unreadable success response: %s", apiBodyReason(raw, s.key))
 		case r.Data.Failed > 0:
 			return s.failed(m, &r)
@@ -152,6 +162,10 @@ func (s *SMTP2GO) Send(ctx context.Context, m *Message) (string, error) {
 	reason := errText
 	if reason == "" {
 		reason = string(raw)
+	}
+	if rerr != nil {
+		// The status is the answer; the body only lost its detail.
+		reason = apiUnreadable(rerr)
 	}
 	return "", &Error{Upstream: s.name, Class: class, Code: code,
 		Reason: Truncate(apiRedact(fmt.Sprintf("HTTP %d: %s", status, oneLine(reason)), s.key), 300)}
@@ -256,11 +270,11 @@ func smtp2goTextClass(text string) (Class, bool) {
 	return 0, false
 }
 
-// smtp2goMIME returns the bytes sent to SMTP2GO: m.Data with, when needed,
+// smtp2goMIME returns the bytes sent to SMTP2GO: data (m's body) with, when needed,
 // the envelope recipients absent from the To, Cc and Bcc headers added to
 // the Bcc header (one Bcc field: a second one may be ignored downstream).
-// m.Data itself is never modified.
-func smtp2goMIME(m *Message, named map[string]bool) []byte {
+// data itself is never modified.
+func smtp2goMIME(m *Message, data []byte, named map[string]bool) []byte {
 	var extra []string
 	seen := map[string]bool{}
 	for _, rcpt := range m.To {
@@ -272,15 +286,15 @@ func smtp2goMIME(m *Message, named map[string]bool) []byte {
 		extra = append(extra, rcpt)
 	}
 	if len(extra) == 0 {
-		return m.Data
+		return data
 	}
-	end := bytes.Index(m.Data, []byte("\r\n\r\n"))
+	end := bytes.Index(data, []byte("\r\n\r\n"))
 	if end < 0 {
-		end = len(m.Data)
+		end = len(data)
 	} else {
 		end += 2
 	}
-	h, err := textproto.ReadHeader(bufio.NewReader(bytes.NewReader(m.Data[:end])))
+	h, err := textproto.ReadHeader(bufio.NewReader(bytes.NewReader(data[:end])))
 	if err != nil && !errors.Is(err, io.EOF) {
 		h, end = textproto.Header{}, 0
 	}
@@ -292,12 +306,12 @@ func smtp2goMIME(m *Message, named map[string]bool) []byte {
 	// One address per folded line keeps every line far below 998.
 	h.AddRaw([]byte("Bcc: " + strings.Join(bcc, ",\r\n ") + "\r\n"))
 	var b bytes.Buffer
-	b.Grow(len(m.Data) + 8 + len(extra)*42)
+	b.Grow(len(data) + 8 + len(extra)*42)
 	textproto.WriteHeader(&b, h)
 	if end == 0 {
-		b.Write(m.Data)
+		b.Write(data)
 	} else {
-		b.Write(m.Data[end+2:])
+		b.Write(data[end+2:])
 	}
 	return b.Bytes()
 }

@@ -78,7 +78,7 @@ func TestSMTP2GO_Request(t *testing.T) {
 			t.Parallel()
 			f := fakes.NewHTTP(t, func(int, fakes.Request) fakes.Reply { return smtp2goOK("1u0SwL-4Ixn2e-Nf") })
 			m := apiTestMessage("alice@example.com", tc.headerTo, tc.envelope)
-			orig := bytes.Clone(m.Data)
+			orig := bodyOf(m)
 			id, err := newTestSMTP2GO(t, f.URL).Send(context.Background(), m)
 			if err != nil {
 				t.Fatalf("Send: %v", err)
@@ -86,7 +86,7 @@ func TestSMTP2GO_Request(t *testing.T) {
 			if id != "1u0SwL-4Ixn2e-Nf" {
 				t.Errorf("id = %q", id)
 			}
-			if !bytes.Equal(m.Data, orig) {
+			if !bytes.Equal(bodyOf(m), orig) {
 				t.Fatal("Send modified m.Data")
 			}
 			reqs := f.Requests()
@@ -121,8 +121,8 @@ func TestSMTP2GO_HeaderRecipients(t *testing.T) {
 	}
 	// An existing Bcc field is extended, never duplicated.
 	m := &Message{To: []string{"b@example.com", "x@example.org"},
-		Data: []byte("From: a@example.com\r\nBcc: c@example.com\r\nTo: b@example.com\r\n\r\nhi\r\n")}
-	mime := string(smtp2goMIME(m, headerRecipients(m.Data)))
+		Body: BytesBody([]byte("From: a@example.com\r\nBcc: c@example.com\r\nTo: b@example.com\r\n\r\nhi\r\n"))}
+	mime := string(smtp2goMIME(m, bodyOf(m), headerRecipients(bodyOf(m))))
 	if strings.Count(mime, "Bcc:") != 1 || !strings.Contains(mime, "Bcc: c@example.com,\r\n x@example.org\r\n") ||
 		!strings.HasSuffix(mime, "To: b@example.com\r\n\r\nhi\r\n") {
 		t.Errorf("merged Bcc: %q", mime)

@@ -36,7 +36,7 @@ func newTestSMTP(t *testing.T, c Config) *SMTP {
 }
 
 var testMsg = &Message{ID: "id1", From: "a@example.com", To: []string{"b@example.net", "c@example.org"},
-	Data: []byte("Subject: hi\r\nMessage-Id: <m1@x>\r\n\r\nline\r\n.leading dot\r\n"), MessageID: "<m1@x>"}
+	Body: BytesBody([]byte("Subject: hi\r\nMessage-Id: <m1@x>\r\n\r\nline\r\n.leading dot\r\n")), MessageID: "<m1@x>"}
 
 func TestSMTP_DeliversExactBytesAndEnvelope(t *testing.T) {
 	sink := testsmtp.Start(t, testsmtp.Options{})
@@ -52,8 +52,8 @@ func TestSMTP_DeliversExactBytesAndEnvelope(t *testing.T) {
 	if got[0].From != testMsg.From || !slices.Equal(got[0].To, testMsg.To) {
 		t.Errorf("envelope %s %v", got[0].From, got[0].To)
 	}
-	if !bytes.Equal(got[0].Data, testMsg.Data) {
-		t.Errorf("data %q, want %q", got[0].Data, testMsg.Data)
+	if !bytes.Equal(got[0].Data, bodyOf(testMsg)) {
+		t.Errorf("data %q, want %q", got[0].Data, bodyOf(testMsg))
 	}
 	if id == "" {
 		t.Error("no id from the DATA reply")
@@ -132,7 +132,7 @@ func TestSMTP_ReplyClassification(t *testing.T) {
 		{atMail, 530, "5.7.0", ProviderFault},
 		{atMail, 550, "5.7.1", SenderRejected}, // relay denied for this sender
 		{atMail, 553, "5.1.8", SenderRejected},
-		{atMail, 552, "5.3.4", Rejected}, // SIZE
+		{atMail, 552, "5.3.4", Unsupported}, // SIZE: too big for this server, not a bad message
 		{atRcpt, 450, "4.2.1", Transient},
 		{atRcpt, 452, "4.5.3", Transient},
 		{atRcpt, 550, "5.1.1", Rejected},
@@ -142,10 +142,18 @@ func TestSMTP_ReplyClassification(t *testing.T) {
 		{atData, 451, "4.7.1", Transient},
 		{atData, 421, "4.4.2", Transient},
 		{atData, 550, "5.7.1", Rejected},
-		{atData, 552, "5.3.4", Rejected},
+		{atData, 552, "5.3.4", Unsupported},
 		{atData, 554, "5.6.0", Rejected},
+		// This server's limits for this message, not the message's fault:
+		// another upstream may carry it.
+		{atData, 552, "", Unsupported},      // "exceeded storage allocation", RFC 1870's size reply
+		{atData, 552, "5.2.2", Rejected},    // mailbox full
+		{atData, 554, "5.6.3", Unsupported}, // conversion required (8-bit to a 7-bit server)
+		{atData, 554, "5.6.9", Unsupported}, // UTF-8 headers, no SMTPUTF8 downstream
+		{atRcpt, 553, "5.6.7", Unsupported}, // non-ASCII address not permitted
+		{atMail, 552, "5.7.1", SenderRejected},
 	} {
-		name := fmt.Sprintf("%d-at-%s", tc.code, []string{"MAIL", "RCPT", "DATA"}[tc.at])
+		name := fmt.Sprintf("%d-%s-at-%s", tc.code, tc.enh, []string{"MAIL", "RCPT", "DATA"}[tc.at])
 		t.Run(name, func(t *testing.T) {
 			reply := testsmtp.Reply(tc.code, tc.enh, "scripted")
 			sc := testsmtp.Script{}
@@ -237,7 +245,9 @@ func TestClassifyHTTP_Sweep(t *testing.T) {
 			want = ProviderFault
 		case code == 408 || code == 429:
 			want = Transient
-		case code == 400 || code == 413 || code == 422:
+		case code == 413:
+			want = Unsupported
+		case code == 400 || code == 422:
 			want = Rejected
 		case code >= 400 && code < 500:
 			want = ProviderFault
@@ -270,7 +280,7 @@ func TestFile_WritesEmlAndEnvelope(t *testing.T) {
 	}
 	eml, _ := readFile(dir + "/id1.eml")
 	js, _ := readFile(dir + "/id1.json")
-	if !bytes.Equal(eml, testMsg.Data) || !bytes.Contains(js, []byte(`"b@example.net"`)) {
+	if !bytes.Equal(eml, bodyOf(testMsg)) || !bytes.Contains(js, []byte(`"b@example.net"`)) {
 		t.Errorf("eml %q json %s", eml, js)
 	}
 }
@@ -338,5 +348,67 @@ func TestSMTP_FailedTransactionIsNotReused(t *testing.T) {
 	}
 	if sink.Conns() != 2 {
 		t.Errorf("%d connections, want a fresh one after the failure", sink.Conns())
+	}
+}
+
+// Models the hardening issue's outage: UTF-8 envelopes sent to a smarthost
+// without SMTPUTF8 failed with go-smtp's plain error, counted as transient
+// and opened the only upstream's breaker. The check happens after EHLO and
+// before MAIL, and the connection stays usable.
+func TestSMTP_UTF8EnvelopeWithoutSMTPUTF8IsUnsupported(t *testing.T) {
+	sink := testsmtp.Start(t, testsmtp.Options{}) // go-smtp without EnableSMTPUTF8
+	mails := 0
+	sink.SetScript(testsmtp.Script{Mail: func(string) error { mails++; return nil }})
+	u := newTestSMTP(t, Config{Address: sink.Addr})
+	for _, m := range []*Message{
+		{ID: "u1", From: "a@example.com", To: []string{"jörg@example.net"}, Body: testMsg.Body},
+		{ID: "u2", From: "jörg@example.com", To: []string{"b@example.net"}, Body: testMsg.Body},
+	} {
+		_, err := u.Send(context.Background(), m)
+		e := apiClassOf(t, err)
+		if e.Class != Unsupported || e.Code != "SMTPUTF8" || !strings.Contains(e.Reason, "SMTPUTF8") {
+			t.Errorf("%s -> %v: got %v, want unsupported (SMTPUTF8)", m.From, m.To, err)
+		}
+	}
+	if _, err := u.Send(context.Background(), testMsg); err != nil {
+		t.Fatalf("ordinary message after the refusals: %v", err)
+	}
+	if mails != 1 || sink.Count() != 1 || sink.Conns() != 1 {
+		t.Errorf("MAIL sent %d times, %d messages over %d connections; want 1, 1, 1 (no MAIL for the UTF-8 ones, connection kept)",
+			mails, sink.Count(), sink.Conns())
+	}
+}
+
+// A message above the smarthost's EHLO SIZE is this upstream's limit: the
+// server would answer 552 at MAIL (formerly Rejected: dead-lettered although
+// another upstream could take it).
+func TestSMTP_LargerThanServerSIZEIsUnsupported(t *testing.T) {
+	sink := testsmtp.Start(t, testsmtp.Options{MaxMessageBytes: 64})
+	mails := 0
+	sink.SetScript(testsmtp.Script{Mail: func(string) error { mails++; return nil }})
+	u := newTestSMTP(t, Config{Address: sink.Addr})
+	big := &Message{ID: "big", From: "a@example.com", To: []string{"b@example.net"},
+		Body: BytesBody([]byte("Subject: big\r\n\r\n" + strings.Repeat("x", 100) + "\r\n"))}
+	_, err := u.Send(context.Background(), big)
+	if e := apiClassOf(t, err); e.Class != Unsupported || e.Code != "size" {
+		t.Errorf("got %v, want unsupported (size)", err)
+	}
+	if mails != 0 {
+		t.Errorf("MAIL was sent %d times for a message above SIZE", mails)
+	}
+}
+
+// An address with CR or LF cannot be carried by any SMTP server; go-smtp's
+// plain error made it transient (retried until max_age, counted by the
+// breaker).
+func TestSMTP_AddressWithLineBreakIsRejected(t *testing.T) {
+	sink := testsmtp.Start(t, testsmtp.Options{})
+	u := newTestSMTP(t, Config{Address: sink.Addr})
+	m := &Message{ID: "crlf", From: "a@example.com", To: []string{"b@example.net\r\nRCPT TO:<x@evil.example>"}, Body: testMsg.Body}
+	if _, err := u.Send(context.Background(), m); ClassOf(err) != Rejected {
+		t.Errorf("got %v, want rejected", err)
+	}
+	if sink.Count() != 0 {
+		t.Error("message sent")
 	}
 }

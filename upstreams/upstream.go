@@ -1,7 +1,9 @@
 package upstreams
 
 import (
+	"bytes"
 	"context"
+	"io"
 	"strings"
 )
 
@@ -19,11 +21,34 @@ type Message struct {
 	// and attempts; adapters that cannot restrict delivery to To use it to
 	// avoid mailing someone twice.
 	AllRcpts []string
-	// Data is the RFC 5322 message with CRLF line endings.
-	Data []byte
+	// Body is the RFC 5322 message with CRLF line endings, where it rests
+	// (the spool file): adapters that can stream read it in pieces, the
+	// others load it whole after reserving memory (see loadBody).
+	Body Body
 	// MessageID is the Message-ID header value, with angle brackets.
 	MessageID string
 }
+
+// Body is random access to a message's bytes. Each read is independent, so
+// one body serves failover and recipient chunks without rewinding.
+type Body interface {
+	io.ReaderAt
+	Size() int64
+}
+
+// BytesBody is a Body held in memory (tests, small messages).
+func BytesBody(b []byte) Body { return bytesBody(b) }
+
+type bytesBody []byte
+
+func (b bytesBody) ReadAt(p []byte, off int64) (int, error) { return bytes.NewReader(b).ReadAt(p, off) }
+func (b bytesBody) Size() int64                             { return int64(len(b)) }
+
+// Size is the length of the message in bytes.
+func (m *Message) Size() int64 { return m.Body.Size() }
+
+// Reader reads the whole message from the start.
+func (m *Message) Reader() io.Reader { return io.NewSectionReader(m.Body, 0, m.Body.Size()) }
 
 // SenderDomain returns the lower-cased domain of the envelope sender.
 func (m *Message) SenderDomain() string { return Domain(m.From) }

@@ -216,7 +216,7 @@ func checkConfig(t *testing.T, cfg, secretsMount string) {
 	if secretsMount != "" {
 		text = strings.ReplaceAll(cfg, secretsMount+"/", stub+"/")
 		for _, m := range regexp.MustCompile(regexp.QuoteMeta(stub)+`/([A-Za-z0-9._-]+)`).FindAllStringSubmatch(text, -1) {
-			os.WriteFile(filepath.Join(stub, m[1]), []byte("dummy-secret\n"), 0o600)
+			os.WriteFile(filepath.Join(stub, m[1]), []byte("dummy-secret-0123456789abcdef0123456789\n"), 0o600)
 		}
 	}
 	path := filepath.Join(dir, "relay.yaml")
@@ -224,7 +224,8 @@ func checkConfig(t *testing.T, cfg, secretsMount string) {
 	cmd := exec.Command(relaycar, "check", "--config", path)
 	cmd.Env = os.Environ()
 	for _, m := range envRef.FindAllStringSubmatch(text, -1) {
-		cmd.Env = append(cmd.Env, m[1]+"=dummy")
+		// check refuses keys too short to be real ones.
+		cmd.Env = append(cmd.Env, m[1]+"=dummy-0123456789abcdef0123456789abcdef")
 	}
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Errorf("relaycar check on the rendered relay.yaml: %v\n%s\n--- relay.yaml\n%s", err, out, text)

@@ -154,6 +154,9 @@ func viaAPI(addr, sub, id string) (string, error) {
 		url = base + "/" + id + "/retry"
 	}
 	req, _ := http.NewRequest(method, url, nil)
+	// The admin API refuses state changes without it: a cross-site form in
+	// an operator's browser cannot send a custom header.
+	req.Header.Set("X-Relaycar-Request", "1")
 	c := &http.Client{Timeout: 10 * time.Second}
 	resp, err := c.Do(req)
 	if err != nil {

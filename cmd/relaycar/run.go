@@ -171,11 +171,30 @@ func cmdServe(args []string, stdout, stderr io.Writer) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	go ignoreSignals(ctx, log)
 	if err := r.Run(ctx); err != nil {
 		log.Error("relay failed", "err", err)
 		return exitRuntime
 	}
 	return exitOK
+}
+
+// ignoreSignals keeps signals whose Go default is to exit (SIGHUP, which
+// systemd units and operators send to reload; SIGUSR1/2) from ending the
+// relay without a drain or a log line. Reload does not exist yet, so they
+// are logged and otherwise ignored.
+func ignoreSignals(ctx context.Context, log *slog.Logger) {
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGUSR1, syscall.SIGUSR2)
+	defer signal.Stop(sigs)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case sig := <-sigs:
+			log.Warn("signal ignored: reload is not supported yet; send SIGTERM to stop", "signal", sig.String())
+		}
+	}
 }
 
 func cmdCheck(args []string, stdout, stderr io.Writer) int {
