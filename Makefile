@@ -46,3 +46,11 @@ demo:
 
 clean:
 	rm -rf bin .cache spool outbox
+
+# bench-smtp: smtp-source (one connection per message) against relaycar and a
+# private stock Postfix, both relaying to smtp-sink; prints medians of 3
+# rounds with ratios. Needs root; installs postfix if missing. Knobs: see
+# tools/postfix-reference.sh (ROUNDS, SMALL_COUNT, LARGE_COUNT, LAT_COUNT ...).
+.PHONY: bench-smtp
+bench-smtp: build
+	RELAYCAR=$(abspath $(BIN)) bash ./tools/postfix-reference.sh

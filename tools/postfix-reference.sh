@@ -1,57 +1,187 @@
 #!/usr/bin/env bash
-# postfix-reference.sh — measure Postfix's durable accept rate on this machine,
-# as a reference point for relaycar's accept benchmarks.
+# postfix-reference.sh — relaycar vs a stock Postfix relay, driven the way
+# users send: Postfix's smtp-source, one connection per message.
 #
-# What it does (loopback only, bounded in time):
-#   1. installs postfix (Debian package, "No configuration") if missing;
-#   2. writes a private Postfix instance config in $PF_CONF (default
-#      /etc/postfix-relaycar-ref) with its own queue in $PF_QUEUE: smtpd listens
-#      ONLY on 127.0.0.1:$PORT, relays for 127.0.0.0/8, and every transport is
-#      discard: — a message is written to the queue (cleanup fsyncs the queue
-#      file before smtpd answers 250) and then thrown away; nothing ever leaves
-#      the machine;
-#   3. starts it, runs smtp-source at 1, 8 and 32 parallel sessions with 2 KB
-#      bodies, $RUNS times each, and prints msgs/s = messages / wall seconds;
-#   4. stops it (also on error / Ctrl-C).
+#   sudo tools/postfix-reference.sh            # or: make bench-smtp
 #
-# Env knobs:
-#   PORT=2526  RUNS=2  SIZE=2048  MODE=reuse|new  (reuse: smtp-source -d, many
-#   messages per connection; new: one connection per message)
-#   LEVELS="1:1000 8:3000 32:6000"  (sessions:messages)
-#   RUN_TIMEOUT=120 (seconds per smtp-source run)
-#   KEEP=1 leaves the instance running at the end.
+# In one run, on loopback only, it measures for each mix (payload size x
+# parallel sessions: 2 KB x 1, 2 KB x 8, 2 KB x 32, 1 MB x 32):
+#   direct    smtp-source -> smtp-sink             (the client/sink ceiling)
+#   relaycar  smtp-source -> relaycar -> smtp-sink  (type: smtp, tls: none)
+#   Postfix   smtp-source -> Postfix  -> smtp-sink  (relayhost = [127.0.0.1]:port)
+# Each run's accept rate is messages / wall time of smtp-source (every
+# message answered 250, which both relays send only after an fsync); its
+# end-to-end rate is messages / time until the sink has counted them all.
+# Rounds are interleaved (direct, relaycar, Postfix, ...) and every figure is
+# the median of $ROUNDS rounds. relaycar is restarted for each mix, so its
+# peak RSS (VmHWM) is per mix. At 2 KB x 1 it also runs tools/bench latency
+# (sequential, one connection per message) against both relays for p50/p99
+# of connect -> 250 after DATA.
+#
+# What runs, all bound to 127.0.0.1 and stopped by PID at the end (also on
+# error / Ctrl-C, and by a watchdog after $MAX_SECONDS):
+#   three smtp-sink processes (one per target, discarding; -c counters to a
+#   file, which is how messages are counted), one relaycar per mix with its
+#   spool in the temp dir, and a private Postfix instance whose
+#   config_directory, queue_directory and data_directory are in the temp dir.
+#
+# Postfix is installed if missing (Debian package, debconf "No configuration";
+# the system instance is never started). Needs root (Postfix does).
+#
+# Env knobs (defaults in brackets):
+#   ROUNDS [3]          rounds per mix and target; the table shows medians
+#   SMALL_COUNT [2000]  messages per 2 KB run      LARGE_COUNT [300] per 1 MB run
+#   SMALL_SIZE [2048]   LARGE_SIZE [1048576]       (smtp-source -l, bytes)
+#   MIXES               overrides the mixes: "SIZE:SESSIONS:COUNT ..."
+#   LAT_COUNT [1000]    messages per latency round (0 skips it)
+#   BASE_PORT [25350]   ports BASE..BASE+5 on 127.0.0.1 must be free
+#   RELAYCAR            relaycar binary to use [built from this checkout]
+#   RELAYCAR_LOG_LEVEL  relaycar's log level [its default, info]
+#   RUN_TIMEOUT [120]   seconds for one run (smtp-source + sink wait)
+#   MAX_SECONDS [900]   watchdog for the whole script
+#   BENCH_TMP [/var/tmp] where the temp dir goes (keep it on the real disk)
+#   KEEP=1              keep the temp dir (logs, raw results) at the end
+#   GO [go]
 set -euo pipefail
 
-PORT=${PORT:-2526}
-RUNS=${RUNS:-2}
-SIZE=${SIZE:-2048}
-MODE=${MODE:-reuse}
-LEVELS=${LEVELS:-"1:1000 8:3000 32:6000"}
+ROUNDS=${ROUNDS:-3}
+SMALL_SIZE=${SMALL_SIZE:-2048}
+LARGE_SIZE=${LARGE_SIZE:-1048576}
+SMALL_COUNT=${SMALL_COUNT:-2000}
+LARGE_COUNT=${LARGE_COUNT:-300}
+MIXES=${MIXES:-"$SMALL_SIZE:1:$SMALL_COUNT $SMALL_SIZE:8:$SMALL_COUNT $SMALL_SIZE:32:$SMALL_COUNT $LARGE_SIZE:32:$LARGE_COUNT"}
+LAT_COUNT=${LAT_COUNT:-1000}
+BASE_PORT=${BASE_PORT:-25350}
 RUN_TIMEOUT=${RUN_TIMEOUT:-120}
-PF_CONF=${PF_CONF:-/etc/postfix-relaycar-ref}
-PF_QUEUE=${PF_QUEUE:-/var/spool/postfix-relaycar-ref}
-PF_DATA=${PF_DATA:-/var/lib/postfix-relaycar-ref}
-PF_LOG=${PF_LOG:-/var/log/postfix-relaycar-ref.log}
+MAX_SECONDS=${MAX_SECONDS:-900}
+BENCH_TMP=${BENCH_TMP:-/var/tmp}
+GO=${GO:-go}
+FROM=load@example.com
+TO=sink@example.net
 
-if [ "$(id -u)" != 0 ]; then
-  echo "must run as root (postfix needs it)" >&2
-  exit 2
-fi
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+log() { echo "[$(date +%T)] $*" >&2; }
+die() { echo "postfix-reference: $*" >&2; exit 1; }
 
-# ---- 1. install ------------------------------------------------------------
-if ! command -v postfix >/dev/null 2>&1 || [ ! -x /usr/sbin/smtp-source ]; then
-  echo "installing postfix ..." >&2
+[ "$(id -u)" = 0 ] || { echo "must run as root (postfix needs it)" >&2; exit 2; }
+
+# ---- install -----------------------------------------------------------------
+# Idempotent. "No configuration" leaves /etc/postfix without main.cf, and the
+# system instance is never started: policy-rc.d denies it during the install
+# (a temporary one is put in place if the machine has none), and nothing here
+# ever runs plain `postfix start`.
+if [ ! -x /usr/sbin/smtp-source ] || [ ! -x /usr/sbin/smtp-sink ] || [ ! -x /usr/sbin/postfix ]; then
+  log "installing postfix (No configuration) ..."
   echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+  tmp_policy=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    tmp_policy=1
+  fi
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -q postfix >/dev/null
+  if [ "$tmp_policy" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
 fi
+ls /usr/sbin/smtp-source /usr/sbin/smtp-sink >/dev/null
 SMTP_SOURCE=/usr/sbin/smtp-source
+SMTP_SINK=/usr/sbin/smtp-sink
 
-# ---- 2. config -------------------------------------------------------------
-mkdir -p "$PF_CONF" "$PF_DATA" "$PF_QUEUE"
+# ---- ports, temp dir, cleanup ----------------------------------------------------
+SINK_DIRECT=$BASE_PORT; SINK_RELAY=$((BASE_PORT + 1)); SINK_PF=$((BASE_PORT + 2))
+RELAY_PORT=$((BASE_PORT + 3)); RELAY_ADMIN=$((BASE_PORT + 4)); PF_PORT=$((BASE_PORT + 5))
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+for p in $SINK_DIRECT $SINK_RELAY $SINK_PF $RELAY_PORT $RELAY_ADMIN $PF_PORT; do
+  if port_busy "$p"; then die "127.0.0.1:$p is in use; set BASE_PORT"; fi
+done
+
+WORK=$(mktemp -d "$BENCH_TMP/relaycar-bench.XXXXXX")
+chmod 755 "$WORK"   # Postfix daemons (user postfix) must traverse it
+PF_CONF=$WORK/postfix/conf PF_QUEUE=$WORK/postfix/queue PF_DATA=$WORK/postfix/data
+PF_LOG=$WORK/postfix/maillog
+RESULTS=$WORK/results.tsv
+: > "$RESULTS"
+
+SINK_PIDS=() RELAY_PID="" RELAY_TPID="" WATCHDOG_PID=""
+stop_pid() { # PID [seconds]: TERM, wait, then KILL
+  local pid=$1 t=${2:-15}
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 $((t * 10))); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+}
+pf_master_pid() { head -1 "$PF_QUEUE/pid/master.pid" 2>/dev/null | tr -d ' ' || true; }
+stop_pf() {
+  [ -f "$PF_CONF/main.cf" ] || return 0
+  local mp; mp=$(pf_master_pid)
+  postfix -c "$PF_CONF" stop >/dev/null 2>&1 || true
+  if [ -n "$mp" ]; then
+    for _ in $(seq 1 100); do kill -0 "$mp" 2>/dev/null || break; sleep 0.1; done
+    stop_pid "$mp" 2
+  fi
+}
+stop_relay() {
+  if [ -n "$RELAY_TPID" ]; then stop_pid "$RELAY_TPID" 20; wait "$RELAY_TPID" 2>/dev/null || true; fi
+  RELAY_PID="" RELAY_TPID=""
+}
+cleanup() {
+  set +e
+  stop_relay
+  stop_pf
+  for p in "${SINK_PIDS[@]}"; do stop_pid "$p" 2; done
+  [ -n "$WATCHDOG_PID" ] && stop_pid "$WATCHDOG_PID" 1
+  if [ "${KEEP:-0}" = 1 ]; then log "kept $WORK"; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Watchdog: if the script is still running after MAX_SECONDS, stop Postfix
+# (which outlives a killed script) and then the script, whose trap stops the rest.
+( trap 'kill "$sp" 2>/dev/null; exit 0' TERM
+  sleep "$MAX_SECONDS" & sp=$!; wait "$sp"
+  echo "postfix-reference: watchdog: over ${MAX_SECONDS}s, stopping" >&2
+  postfix -c "$PF_CONF" stop >/dev/null 2>&1; kill -TERM $$ ) 2>/dev/null &
+WATCHDOG_PID=$!
+
+# ---- build -------------------------------------------------------------------------
+log "building tools/bench$([ -n "${RELAYCAR:-}" ] || echo " and relaycar") ..."
+(cd "$REPO" && "$GO" build -o "$WORK/bench" ./tools/bench)
+if [ -z "${RELAYCAR:-}" ]; then
+  (cd "$REPO" && CGO_ENABLED=0 "$GO" build -trimpath -o "$WORK/relaycar" ./cmd/relaycar)
+  RELAYCAR=$WORK/relaycar
+fi
+[ -x "$RELAYCAR" ] || die "no relaycar binary at $RELAYCAR"
+BENCH=$WORK/bench
+
+# ---- sinks ---------------------------------------------------------------------------
+# smtp-sink discards everything; -c writes "sess=N quit=N mesg=N\r" records to
+# a file (not a tty) as counts change, which tools/bench reads to count
+# deliveries. Nothing that costs time is on: no -d/-D dump (a disk write per
+# message), no -v, no -s syslog, no -w/-W delays; the listen backlog is 256
+# and -m (concurrent sessions) stays at its default 256, above every client's
+# concurrency here (32 sessions, relaycar's 16 workers, Postfix's 20). Each
+# sink is wrapped in `timeout` so it ends by itself.
+start_sink() { # NAME PORT
+  timeout "$MAX_SECONDS" "$SMTP_SINK" -u postfix -c "127.0.0.1:$2" 256 \
+    > "$WORK/sink-$1.count" 2> "$WORK/sink-$1.err" &
+  SINK_PIDS+=("$!")
+}
+start_sink direct "$SINK_DIRECT"
+start_sink relay "$SINK_RELAY"
+start_sink postfix "$SINK_PF"
+for p in $SINK_DIRECT $SINK_RELAY $SINK_PF; do
+  for _ in $(seq 1 50); do port_busy "$p" && break; sleep 0.1; done
+  port_busy "$p" || die "smtp-sink did not listen on 127.0.0.1:$p: $(cat "$WORK"/sink-*.err)"
+done
+
+# ---- Postfix ---------------------------------------------------------------------------
+# A private instance with stock settings except what a private loopback relay
+# needs: where its files are, which port it listens on, whom it relays for,
+# and where it relays to. Queue files are fsynced before 250 (the default).
+mkdir -p "$PF_CONF" "$PF_QUEUE" "$PF_DATA"
 chown postfix:postfix "$PF_DATA"
 cat > "$PF_CONF/main.cf" <<EOF
-# relaycar reference instance — written by tools/postfix-reference.sh
+# private relaycar benchmark instance — written by tools/postfix-reference.sh
 compatibility_level = 3.6
 config_directory = $PF_CONF
 queue_directory = $PF_QUEUE
@@ -59,87 +189,231 @@ data_directory = $PF_DATA
 myhostname = postfix-ref.localdomain
 mydomain = localdomain
 myorigin = \$myhostname
-mydestination =
 inet_interfaces = loopback-only
 inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
-relay_domains =
-smtpd_relay_restrictions = permit_mynetworks, reject
-smtpd_recipient_restrictions =
-# every delivery is discarded: nothing leaves this machine
-default_transport = discard:relaycar-ref
-relay_transport = discard:relaycar-ref
-local_transport = discard:relaycar-ref
-virtual_transport = discard:relaycar-ref
+# nothing is delivered locally; every recipient goes to the sink
+mydestination =
 local_recipient_maps =
 alias_maps =
 alias_database =
-biff = no
-append_dot_mydomain = no
-smtpd_banner = \$myhostname ESMTP
-message_size_limit = 10240000
+relayhost = [127.0.0.1]:$SINK_PF
+# no syslog daemon here: log to a file through postlogd
 maillog_file = $PF_LOG
-# postfix defaults, spelled out for the record
-smtpd_client_connection_count_limit = 50
-default_process_limit = 100
 EOF
-
-# master.cf: the Debian default minus the port-25 listener, plus ours.
-# chroot off so the private queue dir needs no copied /etc files.
-awk -v port="$PORT" '
+# master.cf: Debian's default with the port-25 listener moved to our loopback
+# port and chroot off (upstream's default; Debian's chroot would need /etc
+# files copied into the temp queue dir).
+awk -v port="$PF_PORT" '
   /^smtp[ \t]+inet/ { print "127.0.0.1:" port " inet n - n - - smtpd"; next }
   /^#/ || /^[ \t]*$/ { print; next }
   { if ($5 == "y") $5 = "n"; print }
 ' /usr/share/postfix/master.cf.dist > "$PF_CONF/master.cf"
 postfix -c "$PF_CONF" check >/dev/null 2>&1 || postfix -c "$PF_CONF" check
-
-stop_pf() {
-  if postfix -c "$PF_CONF" status >/dev/null 2>&1; then
-    postfix -c "$PF_CONF" stop >/dev/null 2>&1 || true
-  fi
-}
-if [ "${KEEP:-0}" != 1 ]; then trap stop_pf EXIT; fi
-
-stop_pf
 if ! postfix -c "$PF_CONF" start >/dev/null 2>&1; then
-  echo "postfix start failed; last log lines:" >&2
-  tail -5 "$PF_LOG" >&2
-  exit 1
+  tail -5 "$PF_LOG" >&2 2>/dev/null || true
+  die "postfix start failed"
 fi
-for _ in $(seq 1 50); do
-  if (exec 3<>/dev/tcp/127.0.0.1/"$PORT") 2>/dev/null; then break; fi
-  sleep 0.2
-done
-if ! (exec 3<>/dev/tcp/127.0.0.1/"$PORT") 2>/dev/null; then
-  echo "postfix did not start listening on 127.0.0.1:$PORT; see $PF_LOG" >&2
-  exit 1
-fi
+for _ in $(seq 1 50); do port_busy "$PF_PORT" && break; sleep 0.2; done
+port_busy "$PF_PORT" || die "postfix did not listen on 127.0.0.1:$PF_PORT; see $PF_LOG"
+PF_VERSION=$(postconf -c "$PF_CONF" -h mail_version)
 
-# ---- 3. measure ------------------------------------------------------------
-reuse_flag=()
-if [ "$MODE" = reuse ]; then reuse_flag=(-d); fi
+pf_queue_len() {
+  find "$PF_QUEUE"/maildrop "$PF_QUEUE"/incoming "$PF_QUEUE"/active "$PF_QUEUE"/deferred \
+    "$PF_QUEUE"/hold -type f 2>/dev/null | wc -l
+}
 
-echo "# postfix $(postconf -c "$PF_CONF" -h mail_version) on $(nproc) cores, body=${SIZE}B, mode=$MODE (smtp-source ${reuse_flag[*]:-no -d})"
-printf '%-9s %-6s %-9s %-9s %-9s\n' sessions run messages seconds msgs/s
-# warm-up (process spawn, caches), not reported
-timeout "$RUN_TIMEOUT" "$SMTP_SOURCE" "${reuse_flag[@]}" -s 4 -m 200 -l "$SIZE" \
-  -f load@example.com -t sink@example.net -M client.localdomain 127.0.0.1:"$PORT"
-sleep 1
-for lv in $LEVELS; do
-  sess=${lv%%:*}; msgs=${lv##*:}
-  for run in $(seq 1 "$RUNS"); do
-    t0=$(date +%s.%N)
-    timeout "$RUN_TIMEOUT" "$SMTP_SOURCE" "${reuse_flag[@]}" -s "$sess" -m "$msgs" \
-      -l "$SIZE" -f load@example.com -t sink@example.net -M client.localdomain \
-      127.0.0.1:"$PORT"
-    t1=$(date +%s.%N)
-    awk -v s="$sess" -v r="$run" -v m="$msgs" -v a="$t0" -v b="$t1" \
-      'BEGIN { d = b - a; printf "%-9s %-6s %-9s %-9.2f %-9.0f\n", s, r, m, d, m / d }'
-    # let the queue manager drain the discards so runs do not overlap
-    for _ in $(seq 1 100); do
-      n=$(find "$PF_QUEUE"/incoming "$PF_QUEUE"/active "$PF_QUEUE"/deferred -type f 2>/dev/null | wc -l)
-      [ "$n" = 0 ] && break
-      sleep 0.2
-    done
+# ---- relaycar --------------------------------------------------------------------------
+# relay.yaml's settings, except addresses, the temp spool and the upstream.
+start_relay() { # TAG
+  local dir=$WORK/relay-$1
+  mkdir -p "$dir"
+  cat > "$dir/relay.yaml" <<EOF
+listen:
+  address: 127.0.0.1:$RELAY_PORT
+  hostname: relaycar.local
+  allowed_networks: [127.0.0.0/8]
+admin:
+  address: 127.0.0.1:$RELAY_ADMIN
+spool:
+  dir: $dir/spool
+  workers: 16
+upstreams:
+  - {name: sink, type: smtp, address: "127.0.0.1:$SINK_RELAY", tls: none}
+routes:
+  - {name: default, upstreams: [sink], strategy: failover}
+EOF
+  local lvl=()
+  if [ -n "${RELAYCAR_LOG_LEVEL:-}" ]; then lvl=(--log-level "$RELAYCAR_LOG_LEVEL"); fi
+  timeout "$MAX_SECONDS" "$RELAYCAR" serve --config "$dir/relay.yaml" "${lvl[@]}" \
+    > "$dir/relaycar.log" 2>&1 &
+  RELAY_TPID=$!
+  for _ in $(seq 1 100); do
+    if curl -fs -o /dev/null "http://127.0.0.1:$RELAY_ADMIN/readyz"; then break; fi
+    kill -0 "$RELAY_TPID" 2>/dev/null || { cat "$dir/relaycar.log" >&2; die "relaycar exited"; }
+    sleep 0.1
   done
+  curl -fs -o /dev/null "http://127.0.0.1:$RELAY_ADMIN/readyz" || die "relaycar not ready; see $dir/relaycar.log"
+  RELAY_PID=$(pgrep -P "$RELAY_TPID" | head -1)
+  [ -n "$RELAY_PID" ] || die "cannot find relaycar's PID"
+}
+relay_spool_len() {
+  curl -fs "http://127.0.0.1:$RELAY_ADMIN/metrics" | awk '$1 == "relaycar_spool_messages" { print int($2) }'
+}
+vmhwm_kb() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+# ---- one run ---------------------------------------------------------------------------
+# run TARGET SIZE SESSIONS COUNT [ROUND]: times smtp-source and waits for the
+# target's sink to count COUNT messages; appends to $RESULTS unless ROUND=warm.
+run() {
+  local target=$1 size=$2 sess=$3 count=$4 round=${5:-warm} port counter out
+  case $target in
+    direct) port=$SINK_DIRECT counter=$WORK/sink-direct.count ;;
+    relaycar) port=$RELAY_PORT counter=$WORK/sink-relay.count ;;
+    postfix) port=$PF_PORT counter=$WORK/sink-postfix.count ;;
+  esac
+  if ! out=$("$BENCH" time -counter "$counter" -want "$count" -timeout "${RUN_TIMEOUT}s" -- \
+      "$SMTP_SOURCE" -s "$sess" -m "$count" -l "$size" -f "$FROM" -t "$TO" \
+      -M client.localdomain "127.0.0.1:$port"); then
+    [ "$target" = postfix ] && tail -5 "$PF_LOG" >&2
+    [ "$target" = relaycar ] && tail -5 "$WORK"/relay-*/relaycar.log >&2
+    die "$target run failed (size=$size sessions=$sess count=$count)"
+  fi
+  # Let the relay finish its bookkeeping so runs do not overlap.
+  local n
+  for _ in $(seq 1 100); do
+    case $target in
+      relaycar) n=$(relay_spool_len) ;;
+      postfix) n=$(pf_queue_len) ;;
+      *) n=0 ;;
+    esac
+    [ "$n" = 0 ] && break
+    sleep 0.1
+  done
+  if [ "$round" != warm ]; then
+    # mix target round count accept_s e2e_s
+    echo "$size:$sess $target $round $count $(echo "$out" | sed 's/accept=//; s/e2e=//')" >> "$RESULTS"
+    log "  $target round $round: $(echo "$out" | awk -v c="$count" '{ split($1,a,"="); split($2,b,"="); printf "accept %.0f msgs/s, end-to-end %.0f msgs/s", c/a[2], c/b[2] }')"
+  fi
+  sleep 0.5
+}
+
+lat_run() { # TARGET ROUND
+  local port
+  case $1 in relaycar) port=$RELAY_PORT ;; postfix) port=$PF_PORT ;; esac
+  local out
+  out=$("$BENCH" latency -addr "127.0.0.1:$port" -n "$LAT_COUNT" -size "$SMALL_SIZE" \
+    -from "$FROM" -to "$TO" -max-time "${RUN_TIMEOUT}s") || die "latency run against $1 failed"
+  echo "lat $1 $2 $out" >> "$RESULTS"
+  log "  latency $1 round $2: $out"
+  sleep 0.5
+}
+
+# ---- measure ---------------------------------------------------------------------------
+log "work dir $WORK; postfix $PF_VERSION; rounds=$ROUNDS mixes=\"$MIXES\" latency=$LAT_COUNT"
+START=$SECONDS
+lat_done=0
+for mix in $MIXES; do
+  IFS=: read -r size sess count <<< "$mix"
+  log "mix ${size}B x $sess sessions, $count messages"
+  start_relay "${size}x$sess"
+  # warm-up (process pools, caches, slow start), not reported
+  warm=$((sess * 4 > 100 ? sess * 4 : 100))
+  if [ "$size" -gt 65536 ]; then warm=$((sess * 2)); fi
+  for t in direct relaycar postfix; do run "$t" "$size" "$sess" "$warm"; done
+  for r in $(seq 1 "$ROUNDS"); do
+    run direct "$size" "$sess" "$count" "$r"
+    if [ $((r % 2)) = 1 ]; then
+      run relaycar "$size" "$sess" "$count" "$r"; run postfix "$size" "$sess" "$count" "$r"
+    else
+      run postfix "$size" "$sess" "$count" "$r"; run relaycar "$size" "$sess" "$count" "$r"
+    fi
+  done
+  if [ "$lat_done" = 0 ] && [ "$size" = "$SMALL_SIZE" ] && [ "$sess" = 1 ] && [ "$LAT_COUNT" -gt 0 ]; then
+    for r in $(seq 1 "$ROUNDS"); do lat_run relaycar "$r"; lat_run postfix "$r"; done
+    lat_done=1
+  fi
+  echo "rss $size:$sess $(vmhwm_kb "$RELAY_PID")" >> "$RESULTS"
+  stop_relay
 done
+ELAPSED=$((SECONDS - START))
+
+# ---- report ----------------------------------------------------------------------------
+RELAY_VERSION=$(cd "$REPO" && git describe --tags --always --dirty 2>/dev/null || echo unknown)
+echo
+echo "relaycar $RELAY_VERSION vs Postfix $PF_VERSION; smtp-source, one connection per message;"
+echo "$(nproc) cores, $(uname -r), spool/queue on $(df --output=source "$WORK" | tail -1) ($(df --output=fstype "$WORK" | tail -1));"
+echo "medians of $ROUNDS rounds, msgs/s = messages / wall time of smtp-source;
+measuring took ${ELAPSED}s, the whole script ${SECONDS}s so far"
+echo
+awk -v mixes="$MIXES" -v rounds="$ROUNDS" -v latn="$LAT_COUNT" '
+function med(key,   n, i, j, t, v) {
+  n = split(vals[key], v, " ")
+  if (n == 0 || vals[key] == "") return -1
+  for (i = 2; i <= n; i++) { t = v[i] + 0; for (j = i - 1; j >= 1 && v[j] + 0 > t; j--) v[j + 1] = v[j]; v[j + 1] = t }
+  return (n % 2) ? v[(n + 1) / 2] + 0 : (v[n / 2] + v[n / 2 + 1]) / 2
+}
+function add(key, x) { vals[key] = (key in vals) ? vals[key] " " x : x }
+function commas(x,   s, r) {
+  s = sprintf("%.0f", x); r = ""
+  while (length(s) > 3) { r = "," substr(s, length(s) - 2) r; s = substr(s, 1, length(s) - 3) }
+  return s r
+}
+function rate(x) { return x < 0 ? "n/a" : commas(x) "/s" }
+function ratio(a, b) { return (a < 0 || b <= 0) ? "n/a" : sprintf("%.2f", a / b) }
+function label(m,   p) {
+  split(m, p, ":")
+  return (p[1] >= 1048576 && p[1] % 1048576 == 0 ? p[1] / 1048576 " MB" : \
+          p[1] >= 1024 && p[1] % 1024 == 0 ? p[1] / 1024 " KB" : p[1] " B") " × " p[2]
+}
+$1 == "rss" { rss[$2] = $3; next }
+$1 == "lat" {
+  for (i = 4; i <= NF; i++) { split($i, kv, "="); add("lat " $2 " " kv[1], kv[2]) }
+  next
+}
+{ add($1 " " $2 " acc", $4 / $5); add($1 " " $2 " e2e", $4 / $6) }
+END {
+  n = split(mixes, M, " ")
+  print "| mix | direct smtp-source → smtp-sink (ceiling) | relaycar accept | Postfix accept | relaycar / Postfix | relaycar / direct | relaycar peak RSS |"
+  print "| --- | --- | --- | --- | --- | --- | --- |"
+  for (i = 1; i <= n; i++) {
+    split(M[i], p, ":"); m = p[1] ":" p[2]
+    d = med(m " direct acc"); r = med(m " relaycar acc"); f = med(m " postfix acc")
+    printf "| %s | %s | %s | %s | %s | %s | %s |\n", label(m), rate(d), rate(r), rate(f), ratio(r, f), ratio(r, d), \
+      (m in rss) ? sprintf("%.1f MB", rss[m] / 1024) : "n/a"
+  }
+  print ""
+  print "End to end (messages / time from smtp-source start until the sink has received them all):"
+  print ""
+  print "| mix | relaycar end-to-end | Postfix end-to-end | relaycar / Postfix |"
+  print "| --- | --- | --- | --- |"
+  for (i = 1; i <= n; i++) {
+    split(M[i], p, ":"); m = p[1] ":" p[2]
+    r = med(m " relaycar e2e"); f = med(m " postfix e2e")
+    printf "| %s | %s | %s | %s |\n", label(m), rate(r), rate(f), ratio(r, f)
+  }
+  if (("lat relaycar p99_ms") in vals) {
+    print ""
+    printf "Accept latency, tools/bench latency: %d × 2 KB messages sent one after another, one connection\n", latn
+    print "each, connect → 250 after DATA (medians of the rounds'\'' percentiles):"
+    print ""
+    print "| target | p50 | p99 | max | msgs/s |"
+    print "| --- | --- | --- | --- | --- |"
+    split("relaycar postfix", T, " ")
+    for (t = 1; t <= 2; t++) {
+      printf "| %s | %.2f ms | %.2f ms | %.2f ms | %s |\n", T[t] == "postfix" ? "Postfix" : T[t], \
+        med("lat " T[t] " p50_ms"), med("lat " T[t] " p99_ms"), med("lat " T[t] " max_ms"), commas(med("lat " T[t] " rate"))
+    }
+    printf "| relaycar / Postfix | %s | %s | | |\n", ratio(med("lat relaycar p50_ms"), med("lat postfix p50_ms")), \
+      ratio(med("lat relaycar p99_ms"), med("lat postfix p99_ms"))
+  }
+  print ""
+  print "Per round, accept msgs/s (direct / relaycar / Postfix):"
+  for (i = 1; i <= n; i++) {
+    split(M[i], p, ":"); m = p[1] ":" p[2]
+    line = sprintf("  %-10s", label(m))
+    split(vals[m " direct acc"], D, " "); split(vals[m " relaycar acc"], R, " "); split(vals[m " postfix acc"], F, " ")
+    for (j = 1; j <= rounds; j++) line = line sprintf("  %s / %s / %s", commas(D[j]), commas(R[j]), commas(F[j]))
+    print line
+  }
+}' "$RESULTS"

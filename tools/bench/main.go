@@ -1,0 +1,236 @@
+// Command bench is the Go half of tools/postfix-reference.sh, the
+// smtp-source benchmark that compares relaycar with a stock Postfix relay.
+// It has two subcommands; both talk to 127.0.0.1 only and are bounded in
+// count and time.
+//
+//	bench time [-counter FILE -want N] [-timeout 2m] -- smtp-source ARGS...
+//
+// runs the command (smtp-source) and prints "accept=SECONDS e2e=SECONDS":
+// accept is the command's wall time; e2e is the time from the command's
+// start until the smtp-sink whose -c counter output is in FILE has counted
+// N more messages than when the command started ("-" without -counter).
+// It exits non-zero if the command fails or the sink falls short by -timeout.
+//
+//	bench latency -addr 127.0.0.1:2525 -n 1000 -size 2048
+//
+// sends N messages one after another, one connection per message, and
+// prints p50/p99/max of connect -> 250-after-DATA (greeting, EHLO, MAIL,
+// RCPT, DATA and the body until the server's reply to the final dot; QUIT
+// and close are outside the timer), plus the resulting msgs/s.
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/emersion/go-smtp"
+)
+
+func main() {
+	if len(os.Args) < 2 {
+		usage()
+	}
+	switch os.Args[1] {
+	case "time":
+		timeCmd(os.Args[2:])
+	case "latency":
+		latencyCmd(os.Args[2:])
+	default:
+		usage()
+	}
+}
+
+func usage() {
+	fmt.Fprintln(os.Stderr, "usage: bench time [-counter FILE -want N] [-timeout D] -- CMD ARGS...\n       bench latency -addr HOST:PORT [-n N] [-size BYTES]")
+	os.Exit(2)
+}
+
+func timeCmd(args []string) {
+	fs := flag.NewFlagSet("time", flag.ExitOnError)
+	counter := fs.String("counter", "", "smtp-sink -c output file to watch for end-to-end time")
+	want := fs.Int64("want", 0, "messages the sink must count (beyond its count at start)")
+	timeout := fs.Duration("timeout", 2*time.Minute, "upper bound for the command plus the sink wait")
+	fs.Parse(args)
+	argv := fs.Args()
+	if len(argv) == 0 {
+		usage()
+	}
+	deadline := time.Now().Add(*timeout)
+	var base int64
+	if *counter != "" {
+		n, err := sinkCount(*counter)
+		if err != nil {
+			fatal("%v", err)
+		}
+		base = n
+	}
+	ctx, cancel := context.WithDeadline(context.Background(), deadline)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	cmd.WaitDelay = 2 * time.Second
+
+	start := time.Now()
+	// Watch the sink while the command runs, so the end-to-end time is the
+	// moment the count was reached, not when we first looked after the command.
+	e2e := make(chan time.Duration, 1)
+	if *counter != "" {
+		go func() {
+			for time.Now().Before(deadline) {
+				if n, err := sinkCount(*counter); err == nil && n-base >= *want {
+					e2e <- time.Since(start)
+					return
+				}
+				time.Sleep(2 * time.Millisecond)
+			}
+			e2e <- -1
+		}()
+	}
+	err := cmd.Run()
+	accept := time.Since(start)
+	if err != nil {
+		fatal("%s: %v", argv[0], err)
+	}
+	if *counter == "" {
+		fmt.Printf("accept=%.4f e2e=-\n", accept.Seconds())
+		return
+	}
+	d := <-e2e
+	if d < 0 {
+		n, _ := sinkCount(*counter)
+		fmt.Printf("accept=%.4f e2e=-\n", accept.Seconds())
+		fatal("sink counted %d of %d messages within %s", n-base, *want, *timeout)
+	}
+	fmt.Printf("accept=%.4f e2e=%.4f\n", accept.Seconds(), d.Seconds())
+}
+
+// sinkCount returns the last "mesg=N" that smtp-sink -c wrote to path. The
+// counters are records like "sess=3 quit=3 mesg=3\r", appended as they change.
+func sinkCount(path string) (int64, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return 0, err
+	}
+	if st.Size() == 0 {
+		return 0, nil
+	}
+	off := max(0, st.Size()-128)
+	buf := make([]byte, st.Size()-off)
+	if _, err := f.ReadAt(buf, off); err != nil && !errors.Is(err, io.EOF) {
+		return 0, err
+	}
+	// Use the last complete record (one that ends in \r or \n).
+	end := bytes.LastIndexAny(buf, "\r\n")
+	if end < 0 {
+		return 0, fmt.Errorf("%s: no counter record", path)
+	}
+	rec := buf[:end]
+	i := bytes.LastIndex(rec, []byte("mesg="))
+	if i < 0 {
+		return 0, fmt.Errorf("%s: no mesg= counter", path)
+	}
+	num := rec[i+len("mesg="):]
+	if j := bytes.IndexAny(num, " \t\r\n"); j >= 0 {
+		num = num[:j]
+	}
+	return strconv.ParseInt(string(num), 10, 64)
+}
+
+func latencyCmd(args []string) {
+	fs := flag.NewFlagSet("latency", flag.ExitOnError)
+	addr := fs.String("addr", "", "SMTP server, host:port (loopback only)")
+	n := fs.Int("n", 1000, "messages, sent one after another, one connection each")
+	size := fs.Int("size", 2048, "payload bytes (after the headers, as smtp-source -l)")
+	from := fs.String("from", "from@example.com", "envelope sender")
+	to := fs.String("to", "to@example.net", "envelope recipient")
+	maxTime := fs.Duration("max-time", 2*time.Minute, "upper bound for the whole run")
+	fs.Parse(args)
+	host, _, err := net.SplitHostPort(*addr)
+	if err != nil || !net.ParseIP(host).IsLoopback() {
+		fatal("-addr must be a loopback host:port, got %q", *addr)
+	}
+	if *n < 1 || *n > 100000 {
+		fatal("-n out of range")
+	}
+	payload := body(*size)
+	lat := make([]time.Duration, 0, *n)
+	deadline := time.Now().Add(*maxTime)
+	start := time.Now()
+	for i := range *n {
+		if time.Now().After(deadline) {
+			fatal("sent only %d of %d messages within %s", i, *n, *maxTime)
+		}
+		msg := fmt.Sprintf("From: <%s>\r\nTo: <%s>\r\nDate: %s\r\nMessage-Id: <%d.%d@bench.localdomain>\r\n\r\n%s",
+			*from, *to, time.Now().Format(time.RFC1123Z), start.UnixNano(), i, payload)
+		t0 := time.Now()
+		c, err := sendOne(*addr, *from, *to, msg, deadline)
+		if err != nil {
+			fatal("message %d: %v", i+1, err)
+		}
+		lat = append(lat, time.Since(t0))
+		c.Quit() // outside the timer
+		c.Close()
+	}
+	elapsed := time.Since(start)
+	slices.Sort(lat)
+	fmt.Printf("n=%d p50_ms=%.3f p99_ms=%.3f max_ms=%.3f rate=%.1f\n", len(lat),
+		msec(lat[len(lat)/2]), msec(lat[(len(lat)*99)/100]), msec(lat[len(lat)-1]),
+		float64(len(lat))/elapsed.Seconds())
+}
+
+// sendOne opens a connection and sends one message; it returns once the
+// server has answered the final dot, leaving QUIT to the caller.
+func sendOne(addr, from, to, msg string, deadline time.Time) (*smtp.Client, error) {
+	conn, err := net.DialTimeout("tcp", addr, 10*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	conn.SetDeadline(deadline)
+	c := smtp.NewClient(conn)
+	if err := c.Hello("bench.localdomain"); err != nil {
+		c.Close()
+		return nil, err
+	}
+	if err := c.SendMail(from, []string{to}, strings.NewReader(msg)); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// body is size bytes of 78-character lines plus CRLF, like smtp-source -l.
+func body(size int) string {
+	var b strings.Builder
+	line := strings.Repeat("X", 78) + "\r\n"
+	for b.Len() < size {
+		b.WriteString(line)
+	}
+	s := b.String()[:size]
+	if !strings.HasSuffix(s, "\r\n") {
+		s = s[:len(s)-2] + "\r\n"
+	}
+	return s
+}
+
+func msec(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1e6 }
+
+func fatal(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "bench: "+format+"\n", args...)
+	os.Exit(1)
+}
