@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/relaycar/relaycar/relay/spool"
 )
 
 // QueueEntry is one message in GET /api/queue and `relaycar queue ls`.
@@ -69,10 +71,10 @@ func (r *Relay) adminMux() *http.ServeMux {
 		}
 		// Ready means a message of the largest size SMTP advertises can
 		// be committed now, not merely that a file can be created.
-		if err := r.spool.Ready(r.maxBytes); err != nil {
+		if err := r.spool.Writable(r.maxBytes + commitOverhead); err != nil {
 			r.log.Error("spool cannot accept messages", "err", err)
 			msg := "not ready: spool not writable"
-			if errors.Is(err, errSpoolFull) {
+			if errors.Is(err, spool.ErrFull) {
 				msg = "not ready: spool file system full"
 			}
 			http.Error(w, msg, http.StatusServiceUnavailable)
@@ -256,7 +258,7 @@ func (r *Relay) Retry(id string) error {
 		return err
 	}
 	r.log.Info("dead letter requeued", "msg_id", id)
-	r.queue.add(env, nil)
+	r.queue.add(env)
 	return nil
 }
 
@@ -272,6 +274,10 @@ func (r *Relay) Drop(id string) error {
 	r.log.Info("message dropped by operator", "msg_id", id)
 	return nil
 }
+
+// commitOverhead is what a commit writes besides the body: the header,
+// the envelope record and the file system's own metadata, with room.
+const commitOverhead = 64 << 10
 
 func writeJSON(w http.ResponseWriter, v any, err error) {
 	w.Header().Set("Content-Type", "application/json")

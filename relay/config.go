@@ -15,6 +15,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/relaycar/relaycar/internal/memlimit"
 	"github.com/relaycar/relaycar/policy"
 	"github.com/relaycar/relaycar/upstreams"
 )
@@ -79,6 +80,9 @@ type SpoolConfig struct {
 	Retry       policy.RetryConfig `yaml:"retry"`
 	Workers     int                `yaml:"workers"`
 	OnAmbiguous string             `yaml:"on_ambiguous"`
+	// MemoryBudget bounds what intake and in-memory deliveries hold:
+	// bytes, or "auto" (half the container's memory limit).
+	MemoryBudget string `yaml:"memory_budget"`
 }
 
 // Default returns the documented defaults; Load decodes relay.yaml over it.
@@ -98,11 +102,12 @@ func Default() Config {
 		},
 		Admin: AdminConfig{Address: "127.0.0.1:9025"},
 		Spool: SpoolConfig{
-			Dir:         "./spool",
-			MaxAge:      48 * time.Hour,
-			Retry:       policy.RetryConfig{Initial: 30 * time.Second, Max: 15 * time.Minute, Multiplier: 2},
-			Workers:     16,
-			OnAmbiguous: "retry_same",
+			Dir:          "./spool",
+			MaxAge:       48 * time.Hour,
+			Retry:        policy.RetryConfig{Initial: 30 * time.Second, Max: 15 * time.Minute, Multiplier: 2},
+			Workers:      16,
+			OnAmbiguous:  "retry_same",
+			MemoryBudget: "auto",
 		},
 		ShutdownGrace: 20 * time.Second,
 	}
@@ -450,6 +455,9 @@ func (c *Config) Validate() error {
 	}
 	if s.OnAmbiguous != "retry_same" && s.OnAmbiguous != "failover" {
 		bad("spool.on_ambiguous", "%q: must be retry_same or failover", s.OnAmbiguous)
+	}
+	if _, err := memlimit.ParseBudget(s.MemoryBudget); err != nil {
+		bad("spool.memory_budget", "%q: %v (bytes such as 268435456 or 256MiB, or auto)", s.MemoryBudget, err)
 	}
 	if c.ShutdownGrace < 0 {
 		bad("shutdown_grace", "must not be negative")

@@ -17,7 +17,7 @@ import (
 // worker delivers items from in until it is closed.
 func (r *Relay) worker(ctx context.Context, in <-chan *item) {
 	for it := range in {
-		keep := r.attempt(ctx, it.env, it.data)
+		keep := r.attempt(ctx, it.env)
 		r.queue.done(it, keep)
 	}
 }
@@ -25,12 +25,9 @@ func (r *Relay) worker(ctx context.Context, in <-chan *item) {
 // attempt makes one delivery attempt for every route of env that still has
 // recipients, then persists the outcome. It returns whether the message
 // stays in the spool.
-func (r *Relay) attempt(ctx context.Context, env *Envelope, data []byte) (keep bool) {
+func (r *Relay) attempt(ctx context.Context, env *Envelope) (keep bool) {
 	log := r.log.With("msg_id", env.ID)
-	var err error
-	if data == nil {
-		data, err = r.spool.ReadData(env.ID)
-	}
+	body, err := r.spool.OpenBody(env.ID)
 	if errors.Is(err, fs.ErrNotExist) {
 		// Dropped by an operator meanwhile: nothing to send.
 		log.Warn("message body gone (dropped); forgetting message", "err", err)
@@ -42,6 +39,7 @@ func (r *Relay) attempt(ctx context.Context, env *Envelope, data []byte) (keep b
 		env.NextAttempt = r.now().Add(policy.Backoff(1, r.cfg.Spool.Retry, r.rand))
 		return true
 	}
+	defer body.Close()
 	now := r.now()
 	var (
 		tried   bool
@@ -62,19 +60,19 @@ func (r *Relay) attempt(ctx context.Context, env *Envelope, data []byte) (keep b
 			log.Warn("route no longer exists; using the default route", "route", rs.Route, "default", def)
 			rs.Route, rs.Pinned = def, ""
 		}
-		t, err := r.deliverRoute(ctx, env, rs, data)
+		t, err := r.deliverRoute(ctx, env, rs, body)
 		tried = tried || t
 		if err != nil {
 			lastErr = err
 		}
 	}
-	if ctx.Err() != nil && env.pending() {
+	if ctx.Err() != nil && env.Pending() {
 		// Shutting down mid-attempt: keep what was delivered, retry the
 		// rest first thing after the restart.
 		env.NextAttempt = now
 		return r.persist(env, log)
 	}
-	if !env.pending() {
+	if !env.Pending() {
 		return r.finish(env, log)
 	}
 	if tried {
@@ -92,7 +90,7 @@ func (r *Relay) attempt(ctx context.Context, env *Envelope, data []byte) (keep b
 		if env.LastError != "" {
 			reason += "; last error: " + env.LastError
 		}
-		if ue := env.upstreamErrorsText(); ue != "" && ue != env.LastError {
+		if ue := upstreamErrorsText(env); ue != "" && ue != env.LastError {
 			reason += "; last upstream errors: " + ue
 		}
 		for i := range env.Routes {
@@ -176,7 +174,7 @@ func (r *Relay) fail(env *Envelope, rs *RouteState, upstream, class, reason stri
 // it and pins the upstream (on_ambiguous: retry_same); everything else
 // moves on to the next upstream. tried says whether any upstream was
 // actually called.
-func (r *Relay) deliverRoute(ctx context.Context, env *Envelope, rs *RouteState, data []byte) (tried bool, lastErr error) {
+func (r *Relay) deliverRoute(ctx context.Context, env *Envelope, rs *RouteState, body upstreams.Body) (tried bool, lastErr error) {
 	cands := r.router.Candidates(rs.Route)
 	if rs.Pinned != "" {
 		i := slices.IndexFunc(cands, func(g *policy.Gate) bool { return g.Name() == rs.Pinned })
@@ -186,7 +184,7 @@ func (r *Relay) deliverRoute(ctx context.Context, env *Envelope, rs *RouteState,
 			rs.Pinned = ""
 		}
 	}
-	m := &upstreams.Message{ID: env.ID, From: env.From, To: slices.Clone(rs.Pending), AllRcpts: env.Rcpts, Body: upstreams.BytesBody(data), MessageID: env.MessageID}
+	m := &upstreams.Message{ID: env.ID, From: env.From, To: slices.Clone(rs.Pending), AllRcpts: env.Rcpts, Body: body, MessageID: env.MessageID}
 	log := r.log.With("msg_id", env.ID, "route", rs.Route)
 	cannot := 0 // upstreams that can never carry this message
 	var skips []string
@@ -195,7 +193,7 @@ func (r *Relay) deliverRoute(ctx context.Context, env *Envelope, rs *RouteState,
 			return tried, lastErr
 		}
 		name := g.Name()
-		if skip := g.Admit(ctx, len(data), m.SenderDomain()); skip != policy.NotSkipped {
+		if skip := g.Admit(ctx, int(body.Size()), m.SenderDomain()); skip != policy.NotSkipped {
 			r.metrics.skipped.WithLabelValues(name, skip.String()).Inc()
 			if skip == policy.SkipRateLimited {
 				r.metrics.rateLimited.WithLabelValues(name).Inc()
@@ -233,7 +231,7 @@ func (r *Relay) deliverRoute(ctx context.Context, env *Envelope, rs *RouteState,
 		class := upstreams.ClassOf(err)
 		r.metrics.deliveries.WithLabelValues(name, class.String()).Inc()
 		lastErr = err
-		env.upstreamError(name, err)
+		noteUpstreamError(env, name, err)
 		var ue *upstreams.Error
 		if errors.As(err, &ue) && len(ue.Recipients) > 0 && len(ue.Recipients) < len(m.To) {
 			// Partly accepted: record those, carry on with the rest.

@@ -12,49 +12,6 @@ import (
 	"github.com/emersion/go-message/textproto"
 )
 
-// hasBareCRLF reports a CR not followed by LF or an LF not preceded by CR:
-// the building blocks of SMTP smuggling (CVE-2023-51764 family), which
-// downstream servers may read as end-of-data.
-func hasBareCRLF(b []byte) bool {
-	for i := bytes.IndexAny(b, "\r\n"); i >= 0 && i < len(b); {
-		switch b[i] {
-		case '\r':
-			if i+1 >= len(b) || b[i+1] != '\n' {
-				return true
-			}
-			i += 2
-		case '\n':
-			return true // an LF after CR was skipped above
-		}
-		j := bytes.IndexAny(b[i:], "\r\n")
-		if j < 0 {
-			break
-		}
-		i += j
-	}
-	return false
-}
-
-// normalizeCRLF turns every bare CR and bare LF into CRLF, as Postfix does
-// for bare newlines when not rejecting them.
-func normalizeCRLF(b []byte) []byte {
-	out := make([]byte, 0, len(b)+len(b)/50)
-	for i := 0; i < len(b); i++ {
-		switch c := b[i]; c {
-		case '\r':
-			out = append(out, '\r', '\n')
-			if i+1 < len(b) && b[i+1] == '\n' {
-				i++
-			}
-		case '\n':
-			out = append(out, '\r', '\n')
-		default:
-			out = append(out, c)
-		}
-	}
-	return out
-}
-
 // prepared is an accepted message as every upstream will receive it.
 type prepared struct {
 	data      []byte

@@ -16,16 +16,7 @@ type queue struct {
 	due   itemHeap
 	wake  chan struct{}
 	now   func() time.Time
-	// cached is the total of item.data held in memory.
-	cached int64
 }
-
-// maxCached bounds the bodies kept in memory for first attempts; beyond
-// it (a burst while upstreams are slow) workers read them from the spool.
-const (
-	maxCached     = 8 << 20
-	maxCachedItem = 256 << 10
-)
 
 type item struct {
 	env *Envelope
@@ -33,11 +24,8 @@ type item struct {
 	// received is a copy of env.ReceivedAt, readable without racing the
 	// worker that owns env.
 	received time.Time
-	// data is the body just written to the spool, kept for the first
-	// attempt so it need not be read back; nil afterwards.
-	data  []byte
-	index int  // in due; -1 while a worker has it
-	gone  bool // dropped while a worker had it
+	index    int  // in due; -1 while a worker has it
+	gone     bool // dropped while a worker had it
 }
 
 func newQueue(now func() time.Time) *queue {
@@ -51,14 +39,11 @@ func (q *queue) poke() {
 	}
 }
 
-// add schedules env at env.NextAttempt; data, if not nil, is its body.
-func (q *queue) add(env *Envelope, data []byte) {
+// add schedules env at env.NextAttempt. Bodies stay in the spool: a
+// first attempt reads the file just written, from the page cache.
+func (q *queue) add(env *Envelope) {
 	q.mu.Lock()
 	it := &item{env: env, at: env.NextAttempt, received: env.ReceivedAt}
-	if data != nil && len(data) <= maxCachedItem && q.cached+int64(len(data)) <= maxCached {
-		it.data = data
-		q.cached += int64(len(data))
-	}
 	q.items[env.ID] = it
 	heap.Push(&q.due, it)
 	q.mu.Unlock()
@@ -69,8 +54,6 @@ func (q *queue) add(env *Envelope, data []byte) {
 // forgotten otherwise.
 func (q *queue) done(it *item, keep bool) {
 	q.mu.Lock()
-	q.cached -= int64(len(it.data))
-	it.data = nil
 	if !keep || it.gone {
 		delete(q.items, it.env.ID)
 	} else {

@@ -9,11 +9,11 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
-	"time"
 
-	"github.com/relaycar/relaycar/internal/atomicfile"
+	"github.com/relaycar/relaycar/relay/spool"
 )
 
 // mountSmallTmpfs mounts a tmpfs of the given size on a fresh directory,
@@ -91,104 +91,29 @@ func TestReadyz_RealTmpfsFullAndRecovers(t *testing.T) {
 	}
 }
 
-// fakeSpace makes s report sp from statfs; the test changes sp as it goes.
-func fakeSpace(s *Spool, sp *space) {
-	s.statfs = func(string) (space, error) { return *sp, nil }
+// statFS reports a fixed statfs; the test changes u as it goes.
+type statFS struct {
+	spool.OS
+	mu sync.Mutex
+	u  spool.Usage
 }
 
-func TestSpool_ReadyWantsRoomForTheLargestMessage(t *testing.T) {
-	const need = 25 << 20
-	for _, tc := range []struct {
-		name string
-		sp   space
-		full bool
-	}{
-		{"plenty", space{Avail: 10 << 30, Total: 100 << 30}, false},
-		{"exactly one message", space{Avail: need + commitOverhead, Total: 100 << 30}, false},
-		{"one byte short", space{Avail: need + commitOverhead - 1, Total: 100 << 30}, true},
-		{"1 MiB left", space{Avail: 1 << 20, Total: 100 << 30}, true},
-		// A volume smaller than ten maximum-size messages is asked for a
-		// tenth of itself, or it would never be ready.
-		{"small volume, room for small mail", space{Avail: 500 << 10, Total: 600 << 10}, false},
-		{"small volume, full", space{Avail: 10 << 10, Total: 600 << 10}, true},
-		{"out of inodes", space{Avail: 10 << 30, Total: 100 << 30, FreeFiles: 2, Files: 1000}, true},
-		{"no fixed inode count", space{Avail: 10 << 30, Total: 100 << 30}, false},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			s := newTestSpool(t)
-			sp := tc.sp
-			fakeSpace(s, &sp)
-			err := s.Ready(need)
-			if tc.full != errors.Is(err, errSpoolFull) || (!tc.full && err != nil) {
-				t.Errorf("Ready(%d) with %+v = %v, want full %v", need, tc.sp, err, tc.full)
-			}
-		})
-	}
-	s := newTestSpool(t)
-	s.statfs = func(string) (space, error) { return space{}, syscall.EIO }
-	if err := s.Ready(need); err == nil {
-		t.Error("Ready with a failing statfs = nil, want an error")
-	}
+func (f *statFS) Statfs(string) (spool.Usage, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.u, nil
 }
 
-// Models commits failing with ENOSPC although statfs still shows some
-// room (several sessions committing at once, metadata, a small volume):
-// not ready until space is freed or a commit succeeds again.
-func TestSpool_ReadyAfterCommitFailedForSpace(t *testing.T) {
-	s := newTestSpool(t)
-	sp := space{Avail: 80 << 10, Total: 600 << 10}
-	fakeSpace(s, &sp)
-	if err := s.Ready(25 << 20); err != nil {
-		t.Fatalf("Ready before any failure = %v", err)
-	}
-	s.fs = failingFS{after: 0}
-	if err := s.Put(testEnv(NewID(time.Now())), bytes.Repeat([]byte("x"), 100<<10)); !errors.Is(err, syscall.ENOSPC) {
-		t.Fatalf("Put = %v, want ENOSPC", err)
-	}
-	if err := s.Ready(25 << 20); !errors.Is(err, errSpoolFull) {
-		t.Errorf("Ready after a commit failed for space = %v, want full", err)
-	}
-	sp.Avail = 200 << 10 // deliveries freed space
-	if err := s.Ready(25 << 20); err != nil {
-		t.Errorf("Ready after space was freed = %v", err)
-	}
-	sp.Avail = 80 << 10
-	if err := s.Ready(25 << 20); err != nil {
-		t.Errorf("Ready once recovered = %v; only a new failure may turn it off", err)
-	}
-
-	s.Put(testEnv(NewID(time.Now())), []byte("x"))
-	if err := s.Ready(25 << 20); !errors.Is(err, errSpoolFull) {
-		t.Errorf("Ready after a second failure = %v, want full", err)
-	}
-	s.fs = atomicfile.OS{}
-	if err := s.Put(testEnv(NewID(time.Now())), []byte("x")); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Ready(25 << 20); err != nil {
-		t.Errorf("Ready after a successful commit = %v", err)
-	}
-}
-
-// The sticky sync failure stays fatal for readiness whatever the space.
-func TestSpool_ReadyStickySyncFailure(t *testing.T) {
-	s := newTestSpool(t)
-	sp := space{Avail: 10 << 30, Total: 100 << 30}
-	fakeSpace(s, &sp)
-	s.sync = &atomicfile.GroupSync{Dir: filepath.Join(t.TempDir(), "gone")}
-	if err := s.sync.Sync(); err == nil {
-		t.Fatal("sync of a missing directory succeeded")
-	}
-	if err := s.Ready(1); err == nil {
-		t.Error("Ready after a failed sync = nil, want the sticky error")
-	}
+func (f *statFS) setFree(n int64) {
+	f.mu.Lock()
+	f.u.FreeBytes = n
+	f.mu.Unlock()
 }
 
 // /readyz answers from the listener's own size limit.
 func TestReadyz_FullFileSystemIs503(t *testing.T) {
-	tr := startRelay(t, []*recorder{{name: "a"}}, nil, nil)
-	sp := space{Avail: 10 << 30, Total: 100 << 30}
-	fakeSpace(tr.spool, &sp) // no session runs, so only this goroutine reads it
+	fsys := &statFS{u: spool.Usage{FreeBytes: 10 << 30, TotalBytes: 100 << 30, FreeInodes: -1}}
+	tr := startRelayTB(t, []*recorder{{name: "a"}}, nil, nil, true, nil, fsys)
 	waitFor(t, "Run to start", tr.ready.Load)
 	h := tr.adminHandler()
 	get := func() (int, string) {
@@ -201,11 +126,11 @@ func TestReadyz_FullFileSystemIs503(t *testing.T) {
 	if code, body := get(); code != http.StatusOK {
 		t.Fatalf("/readyz = %d %s", code, body)
 	}
-	sp.Avail = uint64(tr.maxBytes) // the body fits, the envelope does not
+	fsys.setFree(tr.maxBytes) // the body fits, the envelope does not
 	if code, body := get(); code != http.StatusServiceUnavailable || !strings.Contains(body, "full") {
-		t.Errorf("/readyz with %d bytes free for %d-byte messages = %d %q, want 503 full", sp.Avail, tr.maxBytes, code, body)
+		t.Errorf("/readyz with %d bytes free for %d-byte messages = %d %q, want 503 full", tr.maxBytes, tr.maxBytes, code, body)
 	}
-	sp.Avail = 1 << 30
+	fsys.setFree(1 << 30)
 	if code, body := get(); code != http.StatusOK {
 		t.Errorf("/readyz after space was freed = %d %s", code, body)
 	}

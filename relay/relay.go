@@ -1,9 +1,11 @@
 package relay
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"math/rand/v2"
 	"net"
@@ -18,7 +20,10 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/sony/gobreaker/v2"
 
+	"github.com/relaycar/relaycar/internal/membudget"
+	"github.com/relaycar/relaycar/internal/memlimit"
 	"github.com/relaycar/relaycar/policy"
+	"github.com/relaycar/relaycar/relay/spool"
 	"github.com/relaycar/relaycar/upstreams"
 )
 
@@ -32,6 +37,8 @@ type Deps struct {
 	Upstreams map[string]upstreams.Upstream
 	// Version is shown on the status page.
 	Version string
+	// SpoolFS replaces the spool's file system (tests: a full disk).
+	SpoolFS spool.FS
 }
 
 // Relay is one running relaycar: SMTP listener, spool, delivery workers and
@@ -41,7 +48,8 @@ type Relay struct {
 	log            *slog.Logger
 	now            func() time.Time
 	rand           func() float64
-	spool          *Spool
+	spool          *spool.Spool
+	budget         *membudget.Budget
 	queue          *queue
 	router         *policy.Router
 	gates          map[string]*policy.Gate
@@ -88,12 +96,15 @@ func New(cfg *Config, d Deps) (*Relay, error) {
 		}
 		r.users = users
 	}
-	sp, err := OpenSpool(cfg.Spool.Dir, r.log)
+	sp, err := spool.Open(cfg.Spool.Dir, spool.Options{Log: r.log, FS: d.SpoolFS})
 	if err != nil {
 		return nil, fmt.Errorf("spool.dir: %w", err)
 	}
 	r.spool = sp
-	udeps := upstreams.Deps{Logger: r.log, Hostname: cfg.Listen.Hostname, Now: r.now, SyncFor: sp.SyncFor}
+	budget, why := memlimit.Resolve(cfg.Spool.MemoryBudget)
+	r.budget = membudget.New(budget)
+	r.log.Info("memory budget", "bytes", budget, "from", why)
+	udeps := upstreams.Deps{Logger: r.log, Hostname: cfg.Listen.Hostname, Now: r.now, SyncFor: sp.SyncFor, Memory: r.budget}
 	for _, uc := range cfg.Upstreams {
 		u, ok := d.Upstreams[uc.Name]
 		if !ok {
@@ -134,6 +145,7 @@ func New(cfg *Config, d Deps) (*Relay, error) {
 	}
 	r.metrics = newMetrics(r.reg, r.gates, func() float64 { return float64(r.queue.len()) }, oldestAge,
 		func() float64 { return float64(r.spool.CountDead()) })
+	r.reg.MustRegister(r.budget.Collectors()...)
 	return r, nil
 }
 
@@ -149,13 +161,25 @@ func (r *Relay) breakerChanged(upstream, sender string, from, to gobreaker.State
 	}
 }
 
-// accept routes, prepares and spools one message; it returns the id once
-// the message is durable, or an *smtp.SMTPError for the client.
-func (r *Relay) accept(from string, rcpts []string, raw []byte, ri receivedInfo) (string, error) {
+// accept routes, prepares and spools one message as it streams in from
+// body; it returns the id once the message is durable. Errors reading
+// body wrap errReading, a refusal of the message is an intakeError (the
+// session maps both to replies); anything else is the spool's.
+// ready runs once the whole message is read, before the commit.
+func (r *Relay) accept(from string, rcpts []string, body io.Reader, ri receivedInfo, ready func() error) (string, error) {
 	now := r.now()
-	id := NewID(now)
+	id := spool.NewID(now)
 	ri.id, ri.at = id, now
-	p, err := prepare(raw, ri)
+	src := &readErr{r: body}
+	br := bufio.NewReaderSize(src, readBufSize)
+	hdr, err := readHeaderSection(br, maxHeaderBytes)
+	if err != nil {
+		if errors.Is(err, errHeaderTooLong) {
+			return "", &intakeError{errHeaderTooLong}
+		}
+		return "", fmt.Errorf("%w: %w", errReading, err)
+	}
+	p, err := prepare(hdr, ri)
 	if err != nil {
 		return "", err
 	}
@@ -165,23 +189,70 @@ func (r *Relay) accept(from string, rcpts []string, raw []byte, ri receivedInfo)
 	groups, unrouted := r.router.Split(from, rcpts, p.routingHeader(ri.trusted))
 	if len(unrouted) > 0 {
 		r.log.Warn("message refused: no route", "from", from, "rcpts", unrouted)
-		return "", replyNoRoute
+		return "", &intakeError{errNoRoute}
 	}
-	env := &Envelope{ID: id, From: from, Rcpts: rcpts, MessageID: p.messageID, Size: len(p.data),
+	w, err := r.spool.Create(id)
+	if err != nil {
+		return "", err
+	}
+	defer w.Abort() // a no-op after Commit
+	if _, err := w.Write(p.data); err != nil {
+		return "", err
+	}
+	n, err := io.Copy(w, br)
+	if src.err != nil {
+		return "", fmt.Errorf("%w: %w", errReading, src.err)
+	}
+	if err != nil {
+		return "", err
+	}
+	size := int64(len(p.data)) + n
+	env := &Envelope{ID: id, From: from, Rcpts: rcpts, MessageID: p.messageID,
 		ReceivedAt: now.UTC(), NextAttempt: now.UTC(), RemoteAddr: ri.remote}
 	for _, g := range groups {
-		if m := r.router.MaxMessageBytes(g.Route); m > 0 && int64(len(p.data)) > m {
-			return "", replyTooBig
+		if m := r.router.MaxMessageBytes(g.Route); m > 0 && size > m {
+			return "", &intakeError{errTooBigForRoute}
 		}
 		env.Routes = append(env.Routes, RouteState{Route: g.Route, Pending: g.Rcpts})
 	}
-	if err := r.spool.Put(env, p.data); err != nil {
+	if err := ready(); err != nil {
+		return "", err
+	}
+	if err := w.Commit(env); err != nil {
 		return "", err
 	}
 	r.metrics.received.Inc()
-	r.log.Info("message queued", "msg_id", id, "from", from, "rcpt_count", len(rcpts), "size", len(p.data), "remote_addr", ri.remote)
-	r.queue.add(env, p.data)
+	r.log.Info("message queued", "msg_id", id, "from", from, "rcpt_count", len(rcpts), "size", size, "remote_addr", ri.remote)
+	r.queue.add(env)
 	return id, nil
+}
+
+// intakeError is a refusal of the message itself, as opposed to a failure
+// to read or store it.
+type intakeError struct{ err error }
+
+func (e *intakeError) Error() string { return e.err.Error() }
+func (e *intakeError) Unwrap() error { return e.err }
+
+var (
+	errReading        = errors.New("reading the message")
+	errNoRoute        = errors.New("no route for a recipient")
+	errTooBigForRoute = errors.New("message larger than every upstream of its route takes")
+)
+
+// readErr remembers the error of the reader it wraps, to tell a client
+// that failed (too large, timed out, bare LF) from a spool that did.
+type readErr struct {
+	r   io.Reader
+	err error
+}
+
+func (r *readErr) Read(p []byte) (int, error) {
+	n, err := r.r.Read(p)
+	if err != nil && err != io.EOF {
+		r.err = err
+	}
+	return n, err
 }
 
 // SMTPAddr and AdminAddr are the bound addresses (for tests binding :0).
@@ -199,7 +270,7 @@ func (r *Relay) Listen() error {
 	}
 	r.metrics.broken.Add(float64(broken))
 	for _, env := range envs {
-		r.queue.add(env, nil)
+		r.queue.add(env)
 	}
 	if len(envs) > 0 {
 		r.log.Info("spool loaded", "messages", len(envs), "broken", broken)
@@ -237,6 +308,9 @@ func (r *Relay) Run(ctx context.Context) error {
 		}
 	}
 	defer r.spool.Unlock()
+	// Unlinks of delivered messages are left to the spool's reaper; let it
+	// finish them before the lock goes.
+	defer r.spool.Close()
 	srv := smtp.NewServer(backend{r})
 	srv.Domain = r.cfg.Listen.Hostname
 	srv.MaxMessageBytes = r.maxBytes

@@ -26,6 +26,7 @@ import (
 
 	"github.com/relaycar/relaycar/internal/testsmtp"
 	"github.com/relaycar/relaycar/policy"
+	"github.com/relaycar/relaycar/relay/spool"
 	"github.com/relaycar/relaycar/upstreams"
 )
 
@@ -106,7 +107,7 @@ func startRelayB(b *testing.B, ups []*recorder) *testRelay {
 // startRelayTB is startRelay for tests and benchmarks; tune, if set, adjusts
 // the Relay between New and Run (fields tests shorten, such as the AUTH
 // failure delay).
-func startRelayTB(t testing.TB, ups []*recorder, routes []policy.RouteConfig, edit func(*Config), logs bool, tune func(*Relay)) *testRelay {
+func startRelayTB(t testing.TB, ups []*recorder, routes []policy.RouteConfig, edit func(*Config), logs bool, tune func(*Relay), fsys ...spool.FS) *testRelay {
 	t.Helper()
 	dir := t.TempDir()
 	cfg := Default()
@@ -141,7 +142,11 @@ func startRelayTB(t testing.TB, ups []*recorder, routes []policy.RouteConfig, ed
 	if logs {
 		log = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
-	r, err := New(&cfg, Deps{Logger: log, Upstreams: over})
+	d := Deps{Logger: log, Upstreams: over}
+	if len(fsys) > 0 {
+		d.SpoolFS = fsys[0]
+	}
+	r, err := New(&cfg, d)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -264,8 +269,8 @@ func TestDelivery_RejectedGoesToDeadLetter(t *testing.T) {
 	if b.calls() != 0 {
 		t.Errorf("b was tried %d times; rejected must not fail over", b.calls())
 	}
-	if _, err := os.Stat(filepath.Join(tr.dir, "dead", d.ID+".eml")); err != nil {
-		t.Errorf("dead .eml: %v", err)
+	if _, err := os.Stat(filepath.Join(tr.dir, "dead", d.ID+".msg")); err != nil {
+		t.Errorf("dead letter file: %v", err)
 	}
 }
 
@@ -536,8 +541,7 @@ func TestSMTP_NoRouteAndTooBigForRoute(t *testing.T) {
 func TestSMTP_SpoolWriteFailureIs451(t *testing.T) {
 	a := &recorder{name: "a"}
 	sw := &switchFS{}
-	tr := startRelay(t, []*recorder{a}, nil, nil)
-	tr.spool.fs = sw // before any message: no worker reads it yet
+	tr := startRelayTB(t, []*recorder{a}, nil, nil, true, nil, sw)
 	sw.full.Store(true)
 	err := tr.send("a@example.com", []string{"b@example.net"}, simpleMsg)
 	var se *smtp.SMTPError
@@ -669,10 +673,9 @@ func TestReadyz_SpoolNotWritable(t *testing.T) {
 func TestDelivery_UpdateFailureKeepsMessageQueued(t *testing.T) {
 	a := &recorder{name: "a", errs: []error{uerr(upstreams.Transient, "busy"), uerr(upstreams.Transient, "busy")}}
 	sw := &switchFS{}
-	tr := startRelay(t, []*recorder{a}, nil, func(c *Config) {
+	tr := startRelayTB(t, []*recorder{a}, nil, func(c *Config) {
 		c.Spool.Retry = policy.RetryConfig{Initial: time.Hour, Max: time.Hour, Multiplier: 1}
-	})
-	tr.spool.fs = sw
+	}, true, nil, sw)
 	tr.send("a@example.com", []string{"b@example.net"}, simpleMsg)
 	waitFor(t, "first attempt", func() bool { return a.calls() == 1 })
 	sw.full.Store(true)

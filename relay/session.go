@@ -134,45 +134,53 @@ func (s *session) Data(r io.Reader) error {
 		// Until Reset: read_timeout per read, data_timeout for the whole.
 		s.cc.startData(s.r.cfg.Listen.ReadTimeout, s.r.cfg.Listen.DataTimeout)
 	}
-	raw, err := io.ReadAll(r)
-	if err != nil {
-		if errors.Is(err, smtp.ErrDataTooLarge) {
-			return s.refuse(replyTooBig)
+	// What this DATA may hold in memory, whatever the message's size; the
+	// budget says no before the process would run out (451 4.3.1).
+	release, ok := s.r.budget.TryAcquire(intakeReserve)
+	if !ok {
+		s.log.Warn("message refused: memory budget exhausted", "from", s.from, "budget", s.r.budget.Limit())
+		return s.refuse(replyNoMemory)
+	}
+	defer release()
+	ready := func() error {
+		if s.timedOut() {
+			// "BDAT 0 LAST" without its CRLF: go-smtp ran the partial line.
+			return os.ErrDeadlineExceeded
 		}
-		if errors.Is(err, os.ErrDeadlineExceeded) {
-			s.log.Warn("reading message timed out", "from", s.from, "bytes", len(raw))
-			return s.refuse(replyDataTimeout)
+		if s.sawDotCR() {
+			// go-smtp already dropped the ".\r", so there is nothing left
+			// to normalise: refused in both bare_lf modes.
+			return fmt.Errorf("<CR><LF>.<CR> in DATA: %w", errBareLF)
 		}
+		return nil
+	}
+	in := newCRLFReader(r, s.r.cfg.Listen.BareLF == "normalize")
+	id, err := s.r.accept(s.from, s.rcpts, in, s.traceInfo(), ready)
+	if err == nil {
+		return replyQueued(id)
+	}
+	var se *smtp.SMTPError
+	switch {
+	case errors.As(err, &se):
+		return s.refuse(se)
+	case errors.Is(err, smtp.ErrDataTooLarge), errors.Is(err, errTooBigForRoute):
+		return s.refuse(replyTooBig)
+	case errors.Is(err, errHeaderTooLong):
+		return s.refuse(replyHeaderTooBig)
+	case errors.Is(err, errNoRoute):
+		return s.refuse(replyNoRoute)
+	case errors.Is(err, errBareLF):
+		s.log.Warn("message refused: bare CR or LF", "from", s.from)
+		return s.refuse(replyBareLF)
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		s.log.Warn("reading message timed out", "from", s.from)
+		return s.refuse(replyDataTimeout)
+	case errors.Is(err, errReading):
 		s.log.Warn("reading message failed", "err", err)
 		return s.refuse(replyReadFailed)
 	}
-	if s.timedOut() {
-		// "BDAT 0 LAST" without its CRLF: go-smtp ran the partial line.
-		return s.refuse(replyDataTimeout)
-	}
-	if s.sawDotCR() {
-		// go-smtp already dropped the ".\r", so there is nothing left to
-		// normalise: refused in both bare_lf modes.
-		s.log.Warn("message refused: <CR><LF>.<CR> in DATA", "from", s.from)
-		return s.refuse(replyBareLF)
-	}
-	if hasBareCRLF(raw) {
-		if s.r.cfg.Listen.BareLF == "reject" {
-			s.log.Warn("message refused: bare CR or LF", "from", s.from)
-			return s.refuse(replyBareLF)
-		}
-		raw = normalizeCRLF(raw)
-	}
-	id, err := s.r.accept(s.from, s.rcpts, raw, s.traceInfo())
-	if err != nil {
-		var se *smtp.SMTPError
-		if errors.As(err, &se) {
-			return s.refuse(se)
-		}
-		s.log.Error("spooling message failed", "err", err)
-		return s.refuse(replySpoolFailed)
-	}
-	return replyQueued(id)
+	s.log.Error("spooling message failed", "err", err)
+	return s.refuse(replySpoolFailed)
 }
 
 // sawDotCR reports the <CR><LF>.<CR> sequence that go-smtp's DATA reader

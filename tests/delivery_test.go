@@ -1,7 +1,6 @@
 package tests
 
 import (
-	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -146,28 +145,16 @@ func TestDeadLetter_550AtDataNoFailover(t *testing.T) {
 	waitFor(t, 10*time.Second, "the dead letter on disk", func() bool { return slices.Contains(h.deadIDs(), id) })
 	h.waitSpoolEmpty(5 * time.Second)
 
-	// The dead letter: envelope with the reason, and the body beside it.
-	b1, err := os.ReadFile(filepath.Join(h.spool, "dead", id+".json"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var dead struct {
-		DeadReason string `json:"dead_reason"`
-		Failures   []struct {
-			Upstream, Class string
-		} `json:"failures"`
-	}
-	if err := json.Unmarshal(b1, &dead); err != nil {
-		t.Fatalf("dead/%s.json: %v", id, err)
-	}
+	// The dead letter: its state with the reason, and the body with it.
+	dead := deadEnvelope(t, h.spool, id)
 	if !strings.Contains(dead.DeadReason, "550") {
 		t.Errorf("dead_reason %q does not mention the 550", dead.DeadReason)
 	}
 	if len(dead.Failures) != 1 || dead.Failures[0].Upstream != "a" || dead.Failures[0].Class != "rejected" {
 		t.Errorf("failures = %+v, want one rejected by a", dead.Failures)
 	}
-	if _, err := os.Stat(filepath.Join(h.spool, "dead", id+".eml")); err != nil {
-		t.Errorf("dead letter body: %v", err)
+	if _, err := os.Stat(filepath.Join(h.spool, "dead", id+".msg")); err != nil {
+		t.Errorf("dead letter file: %v", err)
 	}
 	if ids := h.deadIDs(); !slices.Equal(ids, []string{id}) {
 		t.Errorf("dead letters on disk = %v, want [%s]", ids, id)
@@ -250,10 +237,8 @@ func TestRetry_AllUpstreamsDownThenRecover(t *testing.T) {
 	if len(q) != 1 || q[0].LastError == "" {
 		t.Errorf("/api/queue = %+v, want the message with a last_error", q)
 	}
-	for _, ext := range []string{".eml", ".json"} {
-		if _, err := os.Stat(filepath.Join(h.spool, id+ext)); err != nil {
-			t.Errorf("spooled message: %v", err)
-		}
+	if _, err := os.Stat(filepath.Join(h.spool, id+".msg")); err != nil {
+		t.Errorf("spooled message: %v", err)
 	}
 	if v := h.metric("relaycar_spool_messages"); v != 1 {
 		t.Errorf("relaycar_spool_messages = %v, want 1", v)
@@ -576,9 +561,8 @@ routes:
 	}
 
 	delivered := sink.Count() == 1
-	_, errEml := os.Stat(filepath.Join(h.spool, id+".eml"))
-	_, errJSON := os.Stat(filepath.Join(h.spool, id+".json"))
-	spooled := errEml == nil && errJSON == nil
+	_, errMsg := os.Stat(filepath.Join(h.spool, id+".msg"))
+	spooled := errMsg == nil
 	switch {
 	case delivered && spooled:
 		t.Logf("delivered and still spooled: will be sent again at the next start (at-least-once)")
@@ -587,10 +571,7 @@ routes:
 	case spooled:
 		t.Logf("left in the spool for the next start")
 	default:
-		t.Errorf("message %s lost: not at the sink (count %d) and not in the spool (eml: %v, json: %v)", id, sink.Count(), errEml, errJSON)
-	}
-	if (errEml == nil) != (errJSON == nil) {
-		t.Errorf("half a message in the spool: eml: %v, json: %v", errEml, errJSON)
+		t.Errorf("message %s lost: not at the sink (count %d) and not in the spool (%v)", id, sink.Count(), errMsg)
 	}
 	if tmp := h.tmpFiles(); len(tmp) != 0 {
 		t.Errorf("temp files left in the spool: %v", tmp)

@@ -25,6 +25,8 @@ import (
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 	"gopkg.in/yaml.v3"
+
+	"github.com/relaycar/relaycar/relay/spool"
 )
 
 // relaycarBin is the binary built by TestMain.
@@ -485,8 +487,8 @@ func (h *harness) ids(dir string) []string {
 	}
 	var ids []string
 	for _, e := range entries {
-		if n := e.Name(); !e.IsDir() && !strings.HasPrefix(n, ".") && strings.HasSuffix(n, ".json") {
-			ids = append(ids, strings.TrimSuffix(n, ".json"))
+		if n := e.Name(); !e.IsDir() && !strings.HasPrefix(n, ".") && strings.HasSuffix(n, ".msg") {
+			ids = append(ids, strings.TrimSuffix(n, ".msg"))
 		}
 	}
 	return ids
@@ -650,4 +652,25 @@ func smtpCode(err error) int {
 		return se.Code
 	}
 	return 0
+}
+
+// deadEnvelope reads a dead letter's state the way `relaycar queue dead`
+// does, through the spool package (the files are not JSON any more).
+func deadEnvelope(t testing.TB, spoolDir, id string) *spool.Envelope {
+	t.Helper()
+	sp, err := spool.Open(spoolDir, spool.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	envs, err := sp.Dead()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range envs {
+		if e.ID == id {
+			return e
+		}
+	}
+	t.Fatalf("no dead letter %s in %s", id, spoolDir)
+	return nil
 }

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/relaycar/relaycar/relay"
+	"github.com/relaycar/relaycar/relay/spool"
 )
 
 const queueSynopsis = `queue ls|dead|retry ID|retry --all|drop ID [--config F] [--json]
@@ -55,7 +56,7 @@ func cmdQueue(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "relaycar queue: spool.dir: %v\n", err)
 		return exitUsage
 	}
-	sp, err := relay.OpenSpool(cfg.Spool.Dir, slog.New(slog.DiscardHandler))
+	sp, err := spool.Open(cfg.Spool.Dir, spool.Options{Log: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		fmt.Fprintf(stderr, "relaycar queue: spool.dir: %v\n", err)
 		return exitRuntime
@@ -104,11 +105,18 @@ func cmdQueue(args []string, stdout, stderr io.Writer) int {
 }
 
 // viaFiles acts on the spool directly; only when no relay holds the lock.
-func viaFiles(sp *relay.Spool, sub, id string) (string, error) {
+func viaFiles(sp *spool.Spool, sub, id string) (string, error) {
 	if err := sp.Lock(); err != nil {
 		return "", err
 	}
 	defer sp.Unlock()
+	// Holding the lock, do what serve does first: finish what a crash
+	// interrupted and migrate an older release's files, so that every
+	// entry can be changed.
+	if _, _, err := sp.Load(); err != nil {
+		return "", err
+	}
+	defer sp.Close()
 	now := time.Now()
 	switch {
 	case sub == "drop":

@@ -15,6 +15,7 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/relaycar/relaycar/internal/memlimit"
 	"github.com/relaycar/relaycar/relay"
 )
 
@@ -160,6 +161,7 @@ func cmdServe(args []string, stdout, stderr io.Writer) int {
 	if !ok {
 		return exitUsage
 	}
+	setGoMemLimit(log)
 	r, err := relay.New(cfg, relay.Deps{Logger: log, Version: version})
 	if err != nil {
 		log.Error("startup failed", "err", err)
@@ -177,6 +179,27 @@ func cmdServe(args []string, stdout, stderr io.Writer) int {
 		return exitRuntime
 	}
 	return exitOK
+}
+
+// setGoMemLimit makes the garbage collector work harder near the
+// container's memory limit instead of the kernel OOM-killing the relay
+// (unless GOMEMLIMIT is set). The memory budget keeps the heap under it.
+func setGoMemLimit(log *slog.Logger) {
+	limit, source, err := memlimit.ContainerLimit()
+	if err != nil {
+		log.Warn("reading the container memory limit failed", "err", err)
+		return
+	}
+	if limit <= 0 {
+		log.Debug("no container memory limit", "source", source)
+		return
+	}
+	goLimit, why, err := memlimit.SetGoMemLimit(limit)
+	if err != nil {
+		log.Warn("setting the Go memory limit failed", "err", err)
+		return
+	}
+	log.Info("Go memory limit", "bytes", goLimit, "container_limit", limit, "why", why)
 }
 
 // ignoreSignals keeps signals whose Go default is to exit (SIGHUP, which

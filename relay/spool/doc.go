@@ -1,0 +1,65 @@
+// Package spool is relaycar's durable queue: a message is on disk and
+// synced before the client hears 250, and stays there until it is
+// delivered, dead-lettered with its reason, or dropped by an operator.
+//
+// # Layout
+//
+//	<dir>/<id>.msg              a live message: header, body, records (0600)
+//	<dir>/dead/<id>.msg         a dead letter, same format, state says why
+//	<dir>/.tmp-<id>.msg         a compaction or migration in progress
+//	<dir>/<id>.msg.broken       a damaged entry, kept for a human (also in dead/)
+//	<dir>/.lock                 flock of the serving process
+//	<dir>/<id>.{eml,json}       format v1, migrated by Load (also in dead/)
+//
+// Directories are 0700. Ids are time-sortable, so names sort by age.
+//
+// # Format, version 2
+//
+// A .msg file is a 64-byte header, the body, then records:
+//
+//	header  "RCSPOOL", version byte (2), body offset, body length,
+//	        body CRC-32C, reserved, CRC-32C of the header
+//	body    the message exactly as it will be delivered
+//	record  [u32 length][u32 CRC-32C of length, type, payload][u8 type][payload]
+//	        type 1: envelope, JSON of Envelope: the last valid one is the state
+//	        type 2: done: delivered, the file is garbage
+//
+// Scanning stops at the first torn or invalid record: records are
+// appended without a sync of their own, so a bad one can only be an
+// unsynced tail, and the state before it is one the spool did write. The
+// next append overwrites the tail. A file without a valid header, with a
+// body that fails its CRC, or without an envelope record was never
+// acknowledged or was damaged: Load quarantines it.
+//
+// # Writes and syncs
+//
+// "syncfs" is one syncfs(2) of the spool's file system through
+// atomicfile.GroupSync: concurrent callers share it (group commit).
+//
+//	operation         what is written, in order                              what is synced
+//	Create, Write     O_EXCL <id>.msg; placeholder header; body through a    nothing
+//	                  64 KiB buffer
+//	Commit            rest of the body; envelope record; header (pwrite at   syncfs, then 250
+//	                  0) with body length and CRC
+//	Abort             unlink <id>.msg                                        nothing
+//	Update            envelope record after the last valid one               nothing: a lost state repeats an attempt
+//	Update, records   .tmp-<id>.msg: header, body copy, envelope record;     fsync of the temp file before the rename
+//	over 64 KiB       rename over <id>.msg
+//	Remove            done record; the reaper unlinks <id>.msg later         nothing: a lost done resends (at-least-once)
+//	Bury              envelope record with dead_reason; rename to            fsync of the file before the rename;
+//	                  dead/<id>.msg                                          syncfs after it
+//	Resurrect         rename dead/<id>.msg to <id>.msg; envelope record      syncfs after the rename; syncfs after
+//	                  with failed recipients pending again                   the record
+//	Drop              unlink <id>.msg and dead/<id>.msg (and v1 files)       syncfs
+//	Load              unlink .tmp-* and done files; rename damaged entries   syncfs after the temp files; syncfs
+//	                  to .broken; rename live files with a dead reason to    after their renames; syncfs at the end
+//	                  dead/; v1 entries: .tmp-<id>.msg, rename to <id>.msg,
+//	                  unlink the v1 pair
+//
+// The hot path is Create, Write, Commit, Update and Remove: one file
+// created per message, nothing unlinked on it.
+//
+// Readers (List, Dead, Get, CountDead) change nothing and are safe beside
+// a serving process: they see the last complete record. Everything else
+// belongs to the process holding Lock.
+package spool

@@ -1,0 +1,148 @@
+package spool
+
+import (
+	"bytes"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+)
+
+// copyFixture copies testdata/v1 (written by the v1 binary, see
+// tools/make-spool-fixture.sh) so that Load can change it.
+func copyFixture(t *testing.T) (dir string, v1 map[string]*Envelope, bodies map[string][]byte) {
+	t.Helper()
+	dir = filepath.Join(t.TempDir(), "spool")
+	v1, bodies = map[string]*Envelope{}, map[string][]byte{}
+	err := filepath.Walk("testdata/v1", func(path string, fi os.FileInfo, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel("testdata/v1", path)
+		if fi.IsDir() {
+			return os.MkdirAll(filepath.Join(dir, rel), 0o700)
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		id := strings.TrimSuffix(fi.Name(), filepath.Ext(fi.Name()))
+		switch filepath.Ext(fi.Name()) {
+		case ".json":
+			var e Envelope
+			if err := json.Unmarshal(b, &e); err != nil {
+				return err
+			}
+			v1[id] = &e
+		case ".eml":
+			bodies[id] = b
+		}
+		return os.WriteFile(filepath.Join(dir, rel), b, 0o600)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dir, v1, bodies
+}
+
+// The upgrade: a spool the v1 binary left (queued, partially delivered,
+// split across routes, dead-lettered) is loaded by v2 with every
+// recipient's state kept, so nobody already delivered gets the message
+// again, and every body intact.
+func TestV1Fixture(t *testing.T) {
+	dir, v1, bodies := copyFixture(t)
+	if len(v1) != 5 {
+		t.Fatalf("fixture has %d envelopes, want 5", len(v1))
+	}
+	s, err := Open(dir, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	envs, broken, err := s.Load()
+	if err != nil || broken != 0 {
+		t.Fatalf("Load = %d broken, %v", broken, err)
+	}
+	dead, _ := s.Dead()
+	byMsgID := map[string]*Envelope{}
+	for _, e := range append(slices.Clone(envs), dead...) {
+		byMsgID[e.MessageID] = e
+		old := v1[e.ID]
+		if old == nil {
+			t.Fatalf("%s was not in the fixture", e.ID)
+		}
+		if stateJSON(e) != stateJSON(old) {
+			t.Errorf("%s changed in migration:\n%s\nv1:\n%s", e.ID, stateJSON(e), stateJSON(old))
+		}
+		var body []byte
+		if e.DeadReason == "" {
+			body = readBody(t, s, e.ID)
+		} else {
+			body, _ = deadBody(s, e.ID)
+		}
+		if !bytes.Equal(body, bodies[e.ID]) || crcHex(body) != old.BodyCRC || e.Size != len(body) {
+			t.Errorf("%s: body of %d bytes (crc %s), v1 had %d (crc %s)", e.ID, len(body), crcHex(body), len(bodies[e.ID]), old.BodyCRC)
+		}
+	}
+	if len(envs) != 4 || len(dead) != 1 || s.CountDead() != 1 {
+		t.Fatalf("%d live, %d dead; want 4 and 1", len(envs), len(dead))
+	}
+	pending := func(e *Envelope) (out []string) {
+		for _, r := range e.Routes {
+			for _, p := range r.Pending {
+				out = append(out, r.Route+":"+p)
+			}
+		}
+		return out
+	}
+	delivered := func(e *Envelope) (out []string) {
+		for _, d := range e.Deliveries {
+			for _, r := range d.Rcpts {
+				out = append(out, d.Route+":"+r)
+			}
+		}
+		return out
+	}
+	for _, want := range []struct {
+		name               string
+		pending, delivered []string
+	}{
+		{"queued-1", []string{"default:ok@example.net"}, nil},
+		{"queued-2", []string{"default:ok@example.net"}, nil},
+		{"partial", []string{"default:later@example.net"}, []string{"default:ok@example.net"}},
+		{"split", []string{"partners:later@partner.example"}, []string{"default:ok@example.net"}},
+	} {
+		e := byMsgID["<fixture-"+want.name+"@example.com>"]
+		if e == nil || e.DeadReason != "" {
+			t.Errorf("%s: not live after migration: %+v", want.name, e)
+			continue
+		}
+		if !slices.Equal(pending(e), want.pending) || !slices.Equal(delivered(e), want.delivered) || e.Attempts != 1 || e.LastError == "" {
+			t.Errorf("%s: pending %v delivered %v attempts %d; want %v %v 1", want.name, pending(e), delivered(e), e.Attempts, want.pending, want.delivered)
+		}
+	}
+	d := byMsgID["<fixture-dead@example.com>"]
+	if d == nil || !strings.Contains(d.DeadReason, "550 5.1.1") || d.DeadAt == nil || len(d.Failures) != 1 || !slices.Equal(d.Failures[0].Rcpts, []string{"reject@example.net"}) {
+		t.Errorf("dead letter after migration: %+v", d)
+	}
+	// The v1 files are gone; the lock file stays.
+	for _, sub := range []string{dir, s.dead} {
+		for _, n := range dirNames(t, sub) {
+			if strings.HasSuffix(n, ".eml") || strings.HasSuffix(n, ".json") {
+				t.Errorf("v1 file %s left after migration", filepath.Join(sub, n))
+			}
+		}
+	}
+	if got := dirNames(t, dir); !slices.Contains(got, ".lock") || len(got) != 6 {
+		t.Errorf("spool after migration = %v, want .lock, dead and 4 .msg", got)
+	}
+	// And it is a working v2 spool: the dead letter can be retried.
+	back, err := s.Resurrect(d.ID, at(0))
+	if err != nil || !slices.Equal(pending(back), []string{"default:reject@example.net"}) {
+		t.Errorf("Resurrect after migration = %+v, %v", back, err)
+	}
+	if again, b2, err := s.Load(); err != nil || b2 != 0 || len(again) != 5 {
+		t.Errorf("second Load = %d envs, %d broken, %v", len(again), b2, err)
+	}
+}

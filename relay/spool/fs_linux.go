@@ -1,0 +1,35 @@
+package spool
+
+import (
+	"fmt"
+	"os"
+
+	"golang.org/x/sys/unix"
+)
+
+// SyncFS is syncfs(2) of dir's file system. The spool's own commits use a
+// shared atomicfile.GroupSync instead; this serves wrappers of OS.
+func (OS) SyncFS(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if err := unix.Syncfs(int(d.Fd())); err != nil {
+		return fmt.Errorf("syncfs %s: %w", dir, err)
+	}
+	return nil
+}
+
+// Statfs is statfs(2) of dir's file system.
+func (OS) Statfs(dir string) (Usage, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return Usage{}, err
+	}
+	u := Usage{TotalBytes: int64(st.Blocks) * int64(st.Bsize), FreeBytes: int64(st.Bavail) * int64(st.Bsize), FreeInodes: int64(st.Ffree), ReadOnly: st.Flags&unix.ST_RDONLY != 0}
+	if st.Files == 0 {
+		u.FreeInodes = -1
+	}
+	return u, nil
+}

@@ -1,0 +1,25 @@
+//go:build !linux
+
+package spool
+
+import (
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// SyncFS falls back to sync(2) where syncfs(2) does not exist; production
+// is Linux, this keeps development builds correct.
+func (OS) SyncFS(string) error {
+	syscall.Sync()
+	return nil
+}
+
+// Statfs is statfs(2) of dir's file system.
+func (OS) Statfs(dir string) (Usage, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return Usage{}, err
+	}
+	return Usage{FreeBytes: int64(st.Bavail) * int64(st.Bsize), FreeInodes: int64(st.Ffree)}, nil
+}

@@ -1,0 +1,161 @@
+package spool
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"hash"
+	"hash/crc32"
+	"io"
+	"io/fs"
+	"os"
+)
+
+// Writer streams one new message into the spool: Create, Write the body,
+// then Commit or Abort. It is not safe for concurrent use.
+type Writer struct {
+	s    *Spool
+	id   string
+	path string
+	f    File
+	bw   *bufio.Writer
+	crc  hash.Hash32
+	n    int64
+	err  error
+	// over: committed or aborted; the file is no longer the Writer's.
+	over bool
+}
+
+var errWriterDone = errors.New("spool: writer already committed or aborted")
+
+// Create starts a message under its final name: one O_EXCL create and no
+// rename, because every create, rename and unlink takes the directory
+// lock, and under load that lock, not the disk, is the limit.
+func (s *Spool) Create(id string) (*Writer, error) {
+	if !validID(id) {
+		return nil, fmt.Errorf("spool: invalid message id %q", id)
+	}
+	path := s.live(id)
+	f, err := s.fs.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, fileMode)
+	if err != nil {
+		s.noteFull(err)
+		return nil, err
+	}
+	w := &Writer{s: s, id: id, path: path, f: f, bw: bufio.NewWriterSize(f, bufSize), crc: crc32.New(crcTable())}
+	w.bw.Write(placeholder())
+	return w, nil
+}
+
+// Write appends body bytes: the message exactly as it will be delivered.
+// After an error the Writer only accepts Abort (or a failing Commit).
+func (w *Writer) Write(p []byte) (int, error) {
+	if w.over {
+		return 0, errWriterDone
+	}
+	if w.err != nil {
+		return 0, w.err
+	}
+	n, err := w.bw.Write(p)
+	w.crc.Write(p[:n])
+	w.n += int64(n)
+	if err != nil {
+		w.err = err
+		w.s.noteFull(err)
+	}
+	return n, err
+}
+
+// Commit writes env as the first record, then the header that makes the
+// file valid, and returns once all of it is durable: the caller answers
+// 250 only after a nil return. Concurrent commits share one syncfs. It
+// sets env.Size, env.BodyCRC and env.Version. On error nothing is kept.
+func (w *Writer) Commit(env *Envelope) error {
+	if w.over {
+		return errWriterDone
+	}
+	err := w.commit(env)
+	if err != nil {
+		w.s.noteFull(err)
+		w.Abort()
+		return err
+	}
+	w.over = true
+	w.s.full.Store(nil)
+	return nil
+}
+
+func (w *Writer) commit(env *Envelope) error {
+	if w.err != nil {
+		return w.err
+	}
+	if env.ID != w.id {
+		return fmt.Errorf("spool: envelope id %q committed as %q", env.ID, w.id)
+	}
+	sum := w.crc.Sum32()
+	env.Version, env.Size, env.BodyCRC = FormatVersion, int(w.n), hexCRC(sum)
+	rec, err := envelopeRecord(env)
+	if err != nil {
+		return err
+	}
+	if _, err := w.bw.Write(rec); err != nil {
+		return err
+	}
+	if err := w.bw.Flush(); err != nil {
+		return err
+	}
+	// The header goes last: until it is on disk, the file cannot pass for
+	// a committed message, whatever else of it survives a crash.
+	h := header{bodyOff: headerSize, bodyLen: w.n, bodyCRC: sum}
+	if _, err := w.f.WriteAt(h.encode(), 0); err != nil {
+		return err
+	}
+	// Closed before the wait: a descriptor per waiting session adds up,
+	// and syncfs covers closed files.
+	err = w.f.Close()
+	w.f = nil
+	if err != nil {
+		return err
+	}
+	return w.s.sync.Sync()
+}
+
+// Abort discards the message (552, client gone, a full disk mid-stream).
+// It is a no-op after a successful Commit, so callers may defer it.
+func (w *Writer) Abort() {
+	if w.over {
+		return
+	}
+	w.over = true
+	if w.f != nil {
+		w.f.Close()
+	}
+	w.s.fs.Remove(w.path)
+}
+
+// Body is a message's bytes in the spool, for streaming to an upstream
+// without holding them in memory.
+type Body struct {
+	*io.SectionReader
+	f File
+}
+
+// Close releases the file.
+func (b *Body) Close() error { return b.f.Close() }
+
+// OpenBody opens a live message's body. A compaction or dead-lettering
+// meanwhile does not disturb it: the open file keeps its bytes.
+func (s *Spool) OpenBody(id string) (*Body, error) {
+	if !validID(id) {
+		return nil, fs.ErrNotExist
+	}
+	f, err := s.fs.OpenFile(s.live(id), os.O_RDONLY, 0)
+	if err != nil {
+		return nil, err
+	}
+	h, _, err := readHeader(f)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return &Body{SectionReader: io.NewSectionReader(f, h.bodyOff, h.bodyLen), f: f}, nil
+}

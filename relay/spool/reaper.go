@@ -1,0 +1,110 @@
+package spool
+
+import (
+	"errors"
+	"io/fs"
+	"os"
+	"sync"
+)
+
+// reaper unlinks delivered messages in batches on its own goroutine: an
+// unlink takes the directory lock that every intake's create needs, so it
+// stays off the delivery path.
+type reaper struct {
+	mu      sync.Mutex
+	pending []string
+	started bool
+	closed  bool
+	wake    chan struct{}
+	stop    chan struct{}
+	done    chan struct{}
+}
+
+func (s *Spool) reapLater(id string) {
+	r := &s.reap
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		s.unlinkDone(id)
+		return
+	}
+	r.pending = append(r.pending, id)
+	if !r.started && !s.manualReap {
+		// Started on first use: `relaycar queue` opens a spool and never
+		// removes anything.
+		r.started = true
+		r.wake, r.stop, r.done = make(chan struct{}, 1), make(chan struct{}), make(chan struct{})
+		go s.reapLoop()
+	}
+	wake := r.wake
+	r.mu.Unlock()
+	select {
+	case wake <- struct{}{}:
+	default:
+	}
+}
+
+func (s *Spool) reapLoop() {
+	r := &s.reap
+	defer close(r.done)
+	for {
+		select {
+		case <-r.wake:
+			s.reapNow()
+		case <-r.stop:
+			s.reapNow()
+			return
+		}
+	}
+}
+
+// reapNow unlinks every message queued so far.
+func (s *Spool) reapNow() {
+	r := &s.reap
+	r.mu.Lock()
+	ids := r.pending
+	r.pending = nil
+	r.mu.Unlock()
+	for _, id := range ids {
+		s.unlinkDone(id)
+	}
+}
+
+// unlinkDone removes a message only if it still says done: a file that
+// says anything else is mail.
+func (s *Spool) unlinkDone(id string) {
+	defer s.locks.lock(id)()
+	f, err := s.fs.OpenFile(s.live(id), os.O_RDONLY, 0)
+	if err != nil {
+		return
+	}
+	st, err := readState(f, id)
+	f.Close()
+	if err != nil || !st.done {
+		s.log.Warn("not unlinking a spool file that is not done", "msg_id", id, "err", err)
+		return
+	}
+	if err := s.fs.Remove(s.live(id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		s.log.Warn("unlinking delivered message failed; Load retries", "msg_id", id, "err", err)
+	}
+}
+
+// Close finishes the pending unlinks and stops the reaper. Later Removes
+// unlink at once.
+func (s *Spool) Close() error {
+	r := &s.reap
+	r.mu.Lock()
+	started, already := r.started, r.closed
+	r.closed = true
+	r.mu.Unlock()
+	if already {
+		return nil
+	}
+	if started {
+		close(r.stop)
+		<-r.done
+	} else {
+		s.reapNow()
+	}
+	return nil
+}
