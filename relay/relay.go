@@ -44,12 +44,14 @@ type Deps struct {
 // Relay is one running relaycar: SMTP listener, spool, delivery workers and
 // admin HTTP.
 type Relay struct {
-	cfg            *Config
-	log            *slog.Logger
-	now            func() time.Time
-	rand           func() float64
-	spool          *spool.Spool
-	budget         *membudget.Budget
+	cfg    *Config
+	log    *slog.Logger
+	now    func() time.Time
+	rand   func() float64
+	spool  *spool.Spool
+	budget *membudget.Budget
+	// readers recycles the intake's read buffers (garbage per message).
+	readers        sync.Pool
 	queue          *queue
 	router         *policy.Router
 	gates          map[string]*policy.Gate
@@ -171,7 +173,16 @@ func (r *Relay) accept(from string, rcpts []string, body io.Reader, ri receivedI
 	id := spool.NewID(now)
 	ri.id, ri.at = id, now
 	src := &readErr{r: body}
-	br := bufio.NewReaderSize(src, readBufSize)
+	br, _ := r.readers.Get().(*bufio.Reader)
+	if br == nil {
+		br = bufio.NewReaderSize(src, readBufSize)
+	} else {
+		br.Reset(src)
+	}
+	defer func() {
+		br.Reset(nil)
+		r.readers.Put(br)
+	}()
 	hdr, err := readHeaderSection(br, maxHeaderBytes)
 	if err != nil {
 		if errors.Is(err, errHeaderTooLong) {

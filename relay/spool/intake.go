@@ -41,7 +41,13 @@ func (s *Spool) Create(id string) (*Writer, error) {
 		s.noteFull(err)
 		return nil, err
 	}
-	w := &Writer{s: s, id: id, path: path, f: f, bw: bufio.NewWriterSize(f, bufSize), crc: crc32.New(crcTable())}
+	bw, _ := s.writers.Get().(*bufio.Writer)
+	if bw == nil {
+		bw = bufio.NewWriterSize(f, bufSize)
+	} else {
+		bw.Reset(f)
+	}
+	w := &Writer{s: s, id: id, path: path, f: f, bw: bw, crc: crc32.New(crcTable())}
 	w.bw.Write(placeholder())
 	return w, nil
 }
@@ -80,8 +86,18 @@ func (w *Writer) Commit(env *Envelope) error {
 		return err
 	}
 	w.over = true
+	w.release()
 	w.s.full.Store(nil)
 	return nil
+}
+
+// release hands the buffer back for the next intake.
+func (w *Writer) release() {
+	if w.bw != nil {
+		w.bw.Reset(nil)
+		w.s.writers.Put(w.bw)
+		w.bw = nil
+	}
 }
 
 func (w *Writer) commit(env *Envelope) error {
@@ -126,6 +142,7 @@ func (w *Writer) Abort() {
 		return
 	}
 	w.over = true
+	w.release()
 	if w.f != nil {
 		w.f.Close()
 	}
