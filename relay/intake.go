@@ -2,6 +2,7 @@ package relay
 
 import (
 	"bufio"
+	"bytes"
 	"errors"
 	"io"
 )
@@ -75,12 +76,9 @@ func (c *crlfReader) check(p []byte) (int, error) {
 		return 0, c.err
 	}
 	n, err := c.r.Read(p)
-	for i, b := range p[:n] {
-		if (c.cr && b != '\n') || (!c.cr && b == '\n') {
-			c.err = errBareLF
-			return i, c.err
-		}
-		c.cr = b == '\r'
+	if i := c.bare(p[:n]); i >= 0 {
+		c.err = errBareLF
+		return i, c.err
 	}
 	if err == io.EOF && c.cr {
 		err = errBareLF
@@ -89,6 +87,51 @@ func (c *crlfReader) check(p []byte) (int, error) {
 		c.err = err
 	}
 	return n, err
+}
+
+// bare returns the index of the first bare CR or LF in p, or -1, and
+// carries a trailing CR over to the next read. The common case (every LF
+// after a CR, as many CRs as LFs) runs on bytes.IndexByte and bytes.Count,
+// not a loop over every byte: this is on the path of every message byte.
+func (c *crlfReader) bare(p []byte) int {
+	if len(p) == 0 {
+		return -1
+	}
+	if c.cr && p[0] != '\n' {
+		return 0
+	}
+	lf := 0
+	for i := 0; ; {
+		j := bytes.IndexByte(p[i:], '\n')
+		if j < 0 {
+			break
+		}
+		k := i + j
+		if (k == 0 && !c.cr) || (k > 0 && p[k-1] != '\r') {
+			return k
+		}
+		lf++
+		i = k + 1
+	}
+	paired := lf // CRs in p followed by an LF in p
+	if c.cr {
+		paired-- // p[0] is the LF of the previous read's CR
+	}
+	trailing := p[len(p)-1] == '\r'
+	crs := bytes.Count(p, []byte{'\r'})
+	if trailing {
+		crs--
+	}
+	if crs != paired {
+		// A CR followed by something other than LF: find it.
+		for i := 0; i < len(p)-1; i++ {
+			if p[i] == '\r' && p[i+1] != '\n' {
+				return i + 1
+			}
+		}
+	}
+	c.cr = trailing
+	return -1
 }
 
 func (c *crlfReader) convert(out, in []byte) []byte {

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"errors"
 	"io"
+	"math/rand/v2"
 	"strings"
 	"testing"
 	"testing/iotest"
@@ -253,6 +254,38 @@ func TestValidAddress(t *testing.T) {
 	} {
 		if got := validAddress(a); got != want {
 			t.Errorf("validAddress(%q) = %v, want %v", a, got, want)
+		}
+	}
+}
+
+// The stream check agrees with a byte-by-byte reference on random input
+// cut at random read boundaries.
+func TestCRLFReader_MatchesByteLoop(t *testing.T) {
+	rnd := rand.New(rand.NewPCG(1, 2))
+	naive := func(b []byte) bool {
+		for i, c := range b {
+			if c == '\r' && (i+1 >= len(b) || b[i+1] != '\n') {
+				return true
+			}
+			if c == '\n' && (i == 0 || b[i-1] != '\r') {
+				return true
+			}
+		}
+		return false
+	}
+	for n := range 5000 {
+		b := make([]byte, rnd.IntN(40))
+		for i := range b {
+			b[i] = "ab\r\n\r\n"[rnd.IntN(6)]
+		}
+		var src io.Reader = bytes.NewReader(b)
+		if n%2 == 0 {
+			src = iotest.OneByteReader(src)
+		}
+		r := newCRLFReader(src, false)
+		_, err := io.ReadAll(r)
+		if got := errors.Is(err, errBareLF); got != naive(b) {
+			t.Fatalf("%q: bare = %v, want %v", b, got, naive(b))
 		}
 	}
 }
