@@ -105,6 +105,9 @@ type harness struct {
 	admin   string
 	grace   time.Duration
 	http    *http.Client
+	// wrap, when set, is applied to every exec.Cmd before Start (a
+	// memCgroup's wrap puts the process in a cgroup); see withWrap.
+	wrap func(*exec.Cmd)
 
 	mu    sync.Mutex
 	lines []string
@@ -123,12 +126,19 @@ type process struct {
 	stopping bool
 }
 
+// harnessOption changes how newHarness starts the binary.
+type harnessOption func(*harness)
+
+// withWrap passes every start of the binary through wrap before Start,
+// e.g. memCgroup.wrap to run it inside a memory cgroup.
+func withWrap(wrap func(*exec.Cmd)) harnessOption { return func(h *harness) { h.wrap = wrap } }
+
 // newHarness starts relaycar with cfgYAML, a relay.yaml fragment (usually
 // upstreams and routes, plus whatever listen/spool keys a test needs). The
 // harness fills in listen.address and admin.address with free 127.0.0.1
 // ports, spool.dir (unless given), a fast retry schedule and a short
 // shutdown_grace (unless given).
-func newHarness(t *testing.T, cfgYAML string) *harness {
+func newHarness(t *testing.T, cfgYAML string, opts ...harnessOption) *harness {
 	t.Helper()
 	var cfg map[string]any
 	if err := yaml.Unmarshal([]byte(cfgYAML), &cfg); err != nil {
@@ -166,6 +176,9 @@ func newHarness(t *testing.T, cfgYAML string) *harness {
 	}
 	h := &harness{t: t, dir: dir, cfgPath: filepath.Join(dir, "relay.yaml"), spool: spoolDir, grace: grace,
 		http: &http.Client{Timeout: 5 * time.Second}}
+	for _, o := range opts {
+		o(h)
+	}
 	t.Cleanup(h.cleanup)
 	// A port picked by freeAddr can be taken by a parallel test before the
 	// relay binds it; pick new ones and try again in that case.
@@ -217,6 +230,9 @@ func (h *harness) start() error {
 	cmd.Env = childEnv()
 	// Never outlive the test binary, whatever happens to it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if h.wrap != nil {
+		h.wrap(cmd)
+	}
 	p := &process{cmd: cmd, done: make(chan struct{})}
 	p.out = &lineWriter{log: h.logLine}
 	cmd.Stdout, cmd.Stderr = p.out, p.out

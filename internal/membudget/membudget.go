@@ -34,7 +34,13 @@ type Budget struct {
 	waiters list.List    // of *waiter, oldest first; guarded by mu
 	inUse   atomic.Int64 // mirror of cur for metrics without taking mu
 	waits   atomic.Uint64
+	tried   int64 // bytes granted by TryAcquire; guarded by mu
 }
+
+// TryShare is the part of the budget TryAcquire may hold while deliveries
+// are queued: intake keeps taking mail during a backlog of big API
+// deliveries, and those are never starved by it.
+const TryShare = 4 // one quarter
 
 type waiter struct {
 	n     int64
@@ -105,10 +111,12 @@ func (b *Budget) Acquire(ctx context.Context, n int64) (release func(), err erro
 	}
 }
 
-// TryAcquire reserves n bytes only if they are free now and nobody is
-// queued ahead (intake must not overtake a waiting delivery). ok false
-// means the caller should refuse with 451 4.3.1. Clamping and n <= 0 are
-// as for [Budget.Acquire].
+// TryAcquire reserves n bytes only if they are free now. While requests
+// are queued it may overtake them, but only within a quarter of the limit
+// (TryShare): refusing all mail because a large delivery waits for memory
+// would stop intake for no reason, and overtaking without bound could
+// starve that delivery. ok false means the caller should refuse with 451
+// 4.3.1. Clamping and n <= 0 are as for [Budget.Acquire].
 func (b *Budget) TryAcquire(n int64) (release func(), ok bool) {
 	if b == nil || n <= 0 {
 		return func() {}, true
@@ -116,11 +124,21 @@ func (b *Budget) TryAcquire(n int64) (release func(), ok bool) {
 	n = min(n, b.limit)
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if b.waiters.Len() != 0 || b.cur+n > b.limit {
+	if b.cur+n > b.limit || (b.waiters.Len() != 0 && b.tried+n > b.limit/TryShare) {
 		return nil, false
 	}
 	b.grantLocked(n)
-	return b.releaser(n), true
+	b.tried += n
+	var done atomic.Bool
+	return func() {
+		if !done.CompareAndSwap(false, true) {
+			return
+		}
+		b.mu.Lock()
+		b.tried -= n
+		b.giveBackLocked(n)
+		b.mu.Unlock()
+	}, true
 }
 
 // Limit is the budget's size in bytes (relaycar_memory_budget_bytes).
