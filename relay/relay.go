@@ -20,6 +20,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/sony/gobreaker/v2"
 
+	"github.com/relaycar/relaycar/internal/errreader"
 	"github.com/relaycar/relaycar/internal/membudget"
 	"github.com/relaycar/relaycar/internal/memlimit"
 	"github.com/relaycar/relaycar/policy"
@@ -172,7 +173,7 @@ func (r *Relay) accept(from string, rcpts []string, body io.Reader, ri receivedI
 	now := r.now()
 	id := spool.NewID(now)
 	ri.id, ri.at = id, now
-	src := &readErr{r: body}
+	src := &errreader.Reader{R: body}
 	br, _ := r.readers.Get().(*bufio.Reader)
 	if br == nil {
 		br = bufio.NewReaderSize(src, readBufSize)
@@ -211,8 +212,8 @@ func (r *Relay) accept(from string, rcpts []string, body io.Reader, ri receivedI
 		return "", err
 	}
 	n, err := io.Copy(w, br)
-	if src.err != nil {
-		return "", fmt.Errorf("%w: %w", errReading, src.err)
+	if src.Err != nil {
+		return "", fmt.Errorf("%w: %w", errReading, src.Err)
 	}
 	if err != nil {
 		return "", err
@@ -250,21 +251,6 @@ var (
 	errNoRoute        = errors.New("no route for a recipient")
 	errTooBigForRoute = errors.New("message larger than every upstream of its route takes")
 )
-
-// readErr remembers the error of the reader it wraps, to tell a client
-// that failed (too large, timed out, bare LF) from a spool that did.
-type readErr struct {
-	r   io.Reader
-	err error
-}
-
-func (r *readErr) Read(p []byte) (int, error) {
-	n, err := r.r.Read(p)
-	if err != nil && err != io.EOF {
-		r.err = err
-	}
-	return n, err
-}
 
 // SMTPAddr and AdminAddr are the bound addresses (for tests binding :0).
 func (r *Relay) SMTPAddr() net.Addr  { return r.smtpLn.Addr() }

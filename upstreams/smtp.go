@@ -17,6 +17,8 @@ import (
 
 	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
+
+	"github.com/relaycar/relaycar/internal/errreader"
 )
 
 // SMTP relays through an SMTP smarthost (or an ESP's SMTP endpoint).
@@ -254,13 +256,13 @@ func (s *SMTP) transact(ctx context.Context, sc *smtpConn, m *Message) (id strin
 	}
 	// Straight from the spool file to the socket: the message is never
 	// whole in memory.
-	src := &readErr{r: m.Reader()}
+	src := &errreader.Reader{R: m.Reader()}
 	if _, err := io.Copy(w, src); err != nil {
-		if src.err != nil {
+		if src.Err != nil {
 			// Ending DATA now would deliver a truncated message; dropping
 			// the connection (transact's deferred close) makes the server
 			// discard it.
-			return "", false, Errorf(s.name, Transient, "", src.err, "reading the spooled message: %v", src.err)
+			return "", false, Errorf(s.name, Transient, "", src.Err, "reading the spooled message: %v", src.Err)
 		}
 		w.Close()
 		return "", false, s.fail(ctx, phaseData, err)
@@ -492,21 +494,6 @@ func smtpCannotCarry(ph smtpPhase, se *smtp.SMTPError) bool {
 
 func oneLine(s string) string {
 	return strings.Join(strings.Fields(s), " ")
-}
-
-// readErr remembers a read error, to tell a spool that failed to read from
-// a socket that failed to write.
-type readErr struct {
-	r   io.Reader
-	err error
-}
-
-func (r *readErr) Read(p []byte) (int, error) {
-	n, err := r.r.Read(p)
-	if err != nil && err != io.EOF {
-		r.err = err
-	}
-	return n, err
 }
 
 var (
