@@ -3,8 +3,6 @@ package tests
 import (
 	"bufio"
 	"fmt"
-	"io"
-	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -15,7 +13,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/emersion/go-smtp"
 	"gopkg.in/yaml.v3"
 
 	"github.com/relaycar/relaycar/tools/rss/sinks"
@@ -131,7 +128,7 @@ func TestMemory_512MiBSixteenBigMessagesPerUpstream(t *testing.T) {
 // memory budget is taken, as an MTA would) until until.
 func submitBig(addr string, m *sinks.Message, seq int, until time.Time, refused *atomic.Int64) error {
 	for {
-		err := sendBig(addr, m, seq)
+		err := m.Send(addr, "tests.local", sender, recipient, seq)
 		if err == nil {
 			return nil
 		}
@@ -141,38 +138,6 @@ func submitBig(addr string, m *sinks.Message, seq int, until time.Time, refused 
 		refused.Add(1)
 		time.Sleep(250 * time.Millisecond)
 	}
-}
-
-func sendBig(addr string, m *sinks.Message, seq int) error {
-	conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
-	if err != nil {
-		return err
-	}
-	c := smtp.NewClient(conn)
-	c.CommandTimeout, c.SubmissionTimeout = 60*time.Second, 60*time.Second
-	defer c.Close()
-	if err := c.Hello("tests.local"); err != nil {
-		return err
-	}
-	if err := c.Mail(sender, nil); err != nil {
-		return err
-	}
-	if err := c.Rcpt(recipient, nil); err != nil {
-		return err
-	}
-	w, err := c.Data()
-	if err != nil {
-		return err
-	}
-	body := io.MultiReader(strings.NewReader(m.Header(sender, recipient, seq)), strings.NewReader(m.Body))
-	if _, err := io.Copy(w, body); err != nil {
-		w.Close()
-		return err
-	}
-	if err := w.Close(); err != nil {
-		return err
-	}
-	return c.Quit()
 }
 
 // procStatusKB reads a "Key: N kB" line of /proc/PID/status; 0 if gone.

@@ -28,7 +28,6 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"os"
@@ -40,7 +39,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/emersion/go-smtp"
 	"gopkg.in/yaml.v3"
 
 	"github.com/relaycar/relaycar/tools/rss/sinks"
@@ -176,7 +174,7 @@ func measure(bin, dir, kind string, m *sinks.Message, timeout time.Duration) (re
 		return res, fmt.Errorf("%v (log %s)", err, logf.Name())
 	}
 	res.idle = statusBytes(pid, "VmRSS")
-	if err := send(smtpAddr, m); err != nil {
+	if err := m.Send(smtpAddr, "rss.local", from, to, 0); err != nil {
 		return res, fmt.Errorf("submitting: %v", err)
 	}
 	if err := poll(done, deadline, timeout, "the message at the fake and an empty spool", func() bool {
@@ -226,37 +224,6 @@ func spoolMessages(hc *http.Client, admin string) float64 {
 		}
 	}
 	return -1
-}
-
-func send(addr string, m *sinks.Message) error {
-	conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
-	if err != nil {
-		return err
-	}
-	c := smtp.NewClient(conn)
-	c.CommandTimeout, c.SubmissionTimeout = 60*time.Second, 60*time.Second
-	defer c.Close()
-	if err := c.Hello("rss.local"); err != nil {
-		return err
-	}
-	if err := c.Mail(from, nil); err != nil {
-		return err
-	}
-	if err := c.Rcpt(to, nil); err != nil {
-		return err
-	}
-	w, err := c.Data()
-	if err != nil {
-		return err
-	}
-	if _, err := io.Copy(w, io.MultiReader(strings.NewReader(m.Header(from, to, 0)), strings.NewReader(m.Body))); err != nil {
-		w.Close()
-		return err
-	}
-	if err := w.Close(); err != nil {
-		return err
-	}
-	return c.Quit()
 }
 
 // statusBytes reads a "Key: N kB" line of /proc/PID/status.

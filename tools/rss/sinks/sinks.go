@@ -103,6 +103,38 @@ func (m *Message) Size(from, to string, seq int) int64 {
 	return int64(len(m.Header(from, to, seq)) + len(m.Body))
 }
 
+// Send submits the message over one SMTP connection to addr.
+func (m *Message) Send(addr, helo, from, to string, seq int) error {
+	conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		return err
+	}
+	c := smtp.NewClient(conn)
+	c.CommandTimeout, c.SubmissionTimeout = 60*time.Second, 60*time.Second
+	defer c.Close()
+	if err := c.Hello(helo); err != nil {
+		return err
+	}
+	if err := c.Mail(from, nil); err != nil {
+		return err
+	}
+	if err := c.Rcpt(to, nil); err != nil {
+		return err
+	}
+	w, err := c.Data()
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(w, io.MultiReader(strings.NewReader(m.Header(from, to, seq)), strings.NewReader(m.Body))); err != nil {
+		w.Close()
+		return err
+	}
+	if err := w.Close(); err != nil {
+		return err
+	}
+	return c.Quit()
+}
+
 // Received is what a sink kept of one message.
 type Received struct {
 	Seq    int      // X-Test-Seq; -1 when not found
