@@ -3,6 +3,8 @@
 # and needs only Go, Node/npm and a shell.
 GO ?= go
 BIN ?= bin/relaycar
+# staticcheck at a pinned version, installed into .cache/bin by test-deps.
+STATICCHECK ?= $(CURDIR)/.cache/bin/staticcheck
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 LDFLAGS := -s -w -X main.version=$(VERSION) -X main.commit=$(COMMIT)
@@ -28,6 +30,7 @@ vet:
 	@fmt=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './.cache/*')); \
 	 if [ -n "$$fmt" ]; then echo "gofmt needed:"; echo "$$fmt"; exit 1; fi
 	$(GO) vet ./...
+	$(STATICCHECK) ./...
 
 unit:
 	$(GO) test -race -short ./...

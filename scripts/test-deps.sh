@@ -24,5 +24,12 @@ if ! [ -x .cache/bin/helm ] || ! [ -f ".cache/bin/.helm-$HELM_VERSION" ]; then
 	GOBIN="$PWD/.cache/bin" go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
 	touch ".cache/bin/.helm-$HELM_VERSION"
 fi
+# staticcheck for `make vet`, pinned (a new release can add checks).
+STATICCHECK_VERSION=v0.8.2
+if ! [ -x .cache/bin/staticcheck ] || ! [ -f ".cache/bin/.staticcheck-$STATICCHECK_VERSION" ]; then
+	echo "test-deps: installing staticcheck $STATICCHECK_VERSION into .cache/bin"
+	GOBIN="$PWD/.cache/bin" go install "honnef.co/go/tools/cmd/staticcheck@$STATICCHECK_VERSION"
+	touch ".cache/bin/.staticcheck-$STATICCHECK_VERSION"
+fi
 go mod download
 (cd charts/tests && go mod download)
