@@ -201,7 +201,7 @@ func (g *Gate) sender(domain string, create bool) *gobreaker.CircuitBreaker[stri
 		st := g.settings
 		st.Name = g.up.Name() + "/" + domain
 		st.ReadyToTrip = func(n gobreaker.Counts) bool { return n.ConsecutiveFailures >= 1 }
-		st.IsSuccessful = func(err error) bool { return upstreams.ClassOf(err) != upstreams.SenderRejected || err == nil }
+		st.IsSuccessful = func(err error) bool { return upstreams.ClassOf(err) != upstreams.SenderRejected }
 		st.OnStateChange = func(_ string, from, to gobreaker.State) {
 			if g.hooks.OnStateChange != nil {
 				g.hooks.OnStateChange(g.up.Name(), domain, from, to)

@@ -71,7 +71,7 @@ func (s *session) Auth(mech string) (sasl.Server, error) {
 		return nil, smtp.ErrAuthUnsupported
 	}
 	if !s.authAllowed() {
-		return nil, &smtp.SMTPError{Code: 538, EnhancedCode: smtp.EnhancedCode{5, 7, 11}, Message: "Encryption required for requested authentication mechanism"}
+		return nil, replyEncryptionRequired
 	}
 	check := func(user, pass string) error {
 		if err := checkUser(s.r.users, user, pass); err != nil {

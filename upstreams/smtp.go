@@ -431,15 +431,14 @@ func (s *SMTP) fail(ctx context.Context, ph smtpPhase, err error) *Error {
 	return Errorf(s.name, class, "", err, "%s: %s", ph, cause)
 }
 
-// classifySMTP maps a reply code at a phase to a class. 5xx at MAIL is a
-// sender problem for this smarthost only when it is a policy (x.7.x) reply;
-// see fail.
+// classifySMTP maps a reply code at a phase to a class. Every 5xx at MAIL
+// refuses the sender at this smarthost (SenderRejected), except 552,
+// RFC 1870's SIZE refusal, which fail turns into Unsupported, or into
+// SenderRejected when its enhanced code is a policy (x.7.x) one.
 func classifySMTP(ph smtpPhase, code int) Class {
 	switch {
 	case code == 530 || code == 535 || code == 534 || code == 538:
 		return ProviderFault
-	case code == 421:
-		return Transient
 	case code >= 400 && code < 500:
 		return Transient
 	case code == 552 && ph == phaseRcpt:
