@@ -226,6 +226,20 @@ func (r *Router) MaxMessageBytes(name string) int64 {
 	return m
 }
 
+// LargestMessageBytes is the largest message some route can deliver: 0
+// when a route has an upstream without a limit. EHLO SIZE advertises it.
+func (r *Router) LargestMessageBytes() int64 {
+	var largest int64
+	for name := range r.byName {
+		m := r.MaxMessageBytes(name)
+		if m == 0 {
+			return 0
+		}
+		largest = max(largest, m)
+	}
+	return largest
+}
+
 // Candidates returns the route's upstreams in the order to try them.
 func (r *Router) Candidates(name string) []*Gate {
 	rt := r.byName[name]

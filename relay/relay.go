@@ -3,6 +3,7 @@ package relay
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -45,12 +46,13 @@ type Deps struct {
 // Relay is one running relaycar: SMTP listener, spool, delivery workers and
 // admin HTTP.
 type Relay struct {
-	cfg    *Config
-	log    *slog.Logger
-	now    func() time.Time
-	rand   func() float64
-	spool  *spool.Spool
-	budget *membudget.Budget
+	cfg       *Config
+	log       *slog.Logger
+	now       func() time.Time
+	rand      func() float64
+	spool     *spool.Spool
+	budget    *membudget.Budget
+	tlsConfig *tls.Config // nil without listen.tls: no STARTTLS
 	// readers recycles the intake's read buffers (garbage per message).
 	readers        sync.Pool
 	queue          *queue
@@ -99,6 +101,15 @@ func New(cfg *Config, d Deps) (*Relay, error) {
 		}
 		r.users = users
 	}
+	// The certificate is loaded here, so a bad one fails before anything
+	// listens (Listen, Run).
+	if c := cfg.Listen.TLS; c.CertFile != "" {
+		tc, err := loadTLS(c)
+		if err != nil {
+			return nil, fmt.Errorf("listen.tls: %w", err)
+		}
+		r.tlsConfig = tc
+	}
 	sp, err := spool.Open(cfg.Spool.Dir, spool.Options{Log: r.log, FS: d.SpoolFS})
 	if err != nil {
 		return nil, fmt.Errorf("spool.dir: %w", err)
@@ -127,16 +138,7 @@ func New(cfg *Config, d Deps) (*Relay, error) {
 	// SIZE: the largest message some route can deliver, capped by the
 	// listener's own limit.
 	r.maxBytes = cfg.Listen.MaxMessageBytes
-	var largest int64
-	unlimited := false
-	for _, rc := range cfg.Routes {
-		m := router.MaxMessageBytes(rc.Name)
-		if m == 0 {
-			unlimited = true
-		}
-		largest = max(largest, m)
-	}
-	if !unlimited && largest > 0 {
+	if largest := router.LargestMessageBytes(); largest > 0 {
 		r.maxBytes = min(r.maxBytes, largest)
 	}
 	r.queue = newQueue(r.now)
@@ -322,13 +324,7 @@ func (r *Relay) Run(ctx context.Context) error {
 		// Sessions decide per connection (TLS or loopback); see authAllowed.
 		srv.AllowInsecureAuth = true
 	}
-	if c := r.cfg.Listen.TLS; c.CertFile != "" {
-		tc, err := loadTLS(c)
-		if err != nil {
-			return fmt.Errorf("listen.tls: %w", err)
-		}
-		srv.TLSConfig = tc
-	}
+	srv.TLSConfig = r.tlsConfig
 
 	var adminSrv *http.Server
 	errc := make(chan error, 2)
