@@ -34,9 +34,21 @@ func (r *Relay) attempt(ctx context.Context, env *Envelope) (keep bool) {
 		return false
 	}
 	if err != nil {
-		// An I/O error is no reason to give up on the message.
+		// An I/O error is no reason to give up on the message yet, but
+		// max_age still holds: a body that never reads again ends as a
+		// dead letter with the reason, not in an endless retry.
+		now := r.now()
+		if now.Sub(env.ReceivedAt) >= r.cfg.Spool.MaxAge {
+			reason := fmt.Sprintf("max age %s exceeded; the spooled message cannot be read: %v", r.cfg.Spool.MaxAge, err)
+			for i := range env.Routes {
+				if len(env.Routes[i].Pending) > 0 {
+					r.fail(env, &env.Routes[i], "", "expired", reason, now)
+				}
+			}
+			return r.finish(env, log)
+		}
 		log.Error("reading message body failed; will retry", "err", err)
-		env.NextAttempt = r.now().Add(policy.Backoff(1, r.cfg.Spool.Retry, r.rand))
+		env.NextAttempt = now.Add(policy.Backoff(1, r.cfg.Spool.Retry, r.rand))
 		return true
 	}
 	defer body.Close()

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -113,6 +114,10 @@ type clientConn struct {
 	scan         dotCRScan   // touched only by Read: go-smtp reads from one goroutine
 	dotCR        atomic.Bool // scan saw <CRLF>.<CR> not followed by LF
 	authFailures atomic.Int32
+	// peerEOF: the client closed its side. go-smtp ends a BDAT chunk cut
+	// short by EOF as if it were complete, so a message read while this
+	// was set may be truncated.
+	peerEOF atomic.Bool
 }
 
 func (c *clientConn) Read(p []byte) (int, error) {
@@ -134,6 +139,9 @@ func (c *clientConn) Read(p []byte) (int, error) {
 	n, err := c.Conn.Read(p)
 	if c.scan.feed(p[:n]) {
 		c.dotCR.Store(true)
+	}
+	if errors.Is(err, io.EOF) {
+		c.peerEOF.Store(true)
 	}
 	if err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
 		c.mu.Lock()

@@ -147,6 +147,11 @@ func (s *session) Data(r io.Reader) error {
 			// "BDAT 0 LAST" without its CRLF: go-smtp ran the partial line.
 			return os.ErrDeadlineExceeded
 		}
+		if s.cc != nil && s.cc.peerEOF.Load() {
+			// The client hung up: a BDAT chunk may have been cut short,
+			// and nobody is left to hear a 250.
+			return fmt.Errorf("%w: client closed the connection during the message", errReading)
+		}
 		if s.sawDotCR() {
 			// go-smtp already dropped the ".\r", so there is nothing left
 			// to normalise: refused in both bare_lf modes.

@@ -61,11 +61,12 @@ func New(limit int64) *Budget {
 // them back and may be called any number of times. It fails only when ctx
 // ends first, and then nothing is reserved.
 //
-// A request larger than the whole limit is clamped to the limit: such a
-// message still goes through, but only when nothing else holds the budget
-// and alone while it runs. The process then holds more than the budget for
-// that one message, which beats refusing it forever. n <= 0 reserves
-// nothing.
+// A request larger than what deliveries may hold — the limit less the
+// intake's share (TryShare) — is clamped to it: such a message still goes
+// through, alone among deliveries, and the intake's share beside it means
+// intake can never keep it waiting for ever. The process then holds more
+// than the budget for that one message, which beats refusing it forever.
+// n <= 0 reserves nothing.
 //
 // A call that has to queue is counted in [Budget.Waits].
 func (b *Budget) Acquire(ctx context.Context, n int64) (release func(), err error) {
@@ -75,7 +76,7 @@ func (b *Budget) Acquire(ctx context.Context, n int64) (release func(), err erro
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	n = min(n, b.limit)
+	n = min(n, b.limit-b.limit/TryShare)
 	b.mu.Lock()
 	if b.waiters.Len() == 0 && b.cur+n <= b.limit {
 		b.grantLocked(n)

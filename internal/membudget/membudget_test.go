@@ -45,16 +45,20 @@ func TestAcquireConcurrentNeverExceedsLimit(t *testing.T) {
 				n := 1 + r.Int64N(limit+20) // some clamped
 				var release func()
 				var err error
+				got := min(n, limit) // what the budget grants after clamping
 				if r.IntN(4) == 0 {
 					var ok bool
 					if release, ok = b.TryAcquire(n); !ok {
 						continue
 					}
-				} else if release, err = b.Acquire(ctx, n); err != nil {
-					t.Error(err)
-					return
+				} else {
+					got = min(n, limit-limit/TryShare)
+					if release, err = b.Acquire(ctx, n); err != nil {
+						t.Error(err)
+						return
+					}
 				}
-				now := held.Add(min(n, limit))
+				now := held.Add(got)
 				for {
 					h := high.Load()
 					if now <= h || high.CompareAndSwap(h, now) {
@@ -67,7 +71,7 @@ func TestAcquireConcurrentNeverExceedsLimit(t *testing.T) {
 				if got := b.InUse(); got > limit {
 					t.Errorf("InUse %d > limit", got)
 				}
-				held.Add(-min(n, limit))
+				held.Add(-got)
 				release()
 				release() // idempotent
 			}
@@ -272,12 +276,19 @@ func TestClamp(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if b.InUse() != 10 {
-		t.Fatalf("InUse = %d, want clamped 10", b.InUse())
+	// Clamped to what deliveries may hold, so intake's quarter stays free
+	// beside it: the big request can never be starved by intake.
+	if b.InUse() != 8 {
+		t.Fatalf("InUse = %d, want clamped 8 (10 less the intake share)", b.InUse())
 	}
-	if _, ok := b.TryAcquire(1); ok {
-		t.Fatal("a clamped request must hold the budget alone")
+	if _, err := b.Acquire(ctxTimeout(t, 20*time.Millisecond), 1<<40); err == nil {
+		t.Fatal("a second clamped delivery got memory beside the first")
 	}
+	ri, ok := b.TryAcquire(2)
+	if !ok {
+		t.Fatal("intake refused its share beside a clamped delivery")
+	}
+	ri()
 	r()
 	// Oversized TryAcquire is clamped the same way: it succeeds when the
 	// budget is entirely free.
@@ -355,4 +366,10 @@ func TestCollectors(t *testing.T) {
 		}
 	}
 	r()
+}
+
+func ctxTimeout(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
 }

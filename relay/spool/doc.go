@@ -51,10 +51,11 @@
 //	Resurrect         rename dead/<id>.msg to <id>.msg; envelope record      syncfs after the rename; syncfs after
 //	                  with failed recipients pending again                   the record
 //	Drop              unlink <id>.msg and dead/<id>.msg (and v1 files)       syncfs
-//	Load              unlink .tmp-* and done files; rename damaged entries   syncfs after the temp files; syncfs
-//	                  to .broken; rename live files with a dead reason to    after their renames; syncfs at the end
-//	                  dead/; v1 entries: .tmp-<id>.msg, rename to <id>.msg,
-//	                  unlink the v1 pair
+//	Load              unlink .tmp-* and done files; rename damaged entries   v1 entries: syncfs after all their temp
+//	                  to .broken; rename live files with a dead reason to    files, syncfs after all the renames,
+//	                  dead/; v1 entries: .tmp-<id>.msg, rename to <id>.msg,  then the v1 unlinks; one syncfs at the
+//	                  unlink the v1 pair                                     end (a lost unlink or rename is redone
+//	                                                                         by the next Load)
 //
 // The hot path is Create, Write, Commit, Update and Remove: one file
 // created per message, nothing unlinked on it.

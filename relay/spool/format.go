@@ -126,17 +126,26 @@ func readHeader(f File) (header, int64, error) {
 
 // record frames one record: [u32 length of type+payload][u32 CRC-32C of
 // length, type and payload][u8 type][payload].
-func record(typ byte, payload []byte) []byte {
+// record encodes one record after a record whose CRC is prev (the body
+// CRC for the first record). Each CRC is seeded with the one before it, a
+// chain: a stale record beyond a torn one cannot become valid again when
+// a later append happens to end exactly where it starts.
+func record(prev uint32, typ byte, payload []byte) []byte {
 	b := make([]byte, recHeader+len(payload))
 	binary.LittleEndian.PutUint32(b, uint32(1+len(payload)))
 	b[8] = typ
 	copy(b[recHeader:], payload)
-	c := crc32.Update(crc32.Checksum(b[:4], crcTable()), crcTable(), b[8:])
-	binary.LittleEndian.PutUint32(b[4:], c)
+	binary.LittleEndian.PutUint32(b[4:], recordCRC(prev, b[:4], b[8:9], payload))
 	return b
 }
 
-func envelopeRecord(env *Envelope) ([]byte, error) {
+func recordCRC(prev uint32, length, typ, payload []byte) uint32 {
+	c := crc32.Update(prev, crcTable(), length)
+	c = crc32.Update(c, crcTable(), typ)
+	return crc32.Update(c, crcTable(), payload)
+}
+
+func envelopeRecord(prev uint32, env *Envelope) ([]byte, error) {
 	js, err := json.Marshal(env)
 	if err != nil {
 		return nil, err
@@ -144,7 +153,7 @@ func envelopeRecord(env *Envelope) ([]byte, error) {
 	if len(js)+1 > maxRecord {
 		return nil, fmt.Errorf("envelope of %s is %d bytes, more than a record holds", env.ID, len(js))
 	}
-	return record(recEnvelope, js), nil
+	return record(prev, recEnvelope, js), nil
 }
 
 // state is what a .msg file says.
@@ -154,8 +163,10 @@ type state struct {
 	env  *Envelope
 	done bool
 	// end is the offset after the last valid record: the next append goes
-	// there, over any torn tail.
-	end int64
+	// there, over any torn tail, chained to last (the last valid record's
+	// CRC, or the body CRC when there is none).
+	end  int64
+	last uint32
 	// size is the file's size; size-end bytes are a torn tail.
 	size int64
 }
@@ -172,7 +183,7 @@ func readState(f File, id string) (*state, error) {
 	if err != nil {
 		return nil, err
 	}
-	st := &state{hdr: h, end: h.bodyEnd(), size: size}
+	st := &state{hdr: h, end: h.bodyEnd(), size: size, last: h.bodyCRC}
 	r := bufio.NewReader(io.NewSectionReader(f, st.end, size-st.end))
 	var rh [recHeader]byte
 	for {
@@ -190,8 +201,8 @@ func readState(f File, id string) (*state, error) {
 		if _, err := io.ReadFull(r, payload); err != nil {
 			return nil, err
 		}
-		c := crc32.Update(crc32.Checksum(rh[:4], crcTable()), crcTable(), rh[8:])
-		if crc32.Update(c, crcTable(), payload) != binary.LittleEndian.Uint32(rh[4:]) {
+		sum := binary.LittleEndian.Uint32(rh[4:])
+		if recordCRC(st.last, rh[:4], rh[8:9], payload) != sum {
 			return st, nil
 		}
 		switch rh[8] {
@@ -209,6 +220,7 @@ func readState(f File, id string) (*state, error) {
 			return st, nil
 		}
 		st.end += recHeader - 1 + n
+		st.last = sum
 	}
 }
 

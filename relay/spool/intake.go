@@ -109,7 +109,7 @@ func (w *Writer) commit(env *Envelope) error {
 	}
 	sum := w.crc.Sum32()
 	env.Version, env.Size, env.BodyCRC = FormatVersion, int(w.n), hexCRC(sum)
-	rec, err := envelopeRecord(env)
+	rec, err := envelopeRecord(sum, env)
 	if err != nil {
 		return err
 	}

@@ -205,7 +205,7 @@ func (s *Spool) checkV1Body(p *v1Plan) error {
 // syncs all of them at once.
 func (s *Spool) writeV2(p *v1Plan) error {
 	p.env.Version, p.env.Size, p.env.BodyCRC = FormatVersion, int(p.size), hexCRC(p.crc)
-	rec, err := envelopeRecord(p.env)
+	rec, err := envelopeRecord(p.crc, p.env)
 	if err != nil {
 		return err
 	}

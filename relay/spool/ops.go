@@ -40,11 +40,15 @@ func (s *Spool) appendEnvelope(path string, env *Envelope, fsync bool) error {
 		return fmt.Errorf("%s: delivered: %w", env.ID, fs.ErrNotExist)
 	}
 	env.Version, env.Size, env.BodyCRC = FormatVersion, int(st.hdr.bodyLen), hexCRC(st.hdr.bodyCRC)
-	rec, err := envelopeRecord(env)
+	rec, err := envelopeRecord(st.last, env)
 	if err != nil {
 		return err
 	}
 	if st.recordBytes()+int64(len(rec)) > s.compactAt {
+		// The compacted file has this record first: chained to the body.
+		if rec, err = envelopeRecord(st.hdr.bodyCRC, env); err != nil {
+			return err
+		}
 		return s.compact(path, env.ID, f, st.hdr, rec)
 	}
 	if _, err := f.WriteAt(rec, st.end); err != nil {
@@ -130,7 +134,7 @@ func (s *Spool) markDone(id string) error {
 		return err
 	}
 	if !st.done {
-		if _, err := f.WriteAt(record(recDone, nil), st.end); err != nil {
+		if _, err := f.WriteAt(record(st.last, recDone, nil), st.end); err != nil {
 			return err
 		}
 	}

@@ -660,3 +660,60 @@ func TestWritableWantsRoomForTheLargestMessage(t *testing.T) {
 		})
 	}
 }
+
+// Records chain their CRCs: after a torn record (R2 lost, R3 kept by the
+// page cache's write-back order), the next append fills R2's slot; the
+// stale R3 behind it must not become the state again.
+func TestStaleRecordBehindTornOneStaysDead(t *testing.T) {
+	s := newTestSpool(t)
+	env := testEnv("a")
+	put(t, s, env, testBody("a", 1000))
+	endOf := func() int64 {
+		f, err := os.Open(s.live("a"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		st, err := readState(f, "a")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st.end
+	}
+	env.Attempts = 2
+	if err := s.Update(env); err != nil {
+		t.Fatal(err)
+	}
+	r2Start := endOf()
+	env.Attempts = 3 // R2
+	if err := s.Update(env); err != nil {
+		t.Fatal(err)
+	}
+	r3Start := endOf()
+	env.Attempts = 5 // R3, same length as R2
+	if err := s.Update(env); err != nil {
+		t.Fatal(err)
+	}
+	// Lose R2 only.
+	f, err := os.OpenFile(s.live("a"), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(make([]byte, r3Start-r2Start), r2Start); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if got, err := s.Get("a"); err != nil || got.Attempts != 2 {
+		t.Fatalf("after losing R2: attempts %v (%v), want 2", got, err)
+	}
+	env.Attempts = 4 // R4 lands exactly in R2's slot
+	if err := s.Update(env); err != nil {
+		t.Fatal(err)
+	}
+	if endOf() != r3Start {
+		t.Fatalf("R4 did not fill R2's slot exactly; the test needs equal record lengths")
+	}
+	if got, err := s.Get("a"); err != nil || got.Attempts != 4 {
+		t.Errorf("state after R4 = attempts %d (%v), want 4: the stale R3 came back", got.Attempts, err)
+	}
+}
