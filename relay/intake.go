@@ -157,7 +157,7 @@ func (c *crlfReader) convert(out, in []byte) []byte {
 }
 
 // readHeaderSection reads from br up to the end of the header section as
-// splitHeader sees it: the blank line, or the first line that is neither
+// mailhdr.Split sees it: the blank line, or the first line that is neither
 // a field nor a continuation (that line, which starts the body, is
 // included; so is an mbox "From " line at the start). At EOF it returns
 // what there was. Only the header is held; the body streams on from br.
@@ -179,7 +179,7 @@ func readHeaderSection(br *bufio.Reader, limit int) ([]byte, error) {
 		}
 		switch {
 		case first && len(content) >= 5 && string(content[:5]) == "From ":
-			continue // mbox separator; splitHeader drops it
+			continue // mbox separator; mailhdr.Split drops it
 		case len(content) == 0:
 			return hdr, nil
 		case content[0] == ' ' || content[0] == '\t':

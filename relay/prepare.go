@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/emersion/go-message/textproto"
+
+	"github.com/relaycar/relaycar/internal/mailhdr"
 )
 
 // prepared is an accepted message as every upstream will receive it.
@@ -51,12 +53,12 @@ func isRelayHeader(name string) bool {
 // prepare removes X-Relay-* headers (keeping them for routing),
 // adds a Message-ID when missing, so every attempt and every provider sees
 // the same one, and prepends one Received header. The body and all other
-// header bytes are unchanged; see splitHeader for where the header ends.
+// header bytes are unchanged; see mailhdr.Split for where the header ends.
 func prepare(raw []byte, ri receivedInfo) (*prepared, error) {
-	hdr, bodyOff := splitHeader(raw)
+	hdr, bodyOff := mailhdr.Split(raw)
 	h, err := textproto.ReadHeader(bufio.NewReader(bytes.NewReader(hdr)))
 	if err != nil && !errors.Is(err, io.EOF) {
-		// splitHeader only passes well-formed field lines; keep them as
+		// mailhdr.Split only passes well-formed field lines; keep them as
 		// body rather than lose them if the parser still disagrees.
 		h, bodyOff = textproto.Header{}, 0
 	}
@@ -84,55 +86,8 @@ func prepare(raw []byte, ri receivedInfo) (*prepared, error) {
 	return p, nil
 }
 
-// splitHeader finds the header section the way Postfix's cleanup does:
-// it ends at the blank line, or at the first line that is neither a
-// "Name: value" field nor a continuation (that line then starts the body).
-// An mbox "From " separator line at the very start is dropped. It returns
-// the header bytes (complete lines) and the offset where the body starts.
-func splitHeader(raw []byte) (hdr []byte, body int) {
-	start := 0
-	if bytes.HasPrefix(raw, []byte("From ")) {
-		if i := bytes.Index(raw, []byte("\r\n")); i >= 0 {
-			start = i + 2
-		}
-	}
-	pos := start
-	for pos < len(raw) {
-		end := bytes.Index(raw[pos:], []byte("\r\n"))
-		next := pos + end + 2
-		if end < 0 {
-			end, next = len(raw)-pos, len(raw)
-		}
-		line := raw[pos : pos+end]
-		switch {
-		case len(line) == 0:
-			return raw[start:pos], next
-		case line[0] == ' ' || line[0] == '\t':
-			if pos == start {
-				return nil, start
-			}
-		case !isFieldLine(line):
-			return raw[start:pos], pos
-		}
-		pos = next
-	}
-	return raw[start:], len(raw)
-}
-
-// isFieldLine reports "Name: value": a non-empty name of printable ASCII
-// without spaces, then a colon.
-func isFieldLine(line []byte) bool {
-	i := bytes.IndexByte(line, ':')
-	if i <= 0 {
-		return false
-	}
-	for _, c := range line[:i] {
-		if c < 33 || c > 126 {
-			return false
-		}
-	}
-	return true
-}
+// isFieldLine reports "Name: value" (see mailhdr.IsFieldLine).
+func isFieldLine(line []byte) bool { return mailhdr.IsFieldLine(line) }
 
 func receivedHeader(ri receivedInfo) string {
 	// Folded at 78 columns is not required (998 max) but keeps it readable.

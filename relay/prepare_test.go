@@ -27,7 +27,7 @@ func normalizeCRLF(b []byte) []byte {
 	return out
 }
 
-// The streaming header reader ends the header section where splitHeader
+// The streaming header reader ends the header section where mailhdr.Split
 // does, so prepare on what it read gives the bytes prepare gives on the
 // whole message.
 func TestReadHeaderSection_MatchesWholeMessage(t *testing.T) {

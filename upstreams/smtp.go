@@ -366,28 +366,6 @@ func (s *SMTP) Close() error {
 	return nil
 }
 
-func needsUTF8(m *Message) bool {
-	if !IsASCII(m.From) {
-		return true
-	}
-	for _, r := range m.To {
-		if !IsASCII(r) {
-			return true
-		}
-	}
-	return false
-}
-
-// IsASCII reports whether s needs no SMTPUTF8.
-func IsASCII(s string) bool {
-	for i := 0; i < len(s); i++ {
-		if s[i] >= 0x80 {
-			return false
-		}
-	}
-	return true
-}
-
 // fail classifies err from the given phase. When ctx has ended, the I/O
 // error is only the symptom of the closed connection: the cause is the
 // deadline (or shutdown).
@@ -489,10 +467,6 @@ func smtpCannotCarry(ph smtpPhase, se *smtp.SMTPError) bool {
 		return true
 	}
 	return false
-}
-
-func oneLine(s string) string {
-	return strings.Join(strings.Fields(s), " ")
 }
 
 var (

@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"github.com/emersion/go-message/textproto"
+
+	"github.com/relaycar/relaycar/internal/mailhdr"
 )
 
 // smtp2goDefaultEndpoint is the global API host; it routes to the nearest
@@ -83,14 +85,15 @@ func (s *SMTP2GO) Send(ctx context.Context, m *Message) (string, error) {
 	if len(m.To) == 0 {
 		return "", Errorf(s.name, Rejected, "", nil, "no recipients")
 	}
-	ctx, cancel := context.WithTimeoutCause(ctx, s.timeout, apiTimeoutCause(s.timeout))
-	defer cancel()
-	ctx, progress := apiTrace(ctx)
-
+	// Memory first: waiting for it is not the provider's time, and must
+	// not eat the timeout of the request itself.
 	data, release, err := loadBody(ctx, s.mem, s.name, m, memFactorSMTP2GO)
 	if err != nil {
 		return "", err
 	}
+	ctx, cancel := context.WithTimeoutCause(ctx, s.timeout, apiTimeoutCause(s.timeout))
+	defer cancel()
+	ctx, progress := apiTrace(ctx)
 	defer release()
 	named := headerRecipients(data)
 	if dup := deliveredElsewhere(m, named); dup != "" {
@@ -288,15 +291,15 @@ func smtp2goMIME(m *Message, data []byte, named map[string]bool) []byte {
 	if len(extra) == 0 {
 		return data
 	}
-	end := bytes.Index(data, []byte("\r\n\r\n"))
-	if end < 0 {
-		end = len(data)
-	} else {
-		end += 2
-	}
-	h, err := textproto.ReadHeader(bufio.NewReader(bytes.NewReader(data[:end])))
-	if err != nil && !errors.Is(err, io.EOF) {
-		h, end = textproto.Header{}, 0
+	// The header section ends where the relay's does (mailhdr.Split).
+	hdr, bodyOff := mailhdr.Split(data)
+	hr := bytes.NewReader(hdr)
+	br := bufio.NewReader(hr)
+	h, err := textproto.ReadHeader(br)
+	if (err != nil && !errors.Is(err, io.EOF)) || hr.Len()+br.Buffered() != 0 {
+		// Not a header the parser takes whole (or none): everything is
+		// body, behind the new Bcc field.
+		h, bodyOff = textproto.Header{}, 0
 	}
 	bcc := extra
 	if old := h.Values("Bcc"); len(old) > 0 {
@@ -308,11 +311,7 @@ func smtp2goMIME(m *Message, data []byte, named map[string]bool) []byte {
 	var b bytes.Buffer
 	b.Grow(len(data) + 8 + len(extra)*42)
 	textproto.WriteHeader(&b, h)
-	if end == 0 {
-		b.Write(data)
-	} else {
-		b.Write(data[end+2:])
-	}
+	b.Write(data[bodyOff:])
 	return b.Bytes()
 }
 
@@ -332,11 +331,12 @@ func deliveredElsewhere(m *Message, named map[string]bool) string {
 }
 
 // headerRecipients returns the lower-cased addresses named in the To, Cc
-// and Bcc headers of data. Whatever does not parse counts as not named: the
+// and Bcc headers of data (its header section as mailhdr.Split finds it). Whatever does not parse counts as not named: the
 // worst case is then a recipient listed twice, never one left out.
 func headerRecipients(data []byte) map[string]bool {
 	named := map[string]bool{}
-	msg, err := mail.ReadMessage(bytes.NewReader(data))
+	hdr, _ := mailhdr.Split(data)
+	msg, err := mail.ReadMessage(bytes.NewReader(hdr))
 	if err != nil {
 		return named
 	}
