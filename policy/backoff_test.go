@@ -6,6 +6,7 @@ import (
 )
 
 func TestBackoff(t *testing.T) {
+	t.Parallel()
 	r := RetryConfig{Initial: 30 * time.Second, Max: 15 * time.Minute, Multiplier: 2}
 	zero := func() float64 { return 0 }
 	almostOne := func() float64 { return 0.999999 }
@@ -37,6 +38,7 @@ func TestBackoff(t *testing.T) {
 }
 
 func TestBackoff_NeverExceedsMaxAndSpreads(t *testing.T) {
+	t.Parallel()
 	r := RetryConfig{Initial: time.Second, Max: 10 * time.Second, Multiplier: 3}
 	seen := map[time.Duration]bool{}
 	for i := range 100 {

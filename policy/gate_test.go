@@ -52,6 +52,7 @@ func newTestGate(u upstreams.Upstream, failures uint32, openFor time.Duration, r
 var msg = &upstreams.Message{ID: "m", From: "a@news.example.com", To: []string{"x@example.net"}, Body: upstreams.BytesBody([]byte("x"))}
 
 func TestGate_TransientOpensAfterFailures(t *testing.T) {
+	t.Parallel()
 	u := &scripted{errs: []error{classErr(upstreams.Transient), classErr(upstreams.Ambiguous), classErr(upstreams.Transient)}}
 	g, _ := newTestGate(u, 3, time.Hour, upstreams.RateLimit{})
 	for i := range 3 {
@@ -76,6 +77,7 @@ func TestGate_TransientOpensAfterFailures(t *testing.T) {
 
 // Models a provider revoking the API key: one 401 is enough to stop sending.
 func TestGate_ProviderFaultOpensAtOnce(t *testing.T) {
+	t.Parallel()
 	u := &scripted{errs: []error{classErr(upstreams.ProviderFault)}}
 	g, changes := newTestGate(u, 5, 100*time.Millisecond, upstreams.RateLimit{})
 	g.Send(context.Background(), msg)
@@ -101,6 +103,7 @@ func TestGate_ProviderFaultOpensAtOnce(t *testing.T) {
 
 // A batch of messages with bad addresses must not take a healthy provider out.
 func TestGate_RejectedDoesNotCount(t *testing.T) {
+	t.Parallel()
 	var errs []error
 	for range 10 {
 		errs = append(errs, classErr(upstreams.Rejected), classErr(upstreams.Unsupported))
@@ -116,6 +119,7 @@ func TestGate_RejectedDoesNotCount(t *testing.T) {
 }
 
 func TestGate_ShutdownDoesNotCount(t *testing.T) {
+	t.Parallel()
 	u := &scripted{errs: []error{context.Canceled, context.Canceled, context.Canceled}}
 	g, _ := newTestGate(u, 1, time.Hour, upstreams.RateLimit{})
 	for range 3 {
@@ -129,6 +133,7 @@ func TestGate_ShutdownDoesNotCount(t *testing.T) {
 // Models SendGrid refusing an unverified sender identity: only that sender
 // domain stops going there.
 func TestGate_SenderRejectedOpensOnlyThatSender(t *testing.T) {
+	t.Parallel()
 	u := &scripted{errs: []error{classErr(upstreams.SenderRejected)}}
 	g, changes := newTestGate(u, 1, 100*time.Millisecond, upstreams.RateLimit{})
 	g.Send(context.Background(), msg)
@@ -157,6 +162,7 @@ func TestGate_SenderRejectedOpensOnlyThatSender(t *testing.T) {
 }
 
 func TestGate_RateLimitAndSize(t *testing.T) {
+	t.Parallel()
 	u := &scripted{}
 	g, _ := newTestGate(u, 5, time.Hour, upstreams.RateLimit{PerSecond: 1, Burst: 2, MaxWait: 10 * time.Millisecond})
 	g.maxBytes = 100
@@ -180,6 +186,7 @@ func TestGate_RateLimitAndSize(t *testing.T) {
 // A provider fault seen while half-open must not linger and trip the
 // breaker on the first transient error after it closes again.
 func TestGate_ProviderFaultInHalfOpenDoesNotLinger(t *testing.T) {
+	t.Parallel()
 	u := &scripted{errs: []error{classErr(upstreams.ProviderFault), classErr(upstreams.ProviderFault), nil, classErr(upstreams.Transient)}}
 	g, _ := newTestGate(u, 3, 50*time.Millisecond, upstreams.RateLimit{})
 	g.Send(context.Background(), msg) // open

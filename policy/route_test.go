@@ -29,6 +29,7 @@ func names(gs []*Gate) []string {
 }
 
 func TestRouter_SplitFirstMatchWins(t *testing.T) {
+	t.Parallel()
 	routes := []RouteConfig{
 		{Name: "marketing", Match: &Match{SenderDomains: []string{"News.Example.com"}, Headers: map[string]string{"X-Relay-Route": "marketing"}}, Upstreams: []string{"sg"}},
 		{Name: "eu", Match: &Match{RecipientDomains: []string{"example.de", "example.fr"}}, Upstreams: []string{"mg"}},
@@ -74,6 +75,7 @@ func TestRouter_SplitFirstMatchWins(t *testing.T) {
 }
 
 func TestRouter_Unrouted(t *testing.T) {
+	t.Parallel()
 	r, _ := NewRouter([]RouteConfig{{Name: "eu", Match: &Match{RecipientDomains: []string{"example.de"}}, Upstreams: []string{"a"}}}, gatesFor("a"))
 	groups, unrouted := r.Split("s@x.com", []string{"a@example.de", "b@example.com"}, func(string) string { return "" })
 	if len(groups) != 1 || !slices.Equal(unrouted, []string{"b@example.com"}) {
@@ -85,6 +87,7 @@ func TestRouter_Unrouted(t *testing.T) {
 }
 
 func TestRouter_Strategies(t *testing.T) {
+	t.Parallel()
 	g := gatesFor("a", "b", "c")
 	r, err := NewRouter([]RouteConfig{
 		{Name: "fo", Upstreams: []string{"a", "b", "c"}, Strategy: "failover"},
@@ -118,6 +121,7 @@ func TestRouter_Strategies(t *testing.T) {
 }
 
 func TestRouteConfig_Validate(t *testing.T) {
+	t.Parallel()
 	known := map[string]bool{"a": true, "b": true}
 	for _, tc := range []struct {
 		r    RouteConfig
@@ -145,6 +149,7 @@ func TestRouteConfig_Validate(t *testing.T) {
 }
 
 func TestRouter_MaxMessageBytes(t *testing.T) {
+	t.Parallel()
 	mk := func(name string, max int64) *Gate {
 		c := upstreams.Config{Name: name, MaxMessageBytes: max}
 		c.ApplyDefaults()

@@ -25,6 +25,7 @@ import (
 	"golang.org/x/crypto/bcrypt"
 
 	"github.com/relaycar/relaycar/internal/testsmtp"
+	"github.com/relaycar/relaycar/internal/testwait"
 	"github.com/relaycar/relaycar/policy"
 	"github.com/relaycar/relaycar/relay/spool"
 	"github.com/relaycar/relaycar/upstreams"
@@ -197,25 +198,14 @@ func (tr *testRelay) send(from string, to []string, data string) error {
 const simpleMsg = "From: a@example.com\r\nTo: b@example.net\r\nSubject: test\r\n\r\nhello\r\n"
 
 // waitFor polls cond for up to 5s.
+// waitFor and smtpCode are thin wrappers over internal/testwait, kept
+// because many files of this package call them.
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for time.Now().Before(deadline) {
-		if cond() {
-			return
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	t.Fatalf("timed out waiting for %s", what)
+	testwait.For(t, 5*time.Second, what, cond)
 }
 
-func smtpCode(err error) int {
-	var se *smtp.SMTPError
-	if errors.As(err, &se) {
-		return se.Code
-	}
-	return 0
-}
+func smtpCode(err error) int { return testwait.SMTPCode(err) }
 
 // waitDead waits until n messages are dead-lettered and no worker holds
 // one (the move into dead/ is complete).
@@ -233,6 +223,7 @@ func (tr *testRelay) deadEnvelopes(t *testing.T) []*Envelope {
 }
 
 func TestRelay_DeliversAndEmptiesSpool(t *testing.T) {
+	t.Parallel()
 	a := &recorder{name: "a"}
 	tr := startRelay(t, []*recorder{a}, nil, nil)
 	msg := "From: a@example.com\r\nTo: b@example.net\r\nX-Relay-Route: x\r\nSubject: test\r\n\r\nhello\r\n"
@@ -255,6 +246,7 @@ func TestRelay_DeliversAndEmptiesSpool(t *testing.T) {
 
 // A message the provider refused as bad must not be tried elsewhere.
 func TestDelivery_RejectedGoesToDeadLetter(t *testing.T) {
+	t.Parallel()
 	a := &recorder{name: "a", errs: []error{uerr(upstreams.Rejected, "550 5.1.1 no such user")}}
 	b := &recorder{name: "b"}
 	tr := startRelay(t, []*recorder{a, b}, nil, nil)
@@ -275,6 +267,7 @@ func TestDelivery_RejectedGoesToDeadLetter(t *testing.T) {
 }
 
 func TestDelivery_FailoverOnTransientProviderFaultSenderRejected(t *testing.T) {
+	t.Parallel()
 	for _, c := range []upstreams.Class{upstreams.Transient, upstreams.ProviderFault, upstreams.SenderRejected, upstreams.Unsupported} {
 		t.Run(c.String(), func(t *testing.T) {
 			a := &recorder{name: "a", errs: []error{uerr(c, "nope")}}
@@ -294,6 +287,7 @@ func TestDelivery_FailoverOnTransientProviderFaultSenderRejected(t *testing.T) {
 // The provider may have the message after a timeout mid-request: retry only
 // that provider, never silently both.
 func TestDelivery_AmbiguousRetriesSameUpstream(t *testing.T) {
+	t.Parallel()
 	a := &recorder{name: "a", errs: []error{uerr(upstreams.Ambiguous, "timeout after DATA"), uerr(upstreams.Transient, "421")}}
 	b := &recorder{name: "b"}
 	tr := startRelay(t, []*recorder{a, b}, nil, nil)
@@ -312,6 +306,7 @@ func TestDelivery_AmbiguousRetriesSameUpstream(t *testing.T) {
 }
 
 func TestDelivery_AmbiguousFailoverWhenConfigured(t *testing.T) {
+	t.Parallel()
 	a := &recorder{name: "a", errs: []error{uerr(upstreams.Ambiguous, "timeout after DATA")}}
 	b := &recorder{name: "b"}
 	tr := startRelay(t, []*recorder{a, b}, nil, func(c *Config) { c.Spool.OnAmbiguous = "failover" })
@@ -320,6 +315,7 @@ func TestDelivery_AmbiguousFailoverWhenConfigured(t *testing.T) {
 }
 
 func TestDelivery_StableMessageIDAcrossAttempts(t *testing.T) {
+	t.Parallel()
 	a := &recorder{name: "a", errs: []error{uerr(upstreams.Transient, "busy"), uerr(upstreams.Ambiguous, "timeout")}}
 	tr := startRelay(t, []*recorder{a}, nil, nil)
 	tr.send("a@example.com", []string{"b@example.net"}, "Subject: no id\r\n\r\nbody\r\n")
@@ -336,6 +332,7 @@ func TestDelivery_StableMessageIDAcrossAttempts(t *testing.T) {
 }
 
 func TestDelivery_PartialRecipients(t *testing.T) {
+	t.Parallel()
 	a := &recorder{name: "a", errs: []error{&upstreams.Error{Upstream: "a", Class: upstreams.Rejected, Reason: "550 no such user",
 		Recipients: []string{"bad@example.net"}, Delivered: "a-partial"}}}
 	tr := startRelay(t, []*recorder{a}, nil, nil)
@@ -359,6 +356,7 @@ func TestDelivery_PartialRecipients(t *testing.T) {
 }
 
 func TestDelivery_SplitPerRoute(t *testing.T) {
+	t.Parallel()
 	eu := &recorder{name: "eu"}
 	def := &recorder{name: "def"}
 	routes := []policy.RouteConfig{
@@ -380,6 +378,7 @@ func TestDelivery_SplitPerRoute(t *testing.T) {
 }
 
 func TestDelivery_MaxAgeDeadLetters(t *testing.T) {
+	t.Parallel()
 	var errs []error
 	for range 100 {
 		errs = append(errs, uerr(upstreams.Transient, "421 try later"))
@@ -395,6 +394,7 @@ func TestDelivery_MaxAgeDeadLetters(t *testing.T) {
 }
 
 func TestSMTP_Refusals(t *testing.T) {
+	t.Parallel()
 	a := &recorder{name: "a"}
 	tr := startRelay(t, []*recorder{a}, nil, func(c *Config) {
 		c.Listen.MaxMessageBytes = 2000
@@ -463,6 +463,7 @@ func rawSession(t *testing.T, addr string, lines ...string) []string {
 // Models the SMTP smuggling family (CVE-2023-51764): a bare-LF "end of
 // data" hiding a second transaction.
 func TestSMTP_BareLFSmugglingRefused(t *testing.T) {
+	t.Parallel()
 	a := &recorder{name: "a"}
 	tr := startRelay(t, []*recorder{a}, nil, nil)
 	replies := rawSession(t, tr.smtp,
@@ -489,6 +490,7 @@ func TestSMTP_BareLFSmugglingRefused(t *testing.T) {
 }
 
 func TestSMTP_BareLFNormalize(t *testing.T) {
+	t.Parallel()
 	a := &recorder{name: "a"}
 	tr := startRelay(t, []*recorder{a}, nil, func(c *Config) { c.Listen.BareLF = "normalize" })
 	replies := rawSession(t, tr.smtp, "EHLO test\r\n", "MAIL FROM:<a@example.com>\r\n", "RCPT TO:<b@example.net>\r\n", "DATA\r\n",
@@ -503,6 +505,7 @@ func TestSMTP_BareLFNormalize(t *testing.T) {
 }
 
 func TestSMTP_NetworkNotAllowed(t *testing.T) {
+	t.Parallel()
 	tr := startRelay(t, []*recorder{{name: "a"}}, nil, func(c *Config) { c.Listen.AllowedNetworks = []string{"10.0.0.0/8"} })
 	c, err := net.Dial("tcp", tr.smtp)
 	if err != nil {
@@ -517,6 +520,7 @@ func TestSMTP_NetworkNotAllowed(t *testing.T) {
 }
 
 func TestSMTP_NoRouteAndTooBigForRoute(t *testing.T) {
+	t.Parallel()
 	small := &recorder{name: "small"}
 	routes := []policy.RouteConfig{{Name: "de", Match: &policy.Match{RecipientDomains: []string{"example.de"}}, Upstreams: []string{"small"}}}
 	tr := startRelay(t, []*recorder{small}, routes, func(c *Config) { c.Upstreams[0].MaxMessageBytes = 1000 })
@@ -539,6 +543,7 @@ func TestSMTP_NoRouteAndTooBigForRoute(t *testing.T) {
 // Models a full disk: the client must get a temporary failure and the relay
 // must keep nothing.
 func TestSMTP_SpoolWriteFailureIs451(t *testing.T) {
+	t.Parallel()
 	a := &recorder{name: "a"}
 	sw := &switchFS{}
 	tr := startRelayTB(t, []*recorder{a}, nil, nil, true, nil, sw)
@@ -562,6 +567,7 @@ func TestSMTP_SpoolWriteFailureIs451(t *testing.T) {
 }
 
 func TestSMTP_Auth(t *testing.T) {
+	t.Parallel()
 	hash, _ := bcrypt.GenerateFromPassword([]byte("s3cret"), bcrypt.MinCost)
 	users := filepath.Join(t.TempDir(), "users")
 	os.WriteFile(users, []byte("# comment\napp:"+string(hash)+"\n"), 0o600)
@@ -593,6 +599,7 @@ func TestSMTP_Auth(t *testing.T) {
 }
 
 func TestAdmin_QueueRetryDrop(t *testing.T) {
+	t.Parallel()
 	var errs []error
 	for range 1000 {
 		errs = append(errs, uerr(upstreams.Transient, "down"))
@@ -648,6 +655,7 @@ func TestAdmin_QueueRetryDrop(t *testing.T) {
 }
 
 func TestReadyz_SpoolNotWritable(t *testing.T) {
+	t.Parallel()
 	tr := startRelay(t, []*recorder{{name: "a"}}, nil, nil)
 	get := func() int {
 		resp, err := http.Get("http://" + tr.admin + "/readyz")
@@ -671,6 +679,7 @@ func TestReadyz_SpoolNotWritable(t *testing.T) {
 // Models the disk filling up between attempts: the attempt bookkeeping
 // cannot be written, but the message must stay queued and be delivered.
 func TestDelivery_UpdateFailureKeepsMessageQueued(t *testing.T) {
+	t.Parallel()
 	a := &recorder{name: "a", errs: []error{uerr(upstreams.Transient, "busy"), uerr(upstreams.Transient, "busy")}}
 	sw := &switchFS{}
 	tr := startRelayTB(t, []*recorder{a}, nil, func(c *Config) {
@@ -695,6 +704,7 @@ func TestDelivery_UpdateFailureKeepsMessageQueued(t *testing.T) {
 }
 
 func TestSMTP_StartTLS(t *testing.T) {
+	t.Parallel()
 	cert := testsmtp.NewCert(t)
 	a := &recorder{name: "a"}
 	tr := startRelay(t, []*recorder{a}, nil, func(c *Config) {
@@ -717,6 +727,7 @@ func TestSMTP_StartTLS(t *testing.T) {
 // The admin port listens on the pod IP for probes and scrapes; only a
 // shell in the pod may change the queue.
 func TestAdmin_QueueChangesOnlyFromLoopback(t *testing.T) {
+	t.Parallel()
 	tr := startRelay(t, []*recorder{{name: "a"}}, nil, nil)
 	h := tr.adminHandler()
 	for _, tc := range []struct {
@@ -744,6 +755,7 @@ func TestAdmin_QueueChangesOnlyFromLoopback(t *testing.T) {
 }
 
 func TestMetrics_OldestMessageAge(t *testing.T) {
+	t.Parallel()
 	var errs []error
 	for range 100 {
 		errs = append(errs, uerr(upstreams.Transient, "down"))

@@ -113,6 +113,7 @@ func (r *raw) closedWithin(limit time.Duration) (time.Duration, string) {
 // Item 6: listen.max_connections. Connections beyond it get 421 4.3.2 at
 // connect, the gauge shows the open ones, and a freed slot is usable.
 func TestSMTP_MaxConnections421(t *testing.T) {
+	t.Parallel()
 	tr := startRelay(t, []*recorder{{name: "a"}}, nil, func(c *Config) { c.Listen.MaxConnections = 2 })
 	var held []*raw
 	for range 2 {
@@ -148,6 +149,7 @@ func TestSMTP_MaxConnections421(t *testing.T) {
 // without the timeout, go-smtp runs it as a command and waits again,
 // until its error threshold. Now the first timeout ends the connection.
 func TestSMTP_DrippedCommandLineClosedAfterOneReadTimeout(t *testing.T) {
+	t.Parallel()
 	const rt = 500 * time.Millisecond
 	tr := startRelay(t, []*recorder{{name: "a"}}, nil, func(c *Config) { c.Listen.ReadTimeout = rt })
 	// The second is a whole command without its CRLF, in one write: the
@@ -192,6 +194,7 @@ func TestSMTP_DrippedCommandLineClosedAfterOneReadTimeout(t *testing.T) {
 // A timed-out "BDAT 0 LAST" without its CRLF used to be run as a
 // command and queue an empty message.
 func TestSMTP_TimedOutPartialBDATQueuesNothing(t *testing.T) {
+	t.Parallel()
 	const rt = 300 * time.Millisecond
 	a := &recorder{name: "a"}
 	tr := startRelay(t, []*recorder{a}, nil, func(c *Config) { c.Listen.ReadTimeout = rt })
@@ -213,6 +216,7 @@ func TestSMTP_TimedOutPartialBDATQueuesNothing(t *testing.T) {
 // Item 6: DATA gets read_timeout per read, not one read_timeout in total:
 // a slow but steady message arriving over 4 x read_timeout is accepted.
 func TestSMTP_SlowSteadyDATAAccepted(t *testing.T) {
+	t.Parallel()
 	const rt = 300 * time.Millisecond
 	a := &recorder{name: "a"}
 	tr := startRelay(t, []*recorder{a}, nil, func(c *Config) { c.Listen.ReadTimeout = rt })
@@ -254,6 +258,7 @@ func TestSMTP_SlowSteadyDATAAccepted(t *testing.T) {
 // Item 6: listen.data_timeout bounds the whole DATA even while bytes keep
 // arriving within read_timeout.
 func TestSMTP_DataTimeoutBoundsWholeMessage(t *testing.T) {
+	t.Parallel()
 	const rt, whole = 400 * time.Millisecond, 900 * time.Millisecond
 	a := &recorder{name: "a"}
 	tr := startRelay(t, []*recorder{a}, nil, func(c *Config) { c.Listen.ReadTimeout, c.Listen.DataTimeout = rt, whole })
@@ -295,6 +300,7 @@ func TestSMTP_DataTimeoutBoundsWholeMessage(t *testing.T) {
 // Item 7: AUTH failures are delayed, counted, and the third closes the
 // connection with 421 4.7.0.
 func TestSMTP_AuthFailuresDelayedAndCapped(t *testing.T) {
+	t.Parallel()
 	const delay = 60 * time.Millisecond
 	hash, _ := bcrypt.GenerateFromPassword([]byte("s3cret"), bcrypt.MinCost)
 	users := filepath.Join(t.TempDir(), "users")
@@ -347,6 +353,7 @@ func TestSMTP_AuthFailuresDelayedAndCapped(t *testing.T) {
 // Item 8: RFC 6531 (non-ASCII needs SMTPUTF8 on MAIL) and RFC 5321
 // 4.5.3.1 (local part 64, address 254, label 63 octets).
 func TestSMTP_AddressUTF8AndLengthLimits(t *testing.T) {
+	t.Parallel()
 	tr := startRelay(t, []*recorder{{name: "a"}}, nil, nil)
 	r := dialSMTP(t, tr.smtp)
 	r.reply()
@@ -385,6 +392,7 @@ func TestSMTP_AddressUTF8AndLengthLimits(t *testing.T) {
 // also when the client sends the body before the 354 (go-smtp then reads
 // it ahead of Data).
 func TestSMTP_DotCRRefused(t *testing.T) {
+	t.Parallel()
 	for _, mode := range []string{"reject", "normalize"} {
 		t.Run(mode, func(t *testing.T) {
 			a := &recorder{name: "a"}
@@ -431,6 +439,7 @@ func TestSMTP_DotCRRefused(t *testing.T) {
 }
 
 func TestDotCRScan_AcrossReads(t *testing.T) {
+	t.Parallel()
 	for in, want := range map[string]bool{
 		"a\r\n.\rb":          true,
 		"a\r\n.\r\r\n":       true,
@@ -457,6 +466,7 @@ func TestDotCRScan_AcrossReads(t *testing.T) {
 // Item 14: X-Relay-* headers steer routing only from listen.trusted_networks;
 // from other clients they are removed and ignored.
 func TestSMTP_RelayHeadersOnlyFromTrustedNetworks(t *testing.T) {
+	t.Parallel()
 	routes := []policy.RouteConfig{
 		{Name: "marketing", Match: &policy.Match{Headers: map[string]string{"X-Relay-Route": "marketing"}}, Upstreams: []string{"m"}},
 		{Name: "default", Upstreams: []string{"d"}},
@@ -495,6 +505,7 @@ func TestSMTP_RelayHeadersOnlyFromTrustedNetworks(t *testing.T) {
 // The listener's own accounting, without go-smtp: Close counts a
 // connection out once, however often it is called.
 func TestAllowListener_CountsOpenConnections(t *testing.T) {
+	t.Parallel()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -536,6 +547,7 @@ func TestAllowListener_CountsOpenConnections(t *testing.T) {
 // Under STARTTLS go-smtp reads through a *tls.Conn over the clientConn:
 // the DATA deadlines and the AUTH brake (421 sent over TLS) hold there too.
 func TestSMTP_HardeningOverSTARTTLS(t *testing.T) {
+	t.Parallel()
 	const rt = 300 * time.Millisecond
 	cert := testsmtp.NewCert(t)
 	hash, _ := bcrypt.GenerateFromPassword([]byte("s3cret"), bcrypt.MinCost)

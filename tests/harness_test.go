@@ -26,6 +26,7 @@ import (
 	"github.com/prometheus/common/model"
 	"gopkg.in/yaml.v3"
 
+	"github.com/relaycar/relaycar/internal/testwait"
 	"github.com/relaycar/relaycar/relay/spool"
 )
 
@@ -630,17 +631,11 @@ func (r *rawConn) write(b string) {
 	}
 }
 
-// waitFor polls cond every 25ms until it holds, failing the test after
-// timeout.
+// waitFor polls cond until it holds, failing the test after timeout (a
+// thin wrapper over testwait.For, kept for its many call sites).
 func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", timeout, what)
-		}
-		time.Sleep(25 * time.Millisecond)
-	}
+	testwait.For(t, timeout, what, cond)
 }
 
 // message builds a small RFC 5322 message with a unique Message-ID and an
@@ -661,14 +656,8 @@ func header(t testing.TB, data []byte, name string) string {
 	return m.Header.Get(name)
 }
 
-// smtpCode returns the SMTP reply code in err, or 0.
-func smtpCode(err error) int {
-	var se *smtp.SMTPError
-	if errors.As(err, &se) {
-		return se.Code
-	}
-	return 0
-}
+// smtpCode returns the SMTP reply code in err, or 0 (testwait.SMTPCode).
+func smtpCode(err error) int { return testwait.SMTPCode(err) }
 
 // deadEnvelope reads a dead letter's state the way `relaycar queue dead`
 // does, through the spool package (the files are not JSON any more).

@@ -32,8 +32,8 @@ func TestMemory_512MiBSixteenBigMessagesPerUpstream(t *testing.T) {
 		limit    = 512 << 20
 		n        = 16
 		size     = 24_000_000
-		perType  = 150 * time.Second // generous: under -race the fakes decode 16 × 24 MB slowly
-		overall  = 10 * time.Minute
+		perType  = 240 * time.Second // generous: under -race the fakes decode 16 × 24 MB slowly
+		overall  = 15 * time.Minute
 		maxBytes = 25 << 20
 	)
 	deadline := time.Now().Add(overall)

@@ -48,26 +48,12 @@ func apiRcpts(n int) []string {
 }
 
 // apiSweepWant is the class a provider without richer error codes must give
-// an HTTP status: the table of DESIGN.md/STYLE.md §2, written out rather than
-// calling ClassifyHTTP so that a change to either is caught.
+// an HTTP status: the api column of the literal oracle in errors_test.go
+// (the table of DESIGN.md/STYLE.md §2), not a call to ClassifyHTTP, so that
+// a change to either is caught.
 func apiSweepWant(status int) Class {
-	switch {
-	case status >= 200 && status < 300:
-		return Ambiguous // a 2xx the adapter cannot read as "accepted, id X"
-	case status == 401, status == 403:
-		return ProviderFault
-	case status == 408, status == 429:
-		return Transient
-	case status == 413:
-		return Unsupported // too big for this provider; another may take it
-	case status == 400, status == 422:
-		return Rejected
-	case status >= 500:
-		return Transient
-	case status >= 400:
-		return ProviderFault // 402, 404, 451, ...: account or configuration
-	}
-	return Transient // 3xx without Location: not an answer from the API
+	_, api := oracle(status)
+	return api
 }
 
 // apiClassOf asserts err is an *Error and returns it.

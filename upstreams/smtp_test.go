@@ -237,38 +237,6 @@ func TestSMTP_SecretNotLeaked(t *testing.T) {
 	}
 }
 
-func TestClassifyHTTP_Sweep(t *testing.T) {
-	for code := 200; code <= 599; code++ {
-		want := Transient
-		switch {
-		case code == 401 || code == 403:
-			want = ProviderFault
-		case code == 408 || code == 429:
-			want = Transient
-		case code == 413:
-			want = Unsupported
-		case code == 400 || code == 422:
-			want = Rejected
-		case code >= 400 && code < 500:
-			want = ProviderFault
-		}
-		if got := ClassifyHTTP(code); got != want {
-			t.Errorf("ClassifyHTTP(%d) = %v, want %v", code, got, want)
-		}
-	}
-	if ClassOf(errors.New("unclassified")) != Transient {
-		t.Error("unclassified errors must default to transient")
-	}
-	for _, c := range Classes {
-		if c.String() == "unknown" {
-			t.Errorf("class %d has no name", c)
-		}
-	}
-	if Class(99).String() != "unknown" {
-		t.Error("out-of-range class")
-	}
-}
-
 func TestFile_WritesEmlAndEnvelope(t *testing.T) {
 	dir := t.TempDir()
 	u, err := New(Config{Name: "out", Type: "file", Dir: dir}, Deps{})
