@@ -116,13 +116,17 @@ type route struct {
 type Router struct {
 	routes []*route
 	byName map[string]*route
-	// Rand returns a float in [0,1); weighted picks use it. Tests replace it.
-	Rand func() float64
+	// rand returns a float in [0,1) for weighted picks.
+	rand func() float64
 }
 
-// NewRouter builds routes over the given gates (by upstream name).
-func NewRouter(cfgs []RouteConfig, gates map[string]*Gate) (*Router, error) {
-	r := &Router{byName: map[string]*route{}, Rand: rand.Float64}
+// NewRouter builds routes over the given gates (by upstream name). rnd is
+// the randomness of weighted picks (nil: math/rand), a seam for tests.
+func NewRouter(cfgs []RouteConfig, gates map[string]*Gate, rnd func() float64) (*Router, error) {
+	if rnd == nil {
+		rnd = rand.Float64
+	}
+	r := &Router{byName: map[string]*route{}, rand: rnd}
 	for _, c := range cfgs {
 		rt := &route{cfg: c, senders: set(nil), rcpts: set(nil)}
 		if c.Match != nil {
@@ -253,7 +257,7 @@ func (r *Router) Candidates(name string) []*Gate {
 		start := int((rt.rr.Add(1) - 1) % n)
 		gates = append(gates[start:], gates[:start]...)
 	case "weighted":
-		first := pickWeighted(gates, rt.cfg.Weights, r.Rand())
+		first := pickWeighted(gates, rt.cfg.Weights, r.rand())
 		if first > 0 {
 			g := gates[first]
 			gates = append(append([]*Gate{g}, gates[:first]...), gates[first+1:]...)

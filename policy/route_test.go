@@ -36,7 +36,7 @@ func TestRouter_SplitFirstMatchWins(t *testing.T) {
 		{Name: "alerts", Match: &Match{Headers: map[string]string{"X-Priority-Class": "alert"}}, Upstreams: []string{"ses"}},
 		{Name: "default", Upstreams: []string{"ses", "sg"}},
 	}
-	r, err := NewRouter(routes, gatesFor("sg", "mg", "ses"))
+	r, err := NewRouter(routes, gatesFor("sg", "mg", "ses"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -76,7 +76,7 @@ func TestRouter_SplitFirstMatchWins(t *testing.T) {
 
 func TestRouter_Unrouted(t *testing.T) {
 	t.Parallel()
-	r, _ := NewRouter([]RouteConfig{{Name: "eu", Match: &Match{RecipientDomains: []string{"example.de"}}, Upstreams: []string{"a"}}}, gatesFor("a"))
+	r, _ := NewRouter([]RouteConfig{{Name: "eu", Match: &Match{RecipientDomains: []string{"example.de"}}, Upstreams: []string{"a"}}}, gatesFor("a"), nil)
 	groups, unrouted := r.Split("s@x.com", []string{"a@example.de", "b@example.com"}, func(string) string { return "" })
 	if len(groups) != 1 || !slices.Equal(unrouted, []string{"b@example.com"}) {
 		t.Errorf("groups=%v unrouted=%v", groups, unrouted)
@@ -89,11 +89,12 @@ func TestRouter_Unrouted(t *testing.T) {
 func TestRouter_Strategies(t *testing.T) {
 	t.Parallel()
 	g := gatesFor("a", "b", "c")
+	var x float64 // the weighted pick's random number, set per case below
 	r, err := NewRouter([]RouteConfig{
 		{Name: "fo", Upstreams: []string{"a", "b", "c"}, Strategy: "failover"},
 		{Name: "rr", Upstreams: []string{"a", "b", "c"}, Strategy: "round_robin"},
 		{Name: "w", Upstreams: []string{"a", "b", "c"}, Strategy: "weighted", Weights: map[string]int{"b": 80, "c": 20}},
-	}, g)
+	}, g, func() float64 { return x })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -113,7 +114,7 @@ func TestRouter_Strategies(t *testing.T) {
 		x    float64
 		want string
 	}{{0, "bac"}, {0.79, "bac"}, {0.8, "cab"}, {0.999, "cab"}} {
-		r.Rand = func() float64 { return tc.x }
+		x = tc.x
 		if got := strings.Join(names(r.Candidates("w")), ""); got != tc.want {
 			t.Errorf("weighted(x=%v) = %s, want %s", tc.x, got, tc.want)
 		}
@@ -159,7 +160,7 @@ func TestRouter_MaxMessageBytes(t *testing.T) {
 	r, _ := NewRouter([]RouteConfig{
 		{Name: "sized", Upstreams: []string{"small", "big"}},
 		{Name: "open", Upstreams: []string{"small", "any"}},
-	}, gates)
+	}, gates, nil)
 	for route, want := range map[string]int64{"sized": 5000, "open": 0, "nope": 0} {
 		if got := r.MaxMessageBytes(route); got != want {
 			t.Errorf("MaxMessageBytes(%s) = %d, want %d", route, got, want)

@@ -41,6 +41,9 @@ type Deps struct {
 	Version string
 	// SpoolFS replaces the spool's file system (tests: a full disk).
 	SpoolFS spool.FS
+	// Rand returns floats in [0,1) for backoff jitter and weighted
+	// routing; nil is math/rand.
+	Rand func() float64
 }
 
 // Relay is one running relaycar: SMTP listener, spool, delivery workers and
@@ -80,13 +83,16 @@ type Relay struct {
 // New validates nothing (call Config.Validate first) but builds every part,
 // so a bad certificate or an unusable spool fails before anything listens.
 func New(cfg *Config, d Deps) (*Relay, error) {
-	r := &Relay{cfg: cfg, log: d.Logger, now: d.Now, rand: rand.Float64, reg: d.Registry, version: d.Version,
+	r := &Relay{cfg: cfg, log: d.Logger, now: d.Now, rand: d.Rand, reg: d.Registry, version: d.Version,
 		gates: map[string]*policy.Gate{}, allowedSenders: map[string]bool{}}
 	if r.log == nil {
 		r.log = slog.New(slog.DiscardHandler)
 	}
 	if r.now == nil {
 		r.now = time.Now
+	}
+	if r.rand == nil {
+		r.rand = rand.Float64
 	}
 	if r.reg == nil {
 		r.reg = prometheus.NewRegistry()
@@ -130,7 +136,7 @@ func New(cfg *Config, d Deps) (*Relay, error) {
 		r.ups = append(r.ups, u)
 		r.gates[uc.Name] = policy.NewGate(u, uc, policy.GateHooks{OnStateChange: r.breakerChanged})
 	}
-	router, err := policy.NewRouter(cfg.Routes, r.gates)
+	router, err := policy.NewRouter(cfg.Routes, r.gates, r.rand)
 	if err != nil {
 		return nil, err
 	}

@@ -48,9 +48,12 @@ func (f *File) Name() string { return f.name }
 // overwrites the same names.
 func (f *File) Send(ctx context.Context, m *Message) (string, error) {
 	base := filepath.Join(f.dir, m.ID)
-	env, _ := json.MarshalIndent(FileEnvelope{
+	env, err := json.MarshalIndent(FileEnvelope{
 		ID: m.ID, From: m.From, To: m.To, MessageID: m.MessageID, Size: int(m.Size()), WrittenAt: f.now().UTC(),
 	}, "", "  ")
+	if err != nil {
+		return "", Errorf(f.name, Transient, "", err, "encoding the envelope: %v", err)
+	}
 	if err := writeFile(base+".eml", m.Reader()); err != nil {
 		return "", Errorf(f.name, Transient, "", err, "write: %v", err)
 	}

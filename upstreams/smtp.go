@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"os"
 	"strconv"
@@ -31,7 +30,6 @@ type SMTP struct {
 	password Secret
 	timeout  time.Duration
 	helo     string
-	log      *slog.Logger
 	dialer   net.Dialer
 
 	mu     sync.Mutex
@@ -63,7 +61,7 @@ func newSMTP(c Config, d Deps) (*SMTP, error) {
 	return &SMTP{
 		name: c.Name, addr: c.Address, mode: c.TLS, tls: tc,
 		username: c.Username, password: c.Password, timeout: c.Timeout,
-		helo: helo, log: d.logger(), dialer: net.Dialer{Timeout: c.Timeout},
+		helo: helo, dialer: net.Dialer{Timeout: c.Timeout},
 	}, nil
 }
 
