@@ -15,7 +15,7 @@ type RouteConfig struct {
 	Name      string         `yaml:"name"`
 	Match     *Match         `yaml:"match"`
 	Upstreams []string       `yaml:"upstreams"`
-	Strategy  string         `yaml:"strategy"`
+	Strategy  Strategy       `yaml:"strategy"`
 	Weights   map[string]int `yaml:"weights"`
 }
 
@@ -27,8 +27,17 @@ type Match struct {
 	Headers          map[string]string `yaml:"headers"`
 }
 
-// Strategies lists the accepted values of `strategy`.
-var Strategies = []string{"failover", "round_robin", "weighted"}
+// Strategy orders a route's upstreams for each message.
+type Strategy string
+
+const (
+	Failover   Strategy = "failover"    // in listed order
+	RoundRobin Strategy = "round_robin" // rotate the first upstream
+	Weighted   Strategy = "weighted"    // first by weight, then in listed order
+)
+
+// Strategies lists the accepted values of `strategy`, for messages.
+func Strategies() []string { return []string{string(Failover), string(RoundRobin), string(Weighted)} }
 
 // Validate returns every problem as "routes[i].key: message". known are the
 // upstream names defined in the config.
@@ -54,11 +63,11 @@ func (r *RouteConfig) Validate(path string, known map[string]bool) []error {
 		seen[u] = true
 	}
 	switch r.Strategy {
-	case "", "failover", "round_robin":
+	case "", Failover, RoundRobin:
 		if len(r.Weights) > 0 {
 			bad("weights", "only used with strategy weighted")
 		}
-	case "weighted":
+	case Weighted:
 		total := 0
 		for name, w := range r.Weights {
 			if !seen[name] {
@@ -73,7 +82,7 @@ func (r *RouteConfig) Validate(path string, known map[string]bool) []error {
 			bad("weights", "strategy weighted needs a positive weight for at least one upstream")
 		}
 	default:
-		bad("strategy", "%q: must be one of %s", r.Strategy, strings.Join(Strategies, ", "))
+		bad("strategy", "%q: must be one of %s", r.Strategy, strings.Join(Strategies(), ", "))
 	}
 	if m := r.Match; m != nil {
 		for i, d := range m.SenderDomains {
@@ -252,11 +261,11 @@ func (r *Router) Candidates(name string) []*Gate {
 	}
 	gates := slices.Clone(rt.gates)
 	switch rt.cfg.Strategy {
-	case "round_robin":
+	case RoundRobin:
 		n := uint64(len(gates))
 		start := int((rt.rr.Add(1) - 1) % n)
 		gates = append(gates[start:], gates[:start]...)
-	case "weighted":
+	case Weighted:
 		first := pickWeighted(gates, rt.cfg.Weights, r.rand())
 		if first > 0 {
 			g := gates[first]

@@ -42,7 +42,7 @@ type ListenConfig struct {
 	AllowedSenders  []string      `yaml:"allowed_senders"`
 	TLS             TLSConfig     `yaml:"tls"`
 	Auth            AuthConfig    `yaml:"auth"`
-	BareLF          string        `yaml:"bare_lf"`
+	BareLF          BareLFMode    `yaml:"bare_lf"`
 	// MaxConnections caps open SMTP connections; beyond it clients get 421.
 	MaxConnections int `yaml:"max_connections"`
 	// DataTimeout bounds a whole DATA transfer; ReadTimeout applies to each
@@ -52,6 +52,22 @@ type ListenConfig struct {
 	// honoured; empty means every allowed client.
 	TrustedNetworks []string `yaml:"trusted_networks"`
 }
+
+// BareLFMode is what the listener does with a bare CR or LF in DATA.
+type BareLFMode string
+
+const (
+	BareLFReject    BareLFMode = "reject"    // 550 5.6.0
+	BareLFNormalize BareLFMode = "normalize" // to CRLF, as Postfix can
+)
+
+// AmbiguousPolicy is what follows an attempt whose outcome is unknown.
+type AmbiguousPolicy string
+
+const (
+	RetrySame         AmbiguousPolicy = "retry_same" // only that upstream again: never sent by two
+	FailoverAmbiguous AmbiguousPolicy = "failover"   // the next upstream: may deliver twice
+)
 
 // TLSConfig enables STARTTLS when both files are set.
 type TLSConfig struct {
@@ -79,7 +95,7 @@ type SpoolConfig struct {
 	MaxAge      time.Duration      `yaml:"max_age"`
 	Retry       policy.RetryConfig `yaml:"retry"`
 	Workers     int                `yaml:"workers"`
-	OnAmbiguous string             `yaml:"on_ambiguous"`
+	OnAmbiguous AmbiguousPolicy    `yaml:"on_ambiguous"`
 	// MemoryBudget bounds what intake and in-memory deliveries hold:
 	// bytes, or "auto" (half the container's memory limit).
 	MemoryBudget string `yaml:"memory_budget"`
@@ -96,7 +112,7 @@ func Default() Config {
 			ReadTimeout:     60 * time.Second,
 			WriteTimeout:    60 * time.Second,
 			AllowedNetworks: []string{"127.0.0.0/8", "::1/128"},
-			BareLF:          "reject",
+			BareLF:          BareLFReject,
 			MaxConnections:  1000,
 			DataTimeout:     10 * time.Minute,
 		},
@@ -106,7 +122,7 @@ func Default() Config {
 			MaxAge:       48 * time.Hour,
 			Retry:        policy.RetryConfig{Initial: 30 * time.Second, Max: 15 * time.Minute, Multiplier: 2},
 			Workers:      16,
-			OnAmbiguous:  "retry_same",
+			OnAmbiguous:  RetrySame,
 			MemoryBudget: "auto",
 		},
 		ShutdownGrace: 20 * time.Second,
@@ -149,7 +165,7 @@ func Parse(b []byte) (*Config, error) {
 	}
 	for i := range cfg.Routes {
 		if cfg.Routes[i].Strategy == "" {
-			cfg.Routes[i].Strategy = "failover"
+			cfg.Routes[i].Strategy = policy.Failover
 		}
 	}
 	return &cfg, errors.Join(errs...)
@@ -410,7 +426,7 @@ func (c *Config) Validate() error {
 			bad("listen.auth.users_file", "%v", err)
 		}
 	}
-	if l.BareLF != "reject" && l.BareLF != "normalize" {
+	if l.BareLF != BareLFReject && l.BareLF != BareLFNormalize {
 		bad("listen.bare_lf", "%q: must be reject or normalize", l.BareLF)
 	}
 	if l.MaxConnections < 1 {
@@ -453,7 +469,7 @@ func (c *Config) Validate() error {
 	if s.Workers < 1 {
 		bad("spool.workers", "must be at least 1")
 	}
-	if s.OnAmbiguous != "retry_same" && s.OnAmbiguous != "failover" {
+	if s.OnAmbiguous != RetrySame && s.OnAmbiguous != FailoverAmbiguous {
 		bad("spool.on_ambiguous", "%q: must be retry_same or failover", s.OnAmbiguous)
 	}
 	if _, err := memlimit.ParseBudget(s.MemoryBudget); err != nil {

@@ -226,7 +226,7 @@ func (r *Relay) deliverRoute(ctx context.Context, env *Envelope, rs *RouteState,
 		if err != nil && ctx.Err() != nil {
 			// Our own shutdown, not the upstream's fault: not an attempt. But
 			// if the whole message had gone out, the upstream may have it.
-			if upstreams.ClassOf(err) == upstreams.Ambiguous && r.cfg.Spool.OnAmbiguous == "retry_same" {
+			if upstreams.ClassOf(err) == upstreams.Ambiguous && r.cfg.Spool.OnAmbiguous == RetrySame {
 				rs.Pinned = name
 			}
 			return tried, lastErr
@@ -259,7 +259,7 @@ func (r *Relay) deliverRoute(ctx context.Context, env *Envelope, rs *RouteState,
 			r.fail(env, rs, name, class.String(), err.Error(), r.now())
 			return tried, err
 		case upstreams.Ambiguous:
-			if r.cfg.Spool.OnAmbiguous == "retry_same" {
+			if r.cfg.Spool.OnAmbiguous == RetrySame {
 				log.Warn("outcome unknown; will retry the same upstream only", "upstream", name, "err", err)
 				rs.Pinned = name
 				return tried, err

@@ -159,7 +159,7 @@ func (s *session) Data(r io.Reader) error {
 		}
 		return nil
 	}
-	in := newCRLFReader(r, s.r.cfg.Listen.BareLF == "normalize")
+	in := newCRLFReader(r, s.r.cfg.Listen.BareLF == BareLFNormalize)
 	id, err := s.r.accept(s.from, s.rcpts, in, s.traceInfo(), ready)
 	if err == nil {
 		return replyQueued(id)

@@ -393,8 +393,8 @@ func TestSMTP_AddressUTF8AndLengthLimits(t *testing.T) {
 // it ahead of Data).
 func TestSMTP_DotCRRefused(t *testing.T) {
 	t.Parallel()
-	for _, mode := range []string{"reject", "normalize"} {
-		t.Run(mode, func(t *testing.T) {
+	for _, mode := range []BareLFMode{BareLFReject, BareLFNormalize} {
+		t.Run(string(mode), func(t *testing.T) {
 			a := &recorder{name: "a"}
 			tr := startRelay(t, []*recorder{a}, nil, func(c *Config) { c.Listen.BareLF = mode })
 			for _, body := range []string{
