@@ -94,18 +94,6 @@ func apiTransportError(ctx context.Context, upstream string, err error, p *apiPr
 	return &Error{Upstream: upstream, Class: class, Reason: Truncate(apiRedact(cause, secrets...), 300), Err: err}
 }
 
-// apiCheckEndpoint validates an `endpoint` override. The value is not
-// echoed: an endpoint may carry proxy credentials.
-func apiCheckEndpoint(endpoint string) error {
-	if endpoint == "" {
-		return nil
-	}
-	if u, err := url.Parse(endpoint); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return errors.New("endpoint: must be an absolute http(s) URL")
-	}
-	return nil
-}
-
 // apiMinSecretLen is the shortest configured secret that apiRedact
 // replaces wherever its value occurs. Shorter ones (possible only when an
 // adapter is built without Config.Validate, which refuses them for API

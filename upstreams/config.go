@@ -3,8 +3,6 @@ package upstreams
 import (
 	"fmt"
 	"log/slog"
-	"net"
-	"net/url"
 	"os"
 	"regexp"
 	"strings"
@@ -67,12 +65,12 @@ type Config struct {
 	Endpoint string `yaml:"endpoint"`
 
 	// smtp
-	Address      string `yaml:"address"`
-	TLS          string `yaml:"tls"`
-	CAFile       string `yaml:"ca_file"`
-	Username     string `yaml:"username"`
-	Password     Secret `yaml:"password"`
-	PasswordFile string `yaml:"password_file"`
+	Address      string  `yaml:"address"`
+	TLS          TLSMode `yaml:"tls"`
+	CAFile       string  `yaml:"ca_file"`
+	Username     string  `yaml:"username"`
+	Password     Secret  `yaml:"password"`
+	PasswordFile string  `yaml:"password_file"`
 
 	// file
 	Dir string `yaml:"dir"`
@@ -83,8 +81,14 @@ type Config struct {
 	Timeout         time.Duration  `yaml:"timeout"`
 }
 
-// Types lists the accepted values of `type`.
-var Types = []string{"ses", "sendgrid", "mailgun", "smtp2go", "smtp", "file"}
+// Types lists the accepted values of `type`, in the order of kinds.
+var Types = func() []string {
+	names := make([]string, len(kinds))
+	for i, k := range kinds {
+		names[i] = string(k.name)
+	}
+	return names
+}()
 
 // DefaultMaxMessageBytes is each provider's documented limit; 0 means the
 // upstream sets none of its own (the listener's limit applies).
@@ -98,36 +102,8 @@ func DefaultMaxMessageBytes(typ string) int64 {
 // default and the ceiling of max_message_bytes: above it the relay would
 // answer 250 and then dead-letter.
 func providerMaxMessageBytes(typ string) (limit int64, provider, documented string) {
-	switch typ {
-	case "ses":
-		// SES counts its 40 MB limit after base64 (4/3 growth), so raw
-		// messages above 30 MB cannot pass; 28 MiB leaves room for the
-		// request envelope (see sesMaxEncoded).
-		return 28 << 20, "SES", "40 MB after base64"
-	case "sendgrid":
-		return 30 << 20, "SendGrid", "30 MB"
-	case "mailgun":
-		return 25 << 20, "Mailgun", "25 MB"
-	}
-	return 0, "", ""
-}
-
-// apiKeyForm says what a provider's key looks like, for the message when a
-// configured one is too short to be real; "" for types without API keys.
-func apiKeyForm(typ, field string) string {
-	switch typ + "." + field {
-	case "sendgrid.api_key":
-		return `a SendGrid API key (those start with "SG." and are about 69 characters)`
-	case "smtp2go.api_key":
-		return `an SMTP2GO API key (those are "api-" and 32 hex digits)`
-	case "mailgun.api_key":
-		return "a Mailgun API key"
-	case "ses.access_key_id":
-		return "an AWS access key ID (those are 20 characters, like AKIA...)"
-	case "ses.secret_access_key":
-		return "an AWS secret access key (those are 40 characters)"
-	}
-	return ""
+	k, _ := lookupKind(typ)
+	return k.limit.bytes, k.limit.provider, k.limit.documented
 }
 
 // ApplyDefaults fills unset fields with the documented defaults.
@@ -150,11 +126,8 @@ func (c *Config) ApplyDefaults() {
 	if c.Timeout == 0 {
 		c.Timeout = 30 * time.Second
 	}
-	if c.Type == "smtp" && c.TLS == "" {
-		c.TLS = "starttls"
-	}
-	if c.Type == "mailgun" && c.Region == "" {
-		c.Region = "us"
+	if k, _ := lookupKind(c.Type); k.defaults != nil {
+		k.defaults(c)
 	}
 }
 
@@ -203,76 +176,30 @@ func (c *Config) Validate(path string) []error {
 	bad := func(key, format string, args ...any) {
 		errs = append(errs, fmt.Errorf("%s.%s: %s", path, key, fmt.Sprintf(format, args...)))
 	}
-	required := func(key, val string) {
-		if val == "" {
-			bad(key, "required for type %s", c.Type)
-		}
-	}
-	unused := func(key string, set bool) {
-		if set {
-			bad(key, "not used by type %s", c.Type)
-		}
-	}
 	switch {
 	case c.Name == "":
 		bad("name", "required")
 	case !nameRE.MatchString(c.Name):
 		bad("name", "%q: use letters, digits, '-', '_' and '.'", c.Name)
 	}
-	isAPI := false
-	switch c.Type {
-	case "ses":
-		required("region", c.Region)
-		if c.Region != "" && !awsRegionRE.MatchString(c.Region) {
-			bad("region", "%q: not an AWS region name (like us-east-1)", c.Region)
-		}
-		if (c.AccessKeyID == "") != (c.SecretAccessKey == "") {
-			bad("secret_access_key", "set both access_key_id and secret_access_key, or neither for the default AWS credential chain")
-		}
-		isAPI = true
-	case "sendgrid", "smtp2go":
-		required("api_key", string(c.APIKey))
-		isAPI = true
-	case "mailgun":
-		required("api_key", string(c.APIKey))
-		required("domain", c.Domain)
-		if c.Region != "us" && c.Region != "eu" {
-			bad("region", "%q: must be us or eu", c.Region)
-		}
-		isAPI = true
-	case "smtp":
-		required("address", c.Address)
-		if _, port, err := net.SplitHostPort(c.Address); c.Address != "" && (err != nil || port == "") {
-			bad("address", "%q: want host:port (587 for STARTTLS, 465 for implicit TLS)", c.Address)
-		}
-		switch c.TLS {
-		case "starttls", "implicit", "none":
-		default:
-			bad("tls", "%q: must be starttls, implicit or none", c.TLS)
-		}
-		if (c.Username == "") != (c.Password == "") {
-			bad("password", "set both username and password, or neither")
-		}
-	case "file":
-		required("dir", c.Dir)
-	case "":
+	k, known := lookupKind(c.Type)
+	switch {
+	case c.Type == "":
 		bad("type", "required (one of %s)", strings.Join(Types, ", "))
-	default:
+	case !known:
 		bad("type", "%q: must be one of %s", c.Type, strings.Join(Types, ", "))
+	default:
+		k.validate(c, bad)
 	}
 	if c.Type != "" {
-		unused("address", c.Address != "" && c.Type != "smtp")
-		unused("dir", c.Dir != "" && c.Type != "file")
-		unused("domain", c.Domain != "" && c.Type != "mailgun")
-		unused("endpoint", c.Endpoint != "" && !isAPI)
-		if c.Endpoint != "" && isAPI {
-			if u, err := url.Parse(c.Endpoint); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-				bad("endpoint", "must be an absolute http:// or https:// URL") // value not echoed: it may carry proxy credentials
-			} else if c.Type == "mailgun" && mailgunVersionRE.MatchString(c.Endpoint) {
-				bad("endpoint", "give the Mailgun API base without the version (no /v3)")
+		for _, f := range perKindFields {
+			if f.get(c) != "" && !k.usesField(f) {
+				bad(f.key, "not used by type %s", c.Type)
+			}
+			if f.key == fEndpoint.key {
+				k.validateEndpoint(c, bad)
 			}
 		}
-		unused("api_key", c.APIKey != "" && c.Type != "sendgrid" && c.Type != "mailgun" && c.Type != "smtp2go")
 	}
 	if c.RateLimit.PerSecond < 0 {
 		bad("rate_limit.per_second", "must not be negative")
@@ -294,7 +221,7 @@ func (c *Config) Validate(path string) []error {
 		key string
 		val Secret
 	}{{"access_key_id", c.AccessKeyID}, {"secret_access_key", c.SecretAccessKey}, {"api_key", c.APIKey}} {
-		if form := apiKeyForm(c.Type, f.key); form != "" && f.val != "" && len(f.val.Reveal()) < apiMinSecretLen {
+		if form := k.keyForms[f.key]; form != "" && f.val != "" && len(f.val.Reveal()) < apiMinSecretLen {
 			bad(f.key, "too short to be %s", form)
 		}
 	}

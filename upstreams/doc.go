@@ -1,15 +1,20 @@
 // Package upstreams holds the Upstream interface, the error classes that
 // steer failover, and one adapter per provider type.
 //
-// To add a provider, write one file with, in this order: the type; a
-// constructor newX(c Config, d Deps) that validates what it needs and
-// builds its client with Config.Endpoint overridable for tests (HTTP ones
-// from Deps.httpClient, which bounds the time and size of every response,
-// so an endless body cannot hold a worker or its memory); Send, which
-// builds the request, calls the provider once (the relay owns retries, so
-// SDK retries stay off) and classifies every failure into an *Error; its
-// helpers; and an interface guard. Then add the type to New's switch, to
-// Types and to Config.Validate, and give it the three tests every adapter
+// Adding a provider is one file, one table entry and its tests. The file
+// holds, in this order: the type; a constructor newX(c Config, d Deps)
+// that trusts its config (New has applied the defaults and the kind's
+// checks, and the relay has run Validate) and builds its client with
+// Config.Endpoint overridable for tests (HTTP ones from Deps.httpClient,
+// which bounds the time and size of every response, so an endless body
+// cannot hold a worker or its memory); Send, which builds the request,
+// calls the provider once (the relay owns retries, so SDK retries stay
+// off) and classifies every failure into an *Error; its helpers; and an
+// interface guard. The entry goes in kinds (kinds.go) with a Kind
+// constant: the constructor, the provider's size limit, the fields the
+// kind requires and uses, its key forms, its defaults and its extra
+// checks. Types, DefaultMaxMessageBytes, ApplyDefaults, Validate and New
+// all read that entry; nothing else names a type. The tests every adapter
 // has: a request-recording fake for the success path, a status sweep, and
 // a secret-leak test.
 //

@@ -68,28 +68,11 @@ func (d Deps) httpClient(timeout time.Duration) *http.Client {
 	return c
 }
 
-// New builds the adapter for c.Type. c must have passed Validate.
+// New builds the adapter for c.Type from its entry in kinds. It applies
+// the defaults and the kind's own checks itself; c should have passed
+// Validate.
 func New(c Config, d Deps) (Upstream, error) {
-	var (
-		u   Upstream
-		err error
-	)
-	switch c.Type {
-	case "smtp":
-		u, err = newSMTP(c, d)
-	case "file":
-		u, err = newFile(c, d)
-	case "ses":
-		u, err = newSES(c, d)
-	case "sendgrid":
-		u, err = newSendGrid(c, d)
-	case "mailgun":
-		u, err = newMailgun(c, d)
-	case "smtp2go":
-		u, err = newSMTP2GO(c, d)
-	default:
-		return nil, fmt.Errorf("upstream %q: type %q is not supported", c.Name, c.Type)
-	}
+	u, err := build(c, d)
 	if err != nil {
 		return nil, fmt.Errorf("upstream %q: %w", c.Name, err)
 	}

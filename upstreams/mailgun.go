@@ -28,13 +28,7 @@ type Mailgun struct {
 }
 
 func newMailgun(c Config, d Deps) (*Mailgun, error) {
-	if err := apiCheckEndpoint(c.Endpoint); err != nil {
-		return nil, err
-	}
 	timeout := c.Timeout
-	if timeout <= 0 {
-		timeout = 30 * time.Second
-	}
 	mg := mailgun.NewMailgun(c.APIKey.Reveal())
 	// The SDK's default client is http.DefaultClient, without a timeout.
 	mg.SetHTTPClient(d.httpClient(timeout))

@@ -18,7 +18,7 @@ const sgTestKey = "SG.test-key.0123456789"
 // newTestSendGrid builds the adapter against f (or endpoint) with a short timeout.
 func newTestSendGrid(t *testing.T, endpoint, key string, timeout time.Duration, log *slog.Logger) *SendGrid {
 	t.Helper()
-	u, err := newSendGrid(Config{Name: "sendgrid", Type: "sendgrid", APIKey: Secret(key), Endpoint: endpoint, Timeout: timeout},
+	u, err := build(Config{Name: "sendgrid", Type: "sendgrid", APIKey: Secret(key), Endpoint: endpoint, Timeout: timeout},
 		Deps{Logger: log})
 	if err != nil {
 		t.Fatalf("newSendGrid: %v", err)
@@ -163,10 +163,10 @@ func TestSendGrid_DefaultEndpointAndValidation(t *testing.T) {
 	if sg.client.HTTPClient == nil || sg.client.HTTPClient.Timeout != 30*time.Second {
 		t.Errorf("http client must carry the timeout")
 	}
-	if _, err := newSendGrid(Config{Name: "sg", Type: "sendgrid"}, Deps{}); err == nil {
+	if _, err := build(Config{Name: "sg", Type: "sendgrid"}, Deps{}); err == nil {
 		t.Error("missing api_key accepted")
 	}
-	if _, err := newSendGrid(Config{Name: "sg", Type: "sendgrid", APIKey: "k", Endpoint: "api.example.com"}, Deps{}); err == nil {
+	if _, err := build(Config{Name: "sg", Type: "sendgrid", APIKey: "k", Endpoint: "api.example.com"}, Deps{}); err == nil {
 		t.Error("relative endpoint accepted")
 	}
 }

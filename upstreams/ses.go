@@ -42,13 +42,7 @@ type SES struct {
 }
 
 func newSES(c Config, d Deps) (*SES, error) {
-	if err := apiCheckEndpoint(c.Endpoint); err != nil {
-		return nil, err
-	}
 	timeout := c.Timeout
-	if timeout <= 0 {
-		timeout = 30 * time.Second
-	}
 	hc := d.httpClient(timeout)
 	var cfg aws.Config
 	if c.AccessKeyID != "" || c.SecretAccessKey != "" {

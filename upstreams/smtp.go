@@ -24,7 +24,7 @@ import (
 type SMTP struct {
 	name     string
 	addr     string
-	mode     string // starttls | implicit | none
+	mode     TLSMode
 	tls      *tls.Config
 	username string
 	password Secret
@@ -38,10 +38,7 @@ type SMTP struct {
 }
 
 func newSMTP(c Config, d Deps) (*SMTP, error) {
-	host, _, err := net.SplitHostPort(c.Address)
-	if err != nil {
-		return nil, fmt.Errorf("address: %v", err)
-	}
+	host, _, _ := net.SplitHostPort(c.Address) // Validate checked the form
 	tc := &tls.Config{ServerName: host, MinVersion: tls.VersionTLS12}
 	if c.CAFile != "" {
 		pem, err := os.ReadFile(c.CAFile)
@@ -142,14 +139,14 @@ func (s *SMTP) handshake(ctx context.Context, conn net.Conn) (*smtpConn, error) 
 		err error
 	)
 	switch s.mode {
-	case "implicit":
+	case TLSImplicit:
 		tconn := tls.Client(conn, s.tls)
 		if err := tconn.HandshakeContext(ctx); err != nil {
 			return nil, s.fail(ctx, phaseConnect, err)
 		}
 		conn = tconn
 		c = smtp.NewClient(tconn)
-	case "starttls":
+	case TLSStartTLS:
 		// The pre-TLS EHLO says "localhost"; go-smtp offers no other way in.
 		c, err = smtp.NewClientStartTLS(conn, s.tls)
 		if err != nil {

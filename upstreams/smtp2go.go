@@ -42,13 +42,7 @@ type SMTP2GO struct {
 }
 
 func newSMTP2GO(c Config, d Deps) (*SMTP2GO, error) {
-	if err := apiCheckEndpoint(c.Endpoint); err != nil {
-		return nil, err
-	}
 	timeout := c.Timeout
-	if timeout <= 0 {
-		timeout = 30 * time.Second
-	}
 	base := smtp2goDefaultEndpoint
 	if c.Endpoint != "" {
 		base = c.Endpoint
