@@ -6,35 +6,15 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 
+	"github.com/relaycar/relaycar/internal/testwait"
 	"github.com/relaycar/relaycar/relay/spool"
 )
-
-// mountSmallTmpfs mounts a tmpfs of the given size on a fresh directory,
-// or skips where mounting is not allowed (not root, no CAP_SYS_ADMIN).
-func mountSmallTmpfs(t *testing.T, size string) string {
-	t.Helper()
-	dir := filepath.Join(t.TempDir(), "small")
-	if err := os.Mkdir(dir, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+size+",mode=0700", "tmpfs", dir).CombinedOutput()
-	if err != nil {
-		t.Skipf("cannot mount a tmpfs here (%v: %s); the fake-statfs tests cover readiness", err, strings.TrimSpace(string(out)))
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("umount", "-l", dir).CombinedOutput(); err != nil {
-			t.Errorf("umount %s: %v %s", dir, err, out)
-		}
-	})
-	return dir
-}
 
 // fillDisk writes path until the file system reports ENOSPC (bounded: at
 // most 64 MiB).
@@ -68,7 +48,7 @@ func readyz(t *testing.T, tr *testRelay) int {
 // leave the Service until space is freed. An empty probe file still fits
 // on a full disk, so creating one proved nothing.
 func TestReadyz_RealTmpfsFullAndRecovers(t *testing.T) {
-	small := mountSmallTmpfs(t, "600k")
+	small := testwait.Tmpfs(t, "600k")
 	tr := startRelay(t, []*recorder{{name: "a"}}, nil, func(c *Config) { c.Spool.Dir = filepath.Join(small, "spool") })
 	waitFor(t, "/readyz 200 on an empty 600k spool", func() bool { return readyz(t, tr) == http.StatusOK })
 	filler := filepath.Join(small, "filler")

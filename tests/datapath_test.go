@@ -22,6 +22,7 @@ import (
 	"github.com/emersion/go-smtp"
 
 	"github.com/relaycar/relaycar/internal/testsmtp"
+	"github.com/relaycar/relaycar/internal/testwait"
 	"github.com/relaycar/relaycar/relay/spool"
 )
 
@@ -293,7 +294,7 @@ routes:
 // /readyz is 503 while the disk is full and 200 again as soon as the
 // partial file is gone, and the next message goes through.
 func TestDataPath_ENOSPCMidStream(t *testing.T) {
-	small := mountTmpfs(t, "4m")
+	small := testwait.Tmpfs(t, "4m")
 	sink := testsmtp.Start(t, testsmtp.Options{})
 	spoolDir := filepath.Join(small, "spool")
 	h := newHarness(t, fmt.Sprintf(`

@@ -3,8 +3,6 @@ package tests
 import (
 	"errors"
 	"fmt"
-	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -13,34 +11,15 @@ import (
 	"github.com/emersion/go-smtp"
 
 	"github.com/relaycar/relaycar/internal/testsmtp"
+	"github.com/relaycar/relaycar/internal/testwait"
 )
-
-// mountTmpfs mounts a tmpfs of the given size on a fresh directory, or
-// skips the test where mounting is not allowed (not root, no CAP_SYS_ADMIN).
-func mountTmpfs(t *testing.T, size string) string {
-	t.Helper()
-	dir := filepath.Join(t.TempDir(), "small")
-	if err := os.Mkdir(dir, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+size+",mode=0700", "tmpfs", dir).CombinedOutput()
-	if err != nil {
-		t.Skipf("cannot mount a tmpfs here (%v: %s); the spool's ENOSPC path is covered by relay's unit tests", err, strings.TrimSpace(string(out)))
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("umount", "-l", dir).CombinedOutput(); err != nil {
-			t.Errorf("umount %s: %v %s", dir, err, out)
-		}
-	})
-	return dir
-}
 
 // Models the spool volume filling up while the only upstream is down: the
 // relay must answer 451 (the client keeps the message), keep nothing half
 // written, go on serving, and deliver everything it acknowledged once the
 // upstream is back and space frees up.
 func TestDiskFull_451NothingLostAndRecovers(t *testing.T) {
-	small := mountTmpfs(t, "600k")
+	small := testwait.Tmpfs(t, "600k")
 	sink := testsmtp.Start(t, testsmtp.Options{})
 	sinkAddr := sink.Addr
 	sink.Stop() // upstream down: accepted mail piles up in the spool
