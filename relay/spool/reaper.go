@@ -3,7 +3,6 @@ package spool
 import (
 	"errors"
 	"io/fs"
-	"os"
 	"sync"
 )
 
@@ -70,20 +69,13 @@ func (s *Spool) reapNow() {
 	}
 }
 
-// unlinkDone removes a message only if it still says done: a file that
-// says anything else is mail.
+// unlinkDone removes a message that Remove marked done. It does not read
+// the file again: a done file never changes back (Update, Bury and
+// compaction refuse a done file, Create never reuses a name), so the
+// check would cost an open and a read per delivered message for nothing.
+// The per-id lock orders it after Remove's append.
 func (s *Spool) unlinkDone(id string) {
 	defer s.locks.lock(id)()
-	f, err := s.fs.OpenFile(s.live(id), os.O_RDONLY, 0)
-	if err != nil {
-		return
-	}
-	st, err := readState(f, id)
-	f.Close()
-	if err != nil || !st.done {
-		s.log.Warn("not unlinking a spool file that is not done", "msg_id", id, "err", err)
-		return
-	}
 	if err := s.fs.Remove(s.live(id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		s.log.Warn("unlinking delivered message failed; Load retries", "msg_id", id, "err", err)
 	}
