@@ -1,11 +1,13 @@
 package relay
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"html/template"
 	"io/fs"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
@@ -13,8 +15,11 @@ import (
 	"strings"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/relaycar/relaycar/internal/adminapi"
+	"github.com/relaycar/relaycar/policy"
 	"github.com/relaycar/relaycar/relay/spool"
 )
 
@@ -54,25 +59,82 @@ func entries(envs []*Envelope) []QueueEntry {
 	return out
 }
 
-func (r *Relay) adminHandler() http.Handler {
-	hosts := newAdminHosts(r.cfg.Admin.Address, r.cfg.Admin.AllowedHosts)
-	return adminGuard(hosts, r.adminMux())
+// adminAPI is the admin HTTP side: what it shows and changes (spool,
+// queue, breakers, metrics, readiness), not the rest of the Relay.
+type adminAPI struct {
+	address      string
+	allowedHosts []string
+	spool        *spool.Spool
+	queue        *queue
+	gates        []*policy.Gate // in config order, for the status page
+	reg          *prometheus.Registry
+	log          *slog.Logger
+	now          func() time.Time
+	version      string
+	ready        func() bool
+	// readyBytes is what /readyz checks the spool could commit now: the
+	// largest message SMTP advertises, with the commit's overhead.
+	readyBytes int64
+
+	ln  net.Listener // nil without admin.address
+	srv *http.Server
 }
 
-func (r *Relay) adminMux() *http.ServeMux {
+// listen binds admin.address, if there is one.
+func (a *adminAPI) listen() error {
+	if a.address == "" {
+		return nil
+	}
+	ln, err := net.Listen("tcp", a.address)
+	if err != nil {
+		return fmt.Errorf("admin.address: %w", err)
+	}
+	a.ln = ln
+	return nil
+}
+
+// serve runs the admin HTTP server on the bound listener; a failure other
+// than Shutdown goes to errc.
+func (a *adminAPI) serve(errc chan<- error) {
+	if a.ln == nil {
+		return
+	}
+	a.srv = &http.Server{Handler: a.handler(), ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		if err := a.srv.Serve(a.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			errc <- fmt.Errorf("admin: %w", err)
+		}
+	}()
+}
+
+// stop ends the admin server last, so probes and scrapes see the drain.
+func (a *adminAPI) stop() {
+	if a.srv == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	a.srv.Shutdown(ctx)
+}
+
+func (a *adminAPI) handler() http.Handler {
+	return adminGuard(newAdminHosts(a.address, a.allowedHosts), a.mux())
+}
+
+func (a *adminAPI) mux() *http.ServeMux {
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+	mux.HandleFunc("GET "+adminapi.Healthz, func(w http.ResponseWriter, _ *http.Request) {
 		w.Write([]byte("ok\n"))
 	})
-	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if !r.ready.Load() {
+	mux.HandleFunc("GET "+adminapi.Readyz, func(w http.ResponseWriter, _ *http.Request) {
+		if !a.ready() {
 			http.Error(w, "not ready: starting or shutting down", http.StatusServiceUnavailable)
 			return
 		}
 		// Ready means a message of the largest size SMTP advertises can
 		// be committed now, not merely that a file can be created.
-		if err := r.spool.Writable(r.maxBytes + commitOverhead); err != nil {
-			r.log.Error("spool cannot accept messages", "err", err)
+		if err := a.spool.Writable(a.readyBytes); err != nil {
+			a.log.Error("spool cannot accept messages", "err", err)
 			msg := "not ready: spool not writable"
 			if errors.Is(err, spool.ErrFull) {
 				msg = "not ready: spool file system full"
@@ -82,26 +144,26 @@ func (r *Relay) adminMux() *http.ServeMux {
 		}
 		w.Write([]byte("ok\n"))
 	})
-	mux.Handle("GET /metrics", promhttp.HandlerFor(r.reg, promhttp.HandlerOpts{}))
+	mux.Handle("GET "+adminapi.Metrics, promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{}))
 	// The files are the truth; reading them avoids racing the workers.
-	mux.HandleFunc("GET /api/queue", func(w http.ResponseWriter, _ *http.Request) {
-		envs, err := r.spool.List()
+	mux.HandleFunc("GET "+adminapi.Queue, func(w http.ResponseWriter, _ *http.Request) {
+		envs, err := a.spool.List()
 		writeJSON(w, entries(envs), err)
 	})
-	mux.HandleFunc("GET /api/dead", func(w http.ResponseWriter, _ *http.Request) {
-		envs, err := r.spool.Dead()
+	mux.HandleFunc("GET "+adminapi.Dead, func(w http.ResponseWriter, _ *http.Request) {
+		envs, err := a.spool.Dead()
 		writeJSON(w, entries(envs), err)
 	})
-	mux.HandleFunc("POST /api/queue/retry", loopbackOnly(func(w http.ResponseWriter, _ *http.Request) {
-		writeJSON(w, map[string]int{"retried": r.RetryAll()}, nil)
+	mux.HandleFunc("POST "+adminapi.RetryAll, loopbackOnly(func(w http.ResponseWriter, _ *http.Request) {
+		writeJSON(w, map[string]int{"retried": a.retryAll()}, nil)
 	}))
-	mux.HandleFunc("POST /api/queue/{id}/retry", loopbackOnly(func(w http.ResponseWriter, req *http.Request) {
-		writeJSON(w, map[string]string{"retried": req.PathValue("id")}, r.Retry(req.PathValue("id")))
+	mux.HandleFunc("POST "+adminapi.Retry("{id}"), loopbackOnly(func(w http.ResponseWriter, req *http.Request) {
+		writeJSON(w, map[string]string{"retried": req.PathValue("id")}, a.retry(req.PathValue("id")))
 	}))
-	mux.HandleFunc("DELETE /api/queue/{id}", loopbackOnly(func(w http.ResponseWriter, req *http.Request) {
-		writeJSON(w, map[string]string{"dropped": req.PathValue("id")}, r.Drop(req.PathValue("id")))
+	mux.HandleFunc("DELETE "+adminapi.Message("{id}"), loopbackOnly(func(w http.ResponseWriter, req *http.Request) {
+		writeJSON(w, map[string]string{"dropped": req.PathValue("id")}, a.drop(req.PathValue("id")))
 	}))
-	mux.HandleFunc("GET /{$}", r.statusPage)
+	mux.HandleFunc("GET /{$}", a.statusPage)
 	return mux
 }
 
@@ -112,7 +174,7 @@ const (
 	// changeHeader must be on every state change. A cross-site form or a
 	// "simple" fetch cannot send a custom header, and a fetch that sets
 	// one needs a CORS preflight that the admin API never grants.
-	changeHeader = "X-Relaycar-Request"
+	changeHeader = adminapi.ChangeHeader
 )
 
 // adminGuard applies the browser-facing rules to every admin request
@@ -249,29 +311,35 @@ const errForbidden = forbidden("queue changes are accepted only from this host (
 
 // Retry makes a queued message due now, or moves a dead letter back into
 // the queue.
-func (r *Relay) Retry(id string) error {
-	if queued, err := r.queue.retry(id); queued {
+func (r *Relay) Retry(id string) error { return r.api.retry(id) }
+
+// RetryAll makes every queued message due now.
+func (r *Relay) RetryAll() int { return r.api.retryAll() }
+
+// Drop deletes a message, queued or dead.
+func (r *Relay) Drop(id string) error { return r.api.drop(id) }
+
+func (a *adminAPI) retry(id string) error {
+	if queued, err := a.queue.retry(id); queued {
 		return err
 	}
-	env, err := r.spool.Resurrect(id, r.now())
+	env, err := a.spool.Resurrect(id, a.now())
 	if err != nil {
 		return err
 	}
-	r.log.Info("dead letter requeued", "msg_id", id)
-	r.queue.add(env)
+	a.log.Info("dead letter requeued", "msg_id", id)
+	a.queue.add(env)
 	return nil
 }
 
-// RetryAll makes every queued message due now.
-func (r *Relay) RetryAll() int { return r.queue.retryAll() }
+func (a *adminAPI) retryAll() int { return a.queue.retryAll() }
 
-// Drop deletes a message, queued or dead.
-func (r *Relay) Drop(id string) error {
-	r.queue.forget(id)
-	if err := r.spool.Drop(id); err != nil {
+func (a *adminAPI) drop(id string) error {
+	a.queue.forget(id)
+	if err := a.spool.Drop(id); err != nil {
 		return err
 	}
-	r.log.Info("message dropped by operator", "msg_id", id)
+	a.log.Info("message dropped by operator", "msg_id", id)
 	return nil
 }
 
@@ -308,16 +376,16 @@ var statusTmpl = template.Must(template.New("status").Parse(`<!doctype html>
 <p>Ready: {{.Ready}} &middot; queued: {{.Queued}} &middot; dead letters: {{.Dead}}</p>
 <h2>Upstreams</h2><table><tr><th>name</th><th>breaker</th></tr>
 {{range .Upstreams}}<tr><td>{{.Name}}</td><td class="{{.State}}">{{.State}}</td></tr>{{end}}</table>
-<p><a href="/api/queue">/api/queue</a> &middot; <a href="/api/dead">/api/dead</a> &middot; <a href="/metrics">/metrics</a></p>
+<p>{{range $i, $l := .Links}}{{if $i}} &middot; {{end}}<a href="{{$l}}">{{$l}}</a>{{end}}</p>
 </body></html>`))
 
-func (r *Relay) statusPage(w http.ResponseWriter, _ *http.Request) {
+func (a *adminAPI) statusPage(w http.ResponseWriter, _ *http.Request) {
 	type up struct{ Name, State string }
 	var ups []up
-	for _, u := range r.ups {
-		ups = append(ups, up{u.Name(), r.gates[u.Name()].State().String()})
+	for _, g := range a.gates {
+		ups = append(ups, up{g.Name(), g.State().String()})
 	}
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
-	statusTmpl.Execute(w, map[string]any{"Version": r.version, "Ready": r.ready.Load(), "Queued": r.queue.len(),
-		"Dead": r.spool.CountDead(), "Upstreams": ups})
+	statusTmpl.Execute(w, map[string]any{"Version": a.version, "Ready": a.ready(), "Queued": a.queue.len(),
+		"Dead": a.spool.CountDead(), "Upstreams": ups, "Links": []string{adminapi.Queue, adminapi.Dead, adminapi.Metrics}})
 }

@@ -192,7 +192,7 @@ func TestAdmin_CrossSiteStateChangesRefused(t *testing.T) {
 // shell in the pod may change the queue.
 func TestAdmin_PeerMustBeLocalForChanges(t *testing.T) {
 	tr := startRelay(t, []*recorder{{name: "a"}}, nil, nil)
-	h := tr.adminHandler()
+	h := tr.api.handler()
 	for _, tc := range []struct {
 		method, path, remote string
 		want                 int

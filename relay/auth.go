@@ -54,7 +54,7 @@ func checkUser(users map[string][]byte, user, pass string) error {
 var dummyHash = []byte("$2a$10$EwZDN1F6PVUgYUfY8rGdlOz7CYoNb53p4HK//WeVq5IwUTMjev8FC")
 
 func (s *session) AuthMechanisms() []string {
-	if s.r.users == nil || !s.authAllowed() {
+	if s.in.users == nil || !s.authAllowed() {
 		return nil
 	}
 	return []string{sasl.Plain, sasl.Login}
@@ -67,14 +67,14 @@ func (s *session) authAllowed() bool {
 }
 
 func (s *session) Auth(mech string) (sasl.Server, error) {
-	if s.r.users == nil {
+	if s.in.users == nil {
 		return nil, smtp.ErrAuthUnsupported
 	}
 	if !s.authAllowed() {
 		return nil, replyEncryptionRequired
 	}
 	check := func(user, pass string) error {
-		if err := checkUser(s.r.users, user, pass); err != nil {
+		if err := checkUser(s.in.users, user, pass); err != nil {
 			return s.authFailed(user)
 		}
 		s.user = user
@@ -104,8 +104,8 @@ const (
 	defaultAuthMaxFailures = 3
 )
 
-func (r *Relay) authBrake() (delay time.Duration, limit int) {
-	delay, limit = r.authFailDelay, r.authMaxFailures
+func (in *intake) authBrake() (delay time.Duration, limit int) {
+	delay, limit = in.authFailDelay, in.authMaxFailures
 	if delay == 0 {
 		delay = defaultAuthFailDelay
 	}
@@ -120,9 +120,9 @@ func (r *Relay) authBrake() (delay time.Duration, limit int) {
 // closes the connection at the limit. The count lives on the connection,
 // not the session: a new EHLO keeps the session, STARTTLS replaces it.
 func (s *session) authFailed(user string) error {
-	s.r.metrics.authFailed.Inc()
+	s.in.authFailures.Inc()
 	n := s.addAuthFailure()
-	delay, limit := s.r.authBrake()
+	delay, limit := s.in.authBrake()
 	s.log.Warn("authentication failed", "user", user, "failures", n)
 	t := time.NewTimer(delay)
 	defer t.Stop()

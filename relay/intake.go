@@ -3,9 +3,202 @@ package relay
 import (
 	"bufio"
 	"bytes"
+	"context"
+	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/emersion/go-smtp"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/relaycar/relaycar/internal/membudget"
 )
+
+// intake is the SMTP side of a relay: listener, sessions and AUTH reach
+// only this, not the Relay, so what a client can touch is listed here.
+// It hands each message to accept and never sees the spool or router.
+type intake struct {
+	// accept routes and spools one message (Relay.accept); its errors are
+	// mapped to replies by the session.
+	accept func(from string, rcpts []string, body io.Reader, ri receivedInfo, ready func() error) (string, error)
+	log    *slog.Logger
+	budget *membudget.Budget
+
+	address        string
+	hostname       string
+	maxBytes       int64 // SIZE: what some route can deliver
+	maxRecipients  int
+	maxConns       int
+	readTimeout    time.Duration
+	writeTimeout   time.Duration
+	dataTimeout    time.Duration
+	bareLF         BareLFMode
+	allowed        []netip.Prefix
+	trusted        []netip.Prefix    // empty: every allowed client is trusted
+	users          map[string][]byte // nil: no AUTH
+	allowedSenders map[string]bool   // empty: any sender domain
+	tlsConfig      *tls.Config       // nil: no STARTTLS
+
+	refused      *prometheus.CounterVec // by reply code
+	authFailures prometheus.Counter
+	connections  prometheus.Gauge
+
+	// AUTH brake (auth.go); zero means the default. Tests set them before Run.
+	authFailDelay   time.Duration
+	authMaxFailures int
+
+	tx  transactions // in flight, and whether the drain has begun
+	ln  net.Listener // bound by listen
+	srv *smtp.Server // made by serve
+}
+
+// newIntake takes what comes from the listen section alone, so a bad
+// users file or certificate fails before the spool is opened; New wires
+// in the rest (accept, budget, size limit, metrics).
+func newIntake(c ListenConfig, log *slog.Logger) (*intake, error) {
+	nets := func(list []string) []netip.Prefix {
+		var out []netip.Prefix
+		for _, n := range list {
+			p, _ := parseNetwork(n)
+			out = append(out, p)
+		}
+		return out
+	}
+	in := &intake{log: log, address: c.Address, hostname: c.Hostname, maxRecipients: c.MaxRecipients, maxConns: c.MaxConnections,
+		readTimeout: c.ReadTimeout, writeTimeout: c.WriteTimeout, dataTimeout: c.DataTimeout, bareLF: c.BareLF,
+		allowed: nets(c.AllowedNetworks), trusted: nets(c.TrustedNetworks), allowedSenders: map[string]bool{}}
+	for _, s := range c.AllowedSenders {
+		in.allowedSenders[strings.ToLower(s)] = true
+	}
+	if c.Auth.UsersFile != "" {
+		users, err := loadUsers(c.Auth.UsersFile)
+		if err != nil {
+			return nil, fmt.Errorf("listen.auth.users_file: %w", err)
+		}
+		in.users = users
+	}
+	// The certificate is loaded here, so a bad one fails before anything
+	// listens (Listen, Run).
+	if tc := c.TLS; tc.CertFile != "" {
+		cfg, err := loadTLS(tc)
+		if err != nil {
+			return nil, fmt.Errorf("listen.tls: %w", err)
+		}
+		in.tlsConfig = cfg
+	}
+	return in, nil
+}
+
+// listen binds the SMTP socket behind the allowListener.
+func (in *intake) listen() error {
+	ln, err := net.Listen("tcp", in.address)
+	if err != nil {
+		return fmt.Errorf("listen.address: %w", err)
+	}
+	in.ln = &allowListener{Listener: ln, allowed: in.allowed, trusted: in.trusted, maxConns: in.maxConns, log: in.log,
+		refused: in.refused, connections: in.connections}
+	return nil
+}
+
+// serve runs go-smtp on the bound listener; a failure other than the
+// drain's closing of it goes to errc.
+func (in *intake) serve(errc chan<- error) {
+	srv := smtp.NewServer(in)
+	srv.Domain = in.hostname
+	srv.MaxMessageBytes = in.maxBytes
+	srv.MaxRecipients = in.maxRecipients
+	srv.ReadTimeout, srv.WriteTimeout = in.readTimeout, in.writeTimeout
+	// Real-world HTML often has very long lines; RFC 5322's 998 is not what
+	// legacy senders honour, and the size limit still bounds memory.
+	srv.MaxLineLength = 1 << 20
+	srv.EnableSMTPUTF8 = true
+	srv.ErrorLog = slog.NewLogLogger(in.log.Handler(), slog.LevelWarn)
+	if in.users != nil {
+		// Sessions decide per connection (TLS or loopback); see authAllowed.
+		srv.AllowInsecureAuth = true
+	}
+	srv.TLSConfig = in.tlsConfig
+	in.srv = srv
+	go func() {
+		if err := srv.Serve(in.ln); err != nil && !errors.Is(err, smtp.ErrServerClosed) && !in.tx.isDraining() {
+			errc <- fmt.Errorf("smtp: %w", err)
+		}
+	}()
+}
+
+// stop refuses new sessions and transactions (421), stops accepting, lets
+// transactions in flight finish until grace ends, then closes the
+// remaining connections: they are idle (connection-pooling clients) and
+// have nothing of ours to lose. go-smtp's Shutdown would wait for idle
+// connections too, holding the drain for the whole grace period.
+func (in *intake) stop(grace context.Context) {
+	idle := in.tx.drain()
+	in.ln.Close()
+	select {
+	case <-idle:
+	case <-grace.Done():
+	}
+	if n := in.tx.count(); n > 0 {
+		in.log.Warn("closing SMTP sessions still in a transaction at the end of the grace period", "transactions", n)
+	}
+	in.srv.Close()
+}
+
+// transactions counts SMTP transactions between MAIL and the end of DATA
+// and, once draining, closes idle when none is left: the drain waits for
+// those, not for idle connections.
+type transactions struct {
+	mu       sync.Mutex
+	n        int
+	draining bool
+	idle     chan struct{} // made by drain
+	idled    bool          // idle is closed
+}
+
+// add counts a transaction in (MAIL, +1) or out (its end, -1).
+func (t *transactions) add(delta int) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.n += delta
+	if t.draining && t.n == 0 && !t.idled {
+		close(t.idle)
+		t.idled = true
+	}
+}
+
+// drain marks the intake draining and returns a channel closed once no
+// transaction is in flight.
+func (t *transactions) drain() <-chan struct{} {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if !t.draining {
+		t.draining, t.idle = true, make(chan struct{})
+		if t.n == 0 {
+			close(t.idle)
+			t.idled = true
+		}
+	}
+	return t.idle
+}
+
+func (t *transactions) isDraining() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.draining
+}
+
+func (t *transactions) count() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.n
+}
 
 // Intake streams DATA into the spool: nothing on this path holds a whole
 // message, only the header section (bounded by maxHeaderBytes) and a few

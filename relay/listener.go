@@ -13,6 +13,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // allowListener is where relaycar decides about a connection before
@@ -27,7 +29,10 @@ type allowListener struct {
 	trusted  []netip.Prefix // empty: every allowed client is trusted
 	maxConns int            // 0: no cap
 	log      *slog.Logger
-	metrics  *metrics
+	// refused counts the 554 and 421 answered here; connections is the
+	// open-connections gauge.
+	refused     *prometheus.CounterVec
+	connections prometheus.Gauge
 
 	open  atomic.Int64
 	atCap atomic.Bool // for logging the first refusal of a burst at Warn
@@ -58,11 +63,11 @@ func (l *allowListener) Accept() (net.Conn, error) {
 		}
 		l.atCap.Store(false)
 		l.open.Add(1)
-		l.metrics.connections.Inc()
+		l.connections.Inc()
 		return &clientConn{Conn: c, trusted: len(l.trusted) == 0 || inNetworks(l.trusted, ip), done: make(chan struct{}),
 			onClose: func() {
 				l.open.Add(-1)
-				l.metrics.connections.Dec()
+				l.connections.Dec()
 			}}, nil
 	}
 }
@@ -70,7 +75,7 @@ func (l *allowListener) Accept() (net.Conn, error) {
 // refuse answers a connection that never reaches go-smtp and closes it,
 // off the accept loop so a slow peer cannot hold it.
 func (l *allowListener) refuse(c net.Conn, code int, reply string) {
-	l.metrics.smtpRefused.WithLabelValues(itoa(code)).Inc()
+	l.refused.WithLabelValues(itoa(code)).Inc()
 	go func() {
 		c.SetWriteDeadline(time.Now().Add(5 * time.Second))
 		c.Write([]byte(reply))

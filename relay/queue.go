@@ -16,6 +16,9 @@ type queue struct {
 	due   itemHeap
 	wake  chan struct{}
 	now   func() time.Time
+	// changed is closed at the next change of the queue, for waitIdle;
+	// nil while nobody waits.
+	changed chan struct{}
 }
 
 type item struct {
@@ -32,6 +35,14 @@ func newQueue(now func() time.Time) *queue {
 	return &queue{items: map[string]*item{}, wake: make(chan struct{}, 1), now: now}
 }
 
+// signal wakes waitIdle; q.mu is held.
+func (q *queue) signal() {
+	if q.changed != nil {
+		close(q.changed)
+		q.changed = nil
+	}
+}
+
 func (q *queue) poke() {
 	select {
 	case q.wake <- struct{}{}:
@@ -46,6 +57,7 @@ func (q *queue) add(env *Envelope) {
 	it := &item{env: env, at: env.NextAttempt, received: env.ReceivedAt}
 	q.items[env.ID] = it
 	heap.Push(&q.due, it)
+	q.signal()
 	q.mu.Unlock()
 	q.poke()
 }
@@ -60,6 +72,7 @@ func (q *queue) done(it *item, keep bool) {
 		it.at = it.env.NextAttempt
 		heap.Push(&q.due, it)
 	}
+	q.signal()
 	q.mu.Unlock()
 	q.poke()
 }
@@ -81,6 +94,7 @@ func (q *queue) retry(id string) (bool, error) {
 	}
 	it.at = q.now()
 	heap.Fix(&q.due, it.index)
+	q.signal()
 	q.poke()
 	return true, nil
 }
@@ -93,6 +107,7 @@ func (q *queue) retryAll() int {
 	}
 	heap.Init(&q.due)
 	n := len(q.items)
+	q.signal()
 	q.mu.Unlock()
 	q.poke()
 	return n
@@ -109,6 +124,7 @@ func (q *queue) forget(id string) {
 	if it.index >= 0 {
 		heap.Remove(&q.due, it.index)
 		delete(q.items, id)
+		q.signal()
 	} else {
 		it.gone = true
 	}
@@ -133,12 +149,40 @@ func (q *queue) oldest() time.Time {
 	return t
 }
 
-// busy reports how many items workers hold and whether any is due now.
+// state reports how many items workers hold and whether any is due now.
 func (q *queue) state() (busy int, dueNow bool) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
+	return q.stateLocked()
+}
+
+func (q *queue) stateLocked() (busy int, dueNow bool) {
 	busy = len(q.items) - len(q.due)
 	return busy, len(q.due) > 0 && !q.due[0].at.After(q.now())
+}
+
+// waitIdle returns once no worker holds an item and none is due, or when
+// ctx ends. It looks again at each change of the queue, not on a timer:
+// only a change (a worker taking or returning an item, a drop) can make
+// it idle; the clock only makes items due.
+func (q *queue) waitIdle(ctx context.Context) {
+	for {
+		q.mu.Lock()
+		if busy, due := q.stateLocked(); busy == 0 && !due {
+			q.mu.Unlock()
+			return
+		}
+		if q.changed == nil {
+			q.changed = make(chan struct{})
+		}
+		changed := q.changed
+		q.mu.Unlock()
+		select {
+		case <-ctx.Done():
+			return
+		case <-changed:
+		}
+	}
 }
 
 // dispatch hands due items to out until ctx ends.
@@ -152,6 +196,7 @@ func (q *queue) dispatch(ctx context.Context, out chan<- *item) {
 		if len(q.due) > 0 {
 			if d := q.due[0].at.Sub(q.now()); d <= 0 {
 				next = heap.Pop(&q.due).(*item)
+				q.signal()
 			} else {
 				wait = d
 			}

@@ -95,7 +95,7 @@ func TestReadyz_FullFileSystemIs503(t *testing.T) {
 	fsys := &statFS{u: spool.Usage{FreeBytes: 10 << 30, TotalBytes: 100 << 30, FreeInodes: -1}}
 	tr := startRelayTB(t, []*recorder{{name: "a"}}, nil, nil, true, nil, fsys)
 	waitFor(t, "Run to start", tr.ready.Load)
-	h := tr.adminHandler()
+	h := tr.api.handler()
 	get := func() (int, string) {
 		req := httptest.NewRequest(http.MethodGet, "/readyz", nil)
 		req.Host = "127.0.0.1:9025"

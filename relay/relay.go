@@ -3,21 +3,16 @@ package relay
 import (
 	"bufio"
 	"context"
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"math/rand/v2"
 	"net"
-	"net/http"
-	"net/netip"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"github.com/emersion/go-smtp"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/sony/gobreaker/v2"
 
@@ -46,45 +41,34 @@ type Deps struct {
 	Rand func() float64
 }
 
-// Relay is one running relaycar: SMTP listener, spool, delivery workers and
-// admin HTTP.
+// Relay is one running relaycar: SMTP intake, spool, delivery workers and
+// admin HTTP. The intake and the admin side get their own values holding
+// only what they use; the Relay wires them and runs the deliveries.
 type Relay struct {
-	cfg       *Config
-	log       *slog.Logger
-	now       func() time.Time
-	rand      func() float64
-	spool     *spool.Spool
-	budget    *membudget.Budget
-	tlsConfig *tls.Config // nil without listen.tls: no STARTTLS
-	// readers recycles the intake's read buffers (garbage per message).
-	readers        sync.Pool
-	queue          *queue
-	router         *policy.Router
-	gates          map[string]*policy.Gate
-	ups            []upstreams.Upstream
-	metrics        *metrics
-	reg            *prometheus.Registry
-	users          map[string][]byte
-	allowedSenders map[string]bool
-	maxBytes       int64
-	version        string
-	// AUTH brake (auth.go); zero means the default. Tests set them before Run.
-	authFailDelay   time.Duration
-	authMaxFailures int
+	cfg    *Config
+	log    *slog.Logger
+	now    func() time.Time
+	rand   func() float64
+	spool  *spool.Spool
+	budget *membudget.Budget
+	// readers recycles accept's read buffers (garbage per message).
+	readers  sync.Pool
+	queue    *queue
+	router   *policy.Router
+	gates    map[string]*policy.Gate
+	ups      []upstreams.Upstream
+	metrics  *metrics
+	maxBytes int64
 
-	draining atomic.Bool
-	ready    atomic.Bool
-	inTx     atomic.Int64 // SMTP transactions between MAIL and the end of DATA
-
-	smtpLn  net.Listener
-	adminLn net.Listener
+	intake *intake
+	api    *adminAPI
+	ready  atomic.Bool
 }
 
 // New validates nothing (call Config.Validate first) but builds every part,
 // so a bad certificate or an unusable spool fails before anything listens.
 func New(cfg *Config, d Deps) (*Relay, error) {
-	r := &Relay{cfg: cfg, log: d.Logger, now: d.Now, rand: d.Rand, reg: d.Registry, version: d.Version,
-		gates: map[string]*policy.Gate{}, allowedSenders: map[string]bool{}}
+	r := &Relay{cfg: cfg, log: d.Logger, now: d.Now, rand: d.Rand}
 	if r.log == nil {
 		r.log = slog.New(slog.DiscardHandler)
 	}
@@ -94,27 +78,13 @@ func New(cfg *Config, d Deps) (*Relay, error) {
 	if r.rand == nil {
 		r.rand = rand.Float64
 	}
-	if r.reg == nil {
-		r.reg = prometheus.NewRegistry()
+	reg := d.Registry
+	if reg == nil {
+		reg = prometheus.NewRegistry()
 	}
-	for _, s := range cfg.Listen.AllowedSenders {
-		r.allowedSenders[strings.ToLower(s)] = true
-	}
-	if cfg.Listen.Auth.UsersFile != "" {
-		users, err := loadUsers(cfg.Listen.Auth.UsersFile)
-		if err != nil {
-			return nil, fmt.Errorf("listen.auth.users_file: %w", err)
-		}
-		r.users = users
-	}
-	// The certificate is loaded here, so a bad one fails before anything
-	// listens (Listen, Run).
-	if c := cfg.Listen.TLS; c.CertFile != "" {
-		tc, err := loadTLS(c)
-		if err != nil {
-			return nil, fmt.Errorf("listen.tls: %w", err)
-		}
-		r.tlsConfig = tc
+	in, err := newIntake(cfg.Listen, r.log)
+	if err != nil {
+		return nil, err
 	}
 	sp, err := spool.Open(cfg.Spool.Dir, spool.Options{Log: r.log, FS: d.SpoolFS})
 	if err != nil {
@@ -125,6 +95,8 @@ func New(cfg *Config, d Deps) (*Relay, error) {
 	r.budget = membudget.New(budget)
 	r.log.Info("memory budget", "bytes", budget, "from", why)
 	udeps := upstreams.Deps{Logger: r.log, Hostname: cfg.Listen.Hostname, Now: r.now, SyncFor: sp.SyncFor, Memory: r.budget}
+	r.gates = map[string]*policy.Gate{}
+	var ordered []*policy.Gate
 	for _, uc := range cfg.Upstreams {
 		u, ok := d.Upstreams[uc.Name]
 		if !ok {
@@ -134,7 +106,9 @@ func New(cfg *Config, d Deps) (*Relay, error) {
 			}
 		}
 		r.ups = append(r.ups, u)
-		r.gates[uc.Name] = policy.NewGate(u, uc, policy.GateHooks{OnStateChange: r.breakerChanged})
+		g := policy.NewGate(u, uc, policy.GateHooks{OnStateChange: r.breakerChanged})
+		r.gates[uc.Name] = g
+		ordered = append(ordered, g)
 	}
 	router, err := policy.NewRouter(cfg.Routes, r.gates, r.rand)
 	if err != nil {
@@ -154,9 +128,15 @@ func New(cfg *Config, d Deps) (*Relay, error) {
 		}
 		return 0
 	}
-	r.metrics = newMetrics(r.reg, r.gates, func() float64 { return float64(r.queue.len()) }, oldestAge,
+	r.metrics = newMetrics(reg, r.gates, func() float64 { return float64(r.queue.len()) }, oldestAge,
 		func() float64 { return float64(r.spool.CountDead()) })
-	r.reg.MustRegister(r.budget.Collectors()...)
+	reg.MustRegister(r.budget.Collectors()...)
+	in.accept, in.budget, in.maxBytes = r.accept, r.budget, r.maxBytes
+	in.refused, in.authFailures, in.connections = r.metrics.smtpRefused, r.metrics.authFailed, r.metrics.connections
+	r.intake = in
+	r.api = &adminAPI{address: cfg.Admin.Address, allowedHosts: cfg.Admin.AllowedHosts, spool: r.spool, queue: r.queue,
+		gates: ordered, reg: reg, log: r.log, now: r.now, version: d.Version, ready: r.ready.Load,
+		readyBytes: r.maxBytes + commitOverhead}
 	return r, nil
 }
 
@@ -261,8 +241,8 @@ var (
 )
 
 // SMTPAddr and AdminAddr are the bound addresses (for tests binding :0).
-func (r *Relay) SMTPAddr() net.Addr  { return r.smtpLn.Addr() }
-func (r *Relay) AdminAddr() net.Addr { return r.adminLn.Addr() }
+func (r *Relay) SMTPAddr() net.Addr  { return r.intake.ln.Addr() }
+func (r *Relay) AdminAddr() net.Addr { return r.api.ln.Addr() }
 
 // Listen binds the SMTP and admin sockets and loads the spool. Run serves.
 func (r *Relay) Listen() error {
@@ -280,25 +260,12 @@ func (r *Relay) Listen() error {
 	if len(envs) > 0 {
 		r.log.Info("spool loaded", "messages", len(envs), "broken", broken)
 	}
-	ln, err := net.Listen("tcp", r.cfg.Listen.Address)
-	if err != nil {
-		return fmt.Errorf("listen.address: %w", err)
+	if err := r.intake.listen(); err != nil {
+		return err
 	}
-	nets := func(list []string) []netip.Prefix {
-		var out []netip.Prefix
-		for _, n := range list {
-			p, _ := parseNetwork(n)
-			out = append(out, p)
-		}
-		return out
-	}
-	r.smtpLn = &allowListener{Listener: ln, allowed: nets(r.cfg.Listen.AllowedNetworks), trusted: nets(r.cfg.Listen.TrustedNetworks),
-		maxConns: r.cfg.Listen.MaxConnections, log: r.log, metrics: r.metrics}
-	if r.cfg.Admin.Address != "" {
-		if r.adminLn, err = net.Listen("tcp", r.cfg.Admin.Address); err != nil {
-			ln.Close()
-			return fmt.Errorf("admin.address: %w", err)
-		}
+	if err := r.api.listen(); err != nil {
+		r.intake.ln.Close()
+		return err
 	}
 	return nil
 }
@@ -307,7 +274,7 @@ func (r *Relay) Listen() error {
 // closes, open sessions finish, deliveries go on until shutdown_grace, and
 // what is left stays in the spool for the next start.
 func (r *Relay) Run(ctx context.Context) error {
-	if r.smtpLn == nil {
+	if r.intake.ln == nil {
 		if err := r.Listen(); err != nil {
 			return err
 		}
@@ -316,55 +283,13 @@ func (r *Relay) Run(ctx context.Context) error {
 	// Unlinks of delivered messages are left to the spool's reaper; let it
 	// finish them before the lock goes.
 	defer r.spool.Close()
-	srv := smtp.NewServer(backend{r})
-	srv.Domain = r.cfg.Listen.Hostname
-	srv.MaxMessageBytes = r.maxBytes
-	srv.MaxRecipients = r.cfg.Listen.MaxRecipients
-	srv.ReadTimeout, srv.WriteTimeout = r.cfg.Listen.ReadTimeout, r.cfg.Listen.WriteTimeout
-	// Real-world HTML often has very long lines; RFC 5322's 998 is not what
-	// legacy senders honour, and the size limit still bounds memory.
-	srv.MaxLineLength = 1 << 20
-	srv.EnableSMTPUTF8 = true
-	srv.ErrorLog = slog.NewLogLogger(r.log.Handler(), slog.LevelWarn)
-	if r.users != nil {
-		// Sessions decide per connection (TLS or loopback); see authAllowed.
-		srv.AllowInsecureAuth = true
-	}
-	srv.TLSConfig = r.tlsConfig
 
-	var adminSrv *http.Server
 	errc := make(chan error, 2)
-	if r.adminLn != nil {
-		adminSrv = &http.Server{Handler: r.adminHandler(), ReadHeaderTimeout: 10 * time.Second}
-		go func() {
-			if err := adminSrv.Serve(r.adminLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				errc <- fmt.Errorf("admin: %w", err)
-			}
-		}()
-	}
-
-	// Deliveries run under their own context: it outlives ctx by the grace.
-	dctx, dcancel := context.WithCancel(context.WithoutCancel(ctx))
-	defer dcancel()
-	work := make(chan *item)
-	var wg sync.WaitGroup
-	for range r.cfg.Spool.Workers {
-		wg.Go(func() { r.worker(dctx, work) })
-	}
-	dispatchCtx, stopDispatch := context.WithCancel(dctx)
-	dispatchDone := make(chan struct{})
-	go func() {
-		r.queue.dispatch(dispatchCtx, work)
-		close(dispatchDone)
-	}()
-
-	go func() {
-		if err := srv.Serve(r.smtpLn); err != nil && !errors.Is(err, smtp.ErrServerClosed) && !r.draining.Load() {
-			errc <- fmt.Errorf("smtp: %w", err)
-		}
-	}()
+	r.api.serve(errc)
+	d := r.startWorkers(ctx)
+	r.intake.serve(errc)
 	r.ready.Store(true)
-	r.log.Info("relaycar serving", "smtp", r.smtpLn.Addr().String(), "admin", r.cfg.Admin.Address,
+	r.log.Info("relaycar serving", "smtp", r.intake.ln.Addr().String(), "admin", r.cfg.Admin.Address,
 		"spool", r.cfg.Spool.Dir, "size_limit", r.maxBytes, "upstreams", len(r.ups), "queued", r.queue.len())
 
 	var runErr error
@@ -373,62 +298,67 @@ func (r *Relay) Run(ctx context.Context) error {
 	case runErr = <-errc:
 	}
 
-	// Drain.
 	r.ready.Store(false)
-	r.draining.Store(true)
 	grace := r.cfg.ShutdownGrace
 	r.log.Info("shutting down", "grace", grace.String())
 	graceCtx, cancelGrace := context.WithTimeout(context.WithoutCancel(ctx), grace)
 	defer cancelGrace()
-	// Stop accepting, let transactions in flight finish, then close the
-	// remaining connections: they are idle (connection-pooling clients)
-	// and have nothing of ours to lose. go-smtp's Shutdown would wait for
-	// idle connections too, holding the drain for the whole grace period.
-	r.smtpLn.Close()
-	poll := time.NewTicker(20 * time.Millisecond)
-	for r.inTx.Load() > 0 && graceCtx.Err() == nil {
-		select {
-		case <-graceCtx.Done():
-		case <-poll.C:
-		}
+	r.intake.stop(graceCtx)
+	d.drain(graceCtx)
+	r.closeUpstreams()
+	r.api.stop()
+	r.log.Info("stopped", "left_in_spool", r.queue.len())
+	return runErr
+}
+
+// deliveries are the running workers and the dispatcher that feeds them.
+type deliveries struct {
+	queue *queue
+	work  chan *item
+	// workers is the worker goroutines; dispatched is closed when the
+	// dispatcher has returned.
+	workers      sync.WaitGroup
+	dispatched   chan struct{}
+	stopDispatch context.CancelFunc
+	// cancel ends sends in flight, at the end of the grace period.
+	cancel context.CancelFunc
+}
+
+// startWorkers starts spool.workers workers and the dispatcher, under a
+// context of their own: deliveries outlive ctx by the grace period.
+func (r *Relay) startWorkers(ctx context.Context) *deliveries {
+	dctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	dispatchCtx, stopDispatch := context.WithCancel(dctx)
+	d := &deliveries{queue: r.queue, work: make(chan *item), dispatched: make(chan struct{}), stopDispatch: stopDispatch, cancel: cancel}
+	for range r.cfg.Spool.Workers {
+		d.workers.Go(func() { r.worker(dctx, d.work) })
 	}
-	poll.Stop()
-	if n := r.inTx.Load(); n > 0 {
-		r.log.Warn("closing SMTP sessions still in a transaction at the end of the grace period", "transactions", n)
-	}
-	srv.Close()
-	// Keep delivering what is due until nothing is, or the grace ends.
-	tick := time.NewTicker(50 * time.Millisecond)
-	defer tick.Stop()
-drain:
-	for {
-		busy, due := r.queue.state()
-		if busy == 0 && !due {
-			break
-		}
-		select {
-		case <-graceCtx.Done():
-			break drain
-		case <-tick.C:
-		}
-	}
-	stopDispatch()
-	<-dispatchDone
-	close(work)
-	// Cancel in-flight sends at the end of the grace period.
-	stop := context.AfterFunc(graceCtx, dcancel)
-	wg.Wait()
+	go func() {
+		r.queue.dispatch(dispatchCtx, d.work)
+		close(d.dispatched)
+	}()
+	return d
+}
+
+// drain keeps delivering what is due until nothing is and no worker holds
+// a message, or grace ends; then it stops the dispatcher, cancels the
+// sends still in flight once grace ends, and waits for the workers.
+func (d *deliveries) drain(grace context.Context) {
+	d.queue.waitIdle(grace)
+	d.stopDispatch()
+	<-d.dispatched
+	close(d.work)
+	stop := context.AfterFunc(grace, d.cancel)
+	d.workers.Wait()
 	stop()
+	d.cancel()
+}
+
+// closeUpstreams releases the adapters' connections once nothing sends.
+func (r *Relay) closeUpstreams() {
 	for _, u := range r.ups {
 		if c, ok := u.(upstreams.Closer); ok {
 			c.Close()
 		}
 	}
-	if adminSrv != nil {
-		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		adminSrv.Shutdown(sctx)
-		cancel()
-	}
-	r.log.Info("stopped", "left_in_spool", r.queue.len())
-	return runErr
 }

@@ -729,7 +729,7 @@ func TestSMTP_StartTLS(t *testing.T) {
 func TestAdmin_QueueChangesOnlyFromLoopback(t *testing.T) {
 	t.Parallel()
 	tr := startRelay(t, []*recorder{{name: "a"}}, nil, nil)
-	h := tr.adminHandler()
+	h := tr.api.handler()
 	for _, tc := range []struct {
 		method, path, remote string
 		want                 int

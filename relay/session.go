@@ -18,21 +18,20 @@ import (
 	"github.com/relaycar/relaycar/upstreams"
 )
 
-// backend creates one session per SMTP connection (at EHLO).
-type backend struct{ r *Relay }
-
-func (b backend) NewSession(c *smtp.Conn) (smtp.Session, error) {
-	if b.r.draining.Load() {
+// NewSession makes the intake go-smtp's backend: one session per SMTP
+// connection (at EHLO).
+func (in *intake) NewSession(c *smtp.Conn) (smtp.Session, error) {
+	if in.tx.isDraining() {
 		return nil, replyShuttingDown
 	}
-	return &session{r: b.r, conn: c, cc: clientConnOf(c.Conn()), log: b.r.log.With("remote_addr", c.Conn().RemoteAddr().String())}, nil
+	return &session{in: in, conn: c, cc: clientConnOf(c.Conn()), log: in.log.With("remote_addr", c.Conn().RemoteAddr().String())}, nil
 }
 
 // session is one SMTP transaction at a time. Every error it returns is an
 // *smtp.SMTPError: go-smtp turns any other error from Data into a permanent
 // 554 that quotes the error text to the client.
 type session struct {
-	r     *Relay
+	in    *intake
 	conn  *smtp.Conn
 	cc    *clientConn // nil only for a connection that bypassed allowListener
 	log   *slog.Logger
@@ -52,7 +51,7 @@ type session struct {
 // those, not for idle connections.
 func (s *session) endTx() {
 	if s.inTx.CompareAndSwap(true, false) {
-		s.r.inTx.Add(-1)
+		s.in.tx.add(-1)
 	}
 }
 
@@ -83,12 +82,12 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 	if s.timedOut() {
 		return s.refuse(replyTimedOut)
 	}
-	if s.r.draining.Load() {
+	if s.in.tx.isDraining() {
 		// A pooled connection starting a new transaction while we drain:
 		// send it elsewhere (or later) instead of holding the shutdown.
 		return s.refuse(replyShuttingDown)
 	}
-	if s.r.users != nil && s.user == "" {
+	if s.in.users != nil && s.user == "" {
 		return s.refuse(replyAuthRequired)
 	}
 	if from != "" && !validAddress(from) {
@@ -101,13 +100,13 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 	if !withinLimits(from) {
 		return s.refuse(replySenderTooLong)
 	}
-	if len(s.r.allowedSenders) > 0 && !s.r.allowedSenders[upstreams.Domain(from)] {
+	if len(s.in.allowedSenders) > 0 && !s.in.allowedSenders[upstreams.Domain(from)] {
 		s.log.Warn("sender refused: domain not allowed", "from", from)
 		return s.refuse(replySenderDenied)
 	}
 	s.from, s.utf8 = from, smtputf8
 	if s.inTx.CompareAndSwap(false, true) {
-		s.r.inTx.Add(1)
+		s.in.tx.add(1)
 	}
 	return nil
 }
@@ -132,13 +131,13 @@ func (s *session) Rcpt(to string, _ *smtp.RcptOptions) error {
 func (s *session) Data(r io.Reader) error {
 	if s.cc != nil {
 		// Until Reset: read_timeout per read, data_timeout for the whole.
-		s.cc.startData(s.r.cfg.Listen.ReadTimeout, s.r.cfg.Listen.DataTimeout)
+		s.cc.startData(s.in.readTimeout, s.in.dataTimeout)
 	}
 	// What this DATA may hold in memory, whatever the message's size; the
 	// budget says no before the process would run out (451 4.3.1).
-	release, ok := s.r.budget.TryAcquire(intakeReserve)
+	release, ok := s.in.budget.TryAcquire(intakeReserve)
 	if !ok {
-		s.log.Warn("message refused: memory budget exhausted", "from", s.from, "budget", s.r.budget.Limit())
+		s.log.Warn("message refused: memory budget exhausted", "from", s.from, "budget", s.in.budget.Limit())
 		return s.refuse(replyNoMemory)
 	}
 	defer release()
@@ -159,8 +158,8 @@ func (s *session) Data(r io.Reader) error {
 		}
 		return nil
 	}
-	in := newCRLFReader(r, s.r.cfg.Listen.BareLF == BareLFNormalize)
-	id, err := s.r.accept(s.from, s.rcpts, in, s.traceInfo(), ready)
+	body := newCRLFReader(r, s.in.bareLF == BareLFNormalize)
+	id, err := s.in.accept(s.from, s.rcpts, body, s.traceInfo(), ready)
 	if err == nil {
 		return replyQueued(id)
 	}
@@ -258,15 +257,15 @@ func (s *session) traceInfo() receivedInfo {
 	}
 	// Without a clientConn the listener's trust decision is unknown:
 	// trusted only when no trusted_networks are configured.
-	trusted := len(s.r.cfg.Listen.TrustedNetworks) == 0
+	trusted := len(s.in.trusted) == 0
 	if s.cc != nil {
 		trusted = s.cc.trusted
 	}
-	return receivedInfo{helo: s.conn.Hostname(), remote: remote, hostname: s.r.cfg.Listen.Hostname, with: with, trusted: trusted}
+	return receivedInfo{helo: s.conn.Hostname(), remote: remote, hostname: s.in.hostname, with: with, trusted: trusted}
 }
 
 func (s *session) refuse(e *smtp.SMTPError) error {
-	s.r.metrics.smtpRefused.WithLabelValues(itoa(e.Code)).Inc()
+	s.in.refused.WithLabelValues(itoa(e.Code)).Inc()
 	return e
 }
 
@@ -276,7 +275,7 @@ func (s *session) refuse(e *smtp.SMTPError) error {
 // write of e then fails on the closed connection and its read loop ends.
 func (s *session) hangUp(e *smtp.SMTPError) error {
 	nc := s.conn.Conn()
-	if d := s.r.cfg.Listen.WriteTimeout; d > 0 {
+	if d := s.in.writeTimeout; d > 0 {
 		nc.SetWriteDeadline(time.Now().Add(d))
 	}
 	fmt.Fprintf(nc, "%d %d.%d.%d %s\r\n", e.Code, e.EnhancedCode[0], e.EnhancedCode[1], e.EnhancedCode[2], e.Message)

@@ -307,7 +307,7 @@ func TestSMTP_AuthFailuresDelayedAndCapped(t *testing.T) {
 	os.WriteFile(users, []byte("app:"+string(hash)+"\n"), 0o600)
 	a := &recorder{name: "a"}
 	tr := startTuned(t, []*recorder{a}, nil, func(c *Config) { c.Listen.Auth.UsersFile = users },
-		func(r *Relay) { r.authFailDelay, r.authMaxFailures = delay, 3 })
+		func(r *Relay) { r.intake.authFailDelay, r.intake.authMaxFailures = delay, 3 })
 
 	r := dialSMTP(t, tr.smtp)
 	r.reply()
@@ -513,7 +513,7 @@ func TestAllowListener_CountsOpenConnections(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	zero := func() float64 { return 0 }
 	m := newMetrics(reg, nil, zero, zero, zero)
-	l := &allowListener{Listener: ln, allowed: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}, maxConns: 1, log: slog.New(slog.DiscardHandler), metrics: m}
+	l := &allowListener{Listener: ln, allowed: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}, maxConns: 1, log: slog.New(slog.DiscardHandler), refused: m.smtpRefused, connections: m.connections}
 	defer l.Close()
 	accepted := make(chan net.Conn, 2)
 	go func() {
@@ -558,7 +558,7 @@ func TestSMTP_HardeningOverSTARTTLS(t *testing.T) {
 		c.Listen.TLS = TLSConfig{CertFile: cert.CertFile, KeyFile: cert.KeyFile}
 		c.Listen.Auth.UsersFile = users
 		c.Listen.ReadTimeout = rt
-	}, func(r *Relay) { r.authFailDelay = 5 * time.Millisecond })
+	}, func(r *Relay) { r.intake.authFailDelay = 5 * time.Millisecond })
 	tlsCfg := &tls.Config{RootCAs: cert.Pool, ServerName: "localhost"}
 
 	r := dialSMTP(t, tr.smtp)

@@ -12,6 +12,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/relaycar/relaycar/internal/adminapi"
 	"github.com/relaycar/relaycar/relay"
 	"github.com/relaycar/relaycar/relay/spool"
 )
@@ -153,18 +154,17 @@ func viaAPI(addr, sub, id string) (string, error) {
 		return "", errors.New("a relay is running on this spool and admin.address is empty; cannot reach it")
 	}
 	addr = localAddr(addr)
-	base := "http://" + addr + "/api/queue"
-	method, url := http.MethodPost, base+"/retry"
+	method, path := http.MethodPost, adminapi.RetryAll
 	switch {
 	case sub == "drop":
-		method, url = http.MethodDelete, base+"/"+id
+		method, path = http.MethodDelete, adminapi.Message(id)
 	case id != "":
-		url = base + "/" + id + "/retry"
+		path = adminapi.Retry(id)
 	}
-	req, _ := http.NewRequest(method, url, nil)
+	req, _ := http.NewRequest(method, "http://"+addr+path, nil)
 	// The admin API refuses state changes without it: a cross-site form in
 	// an operator's browser cannot send a custom header.
-	req.Header.Set("X-Relaycar-Request", "1")
+	req.Header.Set(adminapi.ChangeHeader, "1")
 	c := &http.Client{Timeout: 10 * time.Second}
 	resp, err := c.Do(req)
 	if err != nil {
