@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync/atomic"
 
+	"github.com/relaycar/relaycar/internal/yamlconf"
 	"github.com/relaycar/relaycar/upstreams"
 )
 
@@ -39,12 +40,12 @@ const (
 // Strategies lists the accepted values of `strategy`, for messages.
 func Strategies() []string { return []string{string(Failover), string(RoundRobin), string(Weighted)} }
 
-// Validate returns every problem as "routes[i].key: message". known are the
-// upstream names defined in the config.
+// Validate returns every problem as a yamlconf.FieldError at
+// "routes[i].key". known are the upstream names defined in the config.
 func (r *RouteConfig) Validate(path string, known map[string]bool) []error {
 	var errs []error
 	bad := func(key, format string, args ...any) {
-		errs = append(errs, fmt.Errorf("%s.%s: %s", path, key, fmt.Sprintf(format, args...)))
+		errs = append(errs, yamlconf.FieldError{Path: path + "." + key, Msg: fmt.Sprintf(format, args...)})
 	}
 	if r.Name == "" {
 		bad("name", "required")

@@ -8,14 +8,14 @@ import (
 	"net/netip"
 	"os"
 	"reflect"
-	"regexp"
-	"strconv"
+	"slices"
 	"strings"
 	"time"
 
 	"gopkg.in/yaml.v3"
 
 	"github.com/relaycar/relaycar/internal/memlimit"
+	"github.com/relaycar/relaycar/internal/yamlconf"
 	"github.com/relaycar/relaycar/policy"
 	"github.com/relaycar/relaycar/upstreams"
 )
@@ -130,7 +130,7 @@ func Default() Config {
 }
 
 // Load reads, expands and decodes a config file and resolves `*_file`
-// secrets. Problems come back joined, one "yaml.path: message" each. Even
+// secrets. Problems come back joined, each a yamlconf.FieldError. Even
 // with problems it returns the config (bad values left at their defaults)
 // when the file was YAML at all, so callers can Validate and report
 // everything at once; see LoadValid.
@@ -153,15 +153,14 @@ func Parse(b []byte) (*Config, error) {
 		return &cfg, nil
 	}
 	doc := root.Content[0]
-	var errs []error
-	expandNode(doc, "", &errs)
-	checkNode(doc, reflect.TypeOf(cfg), "", &errs)
+	errs := yamlconf.Expand(doc, os.LookupEnv)
+	errs = append(errs, yamlconf.Check(doc, reflect.TypeOf(cfg))...)
 	if err := doc.Decode(&cfg); err != nil {
 		return nil, fmt.Errorf("relay.yaml: %v", err)
 	}
 	for i := range cfg.Upstreams {
 		cfg.Upstreams[i].ApplyDefaults()
-		errs = append(errs, cfg.Upstreams[i].ResolveSecrets(fmt.Sprintf("upstreams[%d]", i))...)
+		errs = append(errs, fieldErrors(cfg.Upstreams[i].ResolveSecrets(fmt.Sprintf("upstreams[%d]", i)))...)
 	}
 	for i := range cfg.Routes {
 		if cfg.Routes[i].Strategy == "" {
@@ -183,207 +182,51 @@ func LoadValid(path string) (*Config, error) {
 	}
 	// One problem per path: a value that failed to load was left at its
 	// default, so Validate's word on the same path would only repeat it.
-	seen := map[string]bool{}
-	var all []error
-	for _, e := range splitJoined(err) {
-		path, _, _ := strings.Cut(e.Error(), ": ")
-		seen[path] = true
-		all = append(all, e)
+	// An error without a path (none today) is always kept.
+	all := slices.Clone(splitJoined(err))
+	loaded := map[string]bool{}
+	for _, e := range all {
+		if fe, ok := fieldError(e); ok {
+			loaded[fe.Path] = true
+		}
 	}
 	for _, e := range splitJoined(verr) {
-		if path, _, _ := strings.Cut(e.Error(), ": "); !seen[path] {
+		if fe, ok := fieldError(e); !ok || !loaded[fe.Path] {
 			all = append(all, e)
 		}
 	}
 	return nil, errors.Join(all...)
 }
 
-var envRE = regexp.MustCompile(`\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}`)
-
-// expandNode replaces ${VAR} and ${VAR:-default} in every scalar. Doing it
-// on parsed scalars, not on the file text, means a value from the
-// environment can never inject YAML structure.
-func expandNode(n *yaml.Node, path string, errs *[]error) {
-	switch n.Kind {
-	case yaml.ScalarNode:
-		if !strings.Contains(n.Value, "${") {
-			return
-		}
-		n.Value = envRE.ReplaceAllStringFunc(n.Value, func(m string) string {
-			sub := envRE.FindStringSubmatch(m)
-			if v, ok := os.LookupEnv(sub[1]); ok && (v != "" || sub[2] == "") {
-				return v
-			}
-			if sub[2] != "" {
-				return sub[3]
-			}
-			*errs = append(*errs, fmt.Errorf("%s: environment variable %s is not set (use ${%s:-} for an empty default)", path, sub[1], sub[1]))
-			return ""
-		})
-		if n.Tag == "!!str" && n.Style == 0 {
-			// Re-resolve the tag so `${PORT:-25}` decodes as a number.
-			n.Tag = ""
-		}
-	case yaml.MappingNode:
-		for i := 0; i+1 < len(n.Content); i += 2 {
-			expandNode(n.Content[i+1], join(path, n.Content[i].Value), errs)
-		}
-	case yaml.SequenceNode:
-		for i, c := range n.Content {
-			expandNode(c, fmt.Sprintf("%s[%d]", path, i), errs)
-		}
-	case yaml.DocumentNode, yaml.AliasNode:
-		for _, c := range n.Content {
-			expandNode(c, path, errs)
-		}
-	}
+func fieldError(err error) (yamlconf.FieldError, bool) {
+	var fe yamlconf.FieldError
+	ok := errors.As(err, &fe)
+	return fe, ok
 }
 
-func join(path, key string) string {
-	if path == "" {
-		return key
+// fieldErrors makes FieldErrors of the "path: message" errors that
+// package upstreams still returns as text, so that LoadValid can match
+// their paths. Once upstreams returns FieldError it passes them through
+// and can go.
+func fieldErrors(errs []error) []error {
+	for i, e := range errs {
+		var fe yamlconf.FieldError
+		if errors.As(e, &fe) {
+			continue
+		}
+		if path, msg, ok := strings.Cut(e.Error(), ": "); ok {
+			errs[i] = yamlconf.FieldError{Path: path, Msg: msg}
+		}
 	}
-	return path + "." + key
+	return errs
 }
 
-var durationType = reflect.TypeOf(time.Duration(0))
-
-// checkNode reports unknown keys and values of the wrong kind with their
-// YAML path, which yaml.v3's own errors give only as line numbers.
-func checkNode(n *yaml.Node, t reflect.Type, path string, errs *[]error) {
-	if n.Kind == yaml.AliasNode {
-		n = n.Alias
-	}
-	if t.Kind() == reflect.Pointer {
-		t = t.Elem()
-	}
-	bad := func(format string, args ...any) {
-		*errs = append(*errs, fmt.Errorf("%s: %s", path, fmt.Sprintf(format, args...)))
-		// Null the value so decoding keeps the default and Validate can
-		// still report every other problem in the same run.
-		*n = yaml.Node{Kind: yaml.ScalarNode, Tag: "!!null"}
-	}
-	if n.Kind == yaml.ScalarNode && n.Tag == "!!null" {
-		return
-	}
-	switch {
-	case t == durationType:
-		if n.Kind != yaml.ScalarNode {
-			bad("expected a duration such as 30s")
-		} else if _, err := time.ParseDuration(n.Value); err != nil {
-			bad("%q is not a duration (use e.g. 30s, 15m, 48h)", n.Value)
-		}
-		return
-	}
-	switch t.Kind() {
-	case reflect.Struct:
-		if n.Kind != yaml.MappingNode {
-			bad("expected a mapping")
-			return
-		}
-		fields := map[string]reflect.Type{}
-		var names []string
-		for i := 0; i < t.NumField(); i++ {
-			f := t.Field(i)
-			name, _, _ := strings.Cut(f.Tag.Get("yaml"), ",")
-			if name == "" || name == "-" {
-				continue
-			}
-			fields[name] = f.Type
-			names = append(names, name)
-		}
-		kept := n.Content[:0]
-		for i := 0; i+1 < len(n.Content); i += 2 {
-			key := n.Content[i].Value
-			ft, ok := fields[key]
-			if !ok {
-				msg := "unknown key"
-				if s := suggest(key, names); s != "" {
-					msg += fmt.Sprintf(" (did you mean %s?)", s)
-				}
-				*errs = append(*errs, fmt.Errorf("%s: %s", join(path, key), msg))
-				continue
-			}
-			checkNode(n.Content[i+1], ft, join(path, key), errs)
-			kept = append(kept, n.Content[i], n.Content[i+1])
-		}
-		n.Content = kept
-	case reflect.Slice:
-		if n.Kind != yaml.SequenceNode {
-			bad("expected a list")
-			return
-		}
-		for i, c := range n.Content {
-			checkNode(c, t.Elem(), fmt.Sprintf("%s[%d]", path, i), errs)
-		}
-	case reflect.Map:
-		if n.Kind != yaml.MappingNode {
-			bad("expected a mapping")
-			return
-		}
-		for i := 0; i+1 < len(n.Content); i += 2 {
-			checkNode(n.Content[i+1], t.Elem(), join(path, n.Content[i].Value), errs)
-		}
-	case reflect.Int, reflect.Int64, reflect.Int32, reflect.Uint32, reflect.Uint64:
-		if n.Kind != yaml.ScalarNode {
-			bad("expected an integer")
-		} else if _, err := strconv.ParseInt(n.Value, 0, 64); err != nil {
-			bad("%q is not an integer", n.Value)
-		}
-	case reflect.Float64:
-		if n.Kind != yaml.ScalarNode {
-			bad("expected a number")
-		} else if _, err := strconv.ParseFloat(n.Value, 64); err != nil {
-			bad("%q is not a number", n.Value)
-		}
-	case reflect.Bool:
-		if n.Kind != yaml.ScalarNode {
-			bad("expected true or false")
-		}
-	case reflect.String:
-		if n.Kind != yaml.ScalarNode {
-			bad("expected a string")
-		}
-	}
-}
-
-// suggest returns the known key closest to a misspelt one.
-func suggest(key string, names []string) string {
-	best, bestD := "", 3
-	for _, n := range names {
-		if d := editDistance(key, n); d < bestD {
-			best, bestD = n, d
-		}
-	}
-	return best
-}
-
-func editDistance(a, b string) int {
-	prev := make([]int, len(b)+1)
-	for j := range prev {
-		prev[j] = j
-	}
-	for i := 1; i <= len(a); i++ {
-		cur := make([]int, len(b)+1)
-		cur[0] = i
-		for j := 1; j <= len(b); j++ {
-			cost := 1
-			if a[i-1] == b[j-1] {
-				cost = 0
-			}
-			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
-		}
-		prev = cur
-	}
-	return prev[len(b)]
-}
-
-// Validate returns every problem in the config, one "yaml.path: message"
-// each, joined. It never prints secret values.
+// Validate returns every problem in the config, joined, each a
+// yamlconf.FieldError. It never prints secret values.
 func (c *Config) Validate() error {
 	var errs []error
 	bad := func(path, format string, args ...any) {
-		errs = append(errs, fmt.Errorf("%s: %s", path, fmt.Sprintf(format, args...)))
+		errs = append(errs, yamlconf.FieldError{Path: path, Msg: fmt.Sprintf(format, args...)})
 	}
 	l := c.Listen
 	if _, _, err := net.SplitHostPort(l.Address); err != nil {
@@ -485,7 +328,7 @@ func (c *Config) Validate() error {
 	for i := range c.Upstreams {
 		u := &c.Upstreams[i]
 		path := fmt.Sprintf("upstreams[%d]", i)
-		errs = append(errs, u.Validate(path)...)
+		errs = append(errs, fieldErrors(u.Validate(path))...)
 		if u.Name != "" && known[u.Name] {
 			bad(path+".name", "%q is used twice", u.Name)
 		}

@@ -1,12 +1,15 @@
 package relay
 
 import (
+	"errors"
 	"flag"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/relaycar/relaycar/internal/yamlconf"
 )
 
 var update = flag.Bool("update", false, "rewrite golden .err files")
@@ -40,6 +43,26 @@ func TestConfig_BadGolden(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// Every problem is a FieldError, so callers (LoadValid's one-per-path
+// rule, say) read paths without parsing messages.
+func TestConfig_ProblemsAreFieldErrors(t *testing.T) {
+	files, _ := filepath.Glob("testdata/config/bad/*.yaml")
+	for _, f := range files {
+		_, err := LoadValid(f)
+		j, ok := err.(interface{ Unwrap() []error })
+		if !ok {
+			t.Errorf("%s: %T is not joined errors", f, err)
+			continue
+		}
+		for _, e := range j.Unwrap() {
+			var fe yamlconf.FieldError
+			if !errors.As(e, &fe) || fe.Path == "" || fe.Error() != e.Error() {
+				t.Errorf("%s: %q (%T) is not a FieldError with a path", f, e, e)
+			}
+		}
 	}
 }
 

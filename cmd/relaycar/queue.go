@@ -74,7 +74,12 @@ func cmdQueue(args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintf(stderr, "relaycar queue: %v\n", err)
 			return exitRuntime
 		}
-		printEntries(stdout, envs, sub == "dead", *asJSON)
+		if err := printEntries(stdout, envs, sub == "dead", *asJSON); err != nil {
+			// A listing cut short (a full disk, a closed pipe) must not
+			// pass for the whole queue in a script.
+			fmt.Fprintf(stderr, "relaycar queue: writing the listing: %v\n", err)
+			return exitRuntime
+		}
 		return exitOK
 	case "retry", "drop":
 		if (sub == "retry" && *all) != (len(rest) == 0) || len(rest) > 1 {
@@ -189,7 +194,7 @@ func viaAPI(addr, sub, id string) (string, error) {
 	return "retrying " + id, nil
 }
 
-func printEntries(w io.Writer, envs []*relay.Envelope, dead, asJSON bool) {
+func printEntries(w io.Writer, envs []*relay.Envelope, dead, asJSON bool) error {
 	if asJSON {
 		out := make([]relay.QueueEntry, 0, len(envs))
 		for _, e := range envs {
@@ -197,8 +202,7 @@ func printEntries(w io.Writer, envs []*relay.Envelope, dead, asJSON bool) {
 		}
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
-		enc.Encode(out)
-		return
+		return enc.Encode(out)
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	if dead {
@@ -217,6 +221,11 @@ func printEntries(w io.Writer, envs []*relay.Envelope, dead, asJSON bool) {
 				len(e.Rcpts), e.Attempts, e.NextAttempt.Local().Format(time.TimeOnly), e.LastError)
 		}
 	}
-	tw.Flush()
-	fmt.Fprintf(w, "%d messages\n", len(envs))
+	// The tabwriter holds every row until Flush, which reports the first
+	// write error; the summary line is written after it.
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	_, err := fmt.Fprintf(w, "%d messages\n", len(envs))
+	return err
 }

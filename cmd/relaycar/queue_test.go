@@ -70,3 +70,22 @@ func TestViaAPI_PassesTheAdminChecks(t *testing.T) {
 		t.Errorf("queue retry of an unknown id via the API = %v, want not exist (the request got past the checks)", err)
 	}
 }
+
+type failingWriter struct{}
+
+func (failingWriter) Write([]byte) (int, error) { return 0, errors.New("no space left on device") }
+
+// A listing that could not be written must fail the command, or a script
+// reads a cut-short queue as the whole of it.
+func TestPrintEntries_ReportsWriteErrors(t *testing.T) {
+	envs := []*relay.Envelope{{ID: "a", From: "x@example.com", ReceivedAt: time.Now()}}
+	for _, tc := range []struct{ dead, asJSON bool }{{false, false}, {true, false}, {false, true}} {
+		if err := printEntries(failingWriter{}, envs, tc.dead, tc.asJSON); err == nil {
+			t.Errorf("dead=%v json=%v: no error", tc.dead, tc.asJSON)
+		}
+	}
+	var b strings.Builder
+	if err := printEntries(&b, envs, false, false); err != nil || !strings.HasSuffix(b.String(), "1 messages\n") {
+		t.Errorf("err %v, output %q", err, b.String())
+	}
+}

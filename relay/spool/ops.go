@@ -87,11 +87,15 @@ func (s *Spool) writeMsg(path string, h header, body io.Reader, rec []byte, fsyn
 	defer f.Close()
 	h.bodyOff = headerSize
 	bw := bufio.NewWriterSize(f, bufSize)
-	bw.Write(h.encode())
+	if _, err := bw.Write(h.encode()); err != nil {
+		return err
+	}
 	if _, err := io.Copy(bw, body); err != nil {
 		return err
 	}
-	bw.Write(rec)
+	if _, err := bw.Write(rec); err != nil {
+		return err
+	}
 	if err := bw.Flush(); err != nil {
 		return err
 	}
@@ -204,7 +208,9 @@ func (s *Spool) Resurrect(id string, now time.Time) (*Envelope, error) {
 		// Back to dead/ while the file still says dead; if this fails too,
 		// Load does it.
 		if st2, rerr := s.readFile(s.live(id), id); rerr == nil && st2.env.DeadReason != "" {
-			s.fs.Rename(s.live(id), s.deadPath(id))
+			if rerr := s.fs.Rename(s.live(id), s.deadPath(id)); rerr != nil {
+				s.log.Warn("moving a failed retry back to dead/ failed; Load does it", "msg_id", id, "err", rerr)
+			}
 		}
 		return nil, err
 	}

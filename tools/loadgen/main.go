@@ -107,7 +107,9 @@ upstreams:
   - {name: default, upstreams: [out]}
 `, smtpAddr, adminAddr, filepath.Join(dir, "spool"), up)
 	cfgPath := filepath.Join(dir, "relay.yaml")
-	os.WriteFile(cfgPath, []byte(cfg), 0o600)
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+		return nil, err
+	}
 
 	cmd := exec.Command(bin, "serve", "--config", cfgPath, "--log-level", "warn")
 	cmd.Stderr = os.Stderr
