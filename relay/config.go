@@ -160,7 +160,7 @@ func Parse(b []byte) (*Config, error) {
 	}
 	for i := range cfg.Upstreams {
 		cfg.Upstreams[i].ApplyDefaults()
-		errs = append(errs, fieldErrors(cfg.Upstreams[i].ResolveSecrets(fmt.Sprintf("upstreams[%d]", i)))...)
+		errs = append(errs, cfg.Upstreams[i].ResolveSecrets(fmt.Sprintf("upstreams[%d]", i))...)
 	}
 	for i := range cfg.Routes {
 		if cfg.Routes[i].Strategy == "" {
@@ -202,23 +202,6 @@ func fieldError(err error) (yamlconf.FieldError, bool) {
 	var fe yamlconf.FieldError
 	ok := errors.As(err, &fe)
 	return fe, ok
-}
-
-// fieldErrors makes FieldErrors of the "path: message" errors that
-// package upstreams still returns as text, so that LoadValid can match
-// their paths. Once upstreams returns FieldError it passes them through
-// and can go.
-func fieldErrors(errs []error) []error {
-	for i, e := range errs {
-		var fe yamlconf.FieldError
-		if errors.As(e, &fe) {
-			continue
-		}
-		if path, msg, ok := strings.Cut(e.Error(), ": "); ok {
-			errs[i] = yamlconf.FieldError{Path: path, Msg: msg}
-		}
-	}
-	return errs
 }
 
 // Validate returns every problem in the config, joined, each a
@@ -328,7 +311,7 @@ func (c *Config) Validate() error {
 	for i := range c.Upstreams {
 		u := &c.Upstreams[i]
 		path := fmt.Sprintf("upstreams[%d]", i)
-		errs = append(errs, fieldErrors(u.Validate(path))...)
+		errs = append(errs, u.Validate(path)...)
 		if u.Name != "" && known[u.Name] {
 			bad(path+".name", "%q is used twice", u.Name)
 		}

@@ -7,6 +7,8 @@ import (
 	"regexp"
 	"strings"
 	"time"
+
+	"github.com/relaycar/relaycar/internal/yamlconf"
 )
 
 // Secret is a credential from relay.yaml. Its printed, YAML and log forms are
@@ -42,6 +44,23 @@ type CircuitBreaker struct {
 	OpenFor  time.Duration `yaml:"open_for"`
 }
 
+// AuthMode is the `auth` of an smtp upstream.
+type AuthMode string
+
+// The accepted SASL mechanisms.
+const (
+	AuthPlain       AuthMode = "plain"
+	AuthLogin       AuthMode = "login"
+	AuthXOAuth2     AuthMode = "xoauth2"
+	AuthOAuthBearer AuthMode = "oauthbearer"
+)
+
+// HeaderEdits are header fields an upstream's copy gains or loses.
+type HeaderEdits struct {
+	Add    map[string]string `yaml:"add"`
+	Remove []string          `yaml:"remove"`
+}
+
 // Config is one entry of relay.yaml `upstreams:`. Fields that a type does not
 // use must stay empty; Validate says so with the YAML path.
 type Config struct {
@@ -71,9 +90,27 @@ type Config struct {
 	Username     string  `yaml:"username"`
 	Password     Secret  `yaml:"password"`
 	PasswordFile string  `yaml:"password_file"`
+	// Auth picks the SASL mechanism; empty is PLAIN or LOGIN with a
+	// password and XOAUTH2 with an oauth2 block.
+	Auth   AuthMode `yaml:"auth"`
+	OAuth2 OAuth2   `yaml:"oauth2"`
+
+	// msgraph
+	TenantID         string `yaml:"tenant_id"`
+	ClientID         string `yaml:"client_id"`
+	ClientSecret     Secret `yaml:"client_secret"`
+	ClientSecretFile string `yaml:"client_secret_file"`
+	TokenURL         string `yaml:"token_url"`
+	Sender           string `yaml:"sender"`
+	SaveToSentItems  bool   `yaml:"save_to_sent_items"`
 
 	// file
 	Dir string `yaml:"dir"`
+
+	// RewriteFrom and Headers change this upstream's copy of a message
+	// only (any type), so a failover can send the original elsewhere.
+	RewriteFrom string      `yaml:"rewrite_from"`
+	Headers     HeaderEdits `yaml:"headers"`
 
 	RateLimit       RateLimit      `yaml:"rate_limit"`
 	CircuitBreaker  CircuitBreaker `yaml:"circuit_breaker"`
@@ -144,18 +181,22 @@ func (c *Config) ResolveSecrets(path string) []error {
 		{"secret_access_key", &c.SecretAccessKey, c.SecretAccessKeyFile},
 		{"api_key", &c.APIKey, c.APIKeyFile},
 		{"password", &c.Password, c.PasswordFile},
+		{"client_secret", &c.ClientSecret, c.ClientSecretFile},
+		{"oauth2.client_secret", &c.OAuth2.ClientSecret, c.OAuth2.ClientSecretFile},
+		{"oauth2.service_account", &c.OAuth2.ServiceAccountKey, c.OAuth2.ServiceAccountFile},
+		{"oauth2.refresh_token", &c.OAuth2.RefreshToken, c.OAuth2.RefreshTokenFile},
 	} {
 		if s.file == "" {
 			continue
 		}
 		if *s.val != "" {
-			errs = append(errs, fmt.Errorf("%s.%s: set only one of %s and %s_file", path, s.name, s.name, s.name))
+			errs = append(errs, yamlconf.FieldError{Path: path + "." + s.name, Msg: fmt.Sprintf("set only one of %s and %s_file", s.name, s.name)})
 			continue
 		}
 		b, err := os.ReadFile(s.file)
 		if err != nil {
 			// The OS error names the file, never its contents.
-			errs = append(errs, fmt.Errorf("%s.%s_file: %v", path, s.name, err))
+			errs = append(errs, yamlconf.FieldError{Path: path + "." + s.name + "_file", Msg: err.Error()})
 			continue
 		}
 		*s.val = Secret(strings.TrimRight(string(b), "\r\n"))
@@ -170,11 +211,12 @@ var (
 	mailgunVersionRE = regexp.MustCompile(`/v[0-9]+`)
 )
 
-// Validate returns every problem of this entry as "path.key: message".
+// Validate returns every problem of this entry, each a yamlconf.FieldError
+// whose path is under path.
 func (c *Config) Validate(path string) []error {
 	var errs []error
 	bad := func(key, format string, args ...any) {
-		errs = append(errs, fmt.Errorf("%s.%s: %s", path, key, fmt.Sprintf(format, args...)))
+		errs = append(errs, yamlconf.FieldError{Path: path + "." + key, Msg: fmt.Sprintf(format, args...)})
 	}
 	switch {
 	case c.Name == "":

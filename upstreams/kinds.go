@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/url"
+	"strings"
 )
 
 // Kind is the value of an upstream's `type`.
@@ -18,6 +19,7 @@ const (
 	KindSMTP2GO  Kind = "smtp2go"
 	KindSMTP     Kind = "smtp"
 	KindFile     Kind = "file"
+	KindMSGraph  Kind = "msgraph"
 )
 
 // TLSMode is the `tls` of an smtp upstream.
@@ -77,11 +79,27 @@ var (
 	fDomain   = field{"domain", func(c *Config) string { return c.Domain }}
 	fEndpoint = field{"endpoint", func(c *Config) string { return c.Endpoint }}
 	fRegion   = field{"region", func(c *Config) string { return c.Region }}
+	fAuth     = field{"auth", func(c *Config) string { return string(c.Auth) }}
+	fOAuth2   = field{"oauth2", func(c *Config) string { return ifSet(c.OAuth2.set()) }}
+	fTenantID = field{"tenant_id", func(c *Config) string { return c.TenantID }}
+	fClientID = field{"client_id", func(c *Config) string { return c.ClientID }}
+	fSecret   = field{"client_secret", func(c *Config) string { return string(c.ClientSecret) }}
+	fTokenURL = field{"token_url", func(c *Config) string { return c.TokenURL }}
+	fSender   = field{"sender", func(c *Config) string { return c.Sender }}
+	fSaveSent = field{"save_to_sent_items", func(c *Config) string { return ifSet(c.SaveToSentItems) }}
 )
+
+func ifSet(b bool) string {
+	if b {
+		return "set"
+	}
+	return ""
+}
 
 // perKindFields are the fields Validate reports as "not used by type X"
 // when a kind does not list them in uses, in this order.
-var perKindFields = []field{fAddress, fDir, fDomain, fEndpoint, fAPIKey}
+var perKindFields = []field{fAddress, fDir, fDomain, fEndpoint, fAPIKey, fAuth, fOAuth2,
+	fTenantID, fClientID, fSecret, fTokenURL, fSender, fSaveSent}
 
 // kinds is the one table of provider kinds. It is written once, at package
 // initialisation, and only ever read: nothing appends to it, assigns an
@@ -154,10 +172,13 @@ var kinds = []kind{
 		name:     KindSMTP,
 		new:      adapter(newSMTP),
 		required: []field{fAddress},
-		uses:     []field{fAddress},
+		uses:     []field{fAddress, fAuth, fOAuth2},
 		defaults: func(c *Config) {
 			if c.TLS == "" {
 				c.TLS = TLSStartTLS
+			}
+			if c.Auth == "" && c.OAuth2.set() {
+				c.Auth = AuthXOAuth2
 			}
 		},
 		check: func(c *Config, bad badFunc) {
@@ -169,8 +190,26 @@ var kinds = []kind{
 			default:
 				bad("tls", "%q: must be starttls, implicit or none", c.TLS)
 			}
-			if (c.Username == "") != (c.Password == "") {
-				bad("password", "set both username and password, or neither")
+			validateSMTPAuth(c, bad)
+		},
+	},
+	{
+		name: KindMSGraph,
+		new:  adapter(newMSGraph),
+		// Graph takes a sendMail request of up to 4 MB; the base64 of the
+		// MIME message must fit (see msgraphMaxBytes).
+		limit:    providerLimit{msgraphMaxBytes, "Microsoft Graph", "4 MB per sendMail request, after base64"},
+		required: []field{fClientID, fSecret},
+		uses:     []field{fEndpoint, fTenantID, fClientID, fSecret, fTokenURL, fSender, fSaveSent},
+		check: func(c *Config, bad badFunc) {
+			if c.TenantID == "" && c.TokenURL == "" {
+				bad("tenant_id", "required for type msgraph (or token_url)")
+			}
+			if c.TokenURL != "" {
+				validateURL("token_url", c.TokenURL, bad)
+			}
+			if c.Sender != "" && !strings.Contains(c.Sender, "@") {
+				bad("sender", "%q: want the mailbox address (user principal name) to send as", c.Sender)
 			}
 		},
 	},
@@ -263,4 +302,37 @@ func build(c Config, d Deps) (Upstream, error) {
 		return nil, errors.Join(errs...)
 	}
 	return k.new(c, d)
+}
+
+// validateSMTPAuth checks that the credentials fit the mechanism: a
+// password for PLAIN and LOGIN, an oauth2 block and a username (the
+// mailbox) for the token mechanisms, never both.
+func validateSMTPAuth(c *Config, bad badFunc) {
+	switch c.Auth {
+	case "", AuthPlain, AuthLogin, AuthXOAuth2, AuthOAuthBearer:
+	default:
+		bad("auth", "%q: must be plain, login, xoauth2 or oauthbearer", c.Auth)
+		return
+	}
+	oauth := c.OAuth2.set()
+	switch {
+	case oauth && c.Password != "":
+		bad("oauth2", "set either password or oauth2, not both")
+	case c.Auth == AuthXOAuth2 || c.Auth == AuthOAuthBearer || oauth:
+		if c.Auth == AuthPlain || c.Auth == AuthLogin {
+			bad("auth", "%s sends a password; with oauth2 use xoauth2 or oauthbearer", c.Auth)
+		}
+		if c.Username == "" {
+			bad("username", "required with oauth2: the mailbox to authenticate as")
+		}
+		if !oauth {
+			bad("oauth2", "required with auth: %s (client_secret_file, service_account_file or refresh_token_file)", c.Auth)
+			return
+		}
+		c.OAuth2.validate(c.Username, bad)
+	case c.Auth != "" && c.Password == "":
+		bad("password", "required with auth: %s", c.Auth)
+	case (c.Username == "") != (c.Password == ""):
+		bad("password", "set both username and password, or neither")
+	}
 }

@@ -14,7 +14,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
 
 	"github.com/relaycar/relaycar/internal/errreader"
@@ -28,6 +27,8 @@ type SMTP struct {
 	tls      *tls.Config
 	username string
 	password Secret
+	auth     AuthMode
+	tokens   *tokenSource // nil unless auth is xoauth2 or oauthbearer
 	timeout  time.Duration
 	helo     string
 	dialer   net.Dialer
@@ -55,11 +56,19 @@ func newSMTP(c Config, d Deps) (*SMTP, error) {
 	if helo == "" {
 		helo = "localhost"
 	}
-	return &SMTP{
+	s := &SMTP{
 		name: c.Name, addr: c.Address, mode: c.TLS, tls: tc,
-		username: c.Username, password: c.Password, timeout: c.Timeout,
+		username: c.Username, password: c.Password, auth: c.Auth, timeout: c.Timeout,
 		helo: helo, dialer: net.Dialer{Timeout: c.Timeout},
-	}, nil
+	}
+	if c.Auth == AuthXOAuth2 || c.Auth == AuthOAuthBearer {
+		ts, err := newTokenSource(c.Name, c.OAuth2, c.Username, smtpOAuthScopes(c.OAuth2), d.httpClient(c.Timeout), d.now())
+		if err != nil {
+			return nil, err
+		}
+		s.tokens = ts
+	}
+	return s, nil
 }
 
 // Name returns the configured name.
@@ -165,24 +174,9 @@ func (s *SMTP) handshake(ctx context.Context, conn net.Conn) (*smtpConn, error) 
 		c.Close()
 		return nil, s.fail(ctx, phaseHello, err)
 	}
-	if s.username != "" {
-		if ok, _ := c.Extension("AUTH"); !ok {
-			c.Close()
-			return nil, Errorf(s.name, ProviderFault, "", nil, "server does not offer AUTH but credentials are configured")
-		}
-		var client sasl.Client
-		if c.SupportsAuth("PLAIN") {
-			client = sasl.NewPlainClient("", s.username, s.password.Reveal())
-		} else if c.SupportsAuth("LOGIN") {
-			client = sasl.NewLoginClient(s.username, s.password.Reveal())
-		} else {
-			c.Close()
-			return nil, Errorf(s.name, ProviderFault, "", nil, "server offers neither AUTH PLAIN nor LOGIN")
-		}
-		if err := c.Auth(client); err != nil {
-			c.Close()
-			return nil, s.fail(ctx, phaseAuth, err)
-		}
+	if err := s.authenticate(ctx, c); err != nil {
+		c.Close()
+		return nil, err
 	}
 	return &smtpConn{conn: conn, c: c}, nil
 }

@@ -71,6 +71,10 @@ func TestAcquireConcurrentNeverExceedsLimit(t *testing.T) {
 				if got := b.InUse(); got > limit {
 					t.Errorf("InUse %d > limit", got)
 				}
+				// Hold a moment, so others find the budget taken and wait
+				// whatever the scheduler does (without -race a goroutine
+				// can otherwise run its whole loop alone).
+				time.Sleep(20 * time.Microsecond)
 				held.Add(-got)
 				release()
 				release() // idempotent

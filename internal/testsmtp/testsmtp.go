@@ -8,6 +8,8 @@ import (
 	"errors"
 	"io"
 	"net"
+	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -43,6 +45,12 @@ type Options struct {
 	Implicit bool
 	// Users enables AUTH PLAIN (and requires it before MAIL).
 	Users map[string]string
+	// Bearer enables AUTH XOAUTH2 and OAUTHBEARER (and requires AUTH
+	// before MAIL): a token is good for user when Bearer returns true.
+	Bearer func(user, token string) bool
+	// PlainReply, when set, is the reply to every AUTH PLAIN (a server
+	// that no longer takes passwords: 535 5.7.139).
+	PlainReply *smtp.SMTPError
 	// Addr pins the address (default 127.0.0.1:0).
 	Addr string
 	// MaxMessageBytes advertises SIZE.
@@ -55,13 +63,15 @@ type Server struct {
 	opts Options
 	t    testing.TB
 
-	mu      sync.Mutex
-	script  Script
-	msgs    []Msg
-	conns   int
-	srv     *smtp.Server
-	ln      net.Listener
-	stopped bool
+	mu     sync.Mutex
+	script Script
+	msgs   []Msg
+	conns  int
+	// authLines are the lengths of the XOAUTH2 responses read.
+	authLines []AuthResponse
+	srv       *smtp.Server
+	ln        net.Listener
+	stopped   bool
 }
 
 // Start runs a server on 127.0.0.1 until the test ends.
@@ -167,11 +177,15 @@ func (s *Server) Conns() int {
 
 // Reply builds an SMTP error reply, e.g. Reply(421, "4.3.2", "try later").
 func Reply(code int, enh string, msg string) *smtp.SMTPError {
-	var e smtp.EnhancedCode
-	if len(enh) == 5 {
-		e = smtp.EnhancedCode{int(enh[0] - '0'), int(enh[2] - '0'), int(enh[4] - '0')}
-	} else {
-		e = smtp.NoEnhancedCode
+	e := smtp.NoEnhancedCode
+	if parts := strings.Split(enh, "."); len(parts) == 3 {
+		for i, p := range parts {
+			n, err := strconv.Atoi(p)
+			if err != nil {
+				return &smtp.SMTPError{Code: code, EnhancedCode: smtp.NoEnhancedCode, Message: msg}
+			}
+			e[i] = n
+		}
 	}
 	return &smtp.SMTPError{Code: code, EnhancedCode: e, Message: msg}
 }
@@ -194,13 +208,32 @@ type session struct {
 }
 
 func (ss *session) AuthMechanisms() []string {
-	if ss.s.opts.Users == nil {
-		return nil
+	var mechs []string
+	if ss.s.opts.Users != nil || ss.s.opts.PlainReply != nil {
+		mechs = append(mechs, sasl.Plain)
 	}
-	return []string{sasl.Plain}
+	if ss.s.opts.Bearer != nil {
+		mechs = append(mechs, "XOAUTH2", sasl.OAuthBearer)
+	}
+	return mechs
 }
 
 func (ss *session) Auth(mech string) (sasl.Server, error) {
+	switch mech {
+	case "XOAUTH2":
+		return &xoauth2Server{ss: ss}, nil
+	case sasl.OAuthBearer:
+		return sasl.NewOAuthBearerServer(func(o sasl.OAuthBearerOptions) *sasl.OAuthBearerError {
+			if ss.s.opts.Bearer(o.Username, o.Token) {
+				ss.user = o.Username
+				return nil
+			}
+			return &sasl.OAuthBearerError{Status: "invalid_token", Schemes: "bearer"}
+		}), nil
+	}
+	if r := ss.s.opts.PlainReply; r != nil {
+		return sasl.NewPlainServer(func(_, _, _ string) error { return r }), nil
+	}
 	return sasl.NewPlainServer(func(_, user, pass string) error {
 		if p, ok := ss.s.opts.Users[user]; ok && p == pass {
 			ss.user = user
@@ -211,7 +244,7 @@ func (ss *session) Auth(mech string) (sasl.Server, error) {
 }
 
 func (ss *session) Mail(from string, _ *smtp.MailOptions) error {
-	if ss.s.opts.Users != nil && ss.user == "" {
+	if (ss.s.opts.Users != nil || ss.s.opts.Bearer != nil) && ss.user == "" {
 		return smtp.ErrAuthRequired
 	}
 	ss.s.mu.Lock()
@@ -265,6 +298,59 @@ func (ss *session) Data(r io.Reader) error {
 
 func (ss *session) Reset()        { ss.msg = Msg{} }
 func (ss *session) Logout() error { return nil }
+
+// xoauth2Server is the server side of XOAUTH2 as Google documents it: a
+// bad token gets a 334 challenge with a JSON status, the client answers
+// with an empty line, and the exchange ends in 535 5.7.8.
+type xoauth2Server struct {
+	ss     *session
+	asked  bool // the server prompted for the response
+	failed bool
+}
+
+func (x *xoauth2Server) Next(resp []byte) ([]byte, bool, error) {
+	if x.failed {
+		return nil, true, &smtp.SMTPError{Code: 535, EnhancedCode: smtp.EnhancedCode{5, 7, 8}, Message: "Username and Password not accepted"}
+	}
+	if resp == nil {
+		x.asked = true
+		return []byte{}, false, nil // ask for the initial response
+	}
+	x.ss.s.mu.Lock()
+	x.ss.s.authLines = append(x.ss.s.authLines, AuthResponse{Len: len(resp), OnAuthLine: !x.asked})
+	x.ss.s.mu.Unlock()
+	parts := strings.Split(string(resp), "\x01")
+	var user, tok string
+	for _, p := range parts {
+		if v, ok := strings.CutPrefix(p, "user="); ok {
+			user = v
+		}
+		if v, ok := strings.CutPrefix(p, "auth=Bearer "); ok {
+			tok = v
+		}
+	}
+	if len(parts) != 4 || parts[2] != "" || parts[3] != "" || user == "" || tok == "" || !x.ss.s.opts.Bearer(user, tok) {
+		x.failed = true
+		return []byte(`{"status":"401","schemes":"bearer","scope":"https://mail.google.com/"}`), false, nil
+	}
+	x.ss.user = user
+	return nil, true, nil
+}
+
+// AuthResponse is one XOAUTH2 initial response the server read.
+type AuthResponse struct {
+	Len int
+	// OnAuthLine: sent on the AUTH command line itself rather than after
+	// the server's 334 prompt (too long a line for Gmail with a real token).
+	OnAuthLine bool
+}
+
+// AuthResponses lists the XOAUTH2 initial responses read so far.
+func (s *Server) AuthResponses() []AuthResponse {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]AuthResponse(nil), s.authLines...)
+}
 
 type nopLogger struct{}
 
