@@ -159,35 +159,49 @@ func (g *Gate) Admit(ctx context.Context, size int, senderDomain string) Skip {
 var ErrBreakerOpen = errors.New("circuit breaker open")
 
 // Send runs the upstream through the sender breaker (if this sender was ever
-// refused here) and the upstream breaker.
-func (g *Gate) Send(ctx context.Context, m *upstreams.Message) (string, error) {
+// refused here) and the upstream breaker. The breakers judge a partial
+// delivery by its worst refusal, as they would a Send failing with it.
+func (g *Gate) Send(ctx context.Context, m *upstreams.Message) (upstreams.Receipt, error) {
+	var (
+		rc  upstreams.Receipt
+		err error // the upstream's own answer; the breakers see verdict
+	)
 	send := func() (string, error) {
-		id, err := g.up.Send(ctx, m)
-		if err != nil && upstreams.ClassOf(err) == upstreams.ProviderFault {
+		rc, err = g.up.Send(ctx, m)
+		v := verdict(rc, err)
+		if v != nil && upstreams.ClassOf(v) == upstreams.ProviderFault {
 			g.tripNow.Store(true)
 		}
-		return id, err
+		return "", v
 	}
 	call := func() (string, error) { return g.cb.Execute(send) }
-	var (
-		id  string
-		err error
-	)
+	var v error
 	if sb := g.sender(m.SenderDomain(), false); sb != nil {
-		id, err = sb.Execute(call)
+		_, v = sb.Execute(call)
 	} else {
-		id, err = call()
+		_, v = call()
 	}
-	if errors.Is(err, gobreaker.ErrOpenState) || errors.Is(err, gobreaker.ErrTooManyRequests) {
-		return "", ErrBreakerOpen
+	if errors.Is(v, gobreaker.ErrOpenState) || errors.Is(v, gobreaker.ErrTooManyRequests) {
+		return upstreams.Receipt{}, ErrBreakerOpen
 	}
-	if err != nil && upstreams.ClassOf(err) == upstreams.SenderRejected {
+	if v != nil && upstreams.ClassOf(v) == upstreams.SenderRejected {
 		if sb := g.sender(m.SenderDomain(), true); sb.State() == gobreaker.StateClosed {
 			// First refusal of this sender: record it so the breaker opens.
-			sb.Execute(func() (string, error) { return "", err })
+			sb.Execute(func() (string, error) { return "", v })
 		}
 	}
-	return id, err
+	return rc, err
+}
+
+// verdict is what the breakers count for one Send: its error, or for a
+// partial delivery its worst refusal.
+func verdict(rc upstreams.Receipt, err error) error {
+	if err == nil {
+		if w := rc.Worst(); w != nil {
+			return w
+		}
+	}
+	return err
 }
 
 // sender returns the breaker for (this upstream, domain), creating it when

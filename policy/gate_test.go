@@ -20,16 +20,16 @@ type scripted struct {
 }
 
 func (s *scripted) Name() string { return "up" }
-func (s *scripted) Send(context.Context, *upstreams.Message) (string, error) {
+func (s *scripted) Send(context.Context, *upstreams.Message) (upstreams.Receipt, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.calls++
 	if len(s.errs) == 0 {
-		return "id", nil
+		return upstreams.Receipt{ProviderID: "id"}, nil
 	}
 	err := s.errs[0]
 	s.errs = s.errs[1:]
-	return "", err
+	return upstreams.Receipt{}, err
 }
 
 func classErr(c upstreams.Class) error {
@@ -115,6 +115,33 @@ func TestGate_RejectedDoesNotCount(t *testing.T) {
 	}
 	if g.State() != gobreaker.StateClosed {
 		t.Errorf("state = %v after rejected messages, want closed", g.State())
+	}
+}
+
+// A partial delivery counts for the breaker as its refusals would: rejected
+// recipients leave the upstream healthy, transient ones count against it.
+// Either way the caller gets the receipt and no error.
+func TestGate_PartialDeliveryJudgedByRefusals(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		class upstreams.Class
+		want  gobreaker.State
+	}{
+		{upstreams.Rejected, gobreaker.StateClosed},
+		{upstreams.Transient, gobreaker.StateOpen},
+	} {
+		u := upstreams.Func{N: "up", F: func(context.Context, *upstreams.Message) (upstreams.Receipt, error) {
+			return upstreams.Receipt{ProviderID: "p", Refused: []upstreams.Refusal{{Rcpt: "x@example.net", Err: &upstreams.Error{Upstream: "up", Class: tc.class}}}}, nil
+		}}
+		g, _ := newTestGate(u, 2, time.Hour, upstreams.RateLimit{})
+		for range 2 {
+			if rc, err := g.Send(context.Background(), msg); err != nil || rc.ProviderID != "p" || len(rc.Refused) != 1 {
+				t.Fatalf("%v: Send = %+v, %v; want the receipt and no error", tc.class, rc, err)
+			}
+		}
+		if g.State() != tc.want {
+			t.Errorf("%v refusals: state = %v, want %v", tc.class, g.State(), tc.want)
+		}
 	}
 }
 

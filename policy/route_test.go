@@ -12,7 +12,7 @@ import (
 func gatesFor(names ...string) map[string]*Gate {
 	m := map[string]*Gate{}
 	for _, n := range names {
-		u := upstreams.Func{N: n, F: func(context.Context, *upstreams.Message) (string, error) { return "", nil }}
+		u := upstreams.Func{N: n, F: func(context.Context, *upstreams.Message) (upstreams.Receipt, error) { return upstreams.Receipt{}, nil }}
 		c := upstreams.Config{Name: n, Type: "file"}
 		c.ApplyDefaults()
 		m[n] = NewGate(u, c, GateHooks{})

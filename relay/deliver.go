@@ -217,7 +217,7 @@ func (r *Relay) deliverRoute(ctx context.Context, env *Envelope, rs *RouteState,
 			continue
 		}
 		start := r.now()
-		id, err := g.Send(ctx, m)
+		rc, err := g.Send(ctx, m)
 		if errors.Is(err, policy.ErrBreakerOpen) {
 			r.metrics.skipped.WithLabelValues(name, policy.SkipBreakerOpen.String()).Inc()
 			skips = append(skips, name+" "+policy.SkipBreakerOpen.String())
@@ -235,28 +235,26 @@ func (r *Relay) deliverRoute(ctx context.Context, env *Envelope, rs *RouteState,
 		elapsed := r.now().Sub(start)
 		r.metrics.duration.WithLabelValues(name).Observe(elapsed.Seconds())
 		if err == nil {
-			r.metrics.deliveries.WithLabelValues(name, "delivered").Inc()
-			r.delivered(env, rs, name, id, m.To, elapsed, log)
-			rs.Pending, rs.Pinned = nil, ""
-			return tried, nil
+			// A partial delivery goes on, for the refused recipients, as a
+			// failed attempt.
+			if err = r.recordPartial(env, rs, m, name, rc, elapsed, log); err == nil {
+				r.metrics.deliveries.WithLabelValues(name, "delivered").Inc()
+				r.delivered(env, rs, name, rc.ProviderID, m.To, elapsed, log)
+				rs.Pending, rs.Pinned = nil, ""
+				return tried, nil
+			}
 		}
 		class := upstreams.ClassOf(err)
 		r.metrics.deliveries.WithLabelValues(name, class.String()).Inc()
 		lastErr = err
 		noteUpstreamError(env, name, err)
-		var ue *upstreams.Error
-		if errors.As(err, &ue) && len(ue.Recipients) > 0 && len(ue.Recipients) < len(m.To) {
-			// Partly accepted: record those, carry on with the rest.
-			done := slices.DeleteFunc(slices.Clone(m.To), func(a string) bool { return slices.Contains(ue.Recipients, a) })
-			r.delivered(env, rs, name, ue.Delivered, done, elapsed, log)
-			m.To = slices.Clone(ue.Recipients)
-			rs.Pending = slices.Clone(ue.Recipients)
-		}
 		log.Debug("upstream attempt failed", "upstream", name, "err", err)
 		switch class {
 		case upstreams.Rejected:
-			log.Warn("message rejected by upstream; not failing over", "err", err)
-			r.fail(env, rs, name, class.String(), err.Error(), r.now())
+			if len(rs.Pending) > 0 { // recordPartial failed its own
+				log.Warn("message rejected by upstream; not failing over", "err", err)
+				r.fail(env, rs, name, class.String(), err.Error(), r.now())
+			}
 			return tried, err
 		case upstreams.Ambiguous:
 			if r.cfg.Spool.OnAmbiguous == RetrySame {
@@ -282,6 +280,70 @@ func (r *Relay) deliverRoute(ctx context.Context, env *Envelope, rs *RouteState,
 		lastErr = fmt.Errorf("all upstreams skipped: %s", strings.Join(skips, ", "))
 	}
 	return tried, lastErr
+}
+
+// recordPartial settles the refusals of rc, a receipt for m: it records
+// the recipients rc does not refuse as delivered, fails the Rejected ones
+// and leaves the others as m.To and rs.Pending, to go on as after a failed
+// attempt. It returns the refusal that decides how (a Rejected one when
+// none is left), nil if rc refuses nobody.
+func (r *Relay) recordPartial(env *Envelope, rs *RouteState, m *upstreams.Message, name string, rc upstreams.Receipt, took time.Duration, log *slog.Logger) error {
+	if len(rc.Refused) == 0 {
+		return nil
+	}
+	refused := map[string]*upstreams.Error{}
+	for _, f := range rc.Refused {
+		if !slices.Contains(m.To, f.Rcpt) {
+			continue // not ours to retry
+		}
+		e := f.Err
+		if e == nil {
+			e = &upstreams.Error{Upstream: name, Class: upstreams.Transient, Reason: "recipient refused without a reason"}
+		}
+		refused[f.Rcpt] = e
+	}
+	if len(refused) == 0 {
+		return nil
+	}
+	var done []string
+	var rest, rejected upstreams.Receipt
+	for _, a := range m.To {
+		switch e := refused[a]; {
+		case e == nil:
+			done = append(done, a)
+		case e.Class == upstreams.Rejected:
+			rejected.Refused = append(rejected.Refused, upstreams.Refusal{Rcpt: a, Err: e})
+		default:
+			rest.Refused = append(rest.Refused, upstreams.Refusal{Rcpt: a, Err: e})
+		}
+	}
+	if len(done) > 0 {
+		r.delivered(env, rs, name, rc.ProviderID, done, took, log)
+	}
+	// One Failure per reason, in recipient order.
+	now := r.now().UTC()
+	byReason := map[string]int{}
+	for _, f := range rejected.Refused {
+		reason := f.Err.Error()
+		i, ok := byReason[reason]
+		if !ok {
+			log.Warn("recipients rejected by upstream; not failing over", "upstream", name, "err", f.Err)
+			i = len(env.Failures)
+			byReason[reason] = i
+			env.Failures = append(env.Failures, Failure{Route: rs.Route, Upstream: name, Class: upstreams.Rejected.String(), Reason: reason, At: now})
+		}
+		env.Failures[i].Rcpts = append(env.Failures[i].Rcpts, f.Rcpt)
+	}
+	m.To, rs.Pending = rest.RefusedRcpts(), rest.RefusedRcpts()
+	w := rest.Worst()
+	if len(rest.Refused) == 0 {
+		rs.Pending, rs.Pinned = nil, ""
+		w = rejected.Worst()
+	}
+	if w == nil {
+		return nil // a nil *Error must not become a non-nil error
+	}
+	return w
 }
 
 func (r *Relay) delivered(env *Envelope, rs *RouteState, upstream, id string, rcpts []string, took time.Duration, log *slog.Logger) {

@@ -43,7 +43,7 @@ type recorder struct {
 }
 
 func (r *recorder) Name() string { return r.name }
-func (r *recorder) Send(_ context.Context, m *upstreams.Message) (string, error) {
+func (r *recorder) Send(_ context.Context, m *upstreams.Message) (upstreams.Receipt, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.seen++
@@ -51,19 +51,28 @@ func (r *recorder) Send(_ context.Context, m *upstreams.Message) (string, error)
 	if len(r.errs) > 0 {
 		err := r.errs[0]
 		r.errs = r.errs[1:]
+		if p, ok := err.(partial); ok {
+			return upstreams.Receipt(p), nil
+		}
 		if err != nil {
-			return "", err
+			return upstreams.Receipt{}, err
 		}
 	}
 	data, err := io.ReadAll(m.Reader())
 	if err != nil {
-		return "", err
+		return upstreams.Receipt{}, err
 	}
 	cp := *m
 	cp.To = slices.Clone(m.To)
 	r.got = append(r.got, sent{Message: cp, Data: data})
-	return fmt.Sprintf("%s-%d", r.name, len(r.got)), nil
+	return upstreams.Receipt{ProviderID: fmt.Sprintf("%s-%d", r.name, len(r.got))}, nil
 }
+
+// partial scripts a partial delivery among a recorder's errs: the recorder
+// returns it as the receipt, with no error.
+type partial upstreams.Receipt
+
+func (partial) Error() string { return "partial delivery (scripted)" }
 
 // sent is a message a recorder accepted, with its body read at the time:
 // the spool file behind Body is gone once the delivery is recorded.
@@ -333,8 +342,8 @@ func TestDelivery_StableMessageIDAcrossAttempts(t *testing.T) {
 
 func TestDelivery_PartialRecipients(t *testing.T) {
 	t.Parallel()
-	a := &recorder{name: "a", errs: []error{&upstreams.Error{Upstream: "a", Class: upstreams.Rejected, Reason: "550 no such user",
-		Recipients: []string{"bad@example.net"}, Delivered: "a-partial"}}}
+	a := &recorder{name: "a", errs: []error{partial{ProviderID: "a-partial", Refused: []upstreams.Refusal{{Rcpt: "bad@example.net",
+		Err: &upstreams.Error{Upstream: "a", Class: upstreams.Rejected, Reason: "550 no such user"}}}}}}
 	tr := startRelay(t, []*recorder{a}, nil, nil)
 	tr.send("a@example.com", []string{"ok@example.net", "bad@example.net"}, simpleMsg)
 	tr.waitDead(t, 1)
@@ -352,6 +361,32 @@ func TestDelivery_PartialRecipients(t *testing.T) {
 	waitFor(t, "retried delivery", func() bool { return len(a.accepted()) == 1 })
 	if got := a.accepted()[0].To; !slices.Equal(got, []string{"bad@example.net"}) {
 		t.Errorf("retry went to %v", got)
+	}
+}
+
+// Each refused recipient goes on by its own refusal: the rejected one is
+// dead-lettered, the transient one fails over, the delivered one is not
+// sent again.
+func TestDelivery_PartialRefusalsByClass(t *testing.T) {
+	t.Parallel()
+	a := &recorder{name: "a", errs: []error{partial{ProviderID: "a-partial", Refused: []upstreams.Refusal{
+		{Rcpt: "bad@example.net", Err: &upstreams.Error{Upstream: "a", Class: upstreams.Rejected, Reason: "550 no such user"}},
+		{Rcpt: "later@example.net", Err: &upstreams.Error{Upstream: "a", Class: upstreams.Transient, Reason: "451 try later"}},
+	}}}}
+	b := &recorder{name: "b"}
+	tr := startRelay(t, []*recorder{a, b}, nil, nil)
+	tr.send("a@example.com", []string{"ok@example.net", "bad@example.net", "later@example.net"}, simpleMsg)
+	tr.waitDead(t, 1)
+	d := tr.deadEnvelopes(t)[0]
+	if len(d.Deliveries) != 2 || !slices.Equal(d.Deliveries[0].Rcpts, []string{"ok@example.net"}) || d.Deliveries[0].ProviderID != "a-partial" ||
+		d.Deliveries[1].Upstream != "b" || !slices.Equal(d.Deliveries[1].Rcpts, []string{"later@example.net"}) {
+		t.Errorf("deliveries = %+v", d.Deliveries)
+	}
+	if len(d.Failures) != 1 || !slices.Equal(d.Failures[0].Rcpts, []string{"bad@example.net"}) || !strings.Contains(d.Failures[0].Reason, "550 no such user") {
+		t.Errorf("failures = %+v", d.Failures)
+	}
+	if got := b.accepted(); len(got) != 1 || !slices.Equal(got[0].To, []string{"later@example.net"}) {
+		t.Errorf("b got %+v", got)
 	}
 }
 

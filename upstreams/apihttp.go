@@ -9,7 +9,6 @@ import (
 	"net/http/httptrace"
 	"net/url"
 	"regexp"
-	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -236,23 +235,23 @@ func apiBodyReason(body []byte, secrets ...Secret) string {
 
 // sendChunks calls send for consecutive chunks of at most size recipients
 // (a provider's per-call limit) and returns the first call's id. When a
-// later chunk fails, the error names the recipients not yet delivered, so
-// the relay records the earlier chunks as delivered and never resends them.
-func sendChunks(rcpts []string, size int, send func([]string) (string, *Error)) (string, error) {
-	first := ""
+// later chunk fails, the receipt refuses the recipients not yet delivered,
+// so the relay records the earlier chunks as delivered and never resends
+// them.
+func sendChunks(rcpts []string, size int, send func([]string) (string, *Error)) (Receipt, error) {
+	var rc Receipt
 	for i := 0; i < len(rcpts); i += size {
 		id, err := send(rcpts[i:min(i+size, len(rcpts))])
 		if err != nil {
 			if i == 0 {
-				return "", err
+				return Receipt{}, err
 			}
-			err.Recipients = slices.Clone(rcpts[i:])
-			err.Delivered = first
-			return first, err
+			rc.Refused = refuse(rcpts[i:], err)
+			return rc, nil
 		}
 		if i == 0 {
-			first = id
+			rc.ProviderID = id
 		}
 	}
-	return first, nil
+	return rc, nil
 }

@@ -390,7 +390,8 @@ func TestAPI_EndlessResponseBodyIsBounded(t *testing.T) {
 			var before, after runtime.MemStats
 			runtime.ReadMemStats(&before)
 			start := time.Now()
-			id, err := u.Send(context.Background(), msg)
+			rc, err := u.Send(context.Background(), msg)
+			id := rc.ProviderID
 			took := time.Since(start)
 			runtime.ReadMemStats(&after)
 			alloc := after.TotalAlloc - before.TotalAlloc
@@ -442,7 +443,8 @@ func TestAPI_TricklingResponseBodyEndsAtTimeout(t *testing.T) {
 			f := apiEndlessServer(t, trickle)
 			msg := apiTestMessage("alice@example.com", []string{"bob@example.net"}, []string{"bob@example.net"})
 			start := time.Now()
-			id, err := up(t, f.url).Send(context.Background(), msg)
+			rc, err := up(t, f.url).Send(context.Background(), msg)
+			id := rc.ProviderID
 			if took := time.Since(start); took > timeout+time.Second {
 				t.Errorf("took %v with a %v timeout", took, timeout)
 			}

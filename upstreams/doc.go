@@ -9,7 +9,8 @@
 // which bounds the time and size of every response, so an endless body
 // cannot hold a worker or its memory); Send, which builds the request,
 // calls the provider once (the relay owns retries, so SDK retries stay
-// off) and classifies every failure into an *Error; its helpers; and an
+// off) and classifies every failure into an *Error (a partial delivery is
+// a Receipt with Refused, not an error); its helpers; and an
 // interface guard. The entry goes in kinds (kinds.go) with a Kind
 // constant: the constructor, the provider's size limit, the fields the
 // kind requires and uses, its key forms, its defaults and its extra

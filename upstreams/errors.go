@@ -61,11 +61,7 @@ type Error struct {
 	// Code is the provider's code: an HTTP status, an SMTP reply code or an API error name.
 	Code   string
 	Reason string
-	// Recipients, when set, are the only recipients this error applies to:
-	// the others were delivered (Delivered holds the provider id for them).
-	Recipients []string
-	Delivered  string
-	Err        error
+	Err    error
 }
 
 func (e *Error) Error() string {

@@ -46,24 +46,24 @@ func (f *File) Name() string { return f.name }
 // .json can rely on the .eml being complete, then waits for a shared sync
 // of the file system (concurrent workers batch it). A resend after a crash
 // overwrites the same names.
-func (f *File) Send(ctx context.Context, m *Message) (string, error) {
+func (f *File) Send(ctx context.Context, m *Message) (Receipt, error) {
 	base := filepath.Join(f.dir, m.ID)
 	env, err := json.MarshalIndent(FileEnvelope{
 		ID: m.ID, From: m.From, To: m.To, MessageID: m.MessageID, Size: int(m.Size()), WrittenAt: f.now().UTC(),
 	}, "", "  ")
 	if err != nil {
-		return "", Errorf(f.name, Transient, "", err, "encoding the envelope: %v", err)
+		return Receipt{}, Errorf(f.name, Transient, "", err, "encoding the envelope: %v", err)
 	}
 	if err := writeFile(base+".eml", m.Reader()); err != nil {
-		return "", Errorf(f.name, Transient, "", err, "write: %v", err)
+		return Receipt{}, Errorf(f.name, Transient, "", err, "write: %v", err)
 	}
 	if err := os.WriteFile(base+".json", env, 0o600); err != nil {
-		return "", Errorf(f.name, Transient, "", err, "write: %v", err)
+		return Receipt{}, Errorf(f.name, Transient, "", err, "write: %v", err)
 	}
 	if err := f.sync.Sync(); err != nil {
-		return "", Errorf(f.name, Transient, "", err, "sync: %v", err)
+		return Receipt{}, Errorf(f.name, Transient, "", err, "sync: %v", err)
 	}
-	return m.ID, nil
+	return Receipt{ProviderID: m.ID}, nil
 }
 
 // writeFile streams r into path (created or truncated, 0600).

@@ -49,25 +49,25 @@ func newMailgun(c Config, d Deps) (*Mailgun, error) {
 func (g *Mailgun) Name() string { return g.name }
 
 // Send delivers m in calls of at most mailgun.MaxNumberOfRecipients and
-// returns the first call's id. If a later call fails, the error lists only
-// the recipients not yet delivered.
-func (g *Mailgun) Send(ctx context.Context, m *Message) (string, error) {
+// returns the first call's id. If a later call fails, the receipt refuses
+// only the recipients not yet delivered.
+func (g *Mailgun) Send(ctx context.Context, m *Message) (Receipt, error) {
 	if len(m.To) == 0 {
-		return "", Errorf(g.name, Rejected, "", nil, "no recipients")
+		return Receipt{}, Errorf(g.name, Rejected, "", nil, "no recipients")
 	}
 	release, err := reserve(ctx, g.mem, g.name, m, memFactorMailgun)
 	if err != nil {
-		return "", err
+		return Receipt{}, err
 	}
 	defer release()
-	first, err := sendChunks(m.To, mailgun.MaxNumberOfRecipients, func(rcpts []string) (string, *Error) {
+	rc, err := sendChunks(m.To, mailgun.MaxNumberOfRecipients, func(rcpts []string) (string, *Error) {
 		return g.send(ctx, m, rcpts)
 	})
-	if err != nil {
-		return first, err
+	if err != nil || len(rc.Refused) > 0 {
+		return rc, err
 	}
-	g.log.Debug("mailgun accepted message", "upstream", g.name, "msg_id", m.ID, "provider_id", first, "rcpt_count", len(m.To))
-	return first, nil
+	g.log.Debug("mailgun accepted message", "upstream", g.name, "msg_id", m.ID, "provider_id", rc.ProviderID, "rcpt_count", len(m.To))
+	return rc, nil
 }
 
 // send makes one messages.mime call for rcpts.

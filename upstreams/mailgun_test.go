@@ -89,7 +89,8 @@ func TestMailgun_Request(t *testing.T) {
 	f := fakes.NewHTTP(t, func(int, fakes.Request) fakes.Reply { return mailgunOK("<20261122.1@mg.example.com>") })
 	m := apiTestMessage("alice@example.com", []string{"bob@example.net"}, []string{"bob@example.net", "hidden@example.org"})
 	orig := bodyOf(m)
-	id, err := newTestMailgun(t, f.URL).Send(context.Background(), m)
+	rc, err := newTestMailgun(t, f.URL).Send(context.Background(), m)
+	id := rc.ProviderID
 	if err != nil {
 		t.Fatalf("Send: %v", err)
 	}
@@ -136,7 +137,8 @@ func TestMailgun_ChunksOf1000(t *testing.T) {
 	t.Parallel()
 	f := fakes.NewHTTP(t, func(n int, _ fakes.Request) fakes.Reply { return mailgunOK(fmt.Sprintf("<mg-%d>", n)) })
 	rcpts := apiRcpts(2500)
-	id, err := newTestMailgun(t, f.URL).Send(context.Background(), apiTestMessage("alice@example.com", rcpts[:1], rcpts))
+	rc, err := newTestMailgun(t, f.URL).Send(context.Background(), apiTestMessage("alice@example.com", rcpts[:1], rcpts))
+	id := rc.ProviderID
 	if err != nil {
 		t.Fatalf("Send: %v", err)
 	}
@@ -164,16 +166,16 @@ func TestMailgun_LaterChunkFails(t *testing.T) {
 		return fakes.Reply{Status: 429, Header: map[string]string{"X-RateLimit-Reset": "1795000000"}, Body: `{"message":"rate limited"}`}
 	})
 	rcpts := apiRcpts(1500)
-	id, err := newTestMailgun(t, f.URL).Send(context.Background(), apiTestMessage("alice@example.com", rcpts[:1], rcpts))
-	e := apiClassOf(t, err)
+	rc, err := newTestMailgun(t, f.URL).Send(context.Background(), apiTestMessage("alice@example.com", rcpts[:1], rcpts))
+	e := refusedErr(t, rc, err)
 	if e.Class != Transient || e.Code != "429" {
 		t.Errorf("class/code = %v/%s, want transient/429", e.Class, e.Code)
 	}
 	if !strings.Contains(e.Reason, "rate limit resets at") {
 		t.Errorf("reason %q should say when the rate limit resets", e.Reason)
 	}
-	if !slices.Equal(e.Recipients, rcpts[1000:]) || e.Delivered != "<mg-first>" || id != "<mg-first>" {
-		t.Errorf("Recipients = %d, Delivered = %q, id = %q; want the 500 undelivered and <mg-first>", len(e.Recipients), e.Delivered, id)
+	if !slices.Equal(rc.RefusedRcpts(), rcpts[1000:]) || rc.ProviderID != "<mg-first>" {
+		t.Errorf("Refused = %d, ProviderID = %q; want the 500 undelivered and <mg-first>", len(rc.Refused), rc.ProviderID)
 	}
 }
 
@@ -190,8 +192,9 @@ func TestMailgun_StatusSweep(t *testing.T) {
 				}
 				return fakes.JSON(status, `{"message":"scripted failure"}`)
 			})
-			id, err := newTestMailgun(t, f.URL).Send(context.Background(),
+			rc, err := newTestMailgun(t, f.URL).Send(context.Background(),
 				apiTestMessage("alice@example.com", []string{"bob@example.net"}, []string{"bob@example.net"}))
+			id := rc.ProviderID
 			// The SDK accepts 200, 202 and 204; 204 has no body to carry an id.
 			if status == 200 || status == 202 {
 				if err != nil || id != "<mg-sweep>" {

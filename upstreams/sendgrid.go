@@ -70,17 +70,17 @@ func (s *SendGrid) Name() string { return s.name }
 
 // Send maps m to one Mail Send request per 1,000 recipients and posts them
 // in order. When a later request fails after earlier ones were accepted, the
-// error names only the recipients not yet delivered.
-func (s *SendGrid) Send(ctx context.Context, m *Message) (string, error) {
+// receipt refuses only the recipients not yet delivered.
+func (s *SendGrid) Send(ctx context.Context, m *Message) (Receipt, error) {
 	data, release, err := loadBody(ctx, s.mem, s.name, m, memFactorSendGrid)
 	if err != nil {
-		return "", err
+		return Receipt{}, err
 	}
 	defer release()
 	base, chunks, err := mapSendGrid(m, data)
 	if err != nil {
 		// A *sgMappingError: its text is the reason, its class Unsupported.
-		return "", Errorf(s.name, Unsupported, "", nil, "%s", err.Error())
+		return Receipt{}, Errorf(s.name, Unsupported, "", nil, "%s", err.Error())
 	}
 	if len(chunks) > 1 {
 		s.log.Debug("sendgrid request split", "msg_id", m.ID, "requests", len(chunks), "rcpt_count", len(m.To))
@@ -95,10 +95,10 @@ func (s *SendGrid) Send(ctx context.Context, m *Message) (string, error) {
 		enc := json.NewEncoder(&buf)
 		enc.SetEscapeHTML(false) // HTML bodies would grow by \u003c escapes
 		if err := enc.Encode(&req); err != nil {
-			return "", Errorf(s.name, Unsupported, "", err, "encode request: %v", err)
+			return Receipt{}, Errorf(s.name, Unsupported, "", err, "encode request: %v", err)
 		}
 		if buf.Len() > s.maxBody {
-			return "", Errorf(s.name, Unsupported, "", nil, "request of %d bytes exceeds SendGrid's limit of %d", buf.Len(), s.maxBody)
+			return Receipt{}, Errorf(s.name, Unsupported, "", nil, "request of %d bytes exceeds SendGrid's limit of %d", buf.Len(), s.maxBody)
 		}
 		bodies[i] = buf.Bytes()
 	}
@@ -106,21 +106,20 @@ func (s *SendGrid) Send(ctx context.Context, m *Message) (string, error) {
 	for i, body := range bodies {
 		id, e := s.post(ctx, body)
 		if e != nil {
-			if i > 0 {
-				var left []string
-				for _, c := range chunks[i:] {
-					left = append(left, c.rcpts...)
-				}
-				e.Recipients = left
-				e.Delivered = strings.Join(ids, ",")
+			if i == 0 {
+				return Receipt{}, e
 			}
-			return strings.Join(ids, ","), e
+			var left []string
+			for _, c := range chunks[i:] {
+				left = append(left, c.rcpts...)
+			}
+			return Receipt{ProviderID: strings.Join(ids, ","), Refused: refuse(left, e)}, nil
 		}
 		if id != "" {
 			ids = append(ids, id)
 		}
 	}
-	return strings.Join(ids, ","), nil
+	return Receipt{ProviderID: strings.Join(ids, ",")}, nil
 }
 
 // post sends one request body and classifies the outcome. It returns the

@@ -89,7 +89,8 @@ func TestSendGrid_SendMapsRequest(t *testing.T) {
 		[]string{"bob@example.net", "jane@example.net", "ops@example.org", "hidden@example.org", "env-only@example.com"},
 		sgRichMessage)
 
-	id, err := sg.Send(context.Background(), m)
+	rc, err := sg.Send(context.Background(), m)
+	id := rc.ProviderID
 	if err != nil {
 		t.Fatalf("Send: %v", err)
 	}
@@ -358,7 +359,8 @@ func TestSendGrid_SplitsAt1000Recipients(t *testing.T) {
 	f := newFakeSendGrid(t, sgTestKey)
 	sg := newTestSendGrid(t, f.URL, sgTestKey, 5*time.Second, nil)
 	m := bulkMessage(2500)
-	id, err := sg.Send(context.Background(), m)
+	rc, err := sg.Send(context.Background(), m)
+	id := rc.ProviderID
 	if err != nil {
 		t.Fatalf("Send: %v", err)
 	}
@@ -403,14 +405,14 @@ func TestSendGrid_PartialFailureNamesUndelivered(t *testing.T) {
 	sg := newTestSendGrid(t, f.URL, sgTestKey, 5*time.Second, nil)
 	f.Script(sgAnswer{}, sgAnswer{Status: 503, Body: `{"errors":[{"message":"service unavailable"}]}`})
 	m := bulkMessage(2500)
-	id, err := sg.Send(context.Background(), m)
-	var e *Error
-	if !errors.As(err, &e) || e.Class != Transient {
-		t.Fatalf("err = %v, want transient", err)
+	rc, err := sg.Send(context.Background(), m)
+	if e := refusedErr(t, rc, err); e.Class != Transient {
+		t.Fatalf("refusal = %v, want transient", e)
 	}
-	if id != "fake-1" || e.Delivered != "fake-1" {
-		t.Errorf("id = %q, Delivered = %q, want fake-1", id, e.Delivered)
+	if rc.ProviderID != "fake-1" {
+		t.Errorf("ProviderID = %q, want fake-1", rc.ProviderID)
 	}
+	undelivered := rc.RefusedRcpts()
 	reqs := f.Requests()
 	if len(reqs) != 2 {
 		t.Fatalf("%d requests, want 2 (stop at the first failure)", len(reqs))
@@ -422,16 +424,16 @@ func TestSendGrid_PartialFailureNamesUndelivered(t *testing.T) {
 			delivered[x.Email] = true
 		}
 	}
-	if len(e.Recipients) != 1500 {
-		t.Errorf("%d undelivered recipients, want 1500", len(e.Recipients))
+	if len(undelivered) != 1500 {
+		t.Errorf("%d undelivered recipients, want 1500", len(undelivered))
 	}
-	for _, r := range e.Recipients {
+	for _, r := range undelivered {
 		if delivered[r] {
 			t.Errorf("%s was delivered but is listed as undelivered", r)
 		}
 	}
-	if len(delivered)+len(e.Recipients) != 2500 {
-		t.Errorf("delivered %d + undelivered %d != 2500", len(delivered), len(e.Recipients))
+	if len(delivered)+len(undelivered) != 2500 {
+		t.Errorf("delivered %d + undelivered %d != 2500", len(delivered), len(undelivered))
 	}
 }
 

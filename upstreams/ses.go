@@ -79,11 +79,11 @@ func newSES(c Config, d Deps) (*SES, error) {
 func (s *SES) Name() string { return s.name }
 
 // Send delivers m in calls of at most 50 recipients and returns the first
-// call's MessageId. If a later call fails, the error lists only the
+// call's MessageId. If a later call fails, the receipt refuses only the
 // recipients not yet delivered.
-func (s *SES) Send(ctx context.Context, m *Message) (string, error) {
+func (s *SES) Send(ctx context.Context, m *Message) (Receipt, error) {
 	if len(m.To) == 0 {
-		return "", Errorf(s.name, Rejected, "", nil, "no recipients")
+		return Receipt{}, Errorf(s.name, Rejected, "", nil, "no recipients")
 	}
 	if needsUTF8(m) {
 		// SES does not support SMTPUTF8: addresses must be 7-bit ASCII
@@ -106,29 +106,29 @@ func (s *SES) Send(ctx context.Context, m *Message) (string, error) {
 		if !IsASCII(m.From) {
 			who = "sender"
 		}
-		return "", Errorf(s.name, Unsupported, "SMTPUTF8", nil,
+		return Receipt{}, Errorf(s.name, Unsupported, "SMTPUTF8", nil,
 			"SES does not support SMTPUTF8: non-ASCII envelope %s", who)
 	}
 	if n := base64.StdEncoding.EncodedLen(int(m.Size())); n > sesMaxEncoded {
 		// SES would refuse it (Rejected: dead-letter) although another
 		// upstream of the route may take it; max_message_bytes counts raw
 		// bytes, so this can pass the policy's size check.
-		return "", Errorf(s.name, Unsupported, "size", nil,
+		return Receipt{}, Errorf(s.name, Unsupported, "size", nil,
 			"message is %d bytes, %d after base64; SES takes at most %d", m.Size(), n, sesMaxEncoded)
 	}
 	data, release, err := loadBody(ctx, s.mem, s.name, m, memFactorSES)
 	if err != nil {
-		return "", err
+		return Receipt{}, err
 	}
 	defer release()
-	first, err := sendChunks(m.To, sesMaxRecipients, func(rcpts []string) (string, *Error) {
+	rc, err := sendChunks(m.To, sesMaxRecipients, func(rcpts []string) (string, *Error) {
 		return s.send(ctx, m, data, rcpts)
 	})
-	if err != nil {
-		return first, err
+	if err != nil || len(rc.Refused) > 0 {
+		return rc, err
 	}
-	s.log.Debug("ses accepted message", "upstream", s.name, "msg_id", m.ID, "provider_id", first, "rcpt_count", len(m.To))
-	return first, nil
+	s.log.Debug("ses accepted message", "upstream", s.name, "msg_id", m.ID, "provider_id", rc.ProviderID, "rcpt_count", len(m.To))
+	return rc, nil
 }
 
 // send makes one SendEmail call for rcpts.

@@ -196,7 +196,8 @@ func TestSES_Emulator(t *testing.T) {
 	base := startSESEmulator(t)
 	u := newTestSES(t, base)
 	m := apiTestMessage("alice@example.com", []string{"Bob <bob@example.net>"}, []string{"bob@example.net", "dave@example.org"})
-	id, err := u.Send(context.Background(), m)
+	rc, err := u.Send(context.Background(), m)
+	id := rc.ProviderID
 	if err != nil {
 		t.Fatalf("Send: %v", err)
 	}
@@ -246,7 +247,8 @@ func TestSES_Request(t *testing.T) {
 	m := apiTestMessage("alice@example.com", []string{"bob@example.net"}, []string{"bob@example.net", "hidden@example.org"})
 	orig := bodyOf(m)
 
-	id, err := u.Send(context.Background(), m)
+	rc, err := u.Send(context.Background(), m)
+	id := rc.ProviderID
 	if err != nil {
 		t.Fatalf("Send: %v", err)
 	}
@@ -309,7 +311,8 @@ func TestSES_ChunksOf50(t *testing.T) {
 	f := fakes.NewHTTP(t, func(n int, _ fakes.Request) fakes.Reply { return sesOK(fmt.Sprintf("ses-%d", n)) })
 	u := newTestSES(t, f.URL)
 	rcpts := apiRcpts(120)
-	id, err := u.Send(context.Background(), apiTestMessage("alice@example.com", rcpts[:1], rcpts))
+	rc, err := u.Send(context.Background(), apiTestMessage("alice@example.com", rcpts[:1], rcpts))
+	id := rc.ProviderID
 	if err != nil {
 		t.Fatalf("Send: %v", err)
 	}
@@ -338,16 +341,16 @@ func TestSES_LaterChunkFails(t *testing.T) {
 	})
 	u := newTestSES(t, f.URL)
 	rcpts := apiRcpts(120)
-	id, err := u.Send(context.Background(), apiTestMessage("alice@example.com", rcpts[:1], rcpts))
-	e := apiClassOf(t, err)
+	rc, err := u.Send(context.Background(), apiTestMessage("alice@example.com", rcpts[:1], rcpts))
+	e := refusedErr(t, rc, err)
 	if e.Class != Transient || e.Code != "TooManyRequestsException" {
 		t.Errorf("class/code = %v/%s, want transient/TooManyRequestsException", e.Class, e.Code)
 	}
-	if !slices.Equal(e.Recipients, rcpts[50:]) {
-		t.Errorf("Recipients = %d addresses, want the 70 not yet delivered", len(e.Recipients))
+	if !slices.Equal(rc.RefusedRcpts(), rcpts[50:]) {
+		t.Errorf("Recipients = %d addresses, want the 70 not yet delivered", len(rc.RefusedRcpts()))
 	}
-	if e.Delivered != "ses-first" || id != "ses-first" {
-		t.Errorf("Delivered = %q, id = %q, want ses-first", e.Delivered, id)
+	if rc.ProviderID != "ses-first" {
+		t.Errorf("ProviderID = %q, want ses-first", rc.ProviderID)
 	}
 	if len(f.Requests()) != 2 {
 		t.Errorf("%d calls, want 2 (stop at the first failure)", len(f.Requests()))
@@ -423,8 +426,9 @@ func TestSES_StatusSweepUnknownCode(t *testing.T) {
 				}
 				return sesError(status, "SomethingNewException", "an error SES added later")
 			})
-			id, err := newTestSES(t, f.URL).Send(context.Background(),
+			rc, err := newTestSES(t, f.URL).Send(context.Background(),
 				apiTestMessage("alice@example.com", []string{"bob@example.net"}, []string{"bob@example.net"}))
+			id := rc.ProviderID
 			if status < 300 {
 				if status == http.StatusNoContent {
 					// No body can carry the MessageId.

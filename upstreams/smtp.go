@@ -91,26 +91,26 @@ const (
 )
 
 // Send delivers m in one SMTP transaction. Recipients refused at RCPT while
-// others were accepted are reported in Error.Recipients; the rest are
+// others were accepted are reported in Receipt.Refused; the rest are
 // delivered. A connection left idle by an earlier successful transaction is
 // reused (as Postfix's connection cache does); if it turns out to be dead
 // before the message went out, the transaction is retried once on a fresh
 // connection, so a stale connection never counts as an upstream failure.
-func (s *SMTP) Send(ctx context.Context, m *Message) (string, error) {
+func (s *SMTP) Send(ctx context.Context, m *Message) (Receipt, error) {
 	ctx, cancel := context.WithTimeoutCause(ctx, s.timeout, apiTimeoutCause(s.timeout))
 	defer cancel()
 	if sc := s.takeIdle(); sc != nil {
-		id, stale, err := s.transact(ctx, sc, m)
+		rc, stale, err := s.transact(ctx, sc, m)
 		if !stale {
-			return id, err
+			return rc, err
 		}
 	}
 	sc, err := s.dial(ctx)
 	if err != nil {
-		return "", err
+		return Receipt{}, err
 	}
-	id, _, err := s.transact(ctx, sc, m)
-	return id, err
+	rc, _, err := s.transact(ctx, sc, m)
+	return rc, err
 }
 
 // smtpConn is an open, greeted (and authenticated) upstream connection.
@@ -185,7 +185,7 @@ func (s *SMTP) handshake(ctx context.Context, conn net.Conn) (*smtpConn, error) 
 // clean success and closes it otherwise. stale reports that a reused
 // connection failed before anything of the message was accepted, so the
 // caller may retry on a fresh one.
-func (s *SMTP) transact(ctx context.Context, sc *smtpConn, m *Message) (id string, stale bool, err error) {
+func (s *SMTP) transact(ctx context.Context, sc *smtpConn, m *Message) (rc Receipt, stale bool, err error) {
 	reused := !sc.idle.IsZero()
 	stop := context.AfterFunc(ctx, func() { sc.conn.Close() })
 	keep := false
@@ -206,11 +206,11 @@ func (s *SMTP) transact(ctx context.Context, sc *smtpConn, m *Message) (id strin
 	if e := s.cannotCarry(c, m); e != nil {
 		// Nothing was sent: the connection stays clean for the next message.
 		keep = true
-		return "", false, e
+		return Receipt{}, false, e
 	}
 	opts := &smtp.MailOptions{Size: m.Size(), UTF8: needsUTF8(m)}
 	if err := c.Mail(m.From, opts); err != nil {
-		return "", isStale(err), s.fail(ctx, phaseMail, err)
+		return Receipt{}, isStale(err), s.fail(ctx, phaseMail, err)
 	}
 	var accepted, refused []string
 	var firstRcptErr, tempRcptErr error
@@ -218,7 +218,7 @@ func (s *SMTP) transact(ctx context.Context, sc *smtpConn, m *Message) (id strin
 		if err := c.Rcpt(rcpt, nil); err != nil {
 			var se *smtp.SMTPError
 			if !errors.As(err, &se) {
-				return "", false, s.fail(ctx, phaseRcpt, err)
+				return Receipt{}, false, s.fail(ctx, phaseRcpt, err)
 			}
 			refused = append(refused, rcpt)
 			if firstRcptErr == nil {
@@ -235,13 +235,13 @@ func (s *SMTP) transact(ctx context.Context, sc *smtpConn, m *Message) (id strin
 		// A greylisting 4xx beside a 5xx: retry all rather than dead-letter
 		// a recipient that would have been accepted later.
 		if tempRcptErr != nil {
-			return "", false, s.fail(ctx, phaseRcpt, tempRcptErr)
+			return Receipt{}, false, s.fail(ctx, phaseRcpt, tempRcptErr)
 		}
-		return "", false, s.fail(ctx, phaseRcpt, firstRcptErr)
+		return Receipt{}, false, s.fail(ctx, phaseRcpt, firstRcptErr)
 	}
 	w, err := c.Data()
 	if err != nil {
-		return "", false, s.fail(ctx, phaseData, err)
+		return Receipt{}, false, s.fail(ctx, phaseData, err)
 	}
 	// Straight from the spool file to the socket: the message is never
 	// whole in memory.
@@ -251,17 +251,17 @@ func (s *SMTP) transact(ctx context.Context, sc *smtpConn, m *Message) (id strin
 			// Ending DATA now would deliver a truncated message; dropping
 			// the connection (transact's deferred close) makes the server
 			// discard it.
-			return "", false, Errorf(s.name, Transient, "", src.Err, "reading the spooled message: %v", src.Err)
+			return Receipt{}, false, Errorf(s.name, Transient, "", src.Err, "reading the spooled message: %v", src.Err)
 		}
 		w.Close()
-		return "", false, s.fail(ctx, phaseData, err)
+		return Receipt{}, false, s.fail(ctx, phaseData, err)
 	}
 	resp, err := w.CloseWithResponse()
 	if err != nil {
-		return "", false, s.fail(ctx, phaseDataEnd, err)
+		return Receipt{}, false, s.fail(ctx, phaseDataEnd, err)
 	}
 	if resp != nil {
-		id = resp.StatusText
+		rc.ProviderID = resp.StatusText
 	}
 	if len(refused) > 0 {
 		// Partially delivered: report only the refused recipients. If any was
@@ -271,13 +271,11 @@ func (s *SMTP) transact(ctx context.Context, sc *smtpConn, m *Message) (id strin
 		if tempRcptErr != nil {
 			rerr = tempRcptErr
 		}
-		e := s.fail(ctx, phaseRcpt, rerr)
-		e.Recipients = refused
-		e.Delivered = id
-		return id, false, e
+		rc.Refused = refuse(refused, s.fail(ctx, phaseRcpt, rerr))
+		return rc, false, nil
 	}
 	keep = true
-	return id, false, nil
+	return rc, false, nil
 }
 
 // cannotCarry checks m against what the server said in EHLO, before MAIL.

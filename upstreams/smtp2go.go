@@ -75,15 +75,15 @@ type smtp2goResponse struct {
 }
 
 // Send posts m (plus the Bcc header, see SMTP2GO) and returns data.email_id.
-func (s *SMTP2GO) Send(ctx context.Context, m *Message) (string, error) {
+func (s *SMTP2GO) Send(ctx context.Context, m *Message) (Receipt, error) {
 	if len(m.To) == 0 {
-		return "", Errorf(s.name, Rejected, "", nil, "no recipients")
+		return Receipt{}, Errorf(s.name, Rejected, "", nil, "no recipients")
 	}
 	// Memory first: waiting for it is not the provider's time, and must
 	// not eat the timeout of the request itself.
 	data, release, err := loadBody(ctx, s.mem, s.name, m, memFactorSMTP2GO)
 	if err != nil {
-		return "", err
+		return Receipt{}, err
 	}
 	ctx, cancel := context.WithTimeoutCause(ctx, s.timeout, apiTimeoutCause(s.timeout))
 	defer cancel()
@@ -94,7 +94,7 @@ func (s *SMTP2GO) Send(ctx context.Context, m *Message) (string, error) {
 		// SMTP2GO mails every address in the headers. This delivery covers
 		// only part of the message's recipients (a route split, or a retry
 		// after a partial delivery), so it would mail dup a second time.
-		return "", Errorf(s.name, Unsupported, "", nil,
+		return Receipt{}, Errorf(s.name, Unsupported, "", nil,
 			"headers name %s, who is not part of this delivery; SMTP2GO's API would mail them again (use its SMTP endpoint for split routes)", dup)
 	}
 	mime := smtp2goMIME(m, data, named)
@@ -107,14 +107,14 @@ func (s *SMTP2GO) Send(ctx context.Context, m *Message) (string, error) {
 	copy(body[len(body)-len(post):], post)
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, s.url, bytes.NewReader(body))
 	if err != nil {
-		return "", Errorf(s.name, ProviderFault, "", nil, "endpoint: cannot build the request")
+		return Receipt{}, Errorf(s.name, ProviderFault, "", nil, "endpoint: cannot build the request")
 	}
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("Accept", "application/json")
 	req.Header.Set("X-Smtp2go-Api-Key", s.key.Reveal())
 	resp, err := s.client.Do(req)
 	if err != nil {
-		return "", apiTransportError(ctx, s.name, err, progress, s.key)
+		return Receipt{}, apiTransportError(ctx, s.name, err, progress, s.key)
 	}
 	defer apiDrainClose(resp.Body)
 	// The client's transport bounds the body and fails past the bound, so
@@ -128,16 +128,16 @@ func (s *SMTP2GO) Send(ctx context.Context, m *Message) (string, error) {
 	if status >= 200 && status < 300 {
 		switch {
 		case rerr != nil:
-			return "", Errorf(s.name, Ambiguous, code, rerr, "unreadable success response: %s", apiUnreadable(rerr))
+			return Receipt{}, Errorf(s.name, Ambiguous, code, rerr, "unreadable success response: %s", apiUnreadable(rerr))
 		case perr != nil:
-			return "", Errorf(s.name, Ambiguous, code, nil, "unreadable success response: %s", apiBodyReason(raw, s.key))
+			return Receipt{}, Errorf(s.name, Ambiguous, code, nil, "unreadable success response: %s", apiBodyReason(raw, s.key))
 		case r.Data.Failed > 0:
 			return s.failed(m, &r)
 		case r.Data.EmailID == "":
-			return "", Errorf(s.name, Ambiguous, code, nil, "success without email_id: %s", apiBodyReason(raw, s.key))
+			return Receipt{}, Errorf(s.name, Ambiguous, code, nil, "success without email_id: %s", apiBodyReason(raw, s.key))
 		}
 		s.log.Debug("smtp2go accepted message", "upstream", s.name, "msg_id", m.ID, "provider_id", r.Data.EmailID, "rcpt_count", len(m.To))
-		return r.Data.EmailID, nil
+		return Receipt{ProviderID: r.Data.EmailID}, nil
 	}
 
 	class := ClassifyHTTP(status)
@@ -164,11 +164,12 @@ func (s *SMTP2GO) Send(ctx context.Context, m *Message) (string, error) {
 		// The status is the answer; the body only lost its detail.
 		reason = apiUnreadable(rerr)
 	}
-	return "", &Error{Upstream: s.name, Class: class, Code: code,
+	return Receipt{}, &Error{Upstream: s.name, Class: class, Code: code,
 		Reason: Truncate(apiRedact(fmt.Sprintf("HTTP %d: %s", status, oneLine(reason)), s.key), 300)}
 }
 
-// failed turns a 200 with data.failed > 0 into an error.
+// failed turns a 200 with data.failed > 0 into an error or a partial
+// delivery.
 //
 // The class comes from the failures text when it says something clear
 // (sender not verified, key or account problem, rate limit). Otherwise it
@@ -177,14 +178,14 @@ func (s *SMTP2GO) Send(ctx context.Context, m *Message) (string, error) {
 //     rather than dead-lettered: wrongly calling it transient costs a retry,
 //     wrongly calling it rejected loses mail.
 //   - all of them: Rejected; the provider refused the addresses.
-//   - some, and others succeeded: Rejected for the named ones only
-//     (Recipients), the rest is delivered (Delivered = email_id).
+//   - some, and others succeeded: a partial delivery (email_id), the
+//     named ones refused as Rejected.
 //   - some, and nothing succeeded: Transient, so the next upstream can
 //     deliver to the others; dead-lettering all would lose good recipients.
 //
 // When the failures name nobody but something succeeded, the whole message
 // is retried, which may repeat it for those recipients (at-least-once).
-func (s *SMTP2GO) failed(m *Message, r *smtp2goResponse) (string, error) {
+func (s *SMTP2GO) failed(m *Message, r *smtp2goResponse) (Receipt, error) {
 	texts := make([]string, 0, len(r.Data.Failures))
 	for _, f := range r.Data.Failures {
 		var str string
@@ -220,11 +221,9 @@ func (s *SMTP2GO) failed(m *Message, r *smtp2goResponse) (string, error) {
 	e := &Error{Upstream: s.name, Class: class, Code: "200 failed",
 		Reason: Truncate(apiRedact(fmt.Sprintf("%d failed, %d succeeded: %s", r.Data.Failed, r.Data.Succeeded, oneLine(all)), s.key), 300)}
 	if partial {
-		e.Recipients = named
-		e.Delivered = r.Data.EmailID
-		return r.Data.EmailID, e
+		return Receipt{ProviderID: r.Data.EmailID, Refused: refuse(named, e)}, nil
 	}
-	return "", e
+	return Receipt{}, e
 }
 
 // containsAddress reports whether addr occurs in text as a whole address

@@ -79,7 +79,8 @@ func TestSMTP2GO_Request(t *testing.T) {
 			f := fakes.NewHTTP(t, func(int, fakes.Request) fakes.Reply { return smtp2goOK("1u0SwL-4Ixn2e-Nf") })
 			m := apiTestMessage("alice@example.com", tc.headerTo, tc.envelope)
 			orig := bodyOf(m)
-			id, err := newTestSMTP2GO(t, f.URL).Send(context.Background(), m)
+			rc, err := newTestSMTP2GO(t, f.URL).Send(context.Background(), m)
+			id := rc.ProviderID
 			if err != nil {
 				t.Fatalf("Send: %v", err)
 			}
@@ -199,13 +200,20 @@ func TestSMTP2GO_FailedIn200(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			f := fakes.NewHTTP(t, func(int, fakes.Request) fakes.Reply { return fakes.JSON(200, tc.body) })
-			id, err := newTestSMTP2GO(t, f.URL).Send(context.Background(), apiTestMessage("alice@example.com", env, env))
-			e := apiClassOf(t, err)
-			if e.Class != tc.want {
-				t.Errorf("class = %v, want %v (%v)", e.Class, tc.want, err)
+			rc, err := newTestSMTP2GO(t, f.URL).Send(context.Background(), apiTestMessage("alice@example.com", env, env))
+			id := rc.ProviderID
+			var e *Error
+			var refused []string
+			if tc.rcpts != nil {
+				e, refused = refusedErr(t, rc, err), rc.RefusedRcpts()
+			} else {
+				e = apiClassOf(t, err)
 			}
-			if !slices.Equal(e.Recipients, tc.rcpts) || e.Delivered != tc.delivered || id != tc.id {
-				t.Errorf("Recipients %q Delivered %q id %q, want %q %q %q", e.Recipients, e.Delivered, id, tc.rcpts, tc.delivered, tc.id)
+			if e.Class != tc.want {
+				t.Errorf("class = %v, want %v (%v)", e.Class, tc.want, e)
+			}
+			if !slices.Equal(refused, tc.rcpts) || rc.ProviderID != tc.delivered || id != tc.id {
+				t.Errorf("Refused %q ProviderID %q id %q, want %q %q %q", refused, rc.ProviderID, id, tc.rcpts, tc.delivered, tc.id)
 			}
 		})
 	}
@@ -254,8 +262,9 @@ func TestSMTP2GO_StatusSweep(t *testing.T) {
 				}
 				return fakes.JSON(status, `{"request_id":"r","data":{"error":"scripted failure"}}`)
 			})
-			id, err := newTestSMTP2GO(t, f.URL).Send(context.Background(),
+			rc, err := newTestSMTP2GO(t, f.URL).Send(context.Background(),
 				apiTestMessage("alice@example.com", []string{"bob@example.net"}, []string{"bob@example.net"}))
+			id := rc.ProviderID
 			if status < 300 && status != http.StatusNoContent {
 				if err != nil || id != "sweep-id" {
 					t.Errorf("id %q, err %v: want success", id, err)

@@ -41,7 +41,8 @@ var testMsg = &Message{ID: "id1", From: "a@example.com", To: []string{"b@example
 func TestSMTP_DeliversExactBytesAndEnvelope(t *testing.T) {
 	sink := testsmtp.Start(t, testsmtp.Options{})
 	u := newTestSMTP(t, Config{Address: sink.Addr})
-	id, err := u.Send(context.Background(), testMsg)
+	rc, err := u.Send(context.Background(), testMsg)
+	id := rc.ProviderID
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -213,10 +214,9 @@ func TestSMTP_PartialRecipients(t *testing.T) {
 		return nil
 	}})
 	u := newTestSMTP(t, Config{Address: sink.Addr})
-	_, err := u.Send(context.Background(), testMsg)
-	var e *Error
-	if !errors.As(err, &e) || e.Class != Rejected || !slices.Equal(e.Recipients, []string{"c@example.org"}) || e.Delivered == "" {
-		t.Fatalf("got %+v", err)
+	rc, err := u.Send(context.Background(), testMsg)
+	if e := refusedErr(t, rc, err); e.Class != Rejected || !slices.Equal(rc.RefusedRcpts(), []string{"c@example.org"}) || rc.ProviderID == "" {
+		t.Fatalf("got %+v", rc)
 	}
 	if m := sink.Messages(); len(m) != 1 || !slices.Equal(m[0].To, []string{"b@example.net"}) {
 		t.Errorf("sink got %+v", m)

@@ -62,13 +62,79 @@ func Domain(addr string) string {
 	return strings.ToLower(addr[i+1:])
 }
 
-// Upstream hands one message to a provider. It returns the provider's id for
-// the message (may be empty) once the provider has accepted it; any error
-// should be an *Error so the relay knows whether to fail over, retry or
-// dead-letter.
+// Upstream hands one message to a provider. Any error should be an *Error
+// so the relay knows whether to fail over, retry or dead-letter. A non-nil
+// error means nothing was delivered; it never comes with a delivery. A
+// partial delivery returns a Receipt with ProviderID and Refused, and a nil
+// error.
 type Upstream interface {
 	Name() string
-	Send(ctx context.Context, m *Message) (providerID string, err error)
+	Send(ctx context.Context, m *Message) (Receipt, error)
+}
+
+// Receipt is what a provider accepted. One value for "delivered" keeps a
+// partial delivery from reading as both a failure and a success.
+type Receipt struct {
+	// ProviderID is the provider's id for the message (may be empty).
+	ProviderID string
+	// Refused are the recipients of m.To that were not delivered, on a
+	// partial delivery; every other recipient was.
+	Refused []Refusal
+}
+
+// Refusal is one recipient a partial delivery did not reach. Err (never
+// nil) is classified as a failed Send would be, so the relay treats the
+// recipient as it would after one.
+type Refusal struct {
+	Rcpt string
+	Err  *Error
+}
+
+// refuse refuses every one of rcpts with the same error.
+func refuse(rcpts []string, e *Error) []Refusal {
+	rs := make([]Refusal, len(rcpts))
+	for i, r := range rcpts {
+		rs[i] = Refusal{Rcpt: r, Err: e}
+	}
+	return rs
+}
+
+// RefusedRcpts returns the refused recipients, in order.
+func (r Receipt) RefusedRcpts() []string {
+	out := make([]string, len(r.Refused))
+	for i, f := range r.Refused {
+		out[i] = f.Rcpt
+	}
+	return out
+}
+
+// Worst returns the refusal error that decides for all refused recipients
+// where one decision covers them (a breaker count, pinning an upstream),
+// nil if none was refused. Ambiguous comes first: failing over may deliver
+// twice; then the classes that count against a breaker; Unsupported last.
+func (r Receipt) Worst() *Error {
+	rank := func(c Class) int {
+		switch c {
+		case Ambiguous:
+			return 0
+		case ProviderFault:
+			return 1
+		case Transient:
+			return 2
+		case SenderRejected:
+			return 3
+		case Rejected:
+			return 4
+		}
+		return 5
+	}
+	var w *Error
+	for _, f := range r.Refused {
+		if f.Err != nil && (w == nil || rank(f.Err.Class) < rank(w.Class)) {
+			w = f.Err
+		}
+	}
+	return w
 }
 
 // Closer is implemented by upstreams that hold connections or processes.
@@ -79,13 +145,13 @@ type Closer interface {
 // Func adapts a function to an Upstream, so tests can script one in a line.
 type Func struct {
 	N string
-	F func(ctx context.Context, m *Message) (string, error)
+	F func(ctx context.Context, m *Message) (Receipt, error)
 }
 
 // Name returns the configured name.
 func (f Func) Name() string { return f.N }
 
 // Send calls F.
-func (f Func) Send(ctx context.Context, m *Message) (string, error) { return f.F(ctx, m) }
+func (f Func) Send(ctx context.Context, m *Message) (Receipt, error) { return f.F(ctx, m) }
 
 var _ Upstream = Func{}

@@ -1,6 +1,9 @@
 package upstreams
 
-import "io"
+import (
+	"io"
+	"testing"
+)
 
 // bodyOf reads a message's whole body (tests only).
 func bodyOf(m *Message) []byte {
@@ -9,4 +12,24 @@ func bodyOf(m *Message) []byte {
 		panic(err)
 	}
 	return b
+}
+
+// refusedErr returns the one error the refusals of a partial delivery
+// carry (the adapters refuse all recipients of one Send alike), failing t
+// if err is set, nothing was refused or the refusals differ.
+func refusedErr(t *testing.T, rc Receipt, err error) *Error {
+	t.Helper()
+	if err != nil {
+		t.Fatalf("partial delivery returned error %v", err)
+	}
+	if len(rc.Refused) == 0 {
+		t.Fatalf("receipt %+v refuses nobody, want a partial delivery", rc)
+	}
+	e := rc.Refused[0].Err
+	for _, f := range rc.Refused {
+		if f.Err != e {
+			t.Fatalf("refusals carry different errors: %v, %v", e, f.Err)
+		}
+	}
+	return e
 }
