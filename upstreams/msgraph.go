@@ -78,27 +78,27 @@ type msgraphError struct {
 // Send posts m to /users/{sender}/sendMail. Graph answers 202 without a
 // body; its request-id header is the provider id. A 401 drops the cached
 // token and tries once more with a fresh one.
-func (g *MSGraph) Send(ctx context.Context, m *Message) (string, error) {
+func (g *MSGraph) Send(ctx context.Context, m *Message) (Receipt, error) {
 	if len(m.To) == 0 {
-		return "", Errorf(g.name, Rejected, "", nil, "no recipients")
+		return Receipt{}, Errorf(g.name, Rejected, "", nil, "no recipients")
 	}
 	sender := g.sender
 	if sender == "" {
 		sender = m.From
 	}
 	if sender == "" {
-		return "", Errorf(g.name, Unsupported, "", nil, "Graph sends as a mailbox and this message has the null sender; set sender")
+		return Receipt{}, Errorf(g.name, Unsupported, "", nil, "Graph sends as a mailbox and this message has the null sender; set sender")
 	}
 	data, release, err := loadBody(ctx, g.mem, g.name, m, memFactorMSGraph)
 	if err != nil {
-		return "", err
+		return Receipt{}, err
 	}
 	defer release()
 	ctx, cancel := context.WithTimeoutCause(ctx, g.timeout, apiTimeoutCause(g.timeout))
 	defer cancel()
 	named := headerRecipients(data)
 	if dup := deliveredElsewhere(m, named); dup != "" {
-		return "", Errorf(g.name, Unsupported, "", nil,
+		return Receipt{}, Errorf(g.name, Unsupported, "", nil,
 			"headers name %s, who is not part of this delivery; Graph mails every header recipient (use SMTP for split routes)", dup)
 	}
 	mime := withBccHeader(m, data, named)
@@ -108,14 +108,14 @@ func (g *MSGraph) Send(ctx context.Context, m *Message) (string, error) {
 	for attempt := 1; ; attempt++ {
 		tok, err := g.tokens.Token(ctx)
 		if err != nil {
-			return "", err
+			return Receipt{}, err
 		}
 		id, status, err := g.post(ctx, u, tok, body, m, sender)
 		if status == http.StatusUnauthorized && attempt == 1 {
 			g.tokens.Invalidate(tok)
 			continue
 		}
-		return id, err
+		return Receipt{ProviderID: id}, err
 	}
 }
 

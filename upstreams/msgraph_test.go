@@ -63,7 +63,8 @@ func TestMSGraph_SendsMIMEWithEnvelopeOnlyRecipientsInBcc(t *testing.T) {
 	api := graphFake(t, ts, nil)
 	u := newTestGraph(t, api, ts, "", Deps{})
 	for range 3 {
-		id, err := u.Send(context.Background(), graphMsg)
+		rc, err := u.Send(context.Background(), graphMsg)
+		id := rc.ProviderID
 		if err != nil {
 			t.Fatal(err)
 		}
