@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/sony/gobreaker/v2"
-	"golang.org/x/time/rate"
 
 	"github.com/relaycar/relaycar/upstreams"
 )
@@ -27,7 +26,18 @@ const (
 	SkipRateLimited
 	// SkipTooBig: the message exceeds the upstream's max_message_bytes.
 	SkipTooBig
+	// SkipThrottled: the upstream asked us to wait (429 Retry-After, SES
+	// throttling, SMTP 421 4.7.x) and that time has not come.
+	SkipThrottled
+	// SkipQuotaExhausted: the provider's own quota (SES Max24HourSend) is
+	// used up.
+	SkipQuotaExhausted
 )
+
+// Skips lists every reason an upstream can be skipped, for metrics.
+func Skips() []Skip {
+	return []Skip{SkipBreakerOpen, SkipSenderOpen, SkipRateLimited, SkipTooBig, SkipThrottled, SkipQuotaExhausted}
+}
 
 func (s Skip) String() string {
 	switch s {
@@ -41,6 +51,10 @@ func (s Skip) String() string {
 		return "rate_limited"
 	case SkipTooBig:
 		return "too_big"
+	case SkipThrottled:
+		return "throttled"
+	case SkipQuotaExhausted:
+		return "quota_exhausted"
 	}
 	return "unknown"
 }
@@ -48,32 +62,68 @@ func (s Skip) String() string {
 // Gate guards one upstream with its circuit breakers, rate limit and size
 // limit.
 type Gate struct {
-	up       upstreams.Upstream
-	cb       *gobreaker.CircuitBreaker[string]
-	tripNow  atomic.Bool
-	limiter  *rate.Limiter
-	maxWait  time.Duration
-	maxBytes int64
-	settings gobreaker.Settings
-	hooks    GateHooks
+	up      upstreams.Upstream
+	cb      *gobreaker.CircuitBreaker[string]
+	tripNow atomic.Bool
+	// limiter is nil without rate_limit.per_second.
+	limiter Limiter
+	pauses  Pauses
+	now     func() time.Time
+	// exhausted is set while the provider's quota is used up.
+	exhausted atomic.Bool
+	maxWait   time.Duration
+	maxBytes  int64
+	settings  gobreaker.Settings
+	hooks     GateHooks
 
 	mu      sync.Mutex
 	senders map[string]*gobreaker.CircuitBreaker[string]
 }
 
 // GateHooks lets the caller observe breaker transitions (logs, metrics)
-// without policy depending on them.
+// without policy depending on them, and replace the local rate limit and
+// throttle pauses with shared ones.
 type GateHooks struct {
 	// OnStateChange is called for the upstream breaker; sender is "" for it
 	// and the sender domain for a per-sender breaker.
 	OnStateChange func(upstream, sender string, from, to gobreaker.State)
+	// Limiter replaces the local token bucket of rate_limit (a limit
+	// shared by replicas); nil is the local one.
+	Limiter Limiter
+	// Pauses replaces the process-local record of throttle pauses.
+	Pauses Pauses
+	// Now is the clock for pauses; nil is time.Now.
+	Now func() time.Time
+}
+
+// Limiter hands out rate-limit tokens, one per envelope recipient, as
+// providers count them (SES's MaxSendRate is recipients per second).
+type Limiter interface {
+	// Take takes n tokens if they come before ctx ends; it takes none and
+	// returns false otherwise.
+	Take(ctx context.Context, n int) bool
+	// SetRate changes the rate (the provider's quota moved); burst stays.
+	SetRate(perSecond float64)
+}
+
+// Pauses records until when an upstream asked not to be called.
+type Pauses interface {
+	Pause(upstream string, until time.Time)
+	PausedUntil(upstream string) time.Time
 }
 
 // NewGate wraps u with the limits of its config entry (defaults applied).
 func NewGate(u upstreams.Upstream, c upstreams.Config, h GateHooks) *Gate {
-	g := &Gate{up: u, hooks: h, maxWait: c.RateLimit.MaxWait, maxBytes: c.MaxMessageBytes, senders: map[string]*gobreaker.CircuitBreaker[string]{}}
-	if c.RateLimit.PerSecond > 0 {
-		g.limiter = rate.NewLimiter(rate.Limit(c.RateLimit.PerSecond), max(1, c.RateLimit.Burst))
+	g := &Gate{up: u, hooks: h, maxWait: c.RateLimit.MaxWait, maxBytes: c.MaxMessageBytes, senders: map[string]*gobreaker.CircuitBreaker[string]{},
+		limiter: h.Limiter, pauses: h.Pauses, now: h.Now}
+	if g.limiter == nil && c.RateLimit.PerSecond > 0 {
+		g.limiter = NewLocalLimiter(c.RateLimit.PerSecond, c.RateLimit.Burst)
+	}
+	if g.pauses == nil {
+		g.pauses = &localPauses{}
+	}
+	if g.now == nil {
+		g.now = time.Now
 	}
 	failures := max(1, c.CircuitBreaker.Failures)
 	notify := func(sender string) func(string, gobreaker.State, gobreaker.State) {
@@ -95,13 +145,13 @@ func NewGate(u upstreams.Upstream, c upstreams.Config, h GateHooks) *Gate {
 			if err == nil {
 				return true
 			}
-			// A bad message, an unverified sender or content this provider
-			// cannot carry is not a sick provider.
+			// A bad message, an unverified sender, content this provider
+			// cannot carry or a request to slow down is not a sick provider.
 			switch upstreams.ClassOf(err) {
 			case upstreams.Rejected, upstreams.SenderRejected, upstreams.Unsupported:
 				return true
 			}
-			return false
+			return !upstreams.RetryAtOf(err).IsZero()
 		},
 		IsExcluded: isShutdown,
 		OnStateChange: func(name string, from, to gobreaker.State) {
@@ -129,30 +179,58 @@ func (g *Gate) State() gobreaker.State { return g.cb.State() }
 // MaxMessageBytes is the upstream's size limit, 0 for none.
 func (g *Gate) MaxMessageBytes() int64 { return g.maxBytes }
 
-// Admit says whether the upstream may be tried now for a message of size
-// bytes from senderDomain. It takes a rate-limit token when it says yes, so
-// call Send right after.
-func (g *Gate) Admit(ctx context.Context, size int, senderDomain string) Skip {
-	if g.maxBytes > 0 && int64(size) > g.maxBytes {
+// Ask describes the message an upstream is asked to take.
+type Ask struct {
+	Size         int64
+	SenderDomain string
+	// Rcpts is the number of envelope recipients: the message's cost in
+	// rate-limit tokens (at least one).
+	Rcpts int
+}
+
+// Admit says whether the upstream may be tried now for the message. It
+// takes the rate-limit tokens when it says yes, so call Send right after.
+func (g *Gate) Admit(ctx context.Context, a Ask) Skip {
+	if g.maxBytes > 0 && a.Size > g.maxBytes {
 		return SkipTooBig
 	}
 	if g.cb.State() == gobreaker.StateOpen {
 		return SkipBreakerOpen
 	}
-	if sb := g.sender(senderDomain, false); sb != nil && sb.State() == gobreaker.StateOpen {
+	if sb := g.sender(a.SenderDomain, false); sb != nil && sb.State() == gobreaker.StateOpen {
 		return SkipSenderOpen
+	}
+	if g.exhausted.Load() {
+		return SkipQuotaExhausted
+	}
+	if g.now().Before(g.pauses.PausedUntil(g.up.Name())) {
+		return SkipThrottled
 	}
 	if g.limiter != nil {
 		wctx, cancel := context.WithTimeout(ctx, g.maxWait)
 		defer cancel()
-		// Wait fails at once, without taking a token, when the token would
-		// come after max_wait.
-		if err := g.limiter.Wait(wctx); err != nil {
+		if !g.limiter.Take(wctx, max(1, a.Rcpts)) {
 			return SkipRateLimited
 		}
 	}
 	return NotSkipped
 }
+
+// SetQuotaExhausted marks the provider's quota used up (or available
+// again); while it is, Admit skips the upstream.
+func (g *Gate) SetQuotaExhausted(v bool) { g.exhausted.Store(v) }
+
+// SetRate changes the rate limit, e.g. to the provider's own maximum; it
+// does nothing without a rate_limit.
+func (g *Gate) SetRate(perSecond float64) {
+	if g.limiter != nil {
+		g.limiter.SetRate(perSecond)
+	}
+}
+
+// PausedUntil is when the upstream may be called again after a throttle
+// (zero or past: now).
+func (g *Gate) PausedUntil() time.Time { return g.pauses.PausedUntil(g.up.Name()) }
 
 // ErrBreakerOpen is returned by Send when a breaker refused the call (it
 // opened, or half-open already has its probe in flight, since Admit).
@@ -168,6 +246,10 @@ func (g *Gate) Send(ctx context.Context, m *upstreams.Message) (upstreams.Receip
 	)
 	send := func() (string, error) {
 		rc, err = g.up.Send(ctx, m)
+		if t := upstreams.RetryAtOf(err); t.After(g.now()) {
+			// Later messages skip this upstream without a request until t.
+			g.pauses.Pause(g.up.Name(), t)
+		}
 		v := verdict(rc, err)
 		if v != nil && upstreams.ClassOf(v) == upstreams.ProviderFault {
 			g.tripNow.Store(true)

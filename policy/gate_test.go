@@ -56,7 +56,7 @@ func TestGate_TransientOpensAfterFailures(t *testing.T) {
 	u := &scripted{errs: []error{classErr(upstreams.Transient), classErr(upstreams.Ambiguous), classErr(upstreams.Transient)}}
 	g, _ := newTestGate(u, 3, time.Hour, upstreams.RateLimit{})
 	for i := range 3 {
-		if skip := g.Admit(context.Background(), 1, "x"); skip != NotSkipped {
+		if skip := g.Admit(context.Background(), Ask{Size: 1, SenderDomain: "x"}); skip != NotSkipped {
 			t.Fatalf("attempt %d skipped: %v", i, skip)
 		}
 		g.Send(context.Background(), msg)
@@ -64,7 +64,7 @@ func TestGate_TransientOpensAfterFailures(t *testing.T) {
 	if g.State() != gobreaker.StateOpen {
 		t.Fatalf("state = %v after 3 failures, want open", g.State())
 	}
-	if skip := g.Admit(context.Background(), 1, "x"); skip != SkipBreakerOpen {
+	if skip := g.Admit(context.Background(), Ask{Size: 1, SenderDomain: "x"}); skip != SkipBreakerOpen {
 		t.Errorf("Admit = %v, want breaker_open", skip)
 	}
 	if _, err := g.Send(context.Background(), msg); !errors.Is(err, ErrBreakerOpen) {
@@ -167,23 +167,23 @@ func TestGate_SenderRejectedOpensOnlyThatSender(t *testing.T) {
 	if g.State() != gobreaker.StateClosed {
 		t.Errorf("upstream breaker = %v, want closed", g.State())
 	}
-	if skip := g.Admit(context.Background(), 1, "news.example.com"); skip != SkipSenderOpen {
+	if skip := g.Admit(context.Background(), Ask{Size: 1, SenderDomain: "news.example.com"}); skip != SkipSenderOpen {
 		t.Errorf("Admit(refused sender) = %v, want sender_breaker_open", skip)
 	}
-	if skip := g.Admit(context.Background(), 1, "example.org"); skip != NotSkipped {
+	if skip := g.Admit(context.Background(), Ask{Size: 1, SenderDomain: "example.org"}); skip != NotSkipped {
 		t.Errorf("Admit(other sender) = %v, want none", skip)
 	}
 	if len(*changes) != 1 || (*changes)[0] != "up/news.example.com:open" {
 		t.Errorf("changes = %v", *changes)
 	}
 	time.Sleep(150 * time.Millisecond)
-	if skip := g.Admit(context.Background(), 1, "news.example.com"); skip != NotSkipped {
+	if skip := g.Admit(context.Background(), Ask{Size: 1, SenderDomain: "news.example.com"}); skip != NotSkipped {
 		t.Errorf("after open_for: Admit = %v, want none (half-open probe)", skip)
 	}
 	if _, err := g.Send(context.Background(), msg); err != nil {
 		t.Fatal(err)
 	}
-	if skip := g.Admit(context.Background(), 1, "news.example.com"); skip != NotSkipped {
+	if skip := g.Admit(context.Background(), Ask{Size: 1, SenderDomain: "news.example.com"}); skip != NotSkipped {
 		t.Errorf("after a successful probe: Admit = %v", skip)
 	}
 }
@@ -193,16 +193,16 @@ func TestGate_RateLimitAndSize(t *testing.T) {
 	u := &scripted{}
 	g, _ := newTestGate(u, 5, time.Hour, upstreams.RateLimit{PerSecond: 1, Burst: 2, MaxWait: 10 * time.Millisecond})
 	g.maxBytes = 100
-	if skip := g.Admit(context.Background(), 101, ""); skip != SkipTooBig {
+	if skip := g.Admit(context.Background(), Ask{Size: 101, SenderDomain: ""}); skip != SkipTooBig {
 		t.Errorf("Admit(101 bytes) = %v, want too_big", skip)
 	}
 	for i := range 2 {
-		if skip := g.Admit(context.Background(), 10, ""); skip != NotSkipped {
+		if skip := g.Admit(context.Background(), Ask{Size: 10, SenderDomain: ""}); skip != NotSkipped {
 			t.Fatalf("burst token %d: %v", i, skip)
 		}
 	}
 	start := time.Now()
-	if skip := g.Admit(context.Background(), 10, ""); skip != SkipRateLimited {
+	if skip := g.Admit(context.Background(), Ask{Size: 10, SenderDomain: ""}); skip != SkipRateLimited {
 		t.Errorf("third Admit = %v, want rate_limited", skip)
 	}
 	if time.Since(start) > 500*time.Millisecond {
@@ -227,5 +227,83 @@ func TestGate_ProviderFaultInHalfOpenDoesNotLinger(t *testing.T) {
 	g.Send(context.Background(), msg) // one transient failure
 	if g.State() != gobreaker.StateClosed {
 		t.Errorf("state = %v after one transient failure with failures: 3, want closed", g.State())
+	}
+}
+
+// A throttle (an error with RetryAt) pauses the upstream until then without
+// counting against the breaker: later messages skip it with throttled and
+// no request, and it is tried again once the time has come.
+func TestGate_ThrottlePausesWithoutTrippingBreaker(t *testing.T) {
+	t.Parallel()
+	now := time.Unix(1_800_000_000, 0)
+	var mu sync.Mutex
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	throttle := &upstreams.Error{Upstream: "up", Class: upstreams.Transient, Reason: "429", RetryAt: now.Add(30 * time.Second)}
+	u := &scripted{errs: []error{throttle}}
+	c := upstreams.Config{Name: "up", CircuitBreaker: upstreams.CircuitBreaker{Failures: 1, OpenFor: time.Hour}}
+	c.ApplyDefaults()
+	g := NewGate(u, c, GateHooks{Now: clock})
+	if skip := g.Admit(context.Background(), Ask{Size: 1, Rcpts: 1}); skip != NotSkipped {
+		t.Fatal(skip)
+	}
+	if _, err := g.Send(context.Background(), msg); upstreams.RetryAtOf(err) != throttle.RetryAt {
+		t.Fatalf("Send = %v, want the throttle", err)
+	}
+	if g.State() != gobreaker.StateClosed {
+		t.Errorf("breaker %v after a throttle with failures: 1, want closed", g.State())
+	}
+	for range 3 {
+		if skip := g.Admit(context.Background(), Ask{Size: 1, Rcpts: 1}); skip != SkipThrottled {
+			t.Fatalf("Admit while paused = %v, want throttled", skip)
+		}
+	}
+	mu.Lock()
+	now = now.Add(31 * time.Second)
+	mu.Unlock()
+	if skip := g.Admit(context.Background(), Ask{Size: 1, Rcpts: 1}); skip != NotSkipped {
+		t.Fatalf("Admit after the pause = %v", skip)
+	}
+	if _, err := g.Send(context.Background(), msg); err != nil {
+		t.Fatal(err)
+	}
+	if u.calls != 2 {
+		t.Errorf("%d calls to the upstream, want 2 (none while paused)", u.calls)
+	}
+}
+
+// A message costs one token per recipient; more recipients than the burst
+// cost the whole burst rather than never passing.
+func TestGate_RateLimitCostsOneTokenPerRecipient(t *testing.T) {
+	t.Parallel()
+	g, _ := newTestGate(&scripted{}, 5, time.Hour, upstreams.RateLimit{PerSecond: 0.001, Burst: 10, MaxWait: 10 * time.Millisecond})
+	if skip := g.Admit(context.Background(), Ask{Size: 1, Rcpts: 7}); skip != NotSkipped {
+		t.Fatalf("7 of 10: %v", skip)
+	}
+	if skip := g.Admit(context.Background(), Ask{Size: 1, Rcpts: 4}); skip != SkipRateLimited {
+		t.Fatalf("4 more with 3 left: %v, want rate_limited", skip)
+	}
+	if skip := g.Admit(context.Background(), Ask{Size: 1, Rcpts: 3}); skip != NotSkipped {
+		t.Fatalf("the last 3: %v", skip)
+	}
+	g2, _ := newTestGate(&scripted{}, 5, time.Hour, upstreams.RateLimit{PerSecond: 0.001, Burst: 10, MaxWait: 10 * time.Millisecond})
+	if skip := g2.Admit(context.Background(), Ask{Size: 1, Rcpts: 50}); skip != NotSkipped {
+		t.Fatalf("50 recipients with burst 10: %v, want admitted for the whole burst", skip)
+	}
+	if skip := g2.Admit(context.Background(), Ask{Size: 1, Rcpts: 1}); skip != SkipRateLimited {
+		t.Fatalf("after the whole burst: %v", skip)
+	}
+}
+
+// A used-up provider quota skips the upstream until it is available again.
+func TestGate_QuotaExhausted(t *testing.T) {
+	t.Parallel()
+	g, _ := newTestGate(&scripted{}, 5, time.Hour, upstreams.RateLimit{})
+	g.SetQuotaExhausted(true)
+	if skip := g.Admit(context.Background(), Ask{Size: 1, Rcpts: 1}); skip != SkipQuotaExhausted {
+		t.Fatalf("Admit = %v, want quota_exhausted", skip)
+	}
+	g.SetQuotaExhausted(false)
+	if skip := g.Admit(context.Background(), Ask{Size: 1, Rcpts: 1}); skip != NotSkipped {
+		t.Fatalf("Admit = %v after the quota came back", skip)
 	}
 }

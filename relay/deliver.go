@@ -205,7 +205,7 @@ func (r *Relay) deliverRoute(ctx context.Context, env *Envelope, rs *RouteState,
 			return tried, lastErr
 		}
 		name := g.Name()
-		if skip := g.Admit(ctx, int(body.Size()), m.SenderDomain()); skip != policy.NotSkipped {
+		if skip := g.Admit(ctx, policy.Ask{Size: body.Size(), SenderDomain: m.SenderDomain(), Rcpts: len(m.To)}); skip != policy.NotSkipped {
 			r.metrics.skipped.WithLabelValues(name, skip.String()).Inc()
 			if skip == policy.SkipRateLimited {
 				r.metrics.rateLimited.WithLabelValues(name).Inc()

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"time"
 	"unicode/utf8"
 )
 
@@ -61,7 +62,12 @@ type Error struct {
 	// Code is the provider's code: an HTTP status, an SMTP reply code or an API error name.
 	Code   string
 	Reason string
-	Err    error
+	// RetryAt, when set, is when the provider asked to be called again
+	// (429 Retry-After, SES throttling, SMTP 421 4.7.x): the relay pauses
+	// the upstream until then and does not count the error against its
+	// breaker.
+	RetryAt time.Time
+	Err     error
 }
 
 func (e *Error) Error() string {
@@ -91,6 +97,15 @@ func (e *Error) LogValue() slog.Value {
 // Errorf builds an *Error with a formatted reason.
 func Errorf(upstream string, class Class, code string, err error, format string, args ...any) *Error {
 	return &Error{Upstream: upstream, Class: class, Code: code, Reason: Truncate(fmt.Sprintf(format, args...), 300), Err: err}
+}
+
+// RetryAtOf returns err's RetryAt, zero if it has none.
+func RetryAtOf(err error) time.Time {
+	var e *Error
+	if errors.As(err, &e) {
+		return e.RetryAt
+	}
+	return time.Time{}
 }
 
 // ClassOf returns the class of err. Unclassified errors are Transient: calling
