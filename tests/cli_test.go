@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/relaycar/relaycar/internal/fakes"
 )
 
 // runCLI runs the binary to completion (at most 30s) in dir and returns its
@@ -126,14 +128,35 @@ var yamlKey = regexp.MustCompile(`([A-Za-z_]+):\s`)
 // dummyEnv returns VAR=dummy for every ${VAR} without a default in a
 // config, so `check` can validate examples that take secrets from the
 // environment. Keys whose value has a syntax get a dummy of that syntax.
-func dummyEnv(b []byte) []string {
+// A `*_file` key's variable, with or without a default, names a file this
+// writes under a temp dir (`check` reads every *_file): a syntactically
+// valid Google service account key for service_account_file, a dummy
+// secret for the others.
+func dummyEnv(t *testing.T, b []byte) []string {
+	t.Helper()
 	var env []string
+	dir := ""
 	for _, line := range strings.Split(string(b), "\n") {
 		key := ""
 		if m := yamlKey.FindStringSubmatch(line); m != nil {
 			key = m[1]
 		}
 		for _, m := range envRef.FindAllStringSubmatch(line, -1) {
+			if strings.HasSuffix(key, "_file") {
+				if dir == "" {
+					dir = t.TempDir()
+				}
+				content := []byte("dummy-secret-0123456789abcdef0123456789abcdef\n")
+				if key == "service_account_file" {
+					content, _ = fakes.ServiceAccountKey(t, "relaycar-check@example.iam.gserviceaccount.com", "https://oauth2.googleapis.com/token")
+				}
+				p := filepath.Join(dir, m[1])
+				if err := os.WriteFile(p, content, 0o600); err != nil {
+					t.Fatal(err)
+				}
+				env = append(env, m[1]+"="+p)
+				continue
+			}
 			if m[2] != "" {
 				continue // ${VAR:-default}: the default applies
 			}
@@ -148,6 +171,9 @@ func dummyEnv(b []byte) []string {
 			case "api_key", "access_key_id", "secret_access_key":
 				// check refuses keys too short to be real ones.
 				v = "dummy-key-0123456789abcdef0123456789abcdef"
+			case "username", "sender":
+				// A mailbox: msgraph's sender must be an address.
+				v = "relay@dummy.invalid"
 			}
 			env = append(env, m[1]+"="+v)
 		}
@@ -183,7 +209,7 @@ func TestCheck_RepoConfigs(t *testing.T) {
 			if !bytes.Contains(b, []byte("upstreams:")) || !bytes.Contains(b, []byte("routes:")) {
 				t.Skip("not a relay.yaml (no upstreams and routes)")
 			}
-			code, out := runCLI(t, filepath.Dir(f), dummyEnv(b), "check", "--config", f)
+			code, out := runCLI(t, filepath.Dir(f), dummyEnv(t, b), "check", "--config", f)
 			if code != 0 {
 				t.Errorf("relaycar check %s: exit %d, want 0\n%s", rel, code, out)
 			}
