@@ -43,6 +43,7 @@ type MSGraph struct {
 	timeout time.Duration
 	log     *slog.Logger
 	mem     Memory
+	now     func() time.Time
 }
 
 func newMSGraph(c Config, d Deps) (*MSGraph, error) {
@@ -56,16 +57,31 @@ func newMSGraph(c Config, d Deps) (*MSGraph, error) {
 	}
 	client := d.httpClient(c.Timeout)
 	ts, err := newTokenSource(c.Name, OAuth2{TokenURL: tokenURL, ClientID: c.ClientID, ClientSecret: c.ClientSecret},
-		"", []string{scopeGraph}, client, d.now())
+		"", []string{msgraphScope(base)}, client, d.now())
 	if err != nil {
 		return nil, err
 	}
+	if !c.SaveToSentItems {
+		d.logger().Info("Graph keeps a copy of every message in the sender's Sent Items: sendMail with a MIME body has no saveToSentItems",
+			"upstream", c.Name)
+	}
 	return &MSGraph{name: c.Name, base: base, sender: c.Sender, tokens: ts, client: client,
-		timeout: c.Timeout, log: d.logger(), mem: d.Memory}, nil
+		timeout: c.Timeout, log: d.logger(), mem: d.Memory, now: d.now()}, nil
 }
 
 // Name returns the configured name.
 func (g *MSGraph) Name() string { return g.name }
+
+// msgraphScope asks for the application permissions of the Graph that
+// base belongs to: a national cloud (graph.microsoft.us, ...) has its own
+// resource. Any other base (a proxy, a test) is the global Graph's.
+func msgraphScope(base string) string {
+	if u, err := url.Parse(base); err == nil && (strings.HasPrefix(u.Host, "graph.microsoft.") ||
+		strings.HasPrefix(u.Host, "dod-graph.microsoft.") || u.Host == "microsoftgraph.chinacloudapi.cn") {
+		return "https://" + u.Host + "/.default"
+	}
+	return scopeGraph
+}
 
 // msgraphError is Graph's error body.
 type msgraphError struct {
@@ -76,8 +92,8 @@ type msgraphError struct {
 }
 
 // Send posts m to /users/{sender}/sendMail. Graph answers 202 without a
-// body; its request-id header is the provider id. A 401 drops the cached
-// token and tries once more with a fresh one.
+// body; the request-id header, when it has one, is the provider id. A 401
+// to a cached token drops it and tries once more with a fresh one.
 func (g *MSGraph) Send(ctx context.Context, m *Message) (Receipt, error) {
 	if len(m.To) == 0 {
 		return Receipt{}, Errorf(g.name, Rejected, "", nil, "no recipients")
@@ -106,12 +122,12 @@ func (g *MSGraph) Send(ctx context.Context, m *Message) (Receipt, error) {
 	base64.StdEncoding.Encode(body, mime)
 	u := g.base + "/v1.0/users/" + url.PathEscape(sender) + "/sendMail"
 	for attempt := 1; ; attempt++ {
-		tok, err := g.tokens.Token(ctx)
+		tok, fresh, err := g.tokens.token(ctx)
 		if err != nil {
 			return Receipt{}, err
 		}
 		id, status, err := g.post(ctx, u, tok, body, m, sender)
-		if status == http.StatusUnauthorized && attempt == 1 {
+		if status == http.StatusUnauthorized && attempt == 1 && !fresh {
 			g.tokens.Invalidate(tok)
 			continue
 		}
@@ -155,7 +171,7 @@ func (g *MSGraph) post(ctx context.Context, u, tok string, body []byte, m *Messa
 	class := ClassifyHTTP(status)
 	switch {
 	case status == http.StatusUnauthorized:
-		reason += " (the token was refused twice: check the app's client secret and tenant)"
+		reason += " (the token was refused: check the app registration's secret, tenant and Mail.Send permission)"
 	case code == "ErrorSendAsDenied" || status == http.StatusNotFound:
 		// The mailbox is the message's sender unless sender is set: then
 		// it is this sender that cannot send here, not the upstream.
@@ -170,7 +186,13 @@ func (g *MSGraph) post(ctx context.Context, u, tok string, body []byte, m *Messa
 			reason += " (Retry-After " + oneLine(Truncate(ra, 40)) + ")"
 		}
 	}
-	return "", status, Errorf(g.name, class, strconv.Itoa(status), nil, "%s", reason)
+	e := Errorf(g.name, class, strconv.Itoa(status), nil, "%s", reason)
+	if status == http.StatusTooManyRequests || status == http.StatusServiceUnavailable {
+		// Microsoft: wait as long as Retry-After says; retrying sooner
+		// counts against the limit.
+		e.RetryAt = retryAfter(resp.Header, g.now())
+	}
+	return "", status, e
 }
 
 var _ Upstream = (*MSGraph)(nil)

@@ -159,6 +159,15 @@ func TestMSGraph_ErrorClasses(t *testing.T) {
 			if ClassOf(err) != tc.class {
 				t.Fatalf("class %v (%v), want %v", ClassOf(err), err, tc.class)
 			}
+			// Graph's Retry-After pauses the upstream; nothing else does.
+			if paused := !RetryAtOf(err).IsZero(); paused != (tc.reply.Status == 429 || tc.reply.Status == 503) {
+				t.Errorf("RetryAt %v for HTTP %d", RetryAtOf(err), tc.reply.Status)
+			}
+			if tc.reply.Status == 429 {
+				if d := time.Until(RetryAtOf(err)); d < 6*time.Second || d > 7*time.Second {
+					t.Errorf("paused for %v, want Retry-After's 7s", d)
+				}
+			}
 			if !strings.Contains(err.Error(), tc.reason) {
 				t.Errorf("reason %q lacks %q", err, tc.reason)
 			}
@@ -167,7 +176,8 @@ func TestMSGraph_ErrorClasses(t *testing.T) {
 	}
 }
 
-// A token refused twice is the app registration's fault.
+// A refused fresh token is the app registration's fault, and is not
+// retried: the next fresh one would be refused too.
 func TestMSGraph_TokenRefusedTwiceIsProviderFault(t *testing.T) {
 	ts := graphTokens(t)
 	api := fakes.NewHTTP(t, func(int, fakes.Request) fakes.Reply {
@@ -178,8 +188,8 @@ func TestMSGraph_TokenRefusedTwiceIsProviderFault(t *testing.T) {
 	if ClassOf(err) != ProviderFault || !strings.Contains(err.Error(), "InvalidAuthenticationToken") {
 		t.Fatalf("%v, want provider_fault naming InvalidAuthenticationToken", err)
 	}
-	if n := len(api.Requests()); n != 2 {
-		t.Errorf("%d requests, want 2", n)
+	if n := len(api.Requests()); n != 1 {
+		t.Errorf("%d requests for a fresh token's refusal, want 1", n)
 	}
 }
 

@@ -66,7 +66,9 @@ func (o *OAuth2) set() bool {
 // grant names the configured grant, "" if none or more than one.
 func (o *OAuth2) grant() grantKind {
 	var gs []grantKind
-	if o.ClientSecret != "" || o.ClientSecretFile != "" {
+	// With a refresh token the client secret is the OAuth client's own
+	// (Google's refresh grant needs it), not a grant of its own.
+	if (o.ClientSecret != "" || o.ClientSecretFile != "") && o.RefreshTokenFile == "" {
 		gs = append(gs, grantClientCredentials)
 	}
 	if o.ServiceAccountFile != "" {
@@ -92,7 +94,8 @@ const (
 // validate reports the block's problems under path ("oauth2").
 func (o *OAuth2) validate(username string, bad badFunc) {
 	var n int
-	for _, set := range []bool{o.ClientSecret != "" || o.ClientSecretFile != "", o.ServiceAccountFile != "", o.RefreshTokenFile != ""} {
+	clientCreds := (o.ClientSecret != "" || o.ClientSecretFile != "") && o.RefreshTokenFile == ""
+	for _, set := range []bool{clientCreds, o.ServiceAccountFile != "", o.RefreshTokenFile != ""} {
 		if set {
 			n++
 		}
@@ -247,24 +250,31 @@ func newTokenSource(upstream string, o OAuth2, username string, defaultScopes []
 // the endpoint refused the credentials, Transient when it could not be
 // asked.
 func (ts *tokenSource) Token(ctx context.Context) (string, error) {
+	tok, _, err := ts.token(ctx)
+	return tok, err
+}
+
+// token is Token that also says whether the token was fetched just now:
+// a server refusing a fresh token will refuse the next one too.
+func (ts *tokenSource) token(ctx context.Context) (access string, fresh bool, err error) {
 	select {
 	case ts.sem <- struct{}{}:
 	case <-ctx.Done():
-		return "", Errorf(ts.upstream, ContextClass(ctx.Err(), false), "", ctx.Err(), "oauth2: waiting for the token request: %v", context.Cause(ctx))
+		return "", false, Errorf(ts.upstream, ContextClass(ctx.Err(), false), "", ctx.Err(), "oauth2: waiting for the token request: %v", context.Cause(ctx))
 	}
 	defer func() { <-ts.sem }()
 	if t := ts.tok; t != nil && (t.Expiry.IsZero() || ts.now().Add(tokenEarly).Before(t.Expiry)) {
-		return t.AccessToken, nil
+		return t.AccessToken, false, nil
 	}
 	t, err := ts.fetch(ctx)
 	if err != nil {
-		return "", ts.fetchError(ctx, err)
+		return "", false, ts.fetchError(ctx, err)
 	}
 	if t.AccessToken == "" {
-		return "", Errorf(ts.upstream, ProviderFault, "", nil, "oauth2: token endpoint answered without an access_token")
+		return "", false, Errorf(ts.upstream, ProviderFault, "", nil, "oauth2: token endpoint answered without an access_token")
 	}
 	ts.tok = t
-	return t.AccessToken, nil
+	return t.AccessToken, true, nil
 }
 
 // Invalidate drops access if it is the cached token, after a server
@@ -308,7 +318,9 @@ func (ts *tokenSource) fetchError(ctx context.Context, err error) *Error {
 		}
 	}
 	class := ProviderFault
-	if status == http.StatusTooManyRequests || status >= 500 {
+	// temporarily_unavailable is RFC 6749's "try again later", whatever
+	// status it comes with.
+	if status == http.StatusTooManyRequests || status >= 500 || code == "temporarily_unavailable" {
 		class = Transient
 	}
 	reason := "oauth2: token endpoint refused the credentials: HTTP " + strconv.Itoa(status)

@@ -88,7 +88,8 @@ func (s *SMTP) authenticate(ctx context.Context, c *smtp.Client) error {
 
 // authToken authenticates with an OAuth2 access token. A refusal of a
 // cached token fetches a fresh one and tries once more on the same
-// connection: the token may have been revoked or have expired early.
+// connection: the token may have been revoked or have expired early. A
+// refusal of a token fetched for this very attempt is final.
 func (s *SMTP) authToken(ctx context.Context, c *smtp.Client) error {
 	mechName := strings.ToUpper(string(s.auth))
 	if !c.SupportsAuth(mechName) {
@@ -97,7 +98,7 @@ func (s *SMTP) authToken(ctx context.Context, c *smtp.Client) error {
 	host, portStr, _ := net.SplitHostPort(s.addr)
 	port, _ := strconv.Atoi(portStr)
 	for attempt := 1; ; attempt++ {
-		tok, err := s.tokens.Token(ctx)
+		tok, fresh, err := s.tokens.token(ctx)
 		if err != nil {
 			return err
 		}
@@ -113,7 +114,7 @@ func (s *SMTP) authToken(ctx context.Context, c *smtp.Client) error {
 			return s.fail(ctx, phaseAuth, err)
 		}
 		s.tokens.Invalidate(tok)
-		if attempt == 2 {
+		if fresh || attempt == 2 {
 			e := s.fail(ctx, phaseAuth, err)
 			e.Class = ProviderFault
 			e.Reason = "auth: " + mechName + " refused a freshly fetched token for " + s.username + ": " + strings.TrimPrefix(e.Reason, "auth: ") +

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -175,11 +176,16 @@ func TestSMTP_RefusedTokenRefreshedAndRetried(t *testing.T) {
 	}
 }
 
-// A fresh token refused too is the upstream's fault (permissions, service
-// principal): provider_fault, so the route fails over and the breaker opens.
+// A token refused when it was fetched for this very attempt, or refused
+// again after the retry with a fresh one, is the upstream's fault
+// (permissions, service principal): provider_fault, so the route fails
+// over and the breaker opens. A fresh token is not retried: the next one
+// would be refused too.
 func TestSMTP_FreshTokenRefusedIsProviderFault(t *testing.T) {
 	ts := fakes.NewTokenServer(t, fakes.TokenOptions{ClientID: testClientID, ClientSecret: testClientSecret})
-	sink := testsmtp.Start(t, testsmtp.Options{Bearer: func(string, string) bool { return false }})
+	var refuse atomic.Bool
+	refuse.Store(true)
+	sink := testsmtp.Start(t, testsmtp.Options{Bearer: func(_, tok string) bool { return !refuse.Load() && ts.Valid(tok) }})
 	log, logs := fakes.NewLogger()
 	u := newOAuthSMTP(t, sink.Addr, AuthXOAuth2, clientCredentials(ts), Deps{Logger: log})
 	_, err := u.Send(context.Background(), oauthMsg(0))
@@ -189,8 +195,23 @@ func TestSMTP_FreshTokenRefusedIsProviderFault(t *testing.T) {
 	if !strings.Contains(err.Error(), "refused a freshly fetched token") || !strings.Contains(err.Error(), "535") {
 		t.Errorf("reason %q does not say the fresh token was refused", err)
 	}
-	if n := ts.Requests(); n != 2 {
-		t.Errorf("%d token requests, want 2", n)
+	if n := ts.Requests(); n != 1 {
+		t.Errorf("%d token requests for a refused fresh token, want 1", n)
+	}
+	// A cached token refused, then its fresh successor too: two requests.
+	refuse.Store(false)
+	dropIdle(u)
+	if _, err := u.Send(context.Background(), oauthMsg(1)); err != nil {
+		t.Fatal(err)
+	}
+	refuse.Store(true)
+	dropIdle(u)
+	_, err = u.Send(context.Background(), oauthMsg(2))
+	if ClassOf(err) != ProviderFault || !strings.Contains(err.Error(), "refused a freshly fetched token") {
+		t.Fatalf("%v, want provider_fault after the retry", err)
+	}
+	if n := ts.Requests(); n != 3 {
+		t.Errorf("%d token requests, want 3 (refused fresh; good; refused cached then fresh)", n)
 	}
 	fakes.AssertNoSecret(t, err, logs, append(ts.Issued(), testClientSecret)...)
 }
@@ -238,9 +259,11 @@ func TestSMTP_ServiceAccountJWTGrant(t *testing.T) {
 
 // The refresh-token grant, against Google's defaults for scope.
 func TestSMTP_RefreshTokenGrant(t *testing.T) {
-	ts := fakes.NewTokenServer(t, fakes.TokenOptions{ClientID: testClientID, RefreshToken: testRefresh, Scope: scopeGmail})
+	ts := fakes.NewTokenServer(t, fakes.TokenOptions{ClientID: testClientID, ClientSecret: testClientSecret, RefreshToken: testRefresh, Scope: scopeGmail})
 	sink := bearerSink(t, ts)
-	u := newOAuthSMTP(t, sink.Addr, AuthOAuthBearer, OAuth2{RefreshTokenFile: "rt", RefreshToken: testRefresh, ClientID: testClientID, TokenURL: ts.URL}, Deps{})
+	// Google's refresh grant takes the OAuth client's secret too.
+	u := newOAuthSMTP(t, sink.Addr, AuthOAuthBearer, OAuth2{RefreshTokenFile: "rt", RefreshToken: testRefresh, ClientID: testClientID,
+		ClientSecretFile: "cs", ClientSecret: testClientSecret, TokenURL: ts.URL}, Deps{})
 	if _, err := u.Send(context.Background(), oauthMsg(0)); err != nil {
 		t.Fatalf("%v (refusals %q)", err, ts.Refusals())
 	}
@@ -272,6 +295,7 @@ func TestSMTP_TokenEndpointErrors(t *testing.T) {
 		}, class: ProviderFault, inReason: "invalid_client"},
 		{name: "invalid_scope", fail: func(int) (int, string, string) { return 400, "invalid_scope", "AADSTS70011" }, class: ProviderFault, inReason: "invalid_scope"},
 		{name: "temporarily_unavailable", fail: func(int) (int, string, string) { return 503, "temporarily_unavailable", "try later" }, class: Transient, inReason: "503"},
+		{name: "temporarily_unavailable with 400", fail: func(int) (int, string, string) { return 400, "temporarily_unavailable", "AADSTS50196" }, class: Transient, inReason: "temporarily_unavailable"},
 		{name: "unreachable", url: deadURL, class: Transient, inReason: "unreachable"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -320,6 +344,7 @@ func TestOAuth2_ConfigChecks(t *testing.T) {
 		{"client credentials", base(OAuth2{TokenURL: "https://login.microsoftonline.com/t/oauth2/v2.0/token", ClientID: "id", ClientSecret: "s"}, ""), ""},
 		{"service account", base(OAuth2{ServiceAccountFile: sa}, AuthXOAuth2), ""},
 		{"refresh token", base(OAuth2{RefreshTokenFile: sa, ClientID: "id"}, AuthOAuthBearer), ""},
+		{"refresh token with client secret", base(OAuth2{RefreshTokenFile: sa, ClientID: "id", ClientSecret: "s"}, AuthXOAuth2), ""},
 		{"no grant", base(OAuth2{ClientID: "id"}, AuthXOAuth2), "upstreams[0].oauth2: set one grant"},
 		{"two grants", base(OAuth2{ClientSecret: "s", ServiceAccountFile: sa}, AuthXOAuth2), "upstreams[0].oauth2: set only one of"},
 		{"no token_url", base(OAuth2{ClientID: "id", ClientSecret: "s"}, ""), "upstreams[0].oauth2.token_url: required"},

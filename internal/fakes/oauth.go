@@ -169,7 +169,7 @@ func (ts *TokenServer) serve(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	case "refresh_token":
-		if id != ts.o.ClientID || r.PostForm.Get("refresh_token") != ts.o.RefreshToken || ts.o.RefreshToken == "" {
+		if id != ts.o.ClientID || secret != ts.o.ClientSecret || r.PostForm.Get("refresh_token") != ts.o.RefreshToken || ts.o.RefreshToken == "" {
 			fail(400, "invalid_grant", "Token has been expired or revoked.")
 			return
 		}

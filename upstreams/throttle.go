@@ -1,0 +1,47 @@
+package upstreams
+
+import (
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Throttle pause bounds: a provider that says "slow down" without saying
+// how long gets throttleDefault; one that names an absurd time (a clock
+// off by a day, a quota reset tomorrow) gets at most throttleMax, after
+// which the next request asks again.
+const (
+	throttleDefault = time.Second
+	throttleMax     = time.Hour
+)
+
+// retryAfter is when a throttled HTTP request may be repeated, from
+// Retry-After (RFC 9110 section 10.2.3: seconds or an HTTP date) or
+// X-RateLimit-Reset (Unix seconds, or seconds from now when small), else
+// throttleDefault from now; never more than throttleMax from now.
+func retryAfter(h http.Header, now time.Time) time.Time {
+	at := now.Add(throttleDefault)
+	if v := strings.TrimSpace(h.Get("Retry-After")); v != "" {
+		if s, err := strconv.ParseInt(v, 10, 64); err == nil && s >= 0 {
+			at = now.Add(time.Duration(min(s, int64(throttleMax/time.Second))) * time.Second)
+		} else if t, err := http.ParseTime(v); err == nil {
+			at = t
+		}
+	} else if v := strings.TrimSpace(h.Get("X-RateLimit-Reset")); v != "" {
+		if s, err := strconv.ParseInt(v, 10, 64); err == nil && s >= 0 {
+			if s > 1_000_000_000 {
+				at = time.Unix(s, 0)
+			} else {
+				at = now.Add(time.Duration(min(s, int64(throttleMax/time.Second))) * time.Second)
+			}
+		}
+	}
+	if at.Before(now) {
+		return now
+	}
+	if limit := now.Add(throttleMax); at.After(limit) {
+		return limit
+	}
+	return at
+}
