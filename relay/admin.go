@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -114,7 +115,12 @@ func (a *adminAPI) stop() {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	a.srv.Shutdown(ctx)
+	if err := a.srv.Shutdown(ctx); err != nil {
+		// A request outlived the grace (a slow scrape, say): cut it off
+		// rather than leave the server running past the relay.
+		a.log.Warn("admin server did not stop in time; closing its connections", "err", err)
+		_ = a.srv.Close() // its error can only be the listener's, closed already by Shutdown
+	}
 }
 
 func (a *adminAPI) handler() http.Handler {
@@ -124,7 +130,7 @@ func (a *adminAPI) handler() http.Handler {
 func (a *adminAPI) mux() *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET "+adminapi.Healthz, func(w http.ResponseWriter, _ *http.Request) {
-		w.Write([]byte("ok\n"))
+		_, _ = w.Write([]byte("ok\n")) // a probe that hung up has nothing to be told
 	})
 	mux.HandleFunc("GET "+adminapi.Readyz, func(w http.ResponseWriter, _ *http.Request) {
 		if !a.ready() {
@@ -142,7 +148,7 @@ func (a *adminAPI) mux() *http.ServeMux {
 			http.Error(w, msg, http.StatusServiceUnavailable)
 			return
 		}
-		w.Write([]byte("ok\n"))
+		_, _ = w.Write([]byte("ok\n")) // as for healthz
 	})
 	mux.Handle("GET "+adminapi.Metrics, promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{}))
 	// The files are the truth; reading them avoids racing the workers.
@@ -293,7 +299,7 @@ func isLocalIP(ip net.IP) bool {
 	if ip.IsLoopback() {
 		return true
 	}
-	addrs, _ := net.InterfaceAddrs()
+	addrs, _ := net.InterfaceAddrs() // on error none match: the request is refused, which is safe
 	for _, a := range addrs {
 		if n, ok := a.(*net.IPNet); ok && n.IP.Equal(ip) {
 			return true
@@ -361,12 +367,18 @@ func writeJSON(w http.ResponseWriter, v any, err error) {
 			code = http.StatusForbidden
 		}
 		w.WriteHeader(code)
-		json.NewEncoder(w).Encode(map[string]string{"error": err.Error()})
+		// Cannot fail to encode; a write error means the client hung up.
+		_ = json.NewEncoder(w).Encode(map[string]string{"error": err.Error()})
 		return
 	}
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	enc.Encode(v)
+	// Encode before the header goes out, so a value that cannot be
+	// encoded is a 500 and not a 200 with an empty body.
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		writeJSON(w, nil, fmt.Errorf("encoding the answer: %w", err))
+		return
+	}
+	_, _ = w.Write(append(b, '\n')) // as json.Encoder wrote it; a write error means the client hung up
 }
 
 var statusTmpl = template.Must(template.New("status").Parse(`<!doctype html>
@@ -385,7 +397,14 @@ func (a *adminAPI) statusPage(w http.ResponseWriter, _ *http.Request) {
 	for _, g := range a.gates {
 		ups = append(ups, up{g.Name(), g.State().String()})
 	}
+	// Render first, so a template error is a 500 and not half a page.
+	var page bytes.Buffer
+	if err := statusTmpl.Execute(&page, map[string]any{"Version": a.version, "Ready": a.ready(), "Queued": a.queue.len(),
+		"Dead": a.spool.CountDead(), "Upstreams": ups, "Links": []string{adminapi.Queue, adminapi.Dead, adminapi.Metrics}}); err != nil {
+		a.log.Error("rendering the admin status page", "err", err)
+		http.Error(w, "status page: "+err.Error(), http.StatusInternalServerError)
+		return
+	}
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
-	statusTmpl.Execute(w, map[string]any{"Version": a.version, "Ready": a.ready(), "Queued": a.queue.len(),
-		"Dead": a.spool.CountDead(), "Upstreams": ups, "Links": []string{adminapi.Queue, adminapi.Dead, adminapi.Metrics}})
+	_, _ = w.Write(page.Bytes()) // a write error means the client hung up
 }

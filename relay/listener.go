@@ -77,9 +77,12 @@ func (l *allowListener) Accept() (net.Conn, error) {
 func (l *allowListener) refuse(c net.Conn, code int, reply string) {
 	l.refused.WithLabelValues(itoa(code)).Inc()
 	go func() {
-		c.SetWriteDeadline(time.Now().Add(5 * time.Second))
-		c.Write([]byte(reply))
-		c.Close()
+		// Without a deadline a peer that never reads could hold this
+		// goroutine and the socket forever: then close without the reply.
+		if c.SetWriteDeadline(time.Now().Add(5*time.Second)) == nil {
+			_, _ = c.Write([]byte(reply)) // best effort: the connection is refused either way
+		}
+		_ = c.Close() // nothing more to do with a refused connection
 	}()
 }
 

@@ -145,11 +145,14 @@ func (r *Relay) breakerChanged(upstream, sender string, from, to gobreaker.State
 	if to == gobreaker.StateClosed {
 		lvl = slog.LevelInfo
 	}
-	if sender == "" {
-		r.log.Log(context.Background(), lvl, "circuit breaker "+to.String(), "upstream", upstream, "from", from.String())
-	} else {
-		r.log.Log(context.Background(), lvl, "sender circuit breaker "+to.String(), "upstream", upstream, "sender_domain", sender, "from", from.String())
+	// One fixed message to grep for; the new state is an attribute. A
+	// per-sender breaker adds the sender_domain it guards.
+	attrs := []any{"upstream", upstream}
+	if sender != "" {
+		attrs = append(attrs, "sender_domain", sender)
 	}
+	attrs = append(attrs, "state", to.String(), "from", from.String())
+	r.log.Log(context.Background(), lvl, "circuit breaker state changed", attrs...)
 }
 
 // accept routes, prepares and spools one message as it streams in from

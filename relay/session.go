@@ -275,11 +275,13 @@ func (s *session) refuse(e *smtp.SMTPError) error {
 // write of e then fails on the closed connection and its read loop ends.
 func (s *session) hangUp(e *smtp.SMTPError) error {
 	nc := s.conn.Conn()
-	if d := s.in.writeTimeout; d > 0 {
-		nc.SetWriteDeadline(time.Now().Add(d))
+	// The reply is best effort: the connection closes either way. A
+	// deadline that cannot be set means the connection is already gone
+	// (and the write could otherwise block on a peer that never reads).
+	if d := s.in.writeTimeout; d <= 0 || nc.SetWriteDeadline(time.Now().Add(d)) == nil {
+		_, _ = fmt.Fprintf(nc, "%d %d.%d.%d %s\r\n", e.Code, e.EnhancedCode[0], e.EnhancedCode[1], e.EnhancedCode[2], e.Message)
 	}
-	fmt.Fprintf(nc, "%d %d.%d.%d %s\r\n", e.Code, e.EnhancedCode[0], e.EnhancedCode[1], e.EnhancedCode[2], e.Message)
-	s.conn.Close()
+	_ = s.conn.Close() // hanging up; a close error changes nothing
 	return s.refuse(e)
 }
 

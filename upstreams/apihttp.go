@@ -57,7 +57,7 @@ func apiTrace(ctx context.Context) (context.Context, *apiProgress) {
 
 // apiTimeoutCause is the context cause for an adapter's own timeout. It
 // wraps context.DeadlineExceeded: net/http returns the cause, and
-// ContextClass must still see a deadline.
+// contextClass must still see a deadline.
 func apiTimeoutCause(d time.Duration) error {
 	return fmt.Errorf("configured timeout reached (%s): %w", d, context.DeadlineExceeded)
 }
@@ -68,7 +68,7 @@ func apiTimeoutCause(d time.Duration) error {
 // The reason never quotes the request URL (url.Error does), only the cause.
 func apiTransportError(ctx context.Context, upstream string, err error, p *apiProgress, secrets ...Secret) *Error {
 	wrote := p != nil && p.wrote.Load()
-	class := ContextClass(err, wrote)
+	class := contextClass(err, wrote)
 	var cause string
 	switch {
 	case errors.Is(err, context.DeadlineExceeded) || isTimeout(err):
@@ -90,7 +90,7 @@ func apiTransportError(ctx context.Context, upstream string, err error, p *apiPr
 	if wrote {
 		cause = "after request was sent: " + cause
 	}
-	return &Error{Upstream: upstream, Class: class, Reason: Truncate(apiRedact(cause, secrets...), 300), Err: err}
+	return &Error{Upstream: upstream, Class: class, Reason: truncate(apiRedact(cause, secrets...), 300), err: err}
 }
 
 // apiMinSecretLen is the shortest configured secret that apiRedact
@@ -230,7 +230,7 @@ func apiDrainClose(body io.ReadCloser) {
 
 // apiBodyReason turns a provider's error body into a one-line reason.
 func apiBodyReason(body []byte, secrets ...Secret) string {
-	return Truncate(apiRedact(oneLine(string(body)), secrets...), 300)
+	return truncate(apiRedact(oneLine(string(body)), secrets...), 300)
 }
 
 // sendChunks calls send for consecutive chunks of at most size recipients

@@ -49,7 +49,7 @@ func apiRcpts(n int) []string {
 
 // apiSweepWant is the class a provider without richer error codes must give
 // an HTTP status: the api column of the literal oracle in errors_test.go
-// (the table of DESIGN.md/STYLE.md §2), not a call to ClassifyHTTP, so that
+// (the table of DESIGN.md/STYLE.md §2), not a call to classifyHTTP, so that
 // a change to either is caught.
 func apiSweepWant(status int) Class {
 	_, api := oracle(status)
@@ -383,7 +383,7 @@ func TestAPI_EndlessResponseBodyIsBounded(t *testing.T) {
 			f := apiEndlessServer(t, tc.answer)
 			u := tc.up(t, f.url, timeout)
 			msg := apiTestMessage("alice@example.com", []string{"bob@example.net"}, []string{"bob@example.net"})
-			if _, ok := u.(*SendGrid); ok {
+			if _, ok := u.(*sendGridUpstream); ok {
 				msg = sgMessage("alice@example.com", []string{"bob@example.net"}, "From: alice@example.com\nTo: bob@example.net\nSubject: s\n\nbody\n")
 			}
 			runtime.GC()

@@ -118,8 +118,8 @@ type Config struct {
 	Timeout         time.Duration  `yaml:"timeout"`
 }
 
-// Types lists the accepted values of `type`, in the order of kinds.
-var Types = func() []string {
+// typeNames lists the accepted values of `type`, in the order of kinds.
+var typeNames = func() []string {
 	names := make([]string, len(kinds))
 	for i, k := range kinds {
 		names[i] = string(k.name)
@@ -127,9 +127,9 @@ var Types = func() []string {
 	return names
 }()
 
-// DefaultMaxMessageBytes is each provider's documented limit; 0 means the
+// defaultMaxMessageBytes is each provider's documented limit; 0 means the
 // upstream sets none of its own (the listener's limit applies).
-func DefaultMaxMessageBytes(typ string) int64 {
+func defaultMaxMessageBytes(typ string) int64 {
 	limit, _, _ := providerMaxMessageBytes(typ)
 	return limit
 }
@@ -158,7 +158,7 @@ func (c *Config) ApplyDefaults() {
 		c.CircuitBreaker.OpenFor = 30 * time.Second
 	}
 	if c.MaxMessageBytes == 0 {
-		c.MaxMessageBytes = DefaultMaxMessageBytes(c.Type)
+		c.MaxMessageBytes = defaultMaxMessageBytes(c.Type)
 	}
 	if c.Timeout == 0 {
 		c.Timeout = 30 * time.Second
@@ -227,9 +227,9 @@ func (c *Config) Validate(path string) []error {
 	k, known := lookupKind(c.Type)
 	switch {
 	case c.Type == "":
-		bad("type", "required (one of %s)", strings.Join(Types, ", "))
+		bad("type", "required (one of %s)", strings.Join(typeNames, ", "))
 	case !known:
-		bad("type", "%q: must be one of %s", c.Type, strings.Join(Types, ", "))
+		bad("type", "%q: must be one of %s", c.Type, strings.Join(typeNames, ", "))
 	default:
 		k.validate(c, bad)
 	}

@@ -67,7 +67,7 @@ type Error struct {
 	// the upstream until then and does not count the error against its
 	// breaker.
 	RetryAt time.Time
-	Err     error
+	err     error
 }
 
 func (e *Error) Error() string {
@@ -81,7 +81,7 @@ func (e *Error) Error() string {
 	return s
 }
 
-func (e *Error) Unwrap() error { return e.Err }
+func (e *Error) Unwrap() error { return e.err }
 
 // LogValue keeps log lines to the classified fields; the wrapped error may
 // carry transport detail that does not belong in an operator's log.
@@ -94,9 +94,9 @@ func (e *Error) LogValue() slog.Value {
 	)
 }
 
-// Errorf builds an *Error with a formatted reason.
-func Errorf(upstream string, class Class, code string, err error, format string, args ...any) *Error {
-	return &Error{Upstream: upstream, Class: class, Code: code, Reason: Truncate(fmt.Sprintf(format, args...), 300), Err: err}
+// errorf builds an *Error with a formatted reason.
+func errorf(upstream string, class Class, code string, err error, format string, args ...any) *Error {
+	return &Error{Upstream: upstream, Class: class, Code: code, Reason: truncate(fmt.Sprintf(format, args...), 300), err: err}
 }
 
 // RetryAtOf returns err's RetryAt, zero if it has none.
@@ -118,9 +118,9 @@ func ClassOf(err error) Class {
 	return Transient
 }
 
-// ClassifyHTTP maps an HTTP status to a class for providers without a richer
+// classifyHTTP maps an HTTP status to a class for providers without a richer
 // error code. Specific codes come before the generic 4xx bucket.
-func ClassifyHTTP(status int) Class {
+func classifyHTTP(status int) Class {
 	switch {
 	case status == http.StatusUnauthorized, status == http.StatusForbidden:
 		return ProviderFault
@@ -142,10 +142,10 @@ func ClassifyHTTP(status int) Class {
 	return Transient
 }
 
-// ContextClass classifies a transport error. A deadline, a cancellation
+// contextClass classifies a transport error. A deadline, a cancellation
 // (shutdown) or a broken connection after the whole request went out is
 // Ambiguous: the provider may have accepted the message.
-func ContextClass(err error, requestSent bool) Class {
+func contextClass(err error, requestSent bool) Class {
 	if requestSent && (errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) ||
 		isTimeout(err) || isConnReset(err)) {
 		return Ambiguous
@@ -153,9 +153,9 @@ func ContextClass(err error, requestSent bool) Class {
 	return Transient
 }
 
-// Truncate shortens s to n runes so provider bodies never flood a log or
+// truncate shortens s to n runes so provider bodies never flood a log or
 // spool file.
-func Truncate(s string, n int) string {
+func truncate(s string, n int) string {
 	if utf8.RuneCountInString(s) <= n {
 		return s
 	}

@@ -10,10 +10,10 @@ import (
 // httpOracle is the status-code oracle: every registered HTTP status
 // (and a few unregistered ones at the edges of each bucket), written out by
 // hand with the class it must get. It is a literal table on purpose: it does
-// not share, copy or compute from the switch in ClassifyHTTP, so a change to
+// not share, copy or compute from the switch in classifyHTTP, so a change to
 // that switch has to be made here too, in plain sight.
 //
-// classify is what ClassifyHTTP returns. api is what an HTTP adapter
+// classify is what classifyHTTP returns. api is what an HTTP adapter
 // without richer error codes (Mailgun, SMTP2GO, SES with an unknown error
 // code) must return for that answer; it differs from classify only for 2xx,
 // which reach the classifier only when the adapter could not read them as
@@ -133,15 +133,15 @@ func oracle(status int) (classify, api Class) {
 func TestClassifyHTTP_Oracle(t *testing.T) {
 	t.Parallel()
 	for _, o := range httpOracle {
-		if got := ClassifyHTTP(o.status); got != o.classify {
+		if got := classifyHTTP(o.status); got != o.classify {
 			t.Errorf("ClassifyHTTP(%d) = %v, want %v", o.status, got, o.classify)
 		}
 	}
-	// Unlisted codes too, so a new special case in ClassifyHTTP cannot hide
+	// Unlisted codes too, so a new special case in classifyHTTP cannot hide
 	// in a gap of the table.
 	for status := 100; status <= 599; status++ {
 		want, _ := oracle(status)
-		if got := ClassifyHTTP(status); got != want {
+		if got := classifyHTTP(status); got != want {
 			t.Errorf("ClassifyHTTP(%d) = %v, want %v", status, got, want)
 		}
 	}

@@ -12,10 +12,6 @@ import (
 // Deps are the process-wide things an adapter needs; tests pass their own.
 type Deps struct {
 	Logger *slog.Logger
-	// HTTPClient is the base client of HTTP adapters; each adapter still
-	// applies its own timeout and bounds response bodies. Nil means a
-	// fresh client.
-	HTTPClient *http.Client
 	// Hostname is the EHLO name used towards SMTP upstreams.
 	Hostname string
 	Now      func() time.Time
@@ -51,16 +47,9 @@ func (d Deps) syncFor(dir string) *atomicfile.GroupSync {
 
 func (d Deps) httpClient(timeout time.Duration) *http.Client {
 	c := &http.Client{}
-	if d.HTTPClient != nil {
-		*c = *d.HTTPClient
-	}
 	// The timeout covers the whole exchange, reading the body included.
 	c.Timeout = timeout
-	base := c.Transport
-	if base == nil {
-		base = http.DefaultTransport
-	}
-	c.Transport = apiLimitTransport{base: base, max: apiMaxResponseBytes}
+	c.Transport = apiLimitTransport{base: http.DefaultTransport, max: apiMaxResponseBytes}
 	// A redirect to another host would carry API-key headers along (Go
 	// strips only Authorization and Cookie); providers do not redirect the
 	// send APIs, so treat a 3xx as the answer.

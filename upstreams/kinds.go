@@ -8,18 +8,18 @@ import (
 	"strings"
 )
 
-// Kind is the value of an upstream's `type`.
-type Kind string
+// kindName is the value of an upstream's `type`.
+type kindName string
 
-// The accepted kinds, in the order Types and the messages list them.
+// The accepted kinds, in the order typeNames and the messages list them.
 const (
-	KindSES      Kind = "ses"
-	KindSendGrid Kind = "sendgrid"
-	KindMailgun  Kind = "mailgun"
-	KindSMTP2GO  Kind = "smtp2go"
-	KindSMTP     Kind = "smtp"
-	KindFile     Kind = "file"
-	KindMSGraph  Kind = "msgraph"
+	kindSES      kindName = "ses"
+	kindSendGrid kindName = "sendgrid"
+	kindMailgun  kindName = "mailgun"
+	kindSMTP2GO  kindName = "smtp2go"
+	kindSMTP     kindName = "smtp"
+	kindFile     kindName = "file"
+	kindMSGraph  kindName = "msgraph"
 )
 
 // TLSMode is the `tls` of an smtp upstream.
@@ -32,11 +32,11 @@ const (
 	TLSNone     TLSMode = "none"
 )
 
-// kind is everything the package knows about one provider kind. Types,
-// DefaultMaxMessageBytes, ApplyDefaults, Validate and New read it; nothing
+// kind is everything the package knows about one provider kind. typeNames,
+// defaultMaxMessageBytes, ApplyDefaults, Validate and New read it; nothing
 // else switches on the type string.
 type kind struct {
-	name Kind
+	name kindName
 	// new builds the adapter from a config that passed prepare (New) or
 	// Validate (the relay); it re-checks nothing.
 	new func(Config, Deps) (Upstream, error)
@@ -104,11 +104,11 @@ var perKindFields = []field{fAddress, fDir, fDomain, fEndpoint, fAPIKey, fAuth, 
 // kinds is the one table of provider kinds. It is written once, at package
 // initialisation, and only ever read: nothing appends to it, assigns an
 // entry or changes a field, so it is a constant that Go cannot spell, not
-// state. A slice and not a map because Types and the messages list the
+// state. A slice and not a map because typeNames and the messages list the
 // kinds in this order.
 var kinds = []kind{
 	{
-		name: KindSES,
+		name: kindSES,
 		new:  adapter(newSES),
 		// SES counts its 40 MB limit after base64 (4/3 growth), so raw
 		// messages above 30 MB cannot pass; 28 MiB leaves room for the
@@ -130,7 +130,7 @@ var kinds = []kind{
 		},
 	},
 	{
-		name:     KindSendGrid,
+		name:     kindSendGrid,
 		new:      adapter(newSendGrid),
 		limit:    providerLimit{sendGridMaxBytes, "SendGrid", "30 MB"},
 		required: []field{fAPIKey},
@@ -138,7 +138,7 @@ var kinds = []kind{
 		keyForms: map[string]string{"api_key": `a SendGrid API key (those start with "SG." and are about 69 characters)`},
 	},
 	{
-		name:     KindMailgun,
+		name:     kindMailgun,
 		new:      adapter(newMailgun),
 		limit:    providerLimit{25 << 20, "Mailgun", "25 MB"},
 		required: []field{fAPIKey, fDomain},
@@ -162,14 +162,14 @@ var kinds = []kind{
 		},
 	},
 	{
-		name:     KindSMTP2GO,
+		name:     kindSMTP2GO,
 		new:      adapter(newSMTP2GO),
 		required: []field{fAPIKey},
 		uses:     []field{fEndpoint, fAPIKey},
 		keyForms: map[string]string{"api_key": `an SMTP2GO API key (those are "api-" and 32 hex digits)`},
 	},
 	{
-		name:     KindSMTP,
+		name:     kindSMTP,
 		new:      adapter(newSMTP),
 		required: []field{fAddress},
 		uses:     []field{fAddress, fAuth, fOAuth2},
@@ -194,7 +194,7 @@ var kinds = []kind{
 		},
 	},
 	{
-		name: KindMSGraph,
+		name: kindMSGraph,
 		new:  adapter(newMSGraph),
 		// Graph takes a sendMail request of up to 4 MB; the base64 of the
 		// MIME message must fit (see msgraphMaxBytes).
@@ -214,7 +214,7 @@ var kinds = []kind{
 		},
 	},
 	{
-		name:     KindFile,
+		name:     kindFile,
 		new:      adapter(newFile),
 		required: []field{fDir},
 		uses:     []field{fDir},

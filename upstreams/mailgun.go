@@ -15,9 +15,9 @@ import (
 	"github.com/mailgun/mailgun-go/v5"
 )
 
-// Mailgun sends raw MIME through Mailgun's messages.mime API. The envelope
+// mailgunUpstream sends raw MIME through Mailgun's messages.mime API. The envelope
 // recipients go in the repeated `to` form fields, so Bcc works.
-type Mailgun struct {
+type mailgunUpstream struct {
 	name    string
 	domain  string
 	client  *mailgun.Client
@@ -27,7 +27,7 @@ type Mailgun struct {
 	mem     Memory
 }
 
-func newMailgun(c Config, d Deps) (*Mailgun, error) {
+func newMailgun(c Config, d Deps) (*mailgunUpstream, error) {
 	timeout := c.Timeout
 	mg := mailgun.NewMailgun(c.APIKey.Reveal())
 	// The SDK's default client is http.DefaultClient, without a timeout.
@@ -42,18 +42,18 @@ func newMailgun(c Config, d Deps) (*Mailgun, error) {
 	if err := mg.SetAPIBase(base); err != nil {
 		return nil, fmt.Errorf("endpoint: %v", err)
 	}
-	return &Mailgun{name: c.Name, domain: c.Domain, client: mg, timeout: timeout, key: c.APIKey, log: d.logger(), mem: d.Memory}, nil
+	return &mailgunUpstream{name: c.Name, domain: c.Domain, client: mg, timeout: timeout, key: c.APIKey, log: d.logger(), mem: d.Memory}, nil
 }
 
 // Name returns the configured name.
-func (g *Mailgun) Name() string { return g.name }
+func (g *mailgunUpstream) Name() string { return g.name }
 
 // Send delivers m in calls of at most mailgun.MaxNumberOfRecipients and
 // returns the first call's id. If a later call fails, the receipt refuses
 // only the recipients not yet delivered.
-func (g *Mailgun) Send(ctx context.Context, m *Message) (Receipt, error) {
+func (g *mailgunUpstream) Send(ctx context.Context, m *Message) (Receipt, error) {
 	if len(m.To) == 0 {
-		return Receipt{}, Errorf(g.name, Rejected, "", nil, "no recipients")
+		return Receipt{}, errorf(g.name, Rejected, "", nil, "no recipients")
 	}
 	release, err := reserve(ctx, g.mem, g.name, m, memFactorMailgun)
 	if err != nil {
@@ -71,7 +71,7 @@ func (g *Mailgun) Send(ctx context.Context, m *Message) (Receipt, error) {
 }
 
 // send makes one messages.mime call for rcpts.
-func (g *Mailgun) send(ctx context.Context, m *Message, rcpts []string) (string, *Error) {
+func (g *mailgunUpstream) send(ctx context.Context, m *Message, rcpts []string) (string, *Error) {
 	ctx, cancel := context.WithTimeoutCause(ctx, g.timeout, apiTimeoutCause(g.timeout))
 	defer cancel()
 	ctx, progress := apiTrace(ctx)
@@ -83,7 +83,7 @@ func (g *Mailgun) send(ctx context.Context, m *Message, rcpts []string) (string,
 		return "", g.classify(ctx, err, progress)
 	}
 	if resp.ID == "" {
-		return "", Errorf(g.name, Ambiguous, "", nil, "Mailgun answered success without an id")
+		return "", errorf(g.name, Ambiguous, "", nil, "Mailgun answered success without an id")
 	}
 	return resp.ID, nil
 }
@@ -92,13 +92,13 @@ func (g *Mailgun) send(ctx context.Context, m *Message, rcpts []string) (string,
 // 401/403 bad key or disabled domain, 404 unknown domain (the configured
 // sending domain, so every message would fail: ProviderFault, not
 // SenderRejected), 400 bad address, 413 too large (Unsupported: another
-// upstream may carry it), 429/5xx transient; that is ClassifyHTTP. A 2xx other than 200/202/204, or one whose body does not
+// upstream may carry it), 429/5xx transient; that is classifyHTTP. A 2xx other than 200/202/204, or one whose body does not
 // parse, means the message was probably taken: Ambiguous.
-func (g *Mailgun) classify(ctx context.Context, err error, p *apiProgress) *Error {
+func (g *mailgunUpstream) classify(ctx context.Context, err error, p *apiProgress) *Error {
 	var ure *mailgun.UnexpectedResponseError
 	if errors.As(err, &ure) {
 		status := ure.Actual
-		class := ClassifyHTTP(status)
+		class := classifyHTTP(status)
 		if status >= 200 && status < 300 {
 			class = Ambiguous
 		}
@@ -107,9 +107,9 @@ func (g *Mailgun) classify(ctx context.Context, err error, p *apiProgress) *Erro
 		if errors.As(err, &rl) && rl.ResetAt != nil {
 			reason += "; rate limit resets at " + rl.ResetAt.UTC().Format(time.RFC3339)
 		}
-		// Err keeps only the status: the SDK's error quotes the whole body.
+		// err keeps only the status: the SDK's error quotes the whole body.
 		return &Error{Upstream: g.name, Class: class, Code: strconv.Itoa(status),
-			Reason: Truncate(apiRedact(reason, g.key), 300), Err: fmt.Errorf("mailgun: HTTP %d", status)}
+			Reason: truncate(apiRedact(reason, g.key), 300), err: fmt.Errorf("mailgun: HTTP %d", status)}
 	}
 	if p.reply.Load() {
 		// A response came but its body did not read or parse. The SDK
@@ -120,15 +120,15 @@ func (g *Mailgun) classify(ctx context.Context, err error, p *apiProgress) *Erro
 			why = apiUnreadable(err)
 		}
 		if st := int(p.status.Load()); st != 0 && (st < 200 || st >= 300) {
-			return &Error{Upstream: g.name, Class: ClassifyHTTP(st), Code: strconv.Itoa(st),
-				Reason: fmt.Sprintf("HTTP %d: %s", st, why), Err: fmt.Errorf("mailgun: HTTP %d", st)}
+			return &Error{Upstream: g.name, Class: classifyHTTP(st), Code: strconv.Itoa(st),
+				Reason: fmt.Sprintf("HTTP %d: %s", st, why), err: fmt.Errorf("mailgun: HTTP %d", st)}
 		}
-		return &Error{Upstream: g.name, Class: Ambiguous, Reason: "unreadable success response: " + why, Err: err}
+		return &Error{Upstream: g.name, Class: Ambiguous, Reason: "unreadable success response: " + why, err: err}
 	}
 	if errors.Is(err, mailgun.ErrInvalidMessage) {
 		// The SDK's own check of the message (no body, no recipient):
 		// a property of this message, not of Mailgun's health.
-		return &Error{Upstream: g.name, Class: Unsupported, Reason: "Mailgun's SDK refused the message as invalid", Err: err}
+		return &Error{Upstream: g.name, Class: Unsupported, Reason: "Mailgun's SDK refused the message as invalid", err: err}
 	}
 	var ue *url.Error
 	if p.wrote.Load() || errors.As(err, &ue) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
@@ -136,7 +136,7 @@ func (g *Mailgun) classify(ctx context.Context, err error, p *apiProgress) *Erro
 	}
 	// Refused by the SDK before any request: a domain it considers invalid
 	// or an empty key. Configuration, so every message would fail.
-	return &Error{Upstream: g.name, Class: ProviderFault, Reason: Truncate(apiRedact(oneLine(err.Error()), g.key), 300), Err: err}
+	return &Error{Upstream: g.name, Class: ProviderFault, Reason: truncate(apiRedact(oneLine(err.Error()), g.key), 300), err: err}
 }
 
 // mailgunMessage extracts {"message": ...} from an error body, or the body.
@@ -150,4 +150,4 @@ func mailgunMessage(body []byte) string {
 	return oneLine(string(body))
 }
 
-var _ Upstream = (*Mailgun)(nil)
+var _ Upstream = (*mailgunUpstream)(nil)

@@ -21,7 +21,7 @@ const (
 	mailgunTestDomain = "mg.example.com"
 )
 
-func newTestMailgun(t *testing.T, endpoint string, mod ...func(*Config)) *Mailgun {
+func newTestMailgun(t *testing.T, endpoint string, mod ...func(*Config)) *mailgunUpstream {
 	t.Helper()
 	c := Config{Name: "mailgun-test", Type: "mailgun", Region: "us", Domain: mailgunTestDomain,
 		APIKey: mailgunTestKey, Endpoint: endpoint, Timeout: 5 * time.Second}

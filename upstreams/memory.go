@@ -29,9 +29,9 @@ func reserve(ctx context.Context, mem Memory, upstream string, m *Message, facto
 	if mem == nil {
 		return func() {}, nil
 	}
-	release, err := mem.Acquire(ctx, factor*m.Size())
+	release, err := mem.Acquire(ctx, factor*m.size())
 	if err != nil {
-		return nil, Errorf(upstream, Transient, "", err, "waiting for memory to hold the message: %v", err)
+		return nil, errorf(upstream, Transient, "", err, "waiting for memory to hold the message: %v", err)
 	}
 	return release, nil
 }
@@ -46,10 +46,10 @@ func loadBody(ctx context.Context, mem Memory, upstream string, m *Message, fact
 	if err != nil {
 		return nil, nil, err
 	}
-	data = make([]byte, m.Size())
+	data = make([]byte, m.size())
 	if _, err := io.ReadFull(m.Reader(), data); err != nil {
 		release()
-		return nil, nil, Errorf(upstream, Transient, "", err, "reading the spooled message: %v", err)
+		return nil, nil, errorf(upstream, Transient, "", err, "reading the spooled message: %v", err)
 	}
 	return data, release, nil
 }

@@ -29,12 +29,12 @@ const msgraphMaxBytes = 3<<20 - 64<<10
 // base64 request body.
 const memFactorMSGraph = 3
 
-// MSGraph sends through Microsoft Graph's sendMail with the raw MIME
+// msgraphUpstream sends through Microsoft Graph's sendMail with the raw MIME
 // message (base64, Content-Type text/plain), as Microsoft recommends in
 // place of SMTP AUTH for Exchange Online. Graph takes the recipients from
 // the To, Cc and Bcc headers, as SMTP2GO does, so the copy gets a Bcc
 // header naming envelope-only recipients.
-type MSGraph struct {
+type msgraphUpstream struct {
 	name    string
 	base    string
 	sender  string
@@ -46,7 +46,7 @@ type MSGraph struct {
 	now     func() time.Time
 }
 
-func newMSGraph(c Config, d Deps) (*MSGraph, error) {
+func newMSGraph(c Config, d Deps) (*msgraphUpstream, error) {
 	base := msgraphDefaultEndpoint
 	if c.Endpoint != "" {
 		base = strings.TrimSuffix(strings.TrimRight(c.Endpoint, "/"), "/v1.0")
@@ -65,12 +65,12 @@ func newMSGraph(c Config, d Deps) (*MSGraph, error) {
 		d.logger().Info("Graph keeps a copy of every message in the sender's Sent Items: sendMail with a MIME body has no saveToSentItems",
 			"upstream", c.Name)
 	}
-	return &MSGraph{name: c.Name, base: base, sender: c.Sender, tokens: ts, client: client,
+	return &msgraphUpstream{name: c.Name, base: base, sender: c.Sender, tokens: ts, client: client,
 		timeout: c.Timeout, log: d.logger(), mem: d.Memory, now: d.now()}, nil
 }
 
 // Name returns the configured name.
-func (g *MSGraph) Name() string { return g.name }
+func (g *msgraphUpstream) Name() string { return g.name }
 
 // msgraphScope asks for the application permissions of the Graph that
 // base belongs to: a national cloud (graph.microsoft.us, ...) has its own
@@ -94,16 +94,16 @@ type msgraphError struct {
 // Send posts m to /users/{sender}/sendMail. Graph answers 202 without a
 // body; the request-id header, when it has one, is the provider id. A 401
 // to a cached token drops it and tries once more with a fresh one.
-func (g *MSGraph) Send(ctx context.Context, m *Message) (Receipt, error) {
+func (g *msgraphUpstream) Send(ctx context.Context, m *Message) (Receipt, error) {
 	if len(m.To) == 0 {
-		return Receipt{}, Errorf(g.name, Rejected, "", nil, "no recipients")
+		return Receipt{}, errorf(g.name, Rejected, "", nil, "no recipients")
 	}
 	sender := g.sender
 	if sender == "" {
 		sender = m.From
 	}
 	if sender == "" {
-		return Receipt{}, Errorf(g.name, Unsupported, "", nil, "Graph sends as a mailbox and this message has the null sender; set sender")
+		return Receipt{}, errorf(g.name, Unsupported, "", nil, "Graph sends as a mailbox and this message has the null sender; set sender")
 	}
 	data, release, err := loadBody(ctx, g.mem, g.name, m, memFactorMSGraph)
 	if err != nil {
@@ -114,7 +114,7 @@ func (g *MSGraph) Send(ctx context.Context, m *Message) (Receipt, error) {
 	defer cancel()
 	named := headerRecipients(data)
 	if dup := deliveredElsewhere(m, named); dup != "" {
-		return Receipt{}, Errorf(g.name, Unsupported, "", nil,
+		return Receipt{}, errorf(g.name, Unsupported, "", nil,
 			"headers name %s, who is not part of this delivery; Graph mails every header recipient (use SMTP for split routes)", dup)
 	}
 	mime := withBccHeader(m, data, named)
@@ -136,11 +136,11 @@ func (g *MSGraph) Send(ctx context.Context, m *Message) (Receipt, error) {
 }
 
 // post makes one sendMail request and classes its answer.
-func (g *MSGraph) post(ctx context.Context, u, tok string, body []byte, m *Message, sender string) (string, int, error) {
+func (g *msgraphUpstream) post(ctx context.Context, u, tok string, body []byte, m *Message, sender string) (string, int, error) {
 	ctx, progress := apiTrace(ctx)
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, bytes.NewReader(body))
 	if err != nil {
-		return "", 0, Errorf(g.name, ProviderFault, "", nil, "endpoint: cannot build the request")
+		return "", 0, errorf(g.name, ProviderFault, "", nil, "endpoint: cannot build the request")
 	}
 	req.Header.Set("Content-Type", "text/plain")
 	req.Header.Set("Authorization", "Bearer "+tok)
@@ -161,14 +161,14 @@ func (g *MSGraph) post(ctx context.Context, u, tok string, body []byte, m *Messa
 	code := ge.Error.Code
 	reason := "HTTP " + strconv.Itoa(status)
 	if code != "" {
-		reason += " " + oneLine(Truncate(code, 80))
+		reason += " " + oneLine(truncate(code, 80))
 	}
 	if msg := ge.Error.Message; msg != "" {
-		reason += ": " + apiRedact(oneLine(Truncate(msg, 200)), Secret(tok))
+		reason += ": " + apiRedact(oneLine(truncate(msg, 200)), Secret(tok))
 	} else if code == "" && len(raw) > 0 {
 		reason += ": " + apiBodyReason(raw, Secret(tok))
 	}
-	class := ClassifyHTTP(status)
+	class := classifyHTTP(status)
 	switch {
 	case status == http.StatusUnauthorized:
 		reason += " (the token was refused: check the app registration's secret, tenant and Mail.Send permission)"
@@ -183,10 +183,10 @@ func (g *MSGraph) post(ctx context.Context, u, tok string, body []byte, m *Messa
 		reason += " (the app needs the Mail.Send application permission with admin consent)"
 	case status == http.StatusTooManyRequests || status == http.StatusServiceUnavailable:
 		if ra := resp.Header.Get("Retry-After"); ra != "" {
-			reason += " (Retry-After " + oneLine(Truncate(ra, 40)) + ")"
+			reason += " (Retry-After " + oneLine(truncate(ra, 40)) + ")"
 		}
 	}
-	e := Errorf(g.name, class, strconv.Itoa(status), nil, "%s", reason)
+	e := errorf(g.name, class, strconv.Itoa(status), nil, "%s", reason)
 	if status == http.StatusTooManyRequests || status == http.StatusServiceUnavailable {
 		// Microsoft: wait as long as Retry-After says; retrying sooner
 		// counts against the limit.
@@ -195,7 +195,7 @@ func (g *MSGraph) post(ctx context.Context, u, tok string, body []byte, m *Messa
 	return "", status, e
 }
 
-var _ Upstream = (*MSGraph)(nil)
+var _ Upstream = (*msgraphUpstream)(nil)
 
 // withBccHeader is the copy of data with envelope-only recipients in Bcc.
 func withBccHeader(m *Message, data []byte, named map[string]bool) []byte {

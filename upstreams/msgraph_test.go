@@ -30,7 +30,7 @@ func graphFake(t *testing.T, ts *fakes.TokenServer, reply func(n int, r fakes.Re
 	})
 }
 
-func newTestGraph(t *testing.T, api *fakes.HTTP, ts *fakes.TokenServer, sender string, d Deps) *MSGraph {
+func newTestGraph(t *testing.T, api *fakes.HTTP, ts *fakes.TokenServer, sender string, d Deps) *msgraphUpstream {
 	t.Helper()
 	c := Config{Name: "graph", Type: "msgraph", TenantID: "contoso.onmicrosoft.com", ClientID: testClientID,
 		ClientSecret: testClientSecret, Endpoint: api.URL, TokenURL: ts.URL, Sender: sender, Timeout: 5 * time.Second}
@@ -42,7 +42,7 @@ func newTestGraph(t *testing.T, api *fakes.HTTP, ts *fakes.TokenServer, sender s
 	if err != nil {
 		t.Fatal(err)
 	}
-	return u.(*MSGraph)
+	return u.(*msgraphUpstream)
 }
 
 func graphTokens(t *testing.T) *fakes.TokenServer {

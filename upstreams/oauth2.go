@@ -163,7 +163,7 @@ func parseServiceAccount(key Secret) (*jwt.Config, error) {
 	}
 	switch {
 	case f.Type != "service_account":
-		return nil, fmt.Errorf("type is %q, want service_account (a key file of a service account)", Truncate(f.Type, 40))
+		return nil, fmt.Errorf("type is %q, want service_account (a key file of a service account)", truncate(f.Type, 40))
 	case f.ClientEmail == "":
 		return nil, errors.New("client_email missing")
 	case !strings.Contains(f.PrivateKey, "PRIVATE KEY"):
@@ -260,7 +260,7 @@ func (ts *tokenSource) token(ctx context.Context) (access string, fresh bool, er
 	select {
 	case ts.sem <- struct{}{}:
 	case <-ctx.Done():
-		return "", false, Errorf(ts.upstream, ContextClass(ctx.Err(), false), "", ctx.Err(), "oauth2: waiting for the token request: %v", context.Cause(ctx))
+		return "", false, errorf(ts.upstream, contextClass(ctx.Err(), false), "", ctx.Err(), "oauth2: waiting for the token request: %v", context.Cause(ctx))
 	}
 	defer func() { <-ts.sem }()
 	if t := ts.tok; t != nil && (t.Expiry.IsZero() || ts.now().Add(tokenEarly).Before(t.Expiry)) {
@@ -271,7 +271,7 @@ func (ts *tokenSource) token(ctx context.Context) (access string, fresh bool, er
 		return "", false, ts.fetchError(ctx, err)
 	}
 	if t.AccessToken == "" {
-		return "", false, Errorf(ts.upstream, ProviderFault, "", nil, "oauth2: token endpoint answered without an access_token")
+		return "", false, errorf(ts.upstream, ProviderFault, "", nil, "oauth2: token endpoint answered without an access_token")
 	}
 	ts.tok = t
 	return t.AccessToken, true, nil
@@ -294,13 +294,13 @@ func (ts *tokenSource) fetchError(ctx context.Context, err error) *Error {
 	var re *oauth2.RetrieveError
 	if !errors.As(err, &re) {
 		if ctx.Err() != nil {
-			return Errorf(ts.upstream, ContextClass(ctx.Err(), false), "", err, "oauth2: token request: %v", context.Cause(ctx))
+			return errorf(ts.upstream, contextClass(ctx.Err(), false), "", err, "oauth2: token request: %v", context.Cause(ctx))
 		}
 		var ne net.Error
 		if errors.As(err, &ne) {
-			return Errorf(ts.upstream, Transient, "", err, "oauth2: token endpoint unreachable: %s", apiRedact(oneLine(Truncate(err.Error(), 200)), ts.secrets...))
+			return errorf(ts.upstream, Transient, "", err, "oauth2: token endpoint unreachable: %s", apiRedact(oneLine(truncate(err.Error(), 200)), ts.secrets...))
 		}
-		return Errorf(ts.upstream, ProviderFault, "", err, "oauth2: %s", apiRedact(oneLine(Truncate(err.Error(), 200)), ts.secrets...))
+		return errorf(ts.upstream, ProviderFault, "", err, "oauth2: %s", apiRedact(oneLine(truncate(err.Error(), 200)), ts.secrets...))
 	}
 	status := 0
 	if re.Response != nil {
@@ -325,16 +325,16 @@ func (ts *tokenSource) fetchError(ctx context.Context, err error) *Error {
 	}
 	reason := "oauth2: token endpoint refused the credentials: HTTP " + strconv.Itoa(status)
 	if code != "" {
-		reason += " " + oneLine(Truncate(code, 64))
+		reason += " " + oneLine(truncate(code, 64))
 	}
 	if desc != "" {
 		// Entra's descriptions ("AADSTS7000215: Invalid client secret
 		// provided...") say what to fix; the first line is enough.
 		first, _, _ := strings.Cut(desc, "\n")
-		reason += ": " + apiRedact(oneLine(Truncate(first, 200)), ts.secrets...)
+		reason += ": " + apiRedact(oneLine(truncate(first, 200)), ts.secrets...)
 	}
 	if class == Transient {
 		reason = strings.Replace(reason, "refused the credentials", "failed", 1)
 	}
-	return Errorf(ts.upstream, class, strconv.Itoa(status), nil, "%s", reason)
+	return errorf(ts.upstream, class, strconv.Itoa(status), nil, "%s", reason)
 }

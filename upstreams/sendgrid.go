@@ -16,12 +16,12 @@ import (
 	sgmail "github.com/sendgrid/sendgrid-go/helpers/mail"
 )
 
-// SendGrid delivers through SendGrid's v3 Mail Send API. SendGrid takes no
+// sendGridUpstream delivers through SendGrid's v3 Mail Send API. SendGrid takes no
 // raw MIME, so each message is parsed and mapped onto the JSON schema. What
 // the schema cannot carry faithfully (signed or encrypted mail, several text
 // bodies, non-text alternatives, ...) is refused as Unsupported before any
 // request, so the route can fail over to an upstream that sends raw bytes.
-type SendGrid struct {
+type sendGridUpstream struct {
 	name    string
 	key     Secret
 	host    string
@@ -45,13 +45,13 @@ const (
 	sendGridMaxBytes = 30 << 20
 )
 
-func newSendGrid(c Config, d Deps) (*SendGrid, error) {
+func newSendGrid(c Config, d Deps) (*sendGridUpstream, error) {
 	host := strings.TrimRight(c.Endpoint, "/")
 	if host == "" {
 		host = sendGridHost
 	}
 	timeout := c.Timeout
-	return &SendGrid{
+	return &sendGridUpstream{
 		name:    c.Name,
 		key:     c.APIKey,
 		host:    host,
@@ -66,12 +66,12 @@ func newSendGrid(c Config, d Deps) (*SendGrid, error) {
 }
 
 // Name returns the configured name.
-func (s *SendGrid) Name() string { return s.name }
+func (s *sendGridUpstream) Name() string { return s.name }
 
 // Send maps m to one Mail Send request per 1,000 recipients and posts them
 // in order. When a later request fails after earlier ones were accepted, the
 // receipt refuses only the recipients not yet delivered.
-func (s *SendGrid) Send(ctx context.Context, m *Message) (Receipt, error) {
+func (s *sendGridUpstream) Send(ctx context.Context, m *Message) (Receipt, error) {
 	data, release, err := loadBody(ctx, s.mem, s.name, m, memFactorSendGrid)
 	if err != nil {
 		return Receipt{}, err
@@ -80,7 +80,7 @@ func (s *SendGrid) Send(ctx context.Context, m *Message) (Receipt, error) {
 	base, chunks, err := mapSendGrid(m, data)
 	if err != nil {
 		// A *sgMappingError: its text is the reason, its class Unsupported.
-		return Receipt{}, Errorf(s.name, Unsupported, "", nil, "%s", err.Error())
+		return Receipt{}, errorf(s.name, Unsupported, "", nil, "%s", err.Error())
 	}
 	if len(chunks) > 1 {
 		s.log.Debug("sendgrid request split", "msg_id", m.ID, "requests", len(chunks), "rcpt_count", len(m.To))
@@ -95,10 +95,10 @@ func (s *SendGrid) Send(ctx context.Context, m *Message) (Receipt, error) {
 		enc := json.NewEncoder(&buf)
 		enc.SetEscapeHTML(false) // HTML bodies would grow by \u003c escapes
 		if err := enc.Encode(&req); err != nil {
-			return Receipt{}, Errorf(s.name, Unsupported, "", err, "encode request: %v", err)
+			return Receipt{}, errorf(s.name, Unsupported, "", err, "encode request: %v", err)
 		}
 		if buf.Len() > s.maxBody {
-			return Receipt{}, Errorf(s.name, Unsupported, "", nil, "request of %d bytes exceeds SendGrid's limit of %d", buf.Len(), s.maxBody)
+			return Receipt{}, errorf(s.name, Unsupported, "", nil, "request of %d bytes exceeds SendGrid's limit of %d", buf.Len(), s.maxBody)
 		}
 		bodies[i] = buf.Bytes()
 	}
@@ -132,7 +132,7 @@ func (s *SendGrid) Send(ctx context.Context, m *Message) (Receipt, error) {
 // id is not an answer SendGrid gives: Ambiguous, never delivered with an
 // empty id. sendgrid/rest's BuildResponse is not used: it reads the whole
 // body before anyone can look at the status.
-func (s *SendGrid) post(ctx context.Context, body []byte) (string, *Error) {
+func (s *sendGridUpstream) post(ctx context.Context, body []byte) (string, *Error) {
 	ctx, cancel := context.WithTimeoutCause(ctx, s.timeout, apiTimeoutCause(s.timeout))
 	defer cancel()
 
@@ -166,7 +166,7 @@ func (s *SendGrid) post(ctx context.Context, body []byte) (string, *Error) {
 		} else if b := apiBodyReason(raw, s.key); b != "" {
 			reason += ": " + b
 		}
-		return "", &Error{Upstream: s.name, Class: Ambiguous, Code: strconv.Itoa(code), Reason: Truncate(reason, 300)}
+		return "", &Error{Upstream: s.name, Class: Ambiguous, Code: strconv.Itoa(code), Reason: truncate(reason, 300)}
 	}
 	defer apiDrainClose(resp.Body)
 	raw, rerr := io.ReadAll(resp.Body)
@@ -189,7 +189,7 @@ type sendGridErrors struct {
 // statusError classifies a non-2xx answer. 403 is a sender problem only when
 // SendGrid says the from address is not a verified identity; other 403s
 // (key scope, account blocked) are the account's.
-func (s *SendGrid) statusError(resp *rest.Response) *Error {
+func (s *sendGridUpstream) statusError(resp *rest.Response) *Error {
 	code := resp.StatusCode
 	var msgs []string
 	senderIssue := false
@@ -244,10 +244,10 @@ func (s *SendGrid) statusError(resp *rest.Response) *Error {
 	case code >= 500:
 		class = Transient
 	default:
-		class = ClassifyHTTP(code)
+		class = classifyHTTP(code)
 	}
 	// A proxy or a misbehaving server may echo the Authorization header.
-	return &Error{Upstream: s.name, Class: class, Code: strconv.Itoa(code), Reason: Truncate(apiRedact(reason, s.key), 300)}
+	return &Error{Upstream: s.name, Class: class, Code: strconv.Itoa(code), Reason: truncate(apiRedact(reason, s.key), 300)}
 }
 
-var _ Upstream = (*SendGrid)(nil)
+var _ Upstream = (*sendGridUpstream)(nil)

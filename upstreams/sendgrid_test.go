@@ -16,14 +16,14 @@ import (
 const sgTestKey = "SG.test-key.0123456789"
 
 // newTestSendGrid builds the adapter against f (or endpoint) with a short timeout.
-func newTestSendGrid(t *testing.T, endpoint, key string, timeout time.Duration, log *slog.Logger) *SendGrid {
+func newTestSendGrid(t *testing.T, endpoint, key string, timeout time.Duration, log *slog.Logger) *sendGridUpstream {
 	t.Helper()
 	u, err := build(Config{Name: "sendgrid", Type: "sendgrid", APIKey: Secret(key), Endpoint: endpoint, Timeout: timeout},
 		Deps{Logger: log})
 	if err != nil {
 		t.Fatalf("newSendGrid: %v", err)
 	}
-	return u.(*SendGrid)
+	return u.(*sendGridUpstream)
 }
 
 // sgMessage turns a readable message (LF line ends) into one with CRLF.

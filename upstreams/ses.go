@@ -28,10 +28,10 @@ const (
 	sesMaxEncoded = 40_000_000
 )
 
-// SES sends raw MIME through the Amazon SES v2 SendEmail API. The envelope
+// sesUpstream sends raw MIME through the Amazon SES v2 SendEmail API. The envelope
 // recipients go in Destination, which is what makes Bcc work: SES delivers
 // to Destination, not to the headers.
-type SES struct {
+type sesUpstream struct {
 	name      string
 	client    *sesv2.Client
 	configSet string
@@ -41,7 +41,7 @@ type SES struct {
 	secrets   []Secret
 }
 
-func newSES(c Config, d Deps) (*SES, error) {
+func newSES(c Config, d Deps) (*sesUpstream, error) {
 	timeout := c.Timeout
 	hc := d.httpClient(timeout)
 	var cfg aws.Config
@@ -69,21 +69,21 @@ func newSES(c Config, d Deps) (*SES, error) {
 			o.BaseEndpoint = aws.String(c.Endpoint)
 		}
 	})
-	return &SES{
+	return &sesUpstream{
 		name: c.Name, client: client, configSet: c.ConfigurationSet, timeout: timeout,
 		log: d.logger(), secrets: []Secret{c.AccessKeyID, c.SecretAccessKey}, mem: d.Memory,
 	}, nil
 }
 
 // Name returns the configured name.
-func (s *SES) Name() string { return s.name }
+func (s *sesUpstream) Name() string { return s.name }
 
 // Send delivers m in calls of at most 50 recipients and returns the first
 // call's MessageId. If a later call fails, the receipt refuses only the
 // recipients not yet delivered.
-func (s *SES) Send(ctx context.Context, m *Message) (Receipt, error) {
+func (s *sesUpstream) Send(ctx context.Context, m *Message) (Receipt, error) {
 	if len(m.To) == 0 {
-		return Receipt{}, Errorf(s.name, Rejected, "", nil, "no recipients")
+		return Receipt{}, errorf(s.name, Rejected, "", nil, "no recipients")
 	}
 	if needsUTF8(m) {
 		// SES does not support SMTPUTF8: addresses must be 7-bit ASCII
@@ -106,15 +106,15 @@ func (s *SES) Send(ctx context.Context, m *Message) (Receipt, error) {
 		if !IsASCII(m.From) {
 			who = "sender"
 		}
-		return Receipt{}, Errorf(s.name, Unsupported, "SMTPUTF8", nil,
+		return Receipt{}, errorf(s.name, Unsupported, "SMTPUTF8", nil,
 			"SES does not support SMTPUTF8: non-ASCII envelope %s", who)
 	}
-	if n := base64.StdEncoding.EncodedLen(int(m.Size())); n > sesMaxEncoded {
+	if n := base64.StdEncoding.EncodedLen(int(m.size())); n > sesMaxEncoded {
 		// SES would refuse it (Rejected: dead-letter) although another
 		// upstream of the route may take it; max_message_bytes counts raw
 		// bytes, so this can pass the policy's size check.
-		return Receipt{}, Errorf(s.name, Unsupported, "size", nil,
-			"message is %d bytes, %d after base64; SES takes at most %d", m.Size(), n, sesMaxEncoded)
+		return Receipt{}, errorf(s.name, Unsupported, "size", nil,
+			"message is %d bytes, %d after base64; SES takes at most %d", m.size(), n, sesMaxEncoded)
 	}
 	data, release, err := loadBody(ctx, s.mem, s.name, m, memFactorSES)
 	if err != nil {
@@ -132,7 +132,7 @@ func (s *SES) Send(ctx context.Context, m *Message) (Receipt, error) {
 }
 
 // send makes one SendEmail call for rcpts.
-func (s *SES) send(ctx context.Context, m *Message, data []byte, rcpts []string) (string, *Error) {
+func (s *sesUpstream) send(ctx context.Context, m *Message, data []byte, rcpts []string) (string, *Error) {
 	ctx, cancel := context.WithTimeoutCause(ctx, s.timeout, apiTimeoutCause(s.timeout))
 	defer cancel()
 	ctx, progress := apiTrace(ctx)
@@ -152,14 +152,14 @@ func (s *SES) send(ctx context.Context, m *Message, data []byte, rcpts []string)
 		return "", s.classify(ctx, err, progress)
 	}
 	if out.MessageId == nil || *out.MessageId == "" {
-		return "", Errorf(s.name, Ambiguous, "", nil, "SES answered success without a MessageId")
+		return "", errorf(s.name, Ambiguous, "", nil, "SES answered success without a MessageId")
 	}
 	return *out.MessageId, nil
 }
 
 // classify maps an SDK error to a class: by SES error code first (a 400
 // alone says nothing at SES), then by HTTP status, then as a transport error.
-func (s *SES) classify(ctx context.Context, err error, p *apiProgress) *Error {
+func (s *sesUpstream) classify(ctx context.Context, err error, p *apiProgress) *Error {
 	status := 0
 	var re *smithyhttp.ResponseError
 	if errors.As(err, &re) {
@@ -170,19 +170,19 @@ func (s *SES) classify(ctx context.Context, err error, p *apiProgress) *Error {
 		code, msg := ae.ErrorCode(), ae.ErrorMessage()
 		class, ok := sesCodeClass(code, msg)
 		if !ok {
-			class = ClassifyHTTP(status)
+			class = classifyHTTP(status)
 		}
 		return &Error{
 			Upstream: s.name, Class: class, Code: code,
-			Reason: Truncate(apiRedact(fmt.Sprintf("HTTP %d %s: %s", status, code, oneLine(msg)), s.secrets...), 300),
-			Err:    err,
+			Reason: truncate(apiRedact(fmt.Sprintf("HTTP %d %s: %s", status, code, oneLine(msg)), s.secrets...), 300),
+			err:    err,
 		}
 	}
 	if status != 0 {
 		// An answer the SDK could not decode, e.g. a proxy's HTML page, or
 		// one cut off by the response bound or the timeout: a 2xx may mean
 		// SES has the message, never that it was delivered without an id.
-		class := ClassifyHTTP(status)
+		class := classifyHTTP(status)
 		if status >= 200 && status < 300 {
 			class = Ambiguous
 		}
@@ -191,17 +191,17 @@ func (s *SES) classify(ctx context.Context, err error, p *apiProgress) *Error {
 			why = apiUnreadable(err)
 		}
 		return &Error{Upstream: s.name, Class: class, Code: strconv.Itoa(status),
-			Reason: fmt.Sprintf("HTTP %d: %s", status, why), Err: err}
+			Reason: fmt.Sprintf("HTTP %d: %s", status, why), err: err}
 	}
 	var ipe smithy.InvalidParamsError
 	if errors.As(err, &ipe) {
 		// The SDK's own input check, before any request: this message
 		// cannot be expressed as a SendEmail call (say, no content).
-		return &Error{Upstream: s.name, Class: Unsupported, Reason: Truncate("SDK refused the request: "+oneLine(ipe.Error()), 300), Err: err}
+		return &Error{Upstream: s.name, Class: Unsupported, Reason: truncate("SDK refused the request: "+oneLine(ipe.Error()), 300), err: err}
 	}
 	if p.reply.Load() {
 		// A response started but broke off: the provider may have the message.
-		return &Error{Upstream: s.name, Class: Ambiguous, Reason: "response broke off", Err: err}
+		return &Error{Upstream: s.name, Class: Ambiguous, Reason: "response broke off", err: err}
 	}
 	return apiTransportError(ctx, s.name, err, p, s.secrets...)
 }
@@ -233,4 +233,4 @@ func sesCodeClass(code, msg string) (Class, bool) {
 	return 0, false
 }
 
-var _ Upstream = (*SES)(nil)
+var _ Upstream = (*sesUpstream)(nil)

@@ -27,7 +27,7 @@ const (
 	sesTestSecret = "ses-secret-Zx81QvTq0LmN7pRb"
 )
 
-func newTestSES(t *testing.T, endpoint string, mod ...func(*Config)) *SES {
+func newTestSES(t *testing.T, endpoint string, mod ...func(*Config)) *sesUpstream {
 	t.Helper()
 	c := Config{
 		Name: "ses-test", Type: "ses", Region: "us-east-1",

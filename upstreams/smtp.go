@@ -19,8 +19,8 @@ import (
 	"github.com/relaycar/relaycar/internal/errreader"
 )
 
-// SMTP relays through an SMTP smarthost (or an ESP's SMTP endpoint).
-type SMTP struct {
+// smtpUpstream relays through an SMTP smarthost (or an ESP's SMTP endpoint).
+type smtpUpstream struct {
 	name     string
 	addr     string
 	mode     TLSMode
@@ -38,7 +38,7 @@ type SMTP struct {
 	closed bool
 }
 
-func newSMTP(c Config, d Deps) (*SMTP, error) {
+func newSMTP(c Config, d Deps) (*smtpUpstream, error) {
 	host, _, _ := net.SplitHostPort(c.Address) // Validate checked the form
 	tc := &tls.Config{ServerName: host, MinVersion: tls.VersionTLS12}
 	if c.CAFile != "" {
@@ -56,7 +56,7 @@ func newSMTP(c Config, d Deps) (*SMTP, error) {
 	if helo == "" {
 		helo = "localhost"
 	}
-	s := &SMTP{
+	s := &smtpUpstream{
 		name: c.Name, addr: c.Address, mode: c.TLS, tls: tc,
 		username: c.Username, password: c.Password, auth: c.Auth, timeout: c.Timeout,
 		helo: helo, dialer: net.Dialer{Timeout: c.Timeout},
@@ -72,7 +72,7 @@ func newSMTP(c Config, d Deps) (*SMTP, error) {
 }
 
 // Name returns the configured name.
-func (s *SMTP) Name() string { return s.name }
+func (s *smtpUpstream) Name() string { return s.name }
 
 // smtpPhase names where an exchange failed; the same reply code means
 // different things at MAIL, RCPT and DATA.
@@ -96,7 +96,7 @@ const (
 // reused (as Postfix's connection cache does); if it turns out to be dead
 // before the message went out, the transaction is retried once on a fresh
 // connection, so a stale connection never counts as an upstream failure.
-func (s *SMTP) Send(ctx context.Context, m *Message) (Receipt, error) {
+func (s *smtpUpstream) Send(ctx context.Context, m *Message) (Receipt, error) {
 	ctx, cancel := context.WithTimeoutCause(ctx, s.timeout, apiTimeoutCause(s.timeout))
 	defer cancel()
 	if sc := s.takeIdle(); sc != nil {
@@ -126,7 +126,7 @@ func (sc *smtpConn) close() {
 }
 
 // dial connects, greets, upgrades to TLS and authenticates.
-func (s *SMTP) dial(ctx context.Context) (*smtpConn, error) {
+func (s *smtpUpstream) dial(ctx context.Context) (*smtpConn, error) {
 	conn, err := s.dialer.DialContext(ctx, "tcp", s.addr)
 	if err != nil {
 		return nil, s.fail(ctx, phaseConnect, err)
@@ -142,7 +142,7 @@ func (s *SMTP) dial(ctx context.Context) (*smtpConn, error) {
 	return sc, nil
 }
 
-func (s *SMTP) handshake(ctx context.Context, conn net.Conn) (*smtpConn, error) {
+func (s *smtpUpstream) handshake(ctx context.Context, conn net.Conn) (*smtpConn, error) {
 	var (
 		c   *smtp.Client
 		err error
@@ -162,7 +162,7 @@ func (s *SMTP) handshake(ctx context.Context, conn net.Conn) (*smtpConn, error) 
 			if strings.Contains(err.Error(), "doesn't support STARTTLS") {
 				// Never fall back to plaintext: that would send credentials
 				// and mail in the clear to a misconfigured or tampered peer.
-				return nil, Errorf(s.name, ProviderFault, "", err, "server does not offer STARTTLS and tls is starttls")
+				return nil, errorf(s.name, ProviderFault, "", err, "server does not offer STARTTLS and tls is starttls")
 			}
 			return nil, s.fail(ctx, phaseHello, err)
 		}
@@ -185,7 +185,7 @@ func (s *SMTP) handshake(ctx context.Context, conn net.Conn) (*smtpConn, error) 
 // clean success and closes it otherwise. stale reports that a reused
 // connection failed before anything of the message was accepted, so the
 // caller may retry on a fresh one.
-func (s *SMTP) transact(ctx context.Context, sc *smtpConn, m *Message) (rc Receipt, stale bool, err error) {
+func (s *smtpUpstream) transact(ctx context.Context, sc *smtpConn, m *Message) (rc Receipt, stale bool, err error) {
 	reused := !sc.idle.IsZero()
 	stop := context.AfterFunc(ctx, func() { sc.conn.Close() })
 	keep := false
@@ -208,7 +208,7 @@ func (s *SMTP) transact(ctx context.Context, sc *smtpConn, m *Message) (rc Recei
 		keep = true
 		return Receipt{}, false, e
 	}
-	opts := &smtp.MailOptions{Size: m.Size(), UTF8: needsUTF8(m)}
+	opts := &smtp.MailOptions{Size: m.size(), UTF8: needsUTF8(m)}
 	if err := c.Mail(m.From, opts); err != nil {
 		return Receipt{}, isStale(err), s.fail(ctx, phaseMail, err)
 	}
@@ -251,7 +251,7 @@ func (s *SMTP) transact(ctx context.Context, sc *smtpConn, m *Message) (rc Recei
 			// Ending DATA now would deliver a truncated message; dropping
 			// the connection (transact's deferred close) makes the server
 			// discard it.
-			return Receipt{}, false, Errorf(s.name, Transient, "", src.Err, "reading the spooled message: %v", src.Err)
+			return Receipt{}, false, errorf(s.name, Transient, "", src.Err, "reading the spooled message: %v", src.Err)
 		}
 		w.Close()
 		return Receipt{}, false, s.fail(ctx, phaseData, err)
@@ -285,10 +285,10 @@ func (s *SMTP) transact(ctx context.Context, sc *smtpConn, m *Message) (rc Recei
 // Both are this upstream's limits for this message: Unsupported, so the
 // route fails over and the breaker is untouched. A CR or LF in an address
 // can be carried by no SMTP server: Rejected.
-func (s *SMTP) cannotCarry(c *smtp.Client, m *Message) *Error {
+func (s *smtpUpstream) cannotCarry(c *smtp.Client, m *Message) *Error {
 	for _, a := range append([]string{m.From}, m.To...) {
 		if strings.ContainsAny(a, "\r\n") {
-			return Errorf(s.name, Rejected, "", nil, "envelope address contains CR or LF")
+			return errorf(s.name, Rejected, "", nil, "envelope address contains CR or LF")
 		}
 	}
 	if needsUTF8(m) {
@@ -297,13 +297,13 @@ func (s *SMTP) cannotCarry(c *smtp.Client, m *Message) *Error {
 			if !IsASCII(m.From) {
 				who = "sender"
 			}
-			return Errorf(s.name, Unsupported, "SMTPUTF8", nil,
+			return errorf(s.name, Unsupported, "SMTPUTF8", nil,
 				"server does not offer SMTPUTF8: non-ASCII envelope %s", who)
 		}
 	}
-	if limit, ok := c.MaxMessageSize(); ok && limit > 0 && m.Size() > int64(limit) {
-		return Errorf(s.name, Unsupported, "size", nil,
-			"message is %d bytes; the server's SIZE is %d", m.Size(), limit)
+	if limit, ok := c.MaxMessageSize(); ok && limit > 0 && m.size() > int64(limit) {
+		return errorf(s.name, Unsupported, "size", nil,
+			"message is %d bytes; the server's SIZE is %d", m.size(), limit)
 	}
 	return nil
 }
@@ -315,7 +315,7 @@ const (
 	smtpMaxIdle     = 8
 )
 
-func (s *SMTP) takeIdle() *smtpConn {
+func (s *smtpUpstream) takeIdle() *smtpConn {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for len(s.idle) > 0 {
@@ -329,7 +329,7 @@ func (s *SMTP) takeIdle() *smtpConn {
 	return nil
 }
 
-func (s *SMTP) putIdle(sc *smtpConn) {
+func (s *smtpUpstream) putIdle(sc *smtpConn) {
 	sc.idle = time.Now()
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -341,7 +341,7 @@ func (s *SMTP) putIdle(sc *smtpConn) {
 }
 
 // Close quits the idle connections; called at shutdown.
-func (s *SMTP) Close() error {
+func (s *smtpUpstream) Close() error {
 	s.mu.Lock()
 	idle := s.idle
 	s.idle, s.closed = nil, true
@@ -356,7 +356,7 @@ func (s *SMTP) Close() error {
 // fail classifies err from the given phase. When ctx has ended, the I/O
 // error is only the symptom of the closed connection: the cause is the
 // deadline (or shutdown).
-func (s *SMTP) fail(ctx context.Context, ph smtpPhase, err error) *Error {
+func (s *smtpUpstream) fail(ctx context.Context, ph smtpPhase, err error) *Error {
 	var se *smtp.SMTPError
 	if errors.As(err, &se) {
 		code := strconv.Itoa(se.Code)
@@ -370,12 +370,12 @@ func (s *SMTP) fail(ctx context.Context, ph smtpPhase, err error) *Error {
 		if smtpCannotCarry(ph, se) {
 			class = Unsupported
 		}
-		return Errorf(s.name, class, code, err, "%s: %s", ph, oneLine(se.Message))
+		return errorf(s.name, class, code, err, "%s: %s", ph, oneLine(se.Message))
 	}
 	if ctx.Err() != nil {
 		err = fmt.Errorf("%w (%v)", context.Cause(ctx), err)
 	}
-	class := ContextClass(err, false)
+	class := contextClass(err, false)
 	if ph == phaseDataEnd {
 		// The whole message went out; without a reply we cannot know
 		// whether the upstream queued it (TLS alert, reset, timeout alike).
@@ -393,7 +393,7 @@ func (s *SMTP) fail(ctx context.Context, ph smtpPhase, err error) *Error {
 	default:
 		cause = oneLine(err.Error())
 	}
-	return Errorf(s.name, class, "", err, "%s: %s", ph, cause)
+	return errorf(s.name, class, "", err, "%s: %s", ph, cause)
 }
 
 // classifySMTP maps a reply code at a phase to a class. Every 5xx at MAIL
@@ -457,6 +457,6 @@ func smtpCannotCarry(ph smtpPhase, se *smtp.SMTPError) bool {
 }
 
 var (
-	_ Upstream = (*SMTP)(nil)
-	_ Closer   = (*SMTP)(nil)
+	_ Upstream = (*smtpUpstream)(nil)
+	_ Closer   = (*smtpUpstream)(nil)
 )

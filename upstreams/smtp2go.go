@@ -26,12 +26,12 @@ import (
 // region (us-api., eu-api., au-api.smtp2go.com can be set as endpoint).
 const smtp2goDefaultEndpoint = "https://api.smtp2go.com"
 
-// SMTP2GO sends raw MIME through SMTP2GO's /v3/email/mime API. That API has
+// smtp2goUpstream sends raw MIME through SMTP2GO's /v3/email/mime API. That API has
 // no envelope parameter: SMTP2GO delivers to the addresses in the To, Cc and
 // Bcc headers. So the copy sent to SMTP2GO gets a Bcc: header naming the
 // envelope recipients that no such header names. Header recipients that are
 // not envelope recipients cannot be left out (docs/providers.md).
-type SMTP2GO struct {
+type smtp2goUpstream struct {
 	name    string
 	url     string
 	key     Secret
@@ -41,7 +41,7 @@ type SMTP2GO struct {
 	mem     Memory
 }
 
-func newSMTP2GO(c Config, d Deps) (*SMTP2GO, error) {
+func newSMTP2GO(c Config, d Deps) (*smtp2goUpstream, error) {
 	timeout := c.Timeout
 	base := smtp2goDefaultEndpoint
 	if c.Endpoint != "" {
@@ -49,14 +49,14 @@ func newSMTP2GO(c Config, d Deps) (*SMTP2GO, error) {
 	}
 	// SMTP2GO documents its base URLs with the version ("…/v3"); accept both.
 	base = strings.TrimSuffix(strings.TrimRight(base, "/"), "/v3")
-	return &SMTP2GO{
+	return &smtp2goUpstream{
 		name: c.Name, url: base + "/v3/email/mime", key: c.APIKey,
 		client: d.httpClient(timeout), timeout: timeout, log: d.logger(), mem: d.Memory,
 	}, nil
 }
 
 // Name returns the configured name.
-func (s *SMTP2GO) Name() string { return s.name }
+func (s *smtp2goUpstream) Name() string { return s.name }
 
 // smtp2goResponse covers both answers: success in data, errors either in
 // data or at the top level.
@@ -75,9 +75,9 @@ type smtp2goResponse struct {
 }
 
 // Send posts m (plus the Bcc header, see SMTP2GO) and returns data.email_id.
-func (s *SMTP2GO) Send(ctx context.Context, m *Message) (Receipt, error) {
+func (s *smtp2goUpstream) Send(ctx context.Context, m *Message) (Receipt, error) {
 	if len(m.To) == 0 {
-		return Receipt{}, Errorf(s.name, Rejected, "", nil, "no recipients")
+		return Receipt{}, errorf(s.name, Rejected, "", nil, "no recipients")
 	}
 	// Memory first: waiting for it is not the provider's time, and must
 	// not eat the timeout of the request itself.
@@ -94,7 +94,7 @@ func (s *SMTP2GO) Send(ctx context.Context, m *Message) (Receipt, error) {
 		// SMTP2GO mails every address in the headers. This delivery covers
 		// only part of the message's recipients (a route split, or a retry
 		// after a partial delivery), so it would mail dup a second time.
-		return Receipt{}, Errorf(s.name, Unsupported, "", nil,
+		return Receipt{}, errorf(s.name, Unsupported, "", nil,
 			"headers name %s, who is not part of this delivery; SMTP2GO's API would mail them again (use its SMTP endpoint for split routes)", dup)
 	}
 	mime := smtp2goMIME(m, data, named)
@@ -107,7 +107,7 @@ func (s *SMTP2GO) Send(ctx context.Context, m *Message) (Receipt, error) {
 	copy(body[len(body)-len(post):], post)
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, s.url, bytes.NewReader(body))
 	if err != nil {
-		return Receipt{}, Errorf(s.name, ProviderFault, "", nil, "endpoint: cannot build the request")
+		return Receipt{}, errorf(s.name, ProviderFault, "", nil, "endpoint: cannot build the request")
 	}
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("Accept", "application/json")
@@ -128,19 +128,19 @@ func (s *SMTP2GO) Send(ctx context.Context, m *Message) (Receipt, error) {
 	if status >= 200 && status < 300 {
 		switch {
 		case rerr != nil:
-			return Receipt{}, Errorf(s.name, Ambiguous, code, rerr, "unreadable success response: %s", apiUnreadable(rerr))
+			return Receipt{}, errorf(s.name, Ambiguous, code, rerr, "unreadable success response: %s", apiUnreadable(rerr))
 		case perr != nil:
-			return Receipt{}, Errorf(s.name, Ambiguous, code, nil, "unreadable success response: %s", apiBodyReason(raw, s.key))
+			return Receipt{}, errorf(s.name, Ambiguous, code, nil, "unreadable success response: %s", apiBodyReason(raw, s.key))
 		case r.Data.Failed > 0:
 			return s.failed(m, &r)
 		case r.Data.EmailID == "":
-			return Receipt{}, Errorf(s.name, Ambiguous, code, nil, "success without email_id: %s", apiBodyReason(raw, s.key))
+			return Receipt{}, errorf(s.name, Ambiguous, code, nil, "success without email_id: %s", apiBodyReason(raw, s.key))
 		}
 		s.log.Debug("smtp2go accepted message", "upstream", s.name, "msg_id", m.ID, "provider_id", r.Data.EmailID, "rcpt_count", len(m.To))
 		return Receipt{ProviderID: r.Data.EmailID}, nil
 	}
 
-	class := ClassifyHTTP(status)
+	class := classifyHTTP(status)
 	errCode, errText := r.ErrorCode, r.Error
 	if errCode == "" && errText == "" {
 		errCode, errText = r.Data.ErrorCode, r.Data.Error
@@ -165,7 +165,7 @@ func (s *SMTP2GO) Send(ctx context.Context, m *Message) (Receipt, error) {
 		reason = apiUnreadable(rerr)
 	}
 	return Receipt{}, &Error{Upstream: s.name, Class: class, Code: code,
-		Reason: Truncate(apiRedact(fmt.Sprintf("HTTP %d: %s", status, oneLine(reason)), s.key), 300)}
+		Reason: truncate(apiRedact(fmt.Sprintf("HTTP %d: %s", status, oneLine(reason)), s.key), 300)}
 }
 
 // failed turns a 200 with data.failed > 0 into an error or a partial
@@ -185,7 +185,7 @@ func (s *SMTP2GO) Send(ctx context.Context, m *Message) (Receipt, error) {
 //
 // When the failures name nobody but something succeeded, the whole message
 // is retried, which may repeat it for those recipients (at-least-once).
-func (s *SMTP2GO) failed(m *Message, r *smtp2goResponse) (Receipt, error) {
+func (s *smtp2goUpstream) failed(m *Message, r *smtp2goResponse) (Receipt, error) {
 	texts := make([]string, 0, len(r.Data.Failures))
 	for _, f := range r.Data.Failures {
 		var str string
@@ -219,7 +219,7 @@ func (s *SMTP2GO) failed(m *Message, r *smtp2goResponse) (Receipt, error) {
 		}
 	}
 	e := &Error{Upstream: s.name, Class: class, Code: "200 failed",
-		Reason: Truncate(apiRedact(fmt.Sprintf("%d failed, %d succeeded: %s", r.Data.Failed, r.Data.Succeeded, oneLine(all)), s.key), 300)}
+		Reason: truncate(apiRedact(fmt.Sprintf("%d failed, %d succeeded: %s", r.Data.Failed, r.Data.Succeeded, oneLine(all)), s.key), 300)}
 	if partial {
 		return Receipt{ProviderID: r.Data.EmailID, Refused: refuse(named, e)}, nil
 	}
@@ -358,4 +358,4 @@ func headerRecipients(data []byte) map[string]bool {
 	return named
 }
 
-var _ Upstream = (*SMTP2GO)(nil)
+var _ Upstream = (*smtp2goUpstream)(nil)

@@ -18,7 +18,7 @@ import (
 
 const smtp2goTestKey = "api-5E1F2A3B4C5D6E7F8091A2B3C4D5E6F7"
 
-func newTestSMTP2GO(t *testing.T, endpoint string) *SMTP2GO {
+func newTestSMTP2GO(t *testing.T, endpoint string) *smtp2goUpstream {
 	t.Helper()
 	u, err := newSMTP2GO(Config{Name: "smtp2go-test", Type: "smtp2go", APIKey: smtp2goTestKey,
 		Endpoint: endpoint, Timeout: 5 * time.Second}, Deps{})

@@ -50,12 +50,12 @@ func (a *xoauth2Client) Next([]byte) ([]byte, error) {
 }
 
 // authenticate runs AUTH if credentials are configured.
-func (s *SMTP) authenticate(ctx context.Context, c *smtp.Client) error {
+func (s *smtpUpstream) authenticate(ctx context.Context, c *smtp.Client) error {
 	if s.username == "" {
 		return nil
 	}
 	if ok, _ := c.Extension("AUTH"); !ok {
-		return Errorf(s.name, ProviderFault, "", nil, "server does not offer AUTH but credentials are configured")
+		return errorf(s.name, ProviderFault, "", nil, "server does not offer AUTH but credentials are configured")
 	}
 	mech := s.auth
 	switch {
@@ -63,14 +63,14 @@ func (s *SMTP) authenticate(ctx context.Context, c *smtp.Client) error {
 		return s.authToken(ctx, c)
 	case mech != "":
 		if !c.SupportsAuth(strings.ToUpper(string(mech))) {
-			return Errorf(s.name, ProviderFault, "", nil, "server does not offer AUTH %s (auth: %s)", strings.ToUpper(string(mech)), mech)
+			return errorf(s.name, ProviderFault, "", nil, "server does not offer AUTH %s (auth: %s)", strings.ToUpper(string(mech)), mech)
 		}
 	case c.SupportsAuth("PLAIN"):
 		mech = AuthPlain
 	case c.SupportsAuth("LOGIN"):
 		mech = AuthLogin
 	default:
-		return Errorf(s.name, ProviderFault, "", nil, "server offers neither AUTH PLAIN nor LOGIN")
+		return errorf(s.name, ProviderFault, "", nil, "server offers neither AUTH PLAIN nor LOGIN")
 	}
 	client := sasl.NewPlainClient("", s.username, s.password.Reveal())
 	if mech == AuthLogin {
@@ -90,10 +90,10 @@ func (s *SMTP) authenticate(ctx context.Context, c *smtp.Client) error {
 // cached token fetches a fresh one and tries once more on the same
 // connection: the token may have been revoked or have expired early. A
 // refusal of a token fetched for this very attempt is final.
-func (s *SMTP) authToken(ctx context.Context, c *smtp.Client) error {
+func (s *smtpUpstream) authToken(ctx context.Context, c *smtp.Client) error {
 	mechName := strings.ToUpper(string(s.auth))
 	if !c.SupportsAuth(mechName) {
-		return Errorf(s.name, ProviderFault, "", nil, "server does not offer AUTH %s (auth: %s)", mechName, s.auth)
+		return errorf(s.name, ProviderFault, "", nil, "server does not offer AUTH %s (auth: %s)", mechName, s.auth)
 	}
 	host, portStr, _ := net.SplitHostPort(s.addr)
 	port, _ := strconv.Atoi(portStr)

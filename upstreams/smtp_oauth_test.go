@@ -24,7 +24,7 @@ const (
 
 // newOAuthSMTP builds an smtp upstream with auth and an oauth2 block
 // through ApplyDefaults, Validate and New, as the relay does.
-func newOAuthSMTP(t *testing.T, addr string, auth AuthMode, o OAuth2, d Deps) *SMTP {
+func newOAuthSMTP(t *testing.T, addr string, auth AuthMode, o OAuth2, d Deps) *smtpUpstream {
 	t.Helper()
 	c := Config{Name: "m365", Type: "smtp", Address: addr, TLS: TLSNone, Username: testMailbox, Auth: auth, OAuth2: o, Timeout: 5 * time.Second}
 	c.ApplyDefaults()
@@ -36,12 +36,12 @@ func newOAuthSMTP(t *testing.T, addr string, auth AuthMode, o OAuth2, d Deps) *S
 	if err != nil {
 		t.Fatal(err)
 	}
-	return u.(*SMTP)
+	return u.(*smtpUpstream)
 }
 
 // dropIdle closes the pooled connections, so the next send dials and
 // authenticates again.
-func dropIdle(s *SMTP) {
+func dropIdle(s *smtpUpstream) {
 	s.mu.Lock()
 	idle := s.idle
 	s.idle = nil

@@ -15,7 +15,7 @@ import (
 	"github.com/relaycar/relaycar/internal/testsmtp"
 )
 
-func newTestSMTP(t *testing.T, c Config) *SMTP {
+func newTestSMTP(t *testing.T, c Config) *smtpUpstream {
 	t.Helper()
 	c.Name, c.Type = "smarthost", "smtp"
 	if c.TLS == "" {
@@ -32,7 +32,7 @@ func newTestSMTP(t *testing.T, c Config) *SMTP {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return u.(*SMTP)
+	return u.(*smtpUpstream)
 }
 
 var testMsg = &Message{ID: "id1", From: "a@example.com", To: []string{"b@example.net", "c@example.org"},

@@ -44,8 +44,8 @@ type bytesBody []byte
 func (b bytesBody) ReadAt(p []byte, off int64) (int, error) { return bytes.NewReader(b).ReadAt(p, off) }
 func (b bytesBody) Size() int64                             { return int64(len(b)) }
 
-// Size is the length of the message in bytes.
-func (m *Message) Size() int64 { return m.Body.Size() }
+// size is the length of the message in bytes.
+func (m *Message) size() int64 { return m.Body.Size() }
 
 // Reader reads the whole message from the start.
 func (m *Message) Reader() io.Reader { return io.NewSectionReader(m.Body, 0, m.Body.Size()) }

@@ -15,6 +15,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -98,7 +99,7 @@ routes:
 	}
 	fmt.Printf("relay.yaml:\n%s\n", indent(cfg))
 
-	relay := exec.Command(bin, "serve", "--config", cfgPath)
+	relay := exec.Command(bin, "serve", "--config", cfgPath, "--log-format", "json")
 	stderr, _ := relay.StderrPipe()
 	if err := relay.Start(); err != nil {
 		return err
@@ -266,23 +267,45 @@ func send(addr, subject string) error {
 	return c.SendMail("app@example.com", []string{"ops@example.com"}, strings.NewReader(msg))
 }
 
-// echoRelayLog prints the relay's breaker and failure lines, which tell
-// the story; per-message lines are printed by the sinks.
+// echoRelayLog prints the relay's breaker and failure events, which tell
+// the story, as short human lines; per-message lines are printed by the
+// sinks. The relay logs JSON (see --log-format above), so the demo reads
+// the fixed event name and its attributes instead of matching text.
 func echoRelayLog(r io.Reader, start time.Time) {
 	sc := bufio.NewScanner(r)
 	for sc.Scan() {
-		l := sc.Text()
-		if strings.Contains(l, "circuit breaker") || strings.Contains(l, "delivery attempt failed") {
-			fmt.Printf("%6s  relaycar: %s\n", stamp(start), trimLog(l))
+		var ev map[string]any
+		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
+			// Not a log event (a crash, say): show it as it is.
+			fmt.Printf("%6s  relaycar: %s\n", stamp(start), sc.Text())
+			continue
+		}
+		if line := describe(ev); line != "" {
+			fmt.Printf("%6s  relaycar: %s\n", stamp(start), line)
 		}
 	}
 }
 
-func trimLog(l string) string {
-	if i := strings.Index(l, "msg="); i >= 0 {
-		return l[i:]
+// describe turns the events the demo is about into one line each, like
+// "circuit breaker open (upstream primary, was closed)"; "" for the rest.
+func describe(ev map[string]any) string {
+	attr := func(k string) string {
+		if v, ok := ev[k]; ok {
+			return fmt.Sprint(v)
+		}
+		return ""
 	}
-	return l
+	switch attr("msg") {
+	case "circuit breaker state changed":
+		of := "upstream " + attr("upstream")
+		if d := attr("sender_domain"); d != "" {
+			of += ", sender domain " + d
+		}
+		return fmt.Sprintf("circuit breaker %s (%s, was %s)", attr("state"), of, attr("from"))
+	case "delivery attempt failed":
+		return fmt.Sprintf("delivery attempt failed (message %s, attempt %s): %s", attr("msg_id"), attr("attempt"), attr("err"))
+	}
+	return ""
 }
 
 func waitReady(addr string) error {
