@@ -3,6 +3,7 @@ package policy
 import (
 	"fmt"
 	"math/rand/v2"
+	"net/mail"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -18,6 +19,9 @@ type RouteConfig struct {
 	Upstreams []string       `yaml:"upstreams"`
 	Strategy  Strategy       `yaml:"strategy"`
 	Weights   map[string]int `yaml:"weights"`
+	// RedirectAllTo replaces every recipient of the route (staging): the
+	// originals go into X-Original-To, To becomes this list, Cc and Bcc go.
+	RedirectAllTo []string `yaml:"redirect_all_to"`
 }
 
 // Match selects recipients. All given criteria must hold; within a list any
@@ -85,6 +89,16 @@ func (r *RouteConfig) Validate(path string, known map[string]bool) []error {
 	default:
 		bad("strategy", "%q: must be one of %s", r.Strategy, strings.Join(Strategies(), ", "))
 	}
+	redirect := map[string]bool{}
+	for i, a := range r.RedirectAllTo {
+		key := fmt.Sprintf("redirect_all_to[%d]", i)
+		if msg := plainAddress(a); msg != "" {
+			bad(key, "%q: %s", a, msg)
+		} else if redirect[strings.ToLower(a)] {
+			bad(key, "%q listed twice", a)
+		}
+		redirect[strings.ToLower(a)] = true
+	}
 	if m := r.Match; m != nil {
 		for i, d := range m.SenderDomains {
 			if d == "" || strings.ContainsAny(d, "@ ") {
@@ -103,6 +117,22 @@ func (r *RouteConfig) Validate(path string, known map[string]bool) []error {
 		}
 	}
 	return errs
+}
+
+// plainAddress says why s is not a bare address (no display name, no
+// angle brackets), "" if it is one.
+func plainAddress(s string) string {
+	if strings.ContainsAny(s, "\r\n") {
+		return "must not contain CR or LF"
+	}
+	a, err := mail.ParseAddress(s)
+	switch {
+	case err != nil:
+		return "not an email address: " + err.Error()
+	case a.Name != "" || a.Address != s:
+		return "use the bare address, without a display name or angle brackets"
+	}
+	return ""
 }
 
 // Header looks up a header value of the message being routed.
@@ -212,6 +242,15 @@ func (r *Router) match(from, rcpt string, h Header) *route {
 
 // Has reports whether a route of that name exists.
 func (r *Router) Has(name string) bool { return r.byName[name] != nil }
+
+// RedirectAllTo returns the route's redirect_all_to list, nil if it
+// delivers to the real recipients.
+func (r *Router) RedirectAllTo(name string) []string {
+	if rt := r.byName[name]; rt != nil {
+		return rt.cfg.RedirectAllTo
+	}
+	return nil
+}
 
 // Default returns the name of the first route without a match, or "".
 func (r *Router) Default() string {

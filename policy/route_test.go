@@ -138,6 +138,13 @@ func TestRouteConfig_Validate(t *testing.T) {
 		{RouteConfig{Name: "x", Upstreams: []string{"a"}, Strategy: "weighted", Weights: map[string]int{"b": 1, "a": 1}}, "routes[0].weights.b: not one of this route's upstreams"},
 		{RouteConfig{Name: "x", Upstreams: []string{"a"}, Weights: map[string]int{"a": 1}}, "routes[0].weights: only used with strategy weighted"},
 		{RouteConfig{Name: "x", Upstreams: []string{"a"}, Match: &Match{SenderDomains: []string{"user@example.com"}}}, `routes[0].match.sender_domains[0]: "user@example.com" is not a domain`},
+		{RouteConfig{Name: "x", Upstreams: []string{"a"}, RedirectAllTo: []string{"qa@example.com", "qa2@example.com"}}, ""},
+		{RouteConfig{Name: "x", Upstreams: []string{"a"}, RedirectAllTo: []string{"QA <qa@example.com>", "qa", "a@b.com\nBcc: c@d.com", "q@x.com", "Q@X.com"}}, strings.Join([]string{
+			`routes[0].redirect_all_to[0]: "QA <qa@example.com>": use the bare address, without a display name or angle brackets`,
+			`routes[0].redirect_all_to[1]: "qa": not an email address: mail: missing '@' or angle-addr`,
+			`routes[0].redirect_all_to[2]: "a@b.com\nBcc: c@d.com": must not contain CR or LF`,
+			`routes[0].redirect_all_to[4]: "Q@X.com" listed twice`,
+		}, "\n")},
 	} {
 		var got []string
 		for _, e := range tc.r.Validate("routes[0]", known) {
@@ -146,6 +153,26 @@ func TestRouteConfig_Validate(t *testing.T) {
 		if s := strings.Join(got, "\n"); s != tc.want {
 			t.Errorf("Validate(%+v) =\n%s\nwant\n%s", tc.r, s, tc.want)
 		}
+	}
+}
+
+func TestRouter_RedirectAllTo(t *testing.T) {
+	t.Parallel()
+	r, err := NewRouter([]RouteConfig{
+		{Name: "staging", Upstreams: []string{"a"}, RedirectAllTo: []string{"qa@example.com"}},
+		{Name: "prod", Upstreams: []string{"a"}},
+	}, gatesFor("a"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := r.RedirectAllTo("staging"); !slices.Equal(got, []string{"qa@example.com"}) {
+		t.Errorf("staging = %v", got)
+	}
+	if got := r.RedirectAllTo("prod"); got != nil {
+		t.Errorf("prod = %v", got)
+	}
+	if got := r.RedirectAllTo("gone"); got != nil {
+		t.Errorf("unknown route = %v", got)
 	}
 }
 

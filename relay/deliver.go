@@ -198,6 +198,14 @@ func (r *Relay) deliverRoute(ctx context.Context, env *Envelope, rs *RouteState,
 	}
 	m := &upstreams.Message{ID: env.ID, From: env.From, To: slices.Clone(rs.Pending), AllRcpts: env.Rcpts, Body: body, MessageID: env.MessageID}
 	log := r.log.With("msg_id", env.ID, "route", rs.Route)
+	redirect := r.router.RedirectAllTo(rs.Route)
+	if len(redirect) > 0 {
+		rm, err := upstreams.Redirect(m, redirect)
+		if err != nil {
+			return false, err
+		}
+		m = rm
+	}
 	cannot := 0 // upstreams that can never carry this message
 	var skips []string
 	for _, g := range cands {
@@ -205,7 +213,7 @@ func (r *Relay) deliverRoute(ctx context.Context, env *Envelope, rs *RouteState,
 			return tried, lastErr
 		}
 		name := g.Name()
-		if skip := g.Admit(ctx, policy.Ask{Size: body.Size(), SenderDomain: m.SenderDomain(), Rcpts: len(m.To)}); skip != policy.NotSkipped {
+		if skip := g.Admit(ctx, policy.Ask{Size: m.Body.Size(), SenderDomain: m.SenderDomain(), Rcpts: len(m.To)}); skip != policy.NotSkipped {
 			r.metrics.skipped.WithLabelValues(name, skip.String()).Inc()
 			if skip == policy.SkipRateLimited {
 				r.metrics.rateLimited.WithLabelValues(name).Inc()
@@ -234,6 +242,16 @@ func (r *Relay) deliverRoute(ctx context.Context, env *Envelope, rs *RouteState,
 		tried = true
 		elapsed := r.now().Sub(start)
 		r.metrics.duration.WithLabelValues(name).Observe(elapsed.Seconds())
+		if err == nil && len(redirect) > 0 {
+			// Staging mail is all or nothing: a redirect address refused
+			// fails the attempt for every original recipient.
+			if err = redirectRefusal(rc, name); err == nil {
+				r.metrics.deliveries.WithLabelValues(name, "delivered").Inc()
+				r.delivered(env, rs, name, rc.ProviderID, rs.Pending, elapsed, log)
+				rs.Pending, rs.Pinned = nil, ""
+				return tried, nil
+			}
+		}
 		if err == nil {
 			// A partial delivery goes on, for the refused recipients, as a
 			// failed attempt.
@@ -344,6 +362,18 @@ func (r *Relay) recordPartial(env *Envelope, rs *RouteState, m *upstreams.Messag
 		return nil // a nil *Error must not become a non-nil error
 	}
 	return w
+}
+
+// redirectRefusal is the worst refusal of a redirected delivery's
+// receipt, nil if the upstream took every redirect address.
+func redirectRefusal(rc upstreams.Receipt, upstream string) error {
+	if len(rc.Refused) == 0 {
+		return nil
+	}
+	if w := rc.Worst(); w != nil {
+		return w
+	}
+	return &upstreams.Error{Upstream: upstream, Class: upstreams.Transient, Reason: "redirect recipient refused without a reason"}
 }
 
 func (r *Relay) delivered(env *Envelope, rs *RouteState, upstream, id string, rcpts []string, took time.Duration, log *slog.Logger) {

@@ -105,6 +105,8 @@ func New(cfg *Config, d Deps) (*Relay, error) {
 				return nil, err
 			}
 		}
+		// Injected fakes are wrapped too, so relay tests see the edits.
+		u = upstreams.Rewrite(u, uc)
 		r.ups = append(r.ups, u)
 		g := policy.NewGate(u, uc, policy.GateHooks{OnStateChange: r.breakerChanged})
 		r.gates[uc.Name] = g
@@ -115,6 +117,11 @@ func New(cfg *Config, d Deps) (*Relay, error) {
 		return nil, err
 	}
 	r.router = router
+	for _, rc := range cfg.Routes {
+		if len(rc.RedirectAllTo) > 0 {
+			r.log.Warn("route redirects all mail (redirect_all_to)", "route", rc.Name, "redirect_all_to", rc.RedirectAllTo)
+		}
+	}
 	// SIZE: the largest message some route can deliver, capped by the
 	// listener's own limit.
 	r.maxBytes = cfg.Listen.MaxMessageBytes

@@ -270,5 +270,6 @@ func (c *Config) Validate(path string) []error {
 	if c.Timeout < 0 {
 		bad("timeout", "must not be negative")
 	}
+	c.validateRewrite(bad)
 	return errs
 }
