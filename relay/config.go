@@ -25,9 +25,27 @@ type Config struct {
 	Listen        ListenConfig         `yaml:"listen"`
 	Admin         AdminConfig          `yaml:"admin"`
 	Spool         SpoolConfig          `yaml:"spool"`
+	// ShutdownGrace is the older spelling of Shutdown.Grace, still read.
 	ShutdownGrace time.Duration        `yaml:"shutdown_grace"`
+	Shutdown      ShutdownConfig       `yaml:"shutdown"`
 	Upstreams     []upstreams.Config   `yaml:"upstreams"`
 	Routes        []policy.RouteConfig `yaml:"routes"`
+}
+
+// ShutdownConfig is what SIGTERM does: deliver for Grace, then hand what
+// is left to DrainTo (another relaycar's SMTP address), if set.
+type ShutdownConfig struct {
+	Grace   time.Duration `yaml:"grace"`
+	DrainTo string        `yaml:"drain_to"`
+}
+
+// Grace is how long SIGTERM keeps delivering: shutdown.grace, or the
+// older shutdown_grace.
+func (c *Config) Grace() time.Duration {
+	if c.Shutdown.Grace > 0 {
+		return c.Shutdown.Grace
+	}
+	return c.ShutdownGrace
 }
 
 // ListenConfig is the SMTP listener.
@@ -155,6 +173,9 @@ func Parse(b []byte) (*Config, error) {
 	doc := root.Content[0]
 	errs := yamlconf.Expand(doc, os.LookupEnv)
 	errs = append(errs, yamlconf.Check(doc, reflect.TypeOf(cfg))...)
+	if hasKey(doc, "shutdown_grace") && hasKey(keyValue(doc, "shutdown"), "grace") {
+		errs = append(errs, yamlconf.FieldError{Path: "shutdown_grace", Msg: "set only one of shutdown_grace and shutdown.grace (shutdown_grace is its older name)"})
+	}
 	if err := doc.Decode(&cfg); err != nil {
 		return nil, fmt.Errorf("relay.yaml: %v", err)
 	}
@@ -169,6 +190,47 @@ func Parse(b []byte) (*Config, error) {
 	}
 	return &cfg, errors.Join(errs...)
 }
+
+// sameAddr reports whether two host:port strings name the same socket as
+// far as the text tells (a hostname may still resolve to this pod; the
+// hop header catches that).
+func sameAddr(a, b string) bool {
+	ah, ap, err1 := net.SplitHostPort(a)
+	bh, bp, err2 := net.SplitHostPort(b)
+	if err1 != nil || err2 != nil || ap != bp {
+		return false
+	}
+	norm := func(h string) string {
+		if ip := net.ParseIP(h); ip != nil {
+			// A listener on every address answers on loopback too.
+			if ip.IsLoopback() || ip.IsUnspecified() {
+				return "loopback"
+			}
+			return ip.String()
+		}
+		if strings.EqualFold(h, "localhost") {
+			return "loopback"
+		}
+		return strings.ToLower(h)
+	}
+	return norm(ah) == norm(bh)
+}
+
+// keyValue is the value of key in mapping n, nil if n is not a mapping or
+// lacks it.
+func keyValue(n *yaml.Node, key string) *yaml.Node {
+	if n == nil || n.Kind != yaml.MappingNode {
+		return nil
+	}
+	for i := 0; i+1 < len(n.Content); i += 2 {
+		if n.Content[i].Value == key {
+			return n.Content[i+1]
+		}
+	}
+	return nil
+}
+
+func hasKey(n *yaml.Node, key string) bool { return keyValue(n, key) != nil }
 
 // LoadValid is Load then Validate, with the problems of both joined.
 func LoadValid(path string) (*Config, error) {
@@ -303,6 +365,16 @@ func (c *Config) Validate() error {
 	}
 	if c.ShutdownGrace < 0 {
 		bad("shutdown_grace", "must not be negative")
+	}
+	if c.Shutdown.Grace < 0 {
+		bad("shutdown.grace", "must not be negative")
+	}
+	if d := c.Shutdown.DrainTo; d != "" {
+		if _, port, err := net.SplitHostPort(d); err != nil || port == "" {
+			bad("shutdown.drain_to", "%q: want host:port of another relaycar", d)
+		} else if sameAddr(d, c.Listen.Address) {
+			bad("shutdown.drain_to", "%q is this relay's own listen.address: draining to yourself would loop", d)
+		}
 	}
 	known := map[string]bool{}
 	if len(c.Upstreams) == 0 {

@@ -152,3 +152,40 @@ routes:
 		}
 	}
 }
+
+// shutdown.grace replaces shutdown_grace, which is still read; giving
+// both is a mistake, and draining to this relay's own address would loop.
+func TestConfig_ShutdownGraceAndDrainTo(t *testing.T) {
+	const base = `
+listen: {address: "0.0.0.0:2525"}
+upstreams: [{name: f, type: file, dir: ./outbox}]
+routes: [{name: default, upstreams: [f]}]
+`
+	for _, tc := range []struct {
+		name, yaml string
+		grace      time.Duration
+		problem    string
+	}{
+		{"default", "", 20 * time.Second, ""},
+		{"old key", "shutdown_grace: 7s\n", 7 * time.Second, ""},
+		{"new key", "shutdown: {grace: 9s, drain_to: relaycar-peer:2525}\n", 9 * time.Second, ""},
+		{"both", "shutdown_grace: 7s\nshutdown: {grace: 9s}\n", 0, "shutdown_grace: set only one of shutdown_grace and shutdown.grace"},
+		{"self", "shutdown: {drain_to: 127.0.0.1:2525}\n", 0, `shutdown.drain_to: "127.0.0.1:2525" is this relay's own listen.address`},
+		{"no port", "shutdown: {drain_to: peer}\n", 0, `shutdown.drain_to: "peer": want host:port`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg, err := Parse([]byte(tc.yaml + base))
+			if err == nil && cfg != nil {
+				err = cfg.Validate()
+			}
+			switch {
+			case tc.problem == "" && err != nil:
+				t.Fatalf("unexpected: %v", err)
+			case tc.problem != "" && (err == nil || !strings.Contains(err.Error(), tc.problem)):
+				t.Fatalf("got %v, want %q", err, tc.problem)
+			case tc.problem == "" && cfg.Grace() != tc.grace:
+				t.Errorf("grace %v, want %v", cfg.Grace(), tc.grace)
+			}
+		})
+	}
+}

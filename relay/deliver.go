@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/relaycar/relaycar/policy"
+	"github.com/relaycar/relaycar/relay/spool"
 	"github.com/relaycar/relaycar/upstreams"
 )
 
@@ -42,7 +43,7 @@ func (r *Relay) attempt(ctx context.Context, env *Envelope) (keep bool) {
 			reason := fmt.Sprintf("max age %s exceeded; the spooled message cannot be read: %v", r.cfg.Spool.MaxAge, err)
 			for i := range env.Routes {
 				if len(env.Routes[i].Pending) > 0 {
-					r.fail(env, &env.Routes[i], "", "expired", reason, now)
+					r.fail(env, &env.Routes[i], "", spool.FailedExpired, reason, now)
 				}
 			}
 			return r.finish(env, log)
@@ -66,7 +67,7 @@ func (r *Relay) attempt(ctx context.Context, env *Envelope) (keep bool) {
 			// The route was renamed or removed since the message was accepted.
 			def := r.router.Default()
 			if def == "" {
-				r.fail(env, rs, "", "rejected", fmt.Sprintf("route %q no longer exists and there is no default route", rs.Route), now)
+				r.fail(env, rs, "", spool.FailedRejected, fmt.Sprintf("route %q no longer exists and there is no default route", rs.Route), now)
 				continue
 			}
 			log.Warn("route no longer exists; using the default route", "route", rs.Route, "default", def)
@@ -107,7 +108,7 @@ func (r *Relay) attempt(ctx context.Context, env *Envelope) (keep bool) {
 		}
 		for i := range env.Routes {
 			if len(env.Routes[i].Pending) > 0 {
-				r.fail(env, &env.Routes[i], "", "expired", reason, now)
+				r.fail(env, &env.Routes[i], "", spool.FailedExpired, reason, now)
 			}
 		}
 		return r.finish(env, log)
@@ -176,7 +177,7 @@ func (r *Relay) finish(env *Envelope, log *slog.Logger) (keep bool) {
 	return false
 }
 
-func (r *Relay) fail(env *Envelope, rs *RouteState, upstream, class, reason string, now time.Time) {
+func (r *Relay) fail(env *Envelope, rs *RouteState, upstream string, class spool.FailureClass, reason string, now time.Time) {
 	env.Failures = append(env.Failures, Failure{Route: rs.Route, Upstream: upstream, Class: class, Rcpts: rs.Pending, Reason: reason, At: now.UTC()})
 	rs.Pending, rs.Pinned = nil, ""
 }
@@ -271,7 +272,7 @@ func (r *Relay) deliverRoute(ctx context.Context, env *Envelope, rs *RouteState,
 		case upstreams.Rejected:
 			if len(rs.Pending) > 0 { // recordPartial failed its own
 				log.Warn("message rejected by upstream; not failing over", "err", err)
-				r.fail(env, rs, name, class.String(), err.Error(), r.now())
+				r.fail(env, rs, name, spool.FailureClass(class.String()), err.Error(), r.now())
 			}
 			return tried, err
 		case upstreams.Ambiguous:
@@ -291,7 +292,7 @@ func (r *Relay) deliverRoute(ctx context.Context, env *Envelope, rs *RouteState,
 		if lastErr != nil {
 			reason += ": " + lastErr.Error()
 		}
-		r.fail(env, rs, "", "rejected", reason, r.now())
+		r.fail(env, rs, "", spool.FailedRejected, reason, r.now())
 		return tried, lastErr
 	}
 	if lastErr == nil && len(skips) > 0 {
@@ -348,7 +349,7 @@ func (r *Relay) recordPartial(env *Envelope, rs *RouteState, m *upstreams.Messag
 			log.Warn("recipients rejected by upstream; not failing over", "upstream", name, "err", f.Err)
 			i = len(env.Failures)
 			byReason[reason] = i
-			env.Failures = append(env.Failures, Failure{Route: rs.Route, Upstream: name, Class: upstreams.Rejected.String(), Reason: reason, At: now})
+			env.Failures = append(env.Failures, Failure{Route: rs.Route, Upstream: name, Class: spool.FailedRejected, Reason: reason, At: now})
 		}
 		env.Failures[i].Rcpts = append(env.Failures[i].Rcpts, f.Rcpt)
 	}

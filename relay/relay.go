@@ -218,7 +218,7 @@ func (r *Relay) accept(from string, rcpts []string, body io.Reader, ri receivedI
 	}
 	size := int64(len(p.data)) + n
 	env := &Envelope{ID: id, From: from, Rcpts: rcpts, MessageID: p.messageID,
-		ReceivedAt: now.UTC(), NextAttempt: now.UTC(), RemoteAddr: ri.remote}
+		ReceivedAt: now.UTC(), NextAttempt: now.UTC(), RemoteAddr: ri.remote, Hops: drainHops(p.relayHdrs.Get(hopHeader))}
 	for _, g := range groups {
 		if m := r.router.MaxMessageBytes(g.Route); m > 0 && size > m {
 			return "", &intakeError{errTooBigForRoute}
@@ -309,16 +309,37 @@ func (r *Relay) Run(ctx context.Context) error {
 	}
 
 	r.ready.Store(false)
-	grace := r.cfg.ShutdownGrace
+	grace := r.cfg.Grace()
 	r.log.Info("shutting down", "grace", grace.String())
 	graceCtx, cancelGrace := context.WithTimeout(context.WithoutCancel(ctx), grace)
 	defer cancelGrace()
 	r.intake.stop(graceCtx)
 	d.drain(graceCtx)
+	left := r.queue.len()
+	if r.cfg.Shutdown.DrainTo != "" && left > 0 {
+		left = r.drainToPeer(ctx, grace)
+	}
 	r.closeUpstreams()
 	r.api.stop()
-	r.log.Info("stopped", "left_in_spool", r.queue.len())
+	r.log.Info("stopped", "left_in_spool", left)
 	return runErr
+}
+
+// drainToPeer hands what the grace period did not deliver to
+// shutdown.drain_to, for at most another grace period, and returns how
+// many messages are left here. It runs after the workers stopped, so
+// nothing else touches the spool.
+func (r *Relay) drainToPeer(ctx context.Context, grace time.Duration) int {
+	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), grace)
+	defer cancel()
+	r.log.Info("draining the spool to the peer", "to", r.cfg.Shutdown.DrainTo, "messages", r.queue.len())
+	res, err := Drainer{To: r.cfg.Shutdown.DrainTo, Hostname: r.cfg.Listen.Hostname, Timeout: min(grace, 30*time.Second), Log: r.log}.Drain(dctx, r.spool)
+	if err != nil {
+		r.log.Error("drain to peer failed", "err", err)
+		return r.queue.len()
+	}
+	r.log.Info("drained to peer", "to", r.cfg.Shutdown.DrainTo, "drained", res.Drained, "recipients", res.Recipients, "left", res.Left, "dead_letters", res.Dead)
+	return res.Left
 }
 
 // deliveries are the running workers and the dispatcher that feeds them.

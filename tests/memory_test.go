@@ -50,10 +50,15 @@ func TestMemory_512MiBSixteenBigMessagesPerUpstream(t *testing.T) {
 				t.Fatal(err)
 			}
 			t.Cleanup(sink.Close)
+			up := sink.Upstream("up", 0)
+			// Sixteen 24 MB transfers at once under -race on a shared
+			// 2-core machine can outlast the default 30 s; this test is
+			// about memory, and a timeout would only resend.
+			up["timeout"] = "180s"
 			cfg, _ := yaml.Marshal(map[string]any{
 				"listen":    map[string]any{"max_message_bytes": maxBytes},
 				"spool":     map[string]any{"workers": n},
-				"upstreams": []any{sink.Upstream("up", 0)},
+				"upstreams": []any{up},
 				"routes":    []any{map[string]any{"name": "default", "upstreams": []string{"up"}}},
 			})
 			h := newHarness(t, string(cfg), withWrap(cg.wrap))

@@ -41,6 +41,7 @@ Usage:
                                             send a test message through a running relay
   relaycar queue ls|dead|retry ID|retry --all|drop ID [--config F]
                                             inspect and act on the spool
+  relaycar drain --spool DIR --to host:port hand a stopped relay's spool to a running relaycar
   relaycar version                          print version, commit and Go version
 
 --config defaults to $RELAYCAR_CONFIG, then ./relay.yaml.
@@ -64,6 +65,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return cmdSend(args, stdout, stderr)
 	case "queue":
 		return cmdQueue(args, stdout, stderr)
+	case "drain":
+		return cmdDrain(args, stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, versionString())
 		return exitOK

@@ -16,9 +16,12 @@ type Envelope struct {
 	Size      int      `json:"size"`
 	// BodyCRC is the CRC-32C of the body as hex, set by Commit; Load
 	// compares it with the bytes on disk.
-	BodyCRC     string       `json:"body_crc,omitempty"`
-	ReceivedAt  time.Time    `json:"received_at"`
-	RemoteAddr  string       `json:"remote_addr,omitempty"`
+	BodyCRC    string    `json:"body_crc,omitempty"`
+	ReceivedAt time.Time `json:"received_at"`
+	RemoteAddr string    `json:"remote_addr,omitempty"`
+	// Hops counts how often the message was handed from a shutting-down
+	// relay to a peer (shutdown.drain_to, relaycar drain).
+	Hops        int          `json:"hops,omitempty"`
 	Routes      []RouteState `json:"routes"`
 	Attempts    int          `json:"attempts"`
 	NextAttempt time.Time    `json:"next_attempt"`
@@ -53,14 +56,25 @@ type Delivery struct {
 	At         time.Time `json:"at"`
 }
 
+// FailureClass says why recipients failed for good: an upstream class
+// (rejected, unsupported...) or expired, when max_age ran out.
+type FailureClass string
+
+// The failure classes the relay writes itself; the others are the
+// upstream classes' names.
+const (
+	FailedRejected FailureClass = "rejected"
+	FailedExpired  FailureClass = "expired"
+)
+
 // Failure records recipients that will not be delivered, and why.
 type Failure struct {
-	Route    string    `json:"route"`
-	Upstream string    `json:"upstream,omitempty"`
-	Class    string    `json:"class"`
-	Rcpts    []string  `json:"rcpts"`
-	Reason   string    `json:"reason"`
-	At       time.Time `json:"at"`
+	Route    string       `json:"route"`
+	Upstream string       `json:"upstream,omitempty"`
+	Class    FailureClass `json:"class"`
+	Rcpts    []string     `json:"rcpts"`
+	Reason   string       `json:"reason"`
+	At       time.Time    `json:"at"`
 }
 
 // Pending reports whether any route still has recipients to deliver.

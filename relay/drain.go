@@ -1,0 +1,257 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/emersion/go-smtp"
+
+	"github.com/relaycar/relaycar/relay/spool"
+)
+
+// hopHeader carries a message's drain count to the peer it is drained to.
+// It is an X-Relay-* field, so the peer's intake removes it and keeps the
+// count in its envelope: it never reaches a provider.
+const hopHeader = "X-Relay-Drain-Hops"
+
+// maxDrainHops: a message drained this often stays where it is, so relays
+// draining into each other (or a Service that routes back to the
+// shutting-down pod) cannot pass it around forever.
+const maxDrainHops = 3
+
+// drainHops reads a hop header's value; anything but a small number is 0.
+func drainHops(v string) int {
+	n, err := strconv.Atoi(strings.TrimSpace(v))
+	if err != nil || n < 0 {
+		return 0
+	}
+	return min(n, maxDrainHops)
+}
+
+// DrainResult counts what a drain did.
+type DrainResult struct {
+	// Drained messages were taken by the peer and removed here.
+	Drained, Recipients int
+	// Left stayed in the spool (peer refused or unreachable, hop limit).
+	Left int
+	// Dead letters are never drained; they stay for `relaycar queue dead`.
+	Dead int
+}
+
+// Drainer hands the pending recipients of spooled messages to a peer
+// relaycar over SMTP: the same bytes and Message-ID, removed here only
+// after the peer's 250. It is what a relay does after shutdown.grace with
+// shutdown.drain_to set, and what `relaycar drain` does for a spool whose
+// relay is gone.
+type Drainer struct {
+	// To is the peer's SMTP address, host:port.
+	To string
+	// Hostname is the EHLO name.
+	Hostname string
+	// Timeout bounds each SMTP command and each message's DATA.
+	Timeout time.Duration
+	Log     *slog.Logger
+}
+
+// Drain offers every pending message of sp to the peer until ctx ends.
+// The caller holds the spool (serve after its workers stopped, or the
+// drain command with the lock).
+func (d Drainer) Drain(ctx context.Context, sp *spool.Spool) (DrainResult, error) {
+	var res DrainResult
+	if d.Log == nil {
+		d.Log = slog.New(slog.DiscardHandler)
+	}
+	if d.Timeout <= 0 {
+		d.Timeout = 30 * time.Second
+	}
+	if dead, err := sp.Dead(); err == nil {
+		res.Dead = len(dead)
+	}
+	envs, err := sp.List()
+	if err != nil {
+		return res, err
+	}
+	var c *drainConn
+	defer func() {
+		if c != nil {
+			c.quit()
+		}
+	}()
+	for i, env := range envs {
+		rcpts := pendingRcpts(env)
+		if len(rcpts) == 0 {
+			continue
+		}
+		log := d.Log.With("msg_id", env.ID, "to", d.To)
+		if ctx.Err() != nil {
+			res.Left += countPending(envs[i:])
+			log.Warn("drain stopped: out of time", "left", res.Left)
+			break
+		}
+		if env.Hops >= maxDrainHops {
+			res.Left++
+			log.Warn("message not drained: it was drained too often already (a drain loop?)", "hops", env.Hops)
+			continue
+		}
+		// A connection the peer dropped (or one never made) is dialled
+		// again, once per message.
+		if c == nil {
+			if c, err = d.dial(ctx); err != nil {
+				res.Left += countPending(envs[i:])
+				log.Error("drain peer unreachable; messages stay in the spool", "err", err, "left", res.Left)
+				return res, nil
+			}
+		}
+		err := d.send(ctx, c, sp, env, rcpts)
+		if err != nil && c.broken {
+			c.close()
+			c = nil
+		}
+		if err != nil {
+			res.Left++
+			log.Warn("message not drained; it stays in the spool", "err", err)
+			continue
+		}
+		if err := sp.Remove(env.ID); err != nil {
+			// The peer has it: a retry of the drain would send it twice.
+			log.Error("drained message could not be removed here; a rerun would hand it over again", "err", err)
+		}
+		res.Drained++
+		res.Recipients += len(rcpts)
+		log.Info("message drained to peer", "rcpt_count", len(rcpts), "message_id", env.MessageID)
+	}
+	return res, nil
+}
+
+// drainConn is one SMTP session with the peer.
+type drainConn struct {
+	conn   net.Conn
+	c      *smtp.Client
+	utf8   bool
+	broken bool // a transport error: dial again for the next message
+}
+
+func (c *drainConn) quit() {
+	if !c.broken {
+		_ = c.c.Quit() // the peer has everything it will get
+	}
+	c.close()
+}
+
+func (c *drainConn) close() {
+	c.c.Close()
+	c.conn.Close()
+}
+
+func (d Drainer) dial(ctx context.Context) (*drainConn, error) {
+	dl := net.Dialer{Timeout: d.Timeout}
+	conn, err := dl.DialContext(ctx, "tcp", d.To)
+	if err != nil {
+		return nil, err
+	}
+	c := smtp.NewClient(conn)
+	c.CommandTimeout, c.SubmissionTimeout = d.Timeout, d.Timeout
+	hostname := d.Hostname
+	if hostname == "" {
+		hostname = "localhost"
+	}
+	if err := c.Hello(hostname); err != nil {
+		c.Close()
+		conn.Close()
+		return nil, err
+	}
+	utf8, _ := c.Extension("SMTPUTF8")
+	return &drainConn{conn: conn, c: c, utf8: utf8}, nil
+}
+
+// send runs one transaction for env's pending recipients. A recipient
+// the peer refuses aborts it before DATA: the whole message then stays
+// here, rather than half of it going and the rest being tracked twice.
+func (d Drainer) send(ctx context.Context, dc *drainConn, sp *spool.Spool, env *Envelope, rcpts []string) (err error) {
+	stop := context.AfterFunc(ctx, func() { dc.conn.Close() })
+	defer stop()
+	defer func() {
+		var se *smtp.SMTPError
+		if err != nil && !errors.As(err, &se) {
+			dc.broken = true
+		}
+	}()
+	body, err := sp.OpenBody(env.ID)
+	if err != nil {
+		return fmt.Errorf("reading the spooled message: %w", err)
+	}
+	defer body.Close()
+	opts := &smtp.MailOptions{Size: body.Size()}
+	if !isASCII(env.From, rcpts) {
+		if !dc.utf8 {
+			return errors.New("the peer does not offer SMTPUTF8 and the envelope needs it")
+		}
+		opts.UTF8 = true
+	}
+	if err := dc.c.Mail(env.From, opts); err != nil {
+		return fmt.Errorf("MAIL: %w", err)
+	}
+	for _, r := range rcpts {
+		if err := dc.c.Rcpt(r, nil); err != nil {
+			_ = dc.c.Reset() // nothing was sent
+			return fmt.Errorf("RCPT %s: %w", r, err)
+		}
+	}
+	w, err := dc.c.Data()
+	if err != nil {
+		return fmt.Errorf("DATA: %w", err)
+	}
+	hop := fmt.Sprintf("%s: %d\r\n", hopHeader, env.Hops+1)
+	if _, err := io.Copy(w, io.MultiReader(strings.NewReader(hop), io.NewSectionReader(body, 0, body.Size()))); err != nil {
+		w.Close()
+		return fmt.Errorf("DATA: %w", err)
+	}
+	if err := w.Close(); err != nil {
+		return fmt.Errorf("end of DATA: %w", err)
+	}
+	return nil
+}
+
+// pendingRcpts is every recipient some route of env still has to deliver
+// to, once each.
+func pendingRcpts(env *Envelope) []string {
+	var out []string
+	seen := map[string]bool{}
+	for _, rs := range env.Routes {
+		for _, r := range rs.Pending {
+			if k := strings.ToLower(r); !seen[k] {
+				seen[k] = true
+				out = append(out, r)
+			}
+		}
+	}
+	return out
+}
+
+func countPending(envs []*Envelope) int {
+	n := 0
+	for _, e := range envs {
+		if len(pendingRcpts(e)) > 0 {
+			n++
+		}
+	}
+	return n
+}
+
+func isASCII(from string, rcpts []string) bool {
+	for _, s := range append([]string{from}, rcpts...) {
+		for i := 0; i < len(s); i++ {
+			if s[i] >= 0x80 {
+				return false
+			}
+		}
+	}
+	return true
+}
