@@ -22,9 +22,9 @@ import (
 
 // Config is relay.yaml. Each package owns the part it consumes.
 type Config struct {
-	Listen        ListenConfig         `yaml:"listen"`
-	Admin         AdminConfig          `yaml:"admin"`
-	Spool         SpoolConfig          `yaml:"spool"`
+	Listen ListenConfig `yaml:"listen"`
+	Admin  AdminConfig  `yaml:"admin"`
+	Spool  SpoolConfig  `yaml:"spool"`
 	// ShutdownGrace is the older spelling of Shutdown.Grace, still read.
 	ShutdownGrace time.Duration        `yaml:"shutdown_grace"`
 	Shutdown      ShutdownConfig       `yaml:"shutdown"`
