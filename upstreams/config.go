@@ -168,6 +168,19 @@ func (c *Config) ApplyDefaults() {
 	}
 }
 
+// Files lists the files this entry reads (secrets, CA, OAuth keys), for
+// a reload to notice when one changes.
+func (c *Config) Files() []string {
+	var out []string
+	for _, p := range []string{c.AccessKeyIDFile, c.SecretAccessKeyFile, c.APIKeyFile, c.PasswordFile, c.ClientSecretFile, c.CAFile,
+		c.OAuth2.ClientSecretFile, c.OAuth2.ServiceAccountFile, c.OAuth2.RefreshTokenFile} {
+		if p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
 // ResolveSecrets reads every `<field>_file` into its field. path is the
 // YAML path of this entry, e.g. "upstreams[2]".
 func (c *Config) ResolveSecrets(path string) []error {
