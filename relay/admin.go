@@ -67,7 +67,7 @@ type adminAPI struct {
 	allowedHosts []string
 	spool        *spool.Spool
 	queue        *queue
-	gates        []*policy.Gate // in config order, for the status page
+	gates        func() []*policy.Gate // in config order, for the status page
 	reg          *prometheus.Registry
 	log          *slog.Logger
 	now          func() time.Time
@@ -394,7 +394,7 @@ var statusTmpl = template.Must(template.New("status").Parse(`<!doctype html>
 func (a *adminAPI) statusPage(w http.ResponseWriter, _ *http.Request) {
 	type up struct{ Name, State string }
 	var ups []up
-	for _, g := range a.gates {
+	for _, g := range a.gates() {
 		ups = append(ups, up{g.Name(), g.State().String()})
 	}
 	// Render first, so a template error is a 500 and not half a page.

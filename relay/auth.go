@@ -54,7 +54,7 @@ func checkUser(users map[string][]byte, user, pass string) error {
 var dummyHash = []byte("$2a$10$EwZDN1F6PVUgYUfY8rGdlOz7CYoNb53p4HK//WeVq5IwUTMjev8FC")
 
 func (s *session) AuthMechanisms() []string {
-	if s.in.users == nil || !s.authAllowed() {
+	if s.in.users() == nil || !s.authAllowed() {
 		return nil
 	}
 	return []string{sasl.Plain, sasl.Login}
@@ -67,14 +67,14 @@ func (s *session) authAllowed() bool {
 }
 
 func (s *session) Auth(mech string) (sasl.Server, error) {
-	if s.in.users == nil {
+	if s.in.users() == nil {
 		return nil, smtp.ErrAuthUnsupported
 	}
 	if !s.authAllowed() {
 		return nil, replyEncryptionRequired
 	}
 	check := func(user, pass string) error {
-		if err := checkUser(s.in.users, user, pass); err != nil {
+		if err := checkUser(s.in.users(), user, pass); err != nil {
 			return s.authFailed(user)
 		}
 		s.user = user

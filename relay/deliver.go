@@ -27,6 +27,9 @@ func (r *Relay) worker(ctx context.Context, in <-chan *item) {
 // recipients, then persists the outcome. It returns whether the message
 // stays in the spool.
 func (r *Relay) attempt(ctx context.Context, env *Envelope) (keep bool) {
+	// One engine for the whole attempt: a reload swaps between attempts.
+	e := r.acquire()
+	defer e.release()
 	log := r.log.With("msg_id", env.ID)
 	body, err := r.spool.OpenBody(env.ID)
 	if errors.Is(err, fs.ErrNotExist) {
@@ -39,17 +42,17 @@ func (r *Relay) attempt(ctx context.Context, env *Envelope) (keep bool) {
 		// max_age still holds: a body that never reads again ends as a
 		// dead letter with the reason, not in an endless retry.
 		now := r.now()
-		if now.Sub(env.ReceivedAt) >= r.cfg.Spool.MaxAge {
-			reason := fmt.Sprintf("max age %s exceeded; the spooled message cannot be read: %v", r.cfg.Spool.MaxAge, err)
+		if now.Sub(env.ReceivedAt) >= e.cfg.Spool.MaxAge {
+			reason := fmt.Sprintf("max age %s exceeded; the spooled message cannot be read: %v", e.cfg.Spool.MaxAge, err)
 			for i := range env.Routes {
 				if len(env.Routes[i].Pending) > 0 {
 					r.fail(env, &env.Routes[i], "", spool.FailedExpired, reason, now)
 				}
 			}
-			return r.finish(env, log)
+			return r.finish(e, env, log)
 		}
 		log.Error("reading message body failed; will retry", "err", err)
-		env.NextAttempt = now.Add(policy.Backoff(1, r.cfg.Spool.Retry, r.rand))
+		env.NextAttempt = now.Add(policy.Backoff(1, e.cfg.Spool.Retry, r.rand))
 		return true
 	}
 	defer body.Close()
@@ -63,9 +66,9 @@ func (r *Relay) attempt(ctx context.Context, env *Envelope) (keep bool) {
 		if len(rs.Pending) == 0 {
 			continue
 		}
-		if !r.router.Has(rs.Route) {
+		if !e.router.Has(rs.Route) {
 			// The route was renamed or removed since the message was accepted.
-			def := r.router.Default()
+			def := e.router.Default()
 			if def == "" {
 				r.fail(env, rs, "", spool.FailedRejected, fmt.Sprintf("route %q no longer exists and there is no default route", rs.Route), now)
 				continue
@@ -73,7 +76,7 @@ func (r *Relay) attempt(ctx context.Context, env *Envelope) (keep bool) {
 			log.Warn("route no longer exists; using the default route", "route", rs.Route, "default", def)
 			rs.Route, rs.Pinned = def, ""
 		}
-		t, err := r.deliverRoute(ctx, env, rs, body)
+		t, err := r.deliverRoute(ctx, e, env, rs, body)
 		tried = tried || t
 		if err != nil {
 			lastErr = err
@@ -86,7 +89,7 @@ func (r *Relay) attempt(ctx context.Context, env *Envelope) (keep bool) {
 		return r.persist(env, log)
 	}
 	if !env.Pending() {
-		return r.finish(env, log)
+		return r.finish(e, env, log)
 	}
 	if tried {
 		env.Attempts++
@@ -98,8 +101,8 @@ func (r *Relay) attempt(ctx context.Context, env *Envelope) (keep bool) {
 		}
 		env.LastError = msg
 	}
-	if age := now.Sub(env.ReceivedAt); age >= r.cfg.Spool.MaxAge {
-		reason := fmt.Sprintf("max age %s exceeded after %d attempts", r.cfg.Spool.MaxAge, env.Attempts)
+	if age := now.Sub(env.ReceivedAt); age >= e.cfg.Spool.MaxAge {
+		reason := fmt.Sprintf("max age %s exceeded after %d attempts", e.cfg.Spool.MaxAge, env.Attempts)
 		if env.LastError != "" {
 			reason += "; last error: " + env.LastError
 		}
@@ -111,15 +114,15 @@ func (r *Relay) attempt(ctx context.Context, env *Envelope) (keep bool) {
 				r.fail(env, &env.Routes[i], "", spool.FailedExpired, reason, now)
 			}
 		}
-		return r.finish(env, log)
+		return r.finish(e, env, log)
 	}
 	var wait time.Duration
 	if tried {
-		wait = policy.Backoff(env.Attempts, r.cfg.Spool.Retry, r.rand)
+		wait = policy.Backoff(env.Attempts, e.cfg.Spool.Retry, r.rand)
 	} else {
 		// Every upstream was skipped (breaker open, rate limit): nothing
 		// failed, so come back soon without growing the backoff.
-		wait = policy.Backoff(1, r.cfg.Spool.Retry, r.rand)
+		wait = policy.Backoff(1, e.cfg.Spool.Retry, r.rand)
 	}
 	env.NextAttempt = now.Add(wait)
 	log.Debug("delivery deferred", "next_attempt", env.NextAttempt, "attempts", env.Attempts)
@@ -147,10 +150,10 @@ func (r *Relay) persist(env *Envelope, log *slog.Logger) bool {
 // recipient failed. It returns whether the message must stay queued: when
 // the spool cannot record the outcome, the message is retried later
 // rather than forgotten while its files remain.
-func (r *Relay) finish(env *Envelope, log *slog.Logger) (keep bool) {
+func (r *Relay) finish(e *engine, env *Envelope, log *slog.Logger) (keep bool) {
 	retryLater := func() bool {
 		env.DeadReason, env.DeadAt = "", nil
-		env.NextAttempt = r.now().Add(policy.Backoff(1, r.cfg.Spool.Retry, r.rand))
+		env.NextAttempt = r.now().Add(policy.Backoff(1, e.cfg.Spool.Retry, r.rand))
 		return true
 	}
 	if len(env.Failures) == 0 {
@@ -187,8 +190,8 @@ func (r *Relay) fail(env *Envelope, rs *RouteState, upstream string, class spool
 // it and pins the upstream (on_ambiguous: retry_same); everything else
 // moves on to the next upstream. tried says whether any upstream was
 // actually called.
-func (r *Relay) deliverRoute(ctx context.Context, env *Envelope, rs *RouteState, body upstreams.Body) (tried bool, lastErr error) {
-	cands := r.router.Candidates(rs.Route)
+func (r *Relay) deliverRoute(ctx context.Context, e *engine, env *Envelope, rs *RouteState, body upstreams.Body) (tried bool, lastErr error) {
+	cands := e.router.Candidates(rs.Route)
 	if rs.Pinned != "" {
 		i := slices.IndexFunc(cands, func(g *policy.Gate) bool { return g.Name() == rs.Pinned })
 		if i >= 0 {
@@ -199,7 +202,7 @@ func (r *Relay) deliverRoute(ctx context.Context, env *Envelope, rs *RouteState,
 	}
 	m := &upstreams.Message{ID: env.ID, From: env.From, To: slices.Clone(rs.Pending), AllRcpts: env.Rcpts, Body: body, MessageID: env.MessageID}
 	log := r.log.With("msg_id", env.ID, "route", rs.Route)
-	redirect := r.router.RedirectAllTo(rs.Route)
+	redirect := e.router.RedirectAllTo(rs.Route)
 	if len(redirect) > 0 {
 		rm, err := upstreams.Redirect(m, redirect)
 		if err != nil {
@@ -235,7 +238,7 @@ func (r *Relay) deliverRoute(ctx context.Context, env *Envelope, rs *RouteState,
 		if err != nil && ctx.Err() != nil {
 			// Our own shutdown, not the upstream's fault: not an attempt. But
 			// if the whole message had gone out, the upstream may have it.
-			if upstreams.ClassOf(err) == upstreams.Ambiguous && r.cfg.Spool.OnAmbiguous == RetrySame {
+			if upstreams.ClassOf(err) == upstreams.Ambiguous && e.cfg.Spool.OnAmbiguous == RetrySame {
 				rs.Pinned = name
 			}
 			return tried, lastErr
@@ -276,7 +279,7 @@ func (r *Relay) deliverRoute(ctx context.Context, env *Envelope, rs *RouteState,
 			}
 			return tried, err
 		case upstreams.Ambiguous:
-			if r.cfg.Spool.OnAmbiguous == RetrySame {
+			if e.cfg.Spool.OnAmbiguous == RetrySame {
 				log.Warn("outcome unknown; will retry the same upstream only", "upstream", name, "err", err)
 				rs.Pinned = name
 				return tried, err

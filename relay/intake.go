@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/emersion/go-smtp"
@@ -31,20 +32,24 @@ type intake struct {
 	log    *slog.Logger
 	budget *membudget.Budget
 
-	address        string
-	hostname       string
-	maxBytes       int64 // SIZE: what some route can deliver
-	maxRecipients  int
-	maxConns       int
-	readTimeout    time.Duration
-	writeTimeout   time.Duration
-	dataTimeout    time.Duration
-	bareLF         BareLFMode
-	allowed        []netip.Prefix
-	trusted        []netip.Prefix    // empty: every allowed client is trusted
-	users          map[string][]byte // nil: no AUTH
-	allowedSenders map[string]bool   // empty: any sender domain
-	tlsConfig      *tls.Config       // nil: no STARTTLS
+	address       string
+	hostname      string
+	maxBytes      int64 // SIZE: what some route can deliver
+	maxRecipients int
+	maxConns      int
+	readTimeout   time.Duration
+	writeTimeout  time.Duration
+	dataTimeout   time.Duration
+	bareLF        BareLFMode
+	allowed       []netip.Prefix
+	trusted       []netip.Prefix // empty: every allowed client is trusted
+	// users, allowedSenders and cert are replaced by a reload; sessions
+	// read them through the accessors. Whether AUTH and STARTTLS are
+	// offered at all is fixed at start.
+	usersP          atomic.Pointer[map[string][]byte] // nil: no AUTH
+	allowedSendersP atomic.Pointer[map[string]bool]   // empty: any sender domain
+	cert            atomic.Pointer[tls.Certificate]
+	tlsConfig       *tls.Config // nil: no STARTTLS
 
 	refused      *prometheus.CounterVec // by reply code
 	authFailures prometheus.Counter
@@ -73,27 +78,67 @@ func newIntake(c ListenConfig, log *slog.Logger) (*intake, error) {
 	}
 	in := &intake{log: log, address: c.Address, hostname: c.Hostname, maxRecipients: c.MaxRecipients, maxConns: c.MaxConnections,
 		readTimeout: c.ReadTimeout, writeTimeout: c.WriteTimeout, dataTimeout: c.DataTimeout, bareLF: c.BareLF,
-		allowed: nets(c.AllowedNetworks), trusted: nets(c.TrustedNetworks), allowedSenders: map[string]bool{}}
-	for _, s := range c.AllowedSenders {
-		in.allowedSenders[strings.ToLower(s)] = true
-	}
-	if c.Auth.UsersFile != "" {
-		users, err := loadUsers(c.Auth.UsersFile)
-		if err != nil {
-			return nil, fmt.Errorf("listen.auth.users_file: %w", err)
-		}
-		in.users = users
-	}
+		allowed: nets(c.AllowedNetworks), trusted: nets(c.TrustedNetworks)}
 	// The certificate is loaded here, so a bad one fails before anything
 	// listens (Listen, Run).
-	if tc := c.TLS; tc.CertFile != "" {
-		cfg, err := loadTLS(tc)
-		if err != nil {
-			return nil, fmt.Errorf("listen.tls: %w", err)
-		}
-		in.tlsConfig = cfg
+	if err := in.reload(c); err != nil {
+		return nil, err
+	}
+	if in.cert.Load() != nil {
+		// Each handshake takes the current certificate: a reload rotates
+		// it (cert-manager renewals) without a restart.
+		in.tlsConfig = &tls.Config{MinVersion: tls.VersionTLS12,
+			GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return in.cert.Load(), nil }}
 	}
 	return in, nil
+}
+
+// reload reads the listener's reloadable settings: allowed senders, the
+// users file and the certificate. Nothing changes unless all of them
+// load; turning AUTH or STARTTLS on or off needs a restart (restartOnly).
+func (in *intake) reload(c ListenConfig) error {
+	senders := map[string]bool{}
+	for _, s := range c.AllowedSenders {
+		senders[strings.ToLower(s)] = true
+	}
+	var users map[string][]byte
+	if c.Auth.UsersFile != "" {
+		var err error
+		if users, err = loadUsers(c.Auth.UsersFile); err != nil {
+			return fmt.Errorf("listen.auth.users_file: %w", err)
+		}
+	}
+	var cert *tls.Certificate
+	if tc := c.TLS; tc.CertFile != "" {
+		kp, err := tls.LoadX509KeyPair(tc.CertFile, tc.KeyFile)
+		if err != nil {
+			return fmt.Errorf("listen.tls: %w", err)
+		}
+		cert = &kp
+	}
+	in.allowedSendersP.Store(&senders)
+	if users != nil || in.usersP.Load() == nil {
+		in.usersP.Store(&users)
+	}
+	if cert != nil {
+		in.cert.Store(cert)
+	}
+	return nil
+}
+
+// users is the AUTH users, nil when AUTH is off.
+func (in *intake) users() map[string][]byte {
+	if p := in.usersP.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+func (in *intake) allowedSenders() map[string]bool {
+	if p := in.allowedSendersP.Load(); p != nil {
+		return *p
+	}
+	return nil
 }
 
 // listen binds the SMTP socket behind the allowListener.
@@ -120,7 +165,7 @@ func (in *intake) serve(errc chan<- error) {
 	srv.MaxLineLength = 1 << 20
 	srv.EnableSMTPUTF8 = true
 	srv.ErrorLog = slog.NewLogLogger(in.log.Handler(), slog.LevelWarn)
-	if in.users != nil {
+	if in.users() != nil {
 		// Sessions decide per connection (TLS or loopback); see authAllowed.
 		srv.AllowInsecureAuth = true
 	}

@@ -17,6 +17,8 @@ type metrics struct {
 	duration    *prometheus.HistogramVec
 	rateLimited *prometheus.CounterVec
 	skipped     *prometheus.CounterVec
+	reloadOK    prometheus.Gauge
+	reloadTime  prometheus.Gauge
 	smtpRefused *prometheus.CounterVec
 	connections prometheus.Gauge
 	authFailed  prometheus.Counter
@@ -26,7 +28,7 @@ type metrics struct {
 
 // newMetrics registers on reg, a private registry per Relay, so tests and
 // embedded relays never share global state.
-func newMetrics(reg prometheus.Registerer, gates map[string]*policy.Gate, spoolLen, oldestAge, deadLen func() float64) *metrics {
+func newMetrics(reg prometheus.Registerer, gates func() []*policy.Gate, spoolLen, oldestAge, deadLen func() float64) *metrics {
 	m := &metrics{
 		received: prometheus.NewCounter(prometheus.CounterOpts{Name: "relaycar_messages_received_total",
 			Help: "Messages accepted with 250 and committed to the spool."}),
@@ -38,6 +40,10 @@ func newMetrics(reg prometheus.Registerer, gates map[string]*policy.Gate, spoolL
 			Help: "Times an upstream was skipped because its rate limit had no token within max_wait."}, []string{"upstream"}),
 		skipped: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "relaycar_upstream_skipped_total",
 			Help: "Times an upstream was not tried for a message, by reason."}, []string{"upstream", "reason"}),
+		reloadOK: prometheus.NewGauge(prometheus.GaugeOpts{Name: "relaycar_config_last_reload_successful",
+			Help: "1 if the last config reload was applied (or none was tried), 0 if it failed."}),
+		reloadTime: prometheus.NewGauge(prometheus.GaugeOpts{Name: "relaycar_config_last_reload_success_timestamp_seconds",
+			Help: "When the config was last loaded or reloaded successfully (Unix seconds)."}),
 		smtpRefused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "relaycar_smtp_refused_total",
 			Help: "SMTP commands refused by the listener, by reply code."}, []string{"code"}),
 		connections: prometheus.NewGauge(prometheus.GaugeOpts{Name: "relaycar_smtp_connections",
@@ -49,6 +55,9 @@ func newMetrics(reg prometheus.Registerer, gates map[string]*policy.Gate, spoolL
 		broken: prometheus.NewCounter(prometheus.CounterOpts{Name: "relaycar_spool_broken_total",
 			Help: "Unreadable envelopes quarantined as .broken at start."}),
 	}
+	m.reloadOK.Set(1)
+	m.reloadTime.SetToCurrentTime()
+	reg.MustRegister(m.reloadOK, m.reloadTime)
 	reg.MustRegister(m.received, m.deliveries, m.duration, m.rateLimited, m.skipped, m.smtpRefused, m.connections, m.authFailed, m.deadTotal, m.broken,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "relaycar_spool_messages",
@@ -57,19 +66,40 @@ func newMetrics(reg prometheus.Registerer, gates map[string]*policy.Gate, spoolL
 		Help: "Age of the oldest message waiting in the spool; 0 when empty."}, oldestAge))
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "relaycar_dead_letter_messages",
 		Help: "Messages in the dead-letter directory."}, deadLen))
-	for name, g := range gates {
-		g := g
-		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "relaycar_upstream_breaker_state",
-			Help: "Circuit breaker state: 0 closed, 1 half-open, 2 open.", ConstLabels: prometheus.Labels{"upstream": name}},
-			func() float64 { return breakerValue(g.State()) }))
-		// Pre-create the series so dashboards see zeros, not gaps.
+	// Read at each scrape: a reload adds and removes upstreams.
+	if gates != nil {
+		reg.MustRegister(&breakerCollector{gates: gates})
+		m.precreate(gates())
+	}
+	return m
+}
+
+// precreate makes the series of these upstreams exist, so dashboards see
+// zeros, not gaps.
+func (m *metrics) precreate(gates []*policy.Gate) {
+	for _, g := range gates {
+		name := g.Name()
 		m.rateLimited.WithLabelValues(name)
 		m.deliveries.WithLabelValues(name, "delivered")
 		for _, c := range upstreams.Classes {
 			m.deliveries.WithLabelValues(name, c.String())
 		}
 	}
-	return m
+}
+
+var breakerDesc = prometheus.NewDesc("relaycar_upstream_breaker_state",
+	"Circuit breaker state: 0 closed, 1 half-open, 2 open.", []string{"upstream"}, nil)
+
+// breakerCollector reports the breaker state of the current engine's
+// upstreams.
+type breakerCollector struct{ gates func() []*policy.Gate }
+
+func (c *breakerCollector) Describe(ch chan<- *prometheus.Desc) { ch <- breakerDesc }
+
+func (c *breakerCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, g := range c.gates() {
+		ch <- prometheus.MustNewConstMetric(breakerDesc, prometheus.GaugeValue, breakerValue(g.State()), g.Name())
+	}
 }
 
 func breakerValue(s gobreaker.State) float64 {

@@ -52,11 +52,14 @@ type Relay struct {
 	spool  *spool.Spool
 	budget *membudget.Budget
 	// readers recycles accept's read buffers (garbage per message).
-	readers  sync.Pool
-	queue    *queue
-	router   *policy.Router
-	gates    map[string]*policy.Gate
-	ups      []upstreams.Upstream
+	readers sync.Pool
+	queue   *queue
+	// engine is the current upstreams, gates and router (engine.go);
+	// reloads replace it.
+	engine   atomic.Pointer[engine]
+	reloadMu sync.Mutex // one reload at a time
+	udeps    upstreams.Deps
+	injected map[string]upstreams.Upstream // Deps.Upstreams
 	metrics  *metrics
 	maxBytes int64
 
@@ -94,29 +97,14 @@ func New(cfg *Config, d Deps) (*Relay, error) {
 	budget, why := memlimit.Resolve(cfg.Spool.MemoryBudget)
 	r.budget = membudget.New(budget)
 	r.log.Info("memory budget", "bytes", budget, "from", why)
-	udeps := upstreams.Deps{Logger: r.log, Hostname: cfg.Listen.Hostname, Now: r.now, SyncFor: sp.SyncFor, Memory: r.budget}
-	r.gates = map[string]*policy.Gate{}
-	var ordered []*policy.Gate
-	for _, uc := range cfg.Upstreams {
-		u, ok := d.Upstreams[uc.Name]
-		if !ok {
-			var err error
-			if u, err = upstreams.New(uc, udeps); err != nil {
-				return nil, err
-			}
-		}
-		// Injected fakes are wrapped too, so relay tests see the edits.
-		u = upstreams.Rewrite(u, uc)
-		r.ups = append(r.ups, u)
-		g := policy.NewGate(u, uc, policy.GateHooks{OnStateChange: r.breakerChanged})
-		r.gates[uc.Name] = g
-		ordered = append(ordered, g)
-	}
-	router, err := policy.NewRouter(cfg.Routes, r.gates, r.rand)
+	r.udeps = upstreams.Deps{Logger: r.log, Hostname: cfg.Listen.Hostname, Now: r.now, SyncFor: sp.SyncFor, Memory: r.budget}
+	r.injected = d.Upstreams
+	e, err := r.buildEngine(cfg, nil)
 	if err != nil {
 		return nil, err
 	}
-	r.router = router
+	r.engine.Store(e)
+	router := e.router
 	for _, rc := range cfg.Routes {
 		if len(rc.RedirectAllTo) > 0 {
 			r.log.Warn("route redirects all mail (redirect_all_to)", "route", rc.Name, "redirect_all_to", rc.RedirectAllTo)
@@ -135,14 +123,14 @@ func New(cfg *Config, d Deps) (*Relay, error) {
 		}
 		return 0
 	}
-	r.metrics = newMetrics(reg, r.gates, func() float64 { return float64(r.queue.len()) }, oldestAge,
+	r.metrics = newMetrics(reg, func() []*policy.Gate { return r.engine.Load().order }, func() float64 { return float64(r.queue.len()) }, oldestAge,
 		func() float64 { return float64(r.spool.CountDead()) })
 	reg.MustRegister(r.budget.Collectors()...)
 	in.accept, in.budget, in.maxBytes = r.accept, r.budget, r.maxBytes
 	in.refused, in.authFailures, in.connections = r.metrics.smtpRefused, r.metrics.authFailed, r.metrics.connections
 	r.intake = in
 	r.api = &adminAPI{address: cfg.Admin.Address, allowedHosts: cfg.Admin.AllowedHosts, spool: r.spool, queue: r.queue,
-		gates: ordered, reg: reg, log: r.log, now: r.now, version: d.Version, ready: r.ready.Load,
+		gates: func() []*policy.Gate { return r.engine.Load().order }, reg: reg, log: r.log, now: r.now, version: d.Version, ready: r.ready.Load,
 		readyBytes: r.maxBytes + commitOverhead}
 	return r, nil
 }
@@ -196,7 +184,9 @@ func (r *Relay) accept(from string, rcpts []string, body io.Reader, ri receivedI
 	if !ri.trusted && p.relayHdrs.Len() > 0 {
 		r.log.Info("X-Relay-* headers ignored for routing: client not in listen.trusted_networks", "msg_id", id, "remote_addr", ri.remote)
 	}
-	groups, unrouted := r.router.Split(from, rcpts, p.routingHeader(ri.trusted))
+	e := r.acquire()
+	defer e.release()
+	groups, unrouted := e.router.Split(from, rcpts, p.routingHeader(ri.trusted))
 	if len(unrouted) > 0 {
 		r.log.Warn("message refused: no route", "from", from, "rcpts", unrouted)
 		return "", &intakeError{errNoRoute}
@@ -220,7 +210,7 @@ func (r *Relay) accept(from string, rcpts []string, body io.Reader, ri receivedI
 	env := &Envelope{ID: id, From: from, Rcpts: rcpts, MessageID: p.messageID,
 		ReceivedAt: now.UTC(), NextAttempt: now.UTC(), RemoteAddr: ri.remote, Hops: drainHops(p.relayHdrs.Get(hopHeader))}
 	for _, g := range groups {
-		if m := r.router.MaxMessageBytes(g.Route); m > 0 && size > m {
+		if m := e.router.MaxMessageBytes(g.Route); m > 0 && size > m {
 			return "", &intakeError{errTooBigForRoute}
 		}
 		env.Routes = append(env.Routes, RouteState{Route: g.Route, Pending: g.Rcpts})
@@ -300,7 +290,7 @@ func (r *Relay) Run(ctx context.Context) error {
 	r.intake.serve(errc)
 	r.ready.Store(true)
 	r.log.Info("relaycar serving", "smtp", r.intake.ln.Addr().String(), "admin", r.cfg.Admin.Address,
-		"spool", r.cfg.Spool.Dir, "size_limit", r.maxBytes, "upstreams", len(r.ups), "queued", r.queue.len())
+		"spool", r.cfg.Spool.Dir, "size_limit", r.maxBytes, "upstreams", len(r.engine.Load().ups), "queued", r.queue.len())
 
 	var runErr error
 	select {
@@ -316,8 +306,8 @@ func (r *Relay) Run(ctx context.Context) error {
 	r.intake.stop(graceCtx)
 	d.drain(graceCtx)
 	left := r.queue.len()
-	if r.cfg.Shutdown.DrainTo != "" && left > 0 {
-		left = r.drainToPeer(ctx, grace)
+	if drainTo := r.engine.Load().cfg.Shutdown.DrainTo; drainTo != "" && left > 0 {
+		left = r.drainToPeer(ctx, drainTo, grace)
 	}
 	r.closeUpstreams()
 	r.api.stop()
@@ -329,16 +319,16 @@ func (r *Relay) Run(ctx context.Context) error {
 // shutdown.drain_to, for at most another grace period, and returns how
 // many messages are left here. It runs after the workers stopped, so
 // nothing else touches the spool.
-func (r *Relay) drainToPeer(ctx context.Context, grace time.Duration) int {
+func (r *Relay) drainToPeer(ctx context.Context, to string, grace time.Duration) int {
 	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), grace)
 	defer cancel()
-	r.log.Info("draining the spool to the peer", "to", r.cfg.Shutdown.DrainTo, "messages", r.queue.len())
-	res, err := Drainer{To: r.cfg.Shutdown.DrainTo, Hostname: r.cfg.Listen.Hostname, Timeout: min(grace, 30*time.Second), Log: r.log}.Drain(dctx, r.spool)
+	r.log.Info("draining the spool to the peer", "to", to, "messages", r.queue.len())
+	res, err := Drainer{To: to, Hostname: r.cfg.Listen.Hostname, Timeout: min(grace, 30*time.Second), Log: r.log}.Drain(dctx, r.spool)
 	if err != nil {
 		r.log.Error("drain to peer failed", "err", err)
 		return r.queue.len()
 	}
-	r.log.Info("drained to peer", "to", r.cfg.Shutdown.DrainTo, "drained", res.Drained, "recipients", res.Recipients, "left", res.Left, "dead_letters", res.Dead)
+	r.log.Info("drained to peer", "to", to, "drained", res.Drained, "recipients", res.Recipients, "left", res.Left, "dead_letters", res.Dead)
 	return res.Left
 }
 
@@ -387,9 +377,12 @@ func (d *deliveries) drain(grace context.Context) {
 
 // closeUpstreams releases the adapters' connections once nothing sends.
 func (r *Relay) closeUpstreams() {
-	for _, u := range r.ups {
-		if c, ok := u.(upstreams.Closer); ok {
-			c.Close()
-		}
+	e := r.engine.Load()
+	e.users.Lock() // deliveries are over; wait for none
+	defer e.users.Unlock()
+	ups := make([]upstreams.Upstream, 0, len(e.ups))
+	for _, u := range e.ups {
+		ups = append(ups, u)
 	}
+	closeAll(ups)
 }

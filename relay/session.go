@@ -87,7 +87,7 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 		// send it elsewhere (or later) instead of holding the shutdown.
 		return s.refuse(replyShuttingDown)
 	}
-	if s.in.users != nil && s.user == "" {
+	if s.in.users() != nil && s.user == "" {
 		return s.refuse(replyAuthRequired)
 	}
 	if from != "" && !validAddress(from) {
@@ -100,7 +100,7 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 	if !withinLimits(from) {
 		return s.refuse(replySenderTooLong)
 	}
-	if len(s.in.allowedSenders) > 0 && !s.in.allowedSenders[upstreams.Domain(from)] {
+	if len(s.in.allowedSenders()) > 0 && !s.in.allowedSenders()[upstreams.Domain(from)] {
 		s.log.Warn("sender refused: domain not allowed", "from", from)
 		return s.refuse(replySenderDenied)
 	}

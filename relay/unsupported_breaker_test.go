@@ -40,7 +40,7 @@ func TestDelivery_UnsupportedDoesNotOpenBreaker(t *testing.T) {
 		u.ApplyDefaults()
 		c.Upstreams = append(c.Upstreams, u)
 	})
-	gate := tr.gates["smarthost"]
+	gate := tr.engine.Load().gates["smarthost"]
 
 	utf8Rcpts := []string{"jörg@example.net", "zoë@example.net", "用户@example.net"}
 	for _, rcpt := range utf8Rcpts {

@@ -14,6 +14,7 @@ import (
 	"runtime/debug"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/relaycar/relaycar/internal/memlimit"
 	"github.com/relaycar/relaycar/relay"
@@ -140,6 +141,7 @@ func cmdServe(args []string, stdout, stderr io.Writer) int {
 	fs, cfgPath := newFlags("serve", "serve [--config relay.yaml] [--log-level info] [--log-format text]", stderr)
 	level := fs.String("log-level", envOr("RELAYCAR_LOG_LEVEL", "info"), "debug, info, warn or error ($RELAYCAR_LOG_LEVEL)")
 	format := fs.String("log-format", envOr("RELAYCAR_LOG_FORMAT", "text"), "text or json ($RELAYCAR_LOG_FORMAT)")
+	poll := fs.Duration("reload-poll", 5*time.Second, "how often to check the config and the files it names for changes (0: only on SIGHUP)")
 	if done, code := parseFlags(fs, args, stdout); done {
 		return code
 	}
@@ -176,7 +178,14 @@ func cmdServe(args []string, stdout, stderr io.Writer) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	go ignoreSignals(ctx, log)
+	go handleSignals(ctx, log, func() { r.ReloadFrom(*cfgPath) })
+	if *poll > 0 {
+		files := func() []string { return append([]string{*cfgPath}, r.ConfigFiles()...) }
+		go relay.WatchFiles(ctx, files, *poll, func() {
+			log.Info("config or a file it names changed; reloading")
+			r.ReloadFrom(*cfgPath)
+		})
+	}
 	if err := r.Run(ctx); err != nil {
 		log.Error("relay failed", "err", err)
 		return exitRuntime
@@ -205,11 +214,9 @@ func setGoMemLimit(log *slog.Logger) {
 	log.Info("Go memory limit", "bytes", goLimit, "container_limit", limit, "why", why)
 }
 
-// ignoreSignals keeps signals whose Go default is to exit (SIGHUP, which
-// systemd units and operators send to reload; SIGUSR1/2) from ending the
-// relay without a drain or a log line. Reload does not exist yet, so they
-// are logged and otherwise ignored.
-func ignoreSignals(ctx context.Context, log *slog.Logger) {
+// handleSignals reloads on SIGHUP and logs SIGUSR1/SIGUSR2, which would
+// otherwise end the process (Go's default), until ctx ends.
+func handleSignals(ctx context.Context, log *slog.Logger, reload func()) {
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGUSR1, syscall.SIGUSR2)
 	defer signal.Stop(sigs)
@@ -218,7 +225,12 @@ func ignoreSignals(ctx context.Context, log *slog.Logger) {
 		case <-ctx.Done():
 			return
 		case sig := <-sigs:
-			log.Warn("signal ignored: reload is not supported yet; send SIGTERM to stop", "signal", sig.String())
+			if sig == syscall.SIGHUP {
+				log.Info("SIGHUP: reloading the config")
+				reload()
+				continue
+			}
+			log.Warn("signal ignored; SIGHUP reloads, SIGTERM stops", "signal", sig.String())
 		}
 	}
 }

@@ -1,0 +1,68 @@
+package relay
+
+import "strings"
+
+// ReloadFrom reads and validates path and applies it. A config with
+// problems is logged, one problem per line with its YAML path, and the
+// running config stays.
+func (r *Relay) ReloadFrom(path string) error {
+	cfg, err := LoadValid(path)
+	if err != nil {
+		r.metrics.reloadOK.Set(0)
+		problems := strings.Split(err.Error(), "\n")
+		r.log.Error("config reload failed; the running config stays", "config", path, "problems", len(problems))
+		for _, p := range problems {
+			r.log.Error("config problem", "problem", p)
+		}
+		return err
+	}
+	return r.Reload(cfg)
+}
+
+// Reload applies a validated config between deliveries: upstreams whose
+// settings are unchanged keep their breaker, limiter and pooled
+// connections; changed ones are rebuilt and removed ones closed once their
+// deliveries end; messages of a removed route go to the default route.
+// Settings fixed for the process's life are logged, not applied. Safe to
+// call from any goroutine (SIGHUP, the file poll); one runs at a time.
+func (r *Relay) Reload(cfg *Config) error {
+	r.reloadMu.Lock()
+	defer r.reloadMu.Unlock()
+	old := r.engine.Load()
+	next, err := r.buildEngine(cfg, old)
+	if err == nil {
+		err = r.intake.reload(cfg.Listen)
+		if err != nil {
+			retire(next, old) // close what was built for nothing
+		}
+	}
+	if err != nil {
+		r.metrics.reloadOK.Set(0)
+		r.log.Error("config reload failed; the running config stays", "err", err)
+		return err
+	}
+	for _, name := range restartOnly(r.cfg, cfg) {
+		r.log.Warn("config setting changed but needs a restart; not applied", "setting", name)
+	}
+	r.metrics.precreate(next.order)
+	r.engine.Store(next)
+	retire(old, next)
+	d := diffEngines(old, next)
+	if d.empty() {
+		r.log.Info("config reloaded; nothing changed in upstreams or routes")
+	} else {
+		r.log.Info("config reloaded", d.logAttrs()...)
+	}
+	for _, rc := range cfg.Routes {
+		if len(rc.RedirectAllTo) > 0 {
+			r.log.Warn("route redirects all mail (redirect_all_to)", "route", rc.Name, "redirect_all_to", rc.RedirectAllTo)
+		}
+	}
+	r.metrics.reloadOK.Set(1)
+	r.metrics.reloadTime.Set(float64(r.now().UnixNano()) / 1e9)
+	return nil
+}
+
+// ConfigFiles are the files the running config names (secrets, keys,
+// certificates): with the config file itself, what the poll watches.
+func (r *Relay) ConfigFiles() []string { return r.engine.Load().cfg.Files() }
