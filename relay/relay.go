@@ -106,7 +106,8 @@ func New(cfg *Config, d Deps) (*Relay, error) {
 			}
 		}
 		r.ups = append(r.ups, u)
-		g := policy.NewGate(u, uc, policy.GateHooks{OnStateChange: r.breakerChanged})
+		// The gate ends a pause by the clock the adapters stamp RetryAt with.
+		g := policy.NewGate(u, uc, policy.GateHooks{OnStateChange: r.breakerChanged, Now: r.now})
 		r.gates[uc.Name] = g
 		ordered = append(ordered, g)
 	}
