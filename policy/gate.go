@@ -246,11 +246,13 @@ func (g *Gate) Send(ctx context.Context, m *upstreams.Message) (upstreams.Receip
 	)
 	send := func() (string, error) {
 		rc, err = g.up.Send(ctx, m)
-		if t := upstreams.RetryAtOf(err); t.After(g.now()) {
-			// Later messages skip this upstream without a request until t.
+		v := verdict(rc, err)
+		// Later messages skip this upstream without a request until t; a
+		// partial delivery whose later request was throttled (a second
+		// chunk of recipients) pauses it too.
+		if t := upstreams.RetryAtOf(v); t.After(g.now()) {
 			g.pauses.Pause(g.up.Name(), t)
 		}
-		v := verdict(rc, err)
 		if v != nil && upstreams.ClassOf(v) == upstreams.ProviderFault {
 			g.tripNow.Store(true)
 		}

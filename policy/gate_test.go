@@ -271,6 +271,30 @@ func TestGate_ThrottlePausesWithoutTrippingBreaker(t *testing.T) {
 	}
 }
 
+// A later chunk of recipients throttled after the first was delivered
+// (SES, SendGrid and Mailgun split large envelopes): the partial delivery's
+// refusal pauses the upstream as a failed Send would.
+func TestGate_ThrottledRefusalPauses(t *testing.T) {
+	t.Parallel()
+	now := time.Unix(1_800_000_000, 0)
+	throttle := &upstreams.Error{Upstream: "up", Class: upstreams.Transient, Reason: "429", RetryAt: now.Add(30 * time.Second)}
+	u := upstreams.Func{N: "up", F: func(context.Context, *upstreams.Message) (upstreams.Receipt, error) {
+		return upstreams.Receipt{ProviderID: "p", Refused: []upstreams.Refusal{{Rcpt: "x@example.net", Err: throttle}}}, nil
+	}}
+	c := upstreams.Config{Name: "up", CircuitBreaker: upstreams.CircuitBreaker{Failures: 1, OpenFor: time.Hour}}
+	c.ApplyDefaults()
+	g := NewGate(u, c, GateHooks{Now: func() time.Time { return now }})
+	if rc, err := g.Send(context.Background(), msg); err != nil || len(rc.Refused) != 1 {
+		t.Fatalf("Send = %+v, %v; want the partial receipt", rc, err)
+	}
+	if skip := g.Admit(context.Background(), Ask{Size: 1, Rcpts: 1}); skip != SkipThrottled {
+		t.Errorf("Admit after a throttled refusal = %v, want throttled", skip)
+	}
+	if g.State() != gobreaker.StateClosed {
+		t.Errorf("breaker %v, want closed", g.State())
+	}
+}
+
 // A message costs one token per recipient; more recipients than the burst
 // cost the whole burst rather than never passing.
 func TestGate_RateLimitCostsOneTokenPerRecipient(t *testing.T) {

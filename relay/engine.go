@@ -84,9 +84,10 @@ func (r *Relay) buildEngine(cfg *Config, old *engine) (*engine, error) {
 	return e, nil
 }
 
-// gateHooks are the hooks of the gate for uc.
+// gateHooks are the hooks of the gate for uc. The gate ends a pause by
+// the clock the adapters stamp RetryAt with.
 func (r *Relay) gateHooks(uc upstreams.Config) policy.GateHooks {
-	return policy.GateHooks{OnStateChange: r.breakerChanged}
+	return policy.GateHooks{OnStateChange: r.breakerChanged, Now: r.now}
 }
 
 func (e *engine) upstreamConfig(name string) (upstreams.Config, bool) {

@@ -119,6 +119,13 @@ func startRelayB(b *testing.B, ups []*recorder) *testRelay {
 // failure delay).
 func startRelayTB(t testing.TB, ups []*recorder, routes []policy.RouteConfig, edit func(*Config), logs bool, tune func(*Relay), fsys ...spool.FS) *testRelay {
 	t.Helper()
+	return startRelayDeps(t, ups, routes, edit, logs, tune, nil, fsys...)
+}
+
+// startRelayDeps is startRelayTB with deps, if set, adjusting the relay's
+// Deps before New (a test clock).
+func startRelayDeps(t testing.TB, ups []*recorder, routes []policy.RouteConfig, edit func(*Config), logs bool, tune func(*Relay), deps func(*Deps), fsys ...spool.FS) *testRelay {
+	t.Helper()
 	dir := t.TempDir()
 	cfg := Default()
 	cfg.Listen.Address = "127.0.0.1:0"
@@ -155,6 +162,9 @@ func startRelayTB(t testing.TB, ups []*recorder, routes []policy.RouteConfig, ed
 	d := Deps{Logger: log, Upstreams: over}
 	if len(fsys) > 0 {
 		d.SpoolFS = fsys[0]
+	}
+	if deps != nil {
+		deps(&d)
 	}
 	r, err := New(&cfg, d)
 	if err != nil {

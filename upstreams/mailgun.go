@@ -25,6 +25,7 @@ type mailgunUpstream struct {
 	key     Secret
 	log     *slog.Logger
 	mem     Memory
+	now     func() time.Time
 }
 
 func newMailgun(c Config, d Deps) (*mailgunUpstream, error) {
@@ -42,7 +43,7 @@ func newMailgun(c Config, d Deps) (*mailgunUpstream, error) {
 	if err := mg.SetAPIBase(base); err != nil {
 		return nil, fmt.Errorf("endpoint: %v", err)
 	}
-	return &mailgunUpstream{name: c.Name, domain: c.Domain, client: mg, timeout: timeout, key: c.APIKey, log: d.logger(), mem: d.Memory}, nil
+	return &mailgunUpstream{name: c.Name, domain: c.Domain, client: mg, timeout: timeout, key: c.APIKey, log: d.logger(), mem: d.Memory, now: d.now()}, nil
 }
 
 // Name returns the configured name.
@@ -108,8 +109,12 @@ func (g *mailgunUpstream) classify(ctx context.Context, err error, p *apiProgres
 			reason += "; rate limit resets at " + rl.ResetAt.UTC().Format(time.RFC3339)
 		}
 		// err keeps only the status: the SDK's error quotes the whole body.
+		// The SDK keeps the response headers, so Retry-After and
+		// X-RateLimit-Reset (what RateLimitedError.ResetAt is read from)
+		// are parsed as for every HTTP adapter.
 		return &Error{Upstream: g.name, Class: class, Code: strconv.Itoa(status),
-			Reason: truncate(apiRedact(reason, g.key), 300), err: fmt.Errorf("mailgun: HTTP %d", status)}
+			Reason: truncate(apiRedact(reason, g.key), 300), err: fmt.Errorf("mailgun: HTTP %d", status),
+			RetryAt: httpRetryAt(status, ure.Header, g.now())}
 	}
 	if p.reply.Load() {
 		// A response came but its body did not read or parse. The SDK
@@ -120,8 +125,10 @@ func (g *mailgunUpstream) classify(ctx context.Context, err error, p *apiProgres
 			why = apiUnreadable(err)
 		}
 		if st := int(p.status.Load()); st != 0 && (st < 200 || st >= 300) {
+			// The headers are lost with the body: a 429 pauses for the default.
 			return &Error{Upstream: g.name, Class: classifyHTTP(st), Code: strconv.Itoa(st),
-				Reason: fmt.Sprintf("HTTP %d: %s", st, why), err: fmt.Errorf("mailgun: HTTP %d", st)}
+				Reason: fmt.Sprintf("HTTP %d: %s", st, why), err: fmt.Errorf("mailgun: HTTP %d", st),
+				RetryAt: httpRetryAt(st, nil, g.now())}
 		}
 		return &Error{Upstream: g.name, Class: Ambiguous, Reason: "unreadable success response: " + why, err: err}
 	}

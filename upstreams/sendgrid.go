@@ -29,6 +29,7 @@ type sendGridUpstream struct {
 	client  *rest.Client
 	log     *slog.Logger
 	mem     Memory
+	now     func() time.Time
 	// maxBody is SendGrid's total size limit, checked on the JSON body so a
 	// message that is too big fails over instead of being dead-lettered on 413.
 	maxBody int
@@ -62,6 +63,7 @@ func newSendGrid(c Config, d Deps) (*sendGridUpstream, error) {
 		log:     d.logger().With("upstream", c.Name),
 		maxBody: sendGridMaxBytes,
 		mem:     d.Memory,
+		now:     d.now(),
 	}, nil
 }
 
@@ -247,7 +249,11 @@ func (s *sendGridUpstream) statusError(resp *rest.Response) *Error {
 		class = classifyHTTP(code)
 	}
 	// A proxy or a misbehaving server may echo the Authorization header.
-	return &Error{Upstream: s.name, Class: class, Code: strconv.Itoa(code), Reason: truncate(apiRedact(reason, s.key), 300)}
+	e := &Error{Upstream: s.name, Class: class, Code: strconv.Itoa(code), Reason: truncate(apiRedact(reason, s.key), 300)}
+	// SendGrid refuses every request until X-RateLimit-Reset (Unix
+	// seconds): asking sooner only burns requests.
+	e.RetryAt = httpRetryAt(code, http.Header(resp.Headers), s.now())
+	return e
 }
 
 var _ Upstream = (*sendGridUpstream)(nil)

@@ -175,7 +175,9 @@ func (s *sesUpstream) classify(ctx context.Context, err error, p *apiProgress) *
 		return &Error{
 			Upstream: s.name, Class: class, Code: code,
 			Reason: truncate(apiRedact(fmt.Sprintf("HTTP %d %s: %s", status, code, oneLine(msg)), s.secrets...), 300),
-			err:    err,
+			// time.Now, not Deps.Now: this adapter keeps no clock yet.
+			RetryAt: sesRetryAt(code, msg, time.Now()),
+			err:     err,
 		}
 	}
 	if status != 0 {
@@ -231,6 +233,31 @@ func sesCodeClass(code, msg string) (Class, bool) {
 		return Rejected, true
 	}
 	return 0, false
+}
+
+// sesRetryAt is when SES may be called again after a throttling error,
+// zero for any other error. SES says no Retry-After: "Maximum sending rate
+// exceeded" is a per-second limit, so the default pause; "Daily message
+// quota exceeded" is the rolling 24 h quota, which frees up only as the
+// sends of a day ago age out, so throttleMax (probing hourly costs one
+// request). LimitExceededException is a resource-count limit unless its
+// text says rate or quota: no pause then, and it counts as a failure.
+func sesRetryAt(code, msg string, now time.Time) time.Time {
+	m := strings.ToLower(msg)
+	quota := strings.Contains(m, "quota exceeded")
+	switch code {
+	case "TooManyRequestsException", "Throttling", "ThrottlingException", "RequestThrottled", "RequestLimitExceeded":
+	case "LimitExceededException":
+		if !quota && !strings.Contains(m, "rate exceeded") {
+			return time.Time{}
+		}
+	default:
+		return time.Time{}
+	}
+	if quota {
+		return now.Add(throttleMax)
+	}
+	return now.Add(throttleDefault)
 }
 
 var _ Upstream = (*sesUpstream)(nil)

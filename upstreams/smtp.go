@@ -32,6 +32,7 @@ type smtpUpstream struct {
 	timeout  time.Duration
 	helo     string
 	dialer   net.Dialer
+	now      func() time.Time
 
 	mu     sync.Mutex
 	idle   []*smtpConn
@@ -59,7 +60,7 @@ func newSMTP(c Config, d Deps) (*smtpUpstream, error) {
 	s := &smtpUpstream{
 		name: c.Name, addr: c.Address, mode: c.TLS, tls: tc,
 		username: c.Username, password: c.Password, auth: c.Auth, timeout: c.Timeout,
-		helo: helo, dialer: net.Dialer{Timeout: c.Timeout},
+		helo: helo, dialer: net.Dialer{Timeout: c.Timeout}, now: d.now(),
 	}
 	if c.Auth == AuthXOAuth2 || c.Auth == AuthOAuthBearer {
 		ts, err := newTokenSource(c.Name, c.OAuth2, c.Username, smtpOAuthScopes(c.OAuth2), d.httpClient(c.Timeout), d.now())
@@ -370,7 +371,11 @@ func (s *smtpUpstream) fail(ctx context.Context, ph smtpPhase, err error) *Error
 		if smtpCannotCarry(ph, se) {
 			class = Unsupported
 		}
-		return errorf(s.name, class, code, err, "%s: %s", ph, oneLine(se.Message))
+		e := errorf(s.name, class, code, err, "%s: %s", ph, oneLine(se.Message))
+		if d := smtpPause(se); d > 0 {
+			e.RetryAt = s.now().Add(d)
+		}
+		return e
 	}
 	if ctx.Err() != nil {
 		err = fmt.Errorf("%w (%v)", context.Cause(ctx), err)
@@ -455,6 +460,58 @@ func smtpCannotCarry(ph smtpPhase, se *smtp.SMTPError) bool {
 	}
 	return false
 }
+
+// smtpRatePause is the pause after an SMTP rate reply (Gmail's 421
+// 4.7.28, Microsoft's 451 4.7.500-699, "rate limit"); SMTP has no
+// Retry-After, so the length is ours. Sending within the minute would be
+// refused again and may count against the sender's reputation. Postfix
+// stays away from a destination that blamed itself for
+// minimal_backoff_time (300 s); relaycar can fail over, so it asks sooner.
+const smtpRatePause = time.Minute
+
+// smtpPause is how long a temporary reply asks relaycar to stay away from
+// this upstream, 0 for none. Only replies about rate or quota pause. Any
+// other 421 (shutting down, overloaded) is a sick server: like Postfix's
+// dead-destination list, that is the breaker's to count and open. A 4xx
+// about one mailbox (4.2.x, such as Gmail's 450 4.2.1 receiving-rate
+// reply), greylisting and other temporary failures are left to the retry
+// schedule and the breaker too.
+func smtpPause(se *smtp.SMTPError) time.Duration {
+	if se.Code < 400 || se.Code > 499 {
+		return 0
+	}
+	ec := se.EnhancedCode
+	m := strings.ToLower(se.Message)
+	mailbox := ec[0] == 4 && ec[1] == 2
+	greylist := strings.Contains(m, "greylist") || strings.Contains(m, "graylist")
+	rate := ec == smtp.EnhancedCode{4, 7, 28} || ec[0] == 4 && ec[1] == 7 && ec[2] >= 500 && ec[2] <= 699
+	for _, w := range smtpRateWords {
+		if strings.Contains(m, w) {
+			rate = true
+		}
+	}
+	quota := strings.Contains(m, "daily") && (strings.Contains(m, "quota") || strings.Contains(m, "limit"))
+	switch {
+	case quota && !mailbox:
+		// A daily sending quota ("454 Throttling failure: Daily message
+		// quota exceeded"): nothing gets through before it frees up.
+		return throttleMax
+	case strings.Contains(m, "maximum sending rate"):
+		// SES's SMTP interface: a per-second limit, as through its API.
+		return throttleDefault
+	case rate && !mailbox && !greylist:
+		return smtpRatePause
+	case se.Code == 421 && ec[0] == 4 && ec[1] == 7:
+		// A policy reason for closing ("421 4.7.0 Try again later").
+		return smtpRatePause
+	}
+	return 0
+}
+
+// smtpRateWords are phrases of rate-limit replies. "too many recipients"
+// (452 4.5.3, a per-transaction limit) is deliberately not among them.
+var smtpRateWords = []string{"rate limit", "ratelimit", "rate-limit", "rate exceeded", "sending rate",
+	"unusual rate", "throttl", "too many messages", "too many requests", "messages per", "server busy", "slow down"}
 
 var (
 	_ Upstream = (*smtpUpstream)(nil)

@@ -39,6 +39,7 @@ type smtp2goUpstream struct {
 	timeout time.Duration
 	log     *slog.Logger
 	mem     Memory
+	now     func() time.Time
 }
 
 func newSMTP2GO(c Config, d Deps) (*smtp2goUpstream, error) {
@@ -51,7 +52,7 @@ func newSMTP2GO(c Config, d Deps) (*smtp2goUpstream, error) {
 	base = strings.TrimSuffix(strings.TrimRight(base, "/"), "/v3")
 	return &smtp2goUpstream{
 		name: c.Name, url: base + "/v3/email/mime", key: c.APIKey,
-		client: d.httpClient(timeout), timeout: timeout, log: d.logger(), mem: d.Memory,
+		client: d.httpClient(timeout), timeout: timeout, log: d.logger(), mem: d.Memory, now: d.now(),
 	}, nil
 }
 
@@ -164,8 +165,11 @@ func (s *smtp2goUpstream) Send(ctx context.Context, m *Message) (Receipt, error)
 		// The status is the answer; the body only lost its detail.
 		reason = apiUnreadable(rerr)
 	}
+	// SMTP2GO documents no rate-limit headers: a 429 without any pauses
+	// for retryAfter's default; one it may send is honoured.
 	return Receipt{}, &Error{Upstream: s.name, Class: class, Code: code,
-		Reason: truncate(apiRedact(fmt.Sprintf("HTTP %d: %s", status, oneLine(reason)), s.key), 300)}
+		Reason:  truncate(apiRedact(fmt.Sprintf("HTTP %d: %s", status, oneLine(reason)), s.key), 300),
+		RetryAt: httpRetryAt(status, resp.Header, s.now())}
 }
 
 // failed turns a 200 with data.failed > 0 into an error or a partial
