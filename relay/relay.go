@@ -59,6 +59,7 @@ type Relay struct {
 	ups      []upstreams.Upstream
 	metrics  *metrics
 	maxBytes int64
+	quotas   *quotaWatch
 
 	intake *intake
 	api    *adminAPI
@@ -131,6 +132,7 @@ func New(cfg *Config, d Deps) (*Relay, error) {
 	r.metrics = newMetrics(reg, r.gates, func() float64 { return float64(r.queue.len()) }, oldestAge,
 		func() float64 { return float64(r.spool.CountDead()) })
 	reg.MustRegister(r.budget.Collectors()...)
+	r.quotas = newQuotaWatch(cfg.Upstreams, r.ups, r.gates, newQuotaMetrics(reg), r.log)
 	in.accept, in.budget, in.maxBytes = r.accept, r.budget, r.maxBytes
 	in.refused, in.authFailures, in.connections = r.metrics.smtpRefused, r.metrics.authFailed, r.metrics.connections
 	r.intake = in
@@ -289,6 +291,7 @@ func (r *Relay) Run(ctx context.Context) error {
 
 	errc := make(chan error, 2)
 	r.api.serve(errc)
+	r.quotas.start(ctx)
 	d := r.startWorkers(ctx)
 	r.intake.serve(errc)
 	r.ready.Store(true)
