@@ -382,6 +382,7 @@ func redirectRefusal(rc upstreams.Receipt, upstream string) error {
 
 func (r *Relay) delivered(env *Envelope, rs *RouteState, upstream, id string, rcpts []string, took time.Duration, log *slog.Logger) {
 	env.Deliveries = append(env.Deliveries, Delivery{Route: rs.Route, Upstream: upstream, ProviderID: id, Rcpts: rcpts, At: r.now().UTC()})
+	r.quotas.sent(upstream, len(rcpts))
 	log.Info("message delivered", "upstream", upstream, "provider_id", id, "rcpt_count", len(rcpts),
 		"attempts", env.Attempts+1, "duration", took.Round(time.Millisecond).String())
 }

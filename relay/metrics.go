@@ -113,3 +113,22 @@ func breakerValue(s gobreaker.State) float64 {
 }
 
 func itoa(i int) string { return strconv.Itoa(i) }
+
+// quotaMetrics are the provider quotas of rate_limit.from_provider
+// upstreams; a series appears with the first successful read.
+type quotaMetrics struct {
+	maxSendRate, remaining24h, sandbox *prometheus.GaugeVec
+}
+
+func newQuotaMetrics(reg prometheus.Registerer) *quotaMetrics {
+	m := &quotaMetrics{
+		maxSendRate: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "relaycar_upstream_quota_max_send_rate",
+			Help: "The provider's maximum send rate (recipients per second), e.g. SES MaxSendRate."}, []string{"upstream"}),
+		remaining24h: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "relaycar_upstream_quota_remaining_24h",
+			Help: "Recipients left in the provider's 24-hour quota, counting our sends since the last read; -1 unlimited."}, []string{"upstream"}),
+		sandbox: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "relaycar_upstream_sandbox",
+			Help: "1 while the provider account is in the sandbox (SES: no production access), else 0."}, []string{"upstream"}),
+	}
+	reg.MustRegister(m.maxSendRate, m.remaining24h, m.sandbox)
+	return m
+}

@@ -62,6 +62,7 @@ type Relay struct {
 	injected map[string]upstreams.Upstream // Deps.Upstreams
 	metrics  *metrics
 	maxBytes int64
+	quotas   *quotaWatch
 
 	intake *intake
 	api    *adminAPI
@@ -126,6 +127,10 @@ func New(cfg *Config, d Deps) (*Relay, error) {
 	r.metrics = newMetrics(reg, func() []*policy.Gate { return r.engine.Load().order }, func() float64 { return float64(r.queue.len()) }, oldestAge,
 		func() float64 { return float64(r.spool.CountDead()) })
 	reg.MustRegister(r.budget.Collectors()...)
+	r.quotas = newQuotaWatch(cfg.Upstreams, func(name string) (upstreams.Upstream, *policy.Gate) {
+		e := r.engine.Load()
+		return e.ups[name], e.gates[name]
+	}, newQuotaMetrics(reg), r.log)
 	in.accept, in.budget, in.maxBytes = r.accept, r.budget, r.maxBytes
 	in.refused, in.authFailures, in.connections = r.metrics.smtpRefused, r.metrics.authFailed, r.metrics.connections
 	r.intake = in
@@ -286,6 +291,7 @@ func (r *Relay) Run(ctx context.Context) error {
 
 	errc := make(chan error, 2)
 	r.api.serve(errc)
+	r.quotas.start(ctx)
 	d := r.startWorkers(ctx)
 	r.intake.serve(errc)
 	r.ready.Store(true)

@@ -36,6 +36,9 @@ type RateLimit struct {
 	PerSecond float64       `yaml:"per_second"`
 	Burst     int           `yaml:"burst"`
 	MaxWait   time.Duration `yaml:"max_wait"`
+	// FromProvider caps PerSecond at the provider's own quota and skips
+	// the upstream once its 24-hour quota is used (SES only).
+	FromProvider bool `yaml:"from_provider"`
 }
 
 // CircuitBreaker opens after Failures consecutive failures for OpenFor.
@@ -262,6 +265,7 @@ func (c *Config) Validate(path string) []error {
 	if c.RateLimit.Burst < 0 {
 		bad("rate_limit.burst", "must not be negative")
 	}
+	validateFromProvider(c, bad)
 	if c.MaxMessageBytes < 0 {
 		bad("max_message_bytes", "must not be negative")
 	}

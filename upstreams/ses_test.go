@@ -134,6 +134,13 @@ func (l *lockedBuffer) String() string {
 // its base URL once /health-check answers. It is killed when the test ends.
 func startSESEmulator(t *testing.T) string {
 	t.Helper()
+	return startSESEmulatorEnv(t)
+}
+
+// startSESEmulatorEnv is startSESEmulator with extra environment, e.g.
+// AWS_SES_ACCOUNT (the GetAccount answer).
+func startSESEmulatorEnv(t *testing.T, env ...string) string {
+	t.Helper()
 	node, cli := sesEmulatorCLI(t)
 	var lastOut string
 	for attempt := 0; attempt < 3; attempt++ { // the port may be taken between probe and bind
@@ -141,6 +148,7 @@ func startSESEmulator(t *testing.T) string {
 		out := &lockedBuffer{}
 		cmd := exec.Command(node, cli, "--host", "127.0.0.1", "--port", strconv.Itoa(port))
 		cmd.Stdout, cmd.Stderr = out, out
+		cmd.Env = append(os.Environ(), env...)
 		if err := cmd.Start(); err != nil {
 			t.Fatalf("start SES emulator: %v", err)
 		}

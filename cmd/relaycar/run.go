@@ -37,7 +37,8 @@ const usage = `relaycar — SMTP sidecar with a durable spool and provider failo
 
 Usage:
   relaycar [serve] [--config relay.yaml]    run the relay (default)
-  relaycar check [--config F]               validate the config
+  relaycar check [--config F] [--live]      validate the config; --live also checks every
+                                            upstream without sending mail
   relaycar send [--to A] [--from A] [--server host:port]
                                             send a test message through a running relay
   relaycar queue ls|dead|retry ID|retry --all|drop ID [--config F]
@@ -236,7 +237,8 @@ func handleSignals(ctx context.Context, log *slog.Logger, reload func()) {
 }
 
 func cmdCheck(args []string, stdout, stderr io.Writer) int {
-	fs, cfgPath := newFlags("check", "check [--config relay.yaml]", stderr)
+	fs, cfgPath := newFlags("check", "check [--config relay.yaml] [--live]", stderr)
+	live := fs.Bool("live", false, "also check every upstream without sending mail (credentials, account, quota, sandbox)")
 	if done, code := parseFlags(fs, args, stdout); done {
 		return code
 	}
@@ -245,6 +247,9 @@ func cmdCheck(args []string, stdout, stderr io.Writer) int {
 		return exitUsage
 	}
 	fmt.Fprintf(stdout, "%s: ok (%d upstreams, %d routes)\n", *cfgPath, len(cfg.Upstreams), len(cfg.Routes))
+	if *live && !checkLive(context.Background(), cfg, stdout) {
+		return exitUsage
+	}
 	return exitOK
 }
 

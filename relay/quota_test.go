@@ -1,0 +1,202 @@
+package relay
+
+import (
+	"context"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/relaycar/relaycar/internal/fakes"
+	"github.com/relaycar/relaycar/policy"
+	"github.com/relaycar/relaycar/upstreams"
+)
+
+// quotaUp is an upstream whose provider answers quota reads from a script;
+// the last answer repeats.
+type quotaUp struct {
+	*recorder
+	mu      sync.Mutex
+	answers []quotaAnswer
+	reads   int
+}
+
+type quotaAnswer struct {
+	q   upstreams.Quota
+	err error
+}
+
+func (u *quotaUp) Quota(context.Context) (upstreams.Quota, error) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	a := u.answers[min(u.reads, len(u.answers)-1)]
+	u.reads++
+	return a.q, a.err
+}
+
+func (u *quotaUp) readCount() int {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.reads
+}
+
+// quotaFixture is a quota watch over one from_provider upstream with a
+// ticker the test fires.
+type quotaFixture struct {
+	w    *quotaWatch
+	up   *quotaUp
+	gate *policy.Gate
+	m    *quotaMetrics
+	tick chan time.Time
+	logs *fakes.Logs
+}
+
+func newQuotaFixture(t *testing.T, perSecond float64, answers ...quotaAnswer) *quotaFixture {
+	t.Helper()
+	up := &quotaUp{recorder: &recorder{name: "ses"}, answers: answers}
+	c := upstreams.Config{Name: "ses", Type: "ses", Region: "us-east-1",
+		RateLimit: upstreams.RateLimit{PerSecond: perSecond, Burst: 1, MaxWait: 200 * time.Millisecond, FromProvider: true}}
+	c.ApplyDefaults()
+	gate := policy.NewGate(up, c, policy.GateHooks{})
+	log, logs := fakes.NewLogger()
+	m := newQuotaMetrics(prometheus.NewRegistry())
+	w := newQuotaWatch([]upstreams.Config{c}, func(string) (upstreams.Upstream, *policy.Gate) { return up, gate }, m, log)
+	f := &quotaFixture{w: w, up: up, gate: gate, m: m, tick: make(chan time.Time), logs: logs}
+	w.newTicker = func(d time.Duration) (<-chan time.Time, func()) {
+		if d != 5*time.Minute {
+			t.Errorf("quota re-read every %s, want 5m", d)
+		}
+		return f.tick, func() {}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	w.start(ctx)
+	return f
+}
+
+func (f *quotaFixture) admit() policy.Skip {
+	return f.gate.Admit(context.Background(), policy.Ask{Size: 10, Rcpts: 1})
+}
+
+func (f *quotaFixture) gauge(g *prometheus.GaugeVec) float64 {
+	var m dto.Metric
+	if err := g.WithLabelValues("ses").Write(&m); err != nil {
+		panic(err)
+	}
+	return m.GetGauge().GetValue()
+}
+
+// fire ticks and waits until done says the read was applied.
+func (f *quotaFixture) fire(t *testing.T, what string, done func() bool) {
+	t.Helper()
+	f.tick <- time.Now()
+	waitFor(t, what, done)
+}
+
+// SES lowered the account's rate below per_second: the gate follows it.
+func TestQuota_MaxSendRateCapsTheGate(t *testing.T) {
+	t.Parallel()
+	f := newQuotaFixture(t, 1000, quotaAnswer{q: upstreams.Quota{MaxSendRate: 0.5, Max24HourSend: -1, SendingEnabled: true}})
+	if s := f.admit(); s != policy.NotSkipped {
+		t.Fatalf("first message: %v", s)
+	}
+	// At 1000/s the next token comes in 1 ms; at SES's 0.5/s in 2 s,
+	// beyond max_wait.
+	if s := f.admit(); s != policy.SkipRateLimited {
+		t.Errorf("second message at once: %v, want rate_limited (rate capped at 0.5/s)", s)
+	}
+	if v := f.gauge(f.m.maxSendRate); v != 0.5 {
+		t.Errorf("max_send_rate gauge = %v, want 0.5", v)
+	}
+	if v := f.gauge(f.m.remaining24h); v != -1 {
+		t.Errorf("remaining_24h gauge = %v, want -1 (unlimited)", v)
+	}
+}
+
+// The provider's rate above per_second leaves per_second in charge.
+func TestQuota_PerSecondBelowProviderRateStays(t *testing.T) {
+	t.Parallel()
+	f := newQuotaFixture(t, 1000, quotaAnswer{q: upstreams.Quota{MaxSendRate: 5000, Max24HourSend: -1, SendingEnabled: true}})
+	for i := range 3 {
+		if s := f.admit(); s != policy.NotSkipped {
+			t.Fatalf("message %d: %v", i, s)
+		}
+	}
+}
+
+// The 24-hour quota runs out through our own sends between two reads,
+// a failed read keeps it, and the next good read frees the upstream.
+func TestQuota_ExhaustedByLocalSendsThenFreed(t *testing.T) {
+	t.Parallel()
+	f := newQuotaFixture(t, 1000,
+		quotaAnswer{q: upstreams.Quota{MaxSendRate: 1000, Max24HourSend: 10, SentLast24Hours: 8, SendingEnabled: true}},
+		quotaAnswer{err: &upstreams.Error{Upstream: "ses", Class: upstreams.Transient, Reason: "timeout"}},
+		quotaAnswer{q: upstreams.Quota{MaxSendRate: 1000, Max24HourSend: 10, SentLast24Hours: 3, SendingEnabled: true}},
+	)
+	if v := f.gauge(f.m.remaining24h); v != 2 {
+		t.Errorf("remaining_24h = %v, want 2", v)
+	}
+	f.w.sent("ses", 1)
+	if s := f.admit(); s != policy.NotSkipped {
+		t.Fatalf("one left: %v", s)
+	}
+	f.w.sent("ses", 1)
+	if s := f.admit(); s != policy.SkipQuotaExhausted {
+		t.Errorf("after using the quota: %v, want quota_exhausted", s)
+	}
+	if v := f.gauge(f.m.remaining24h); v != 0 {
+		t.Errorf("remaining_24h = %v, want 0", v)
+	}
+	f.w.sent("other-upstream", 5) // not from_provider: ignored
+	// GetAccount fails: the last known state stays.
+	f.fire(t, "failed read logged", func() bool { return strings.Contains(f.logs.String(), "reading the provider quota failed") })
+	if s := f.admit(); s != policy.SkipQuotaExhausted {
+		t.Errorf("after a failed read: %v, want still quota_exhausted", s)
+	}
+	// The window moved: 3 of 10.
+	f.fire(t, "quota freed", func() bool { return f.gauge(f.m.remaining24h) == 7 })
+	if s := f.admit(); s != policy.NotSkipped {
+		t.Errorf("after the quota freed: %v", s)
+	}
+	if v := f.gauge(f.m.remaining24h); v != 7 {
+		t.Errorf("remaining_24h = %v, want 7", v)
+	}
+	for _, want := range []string{"provider 24-hour quota used up", "provider 24-hour quota available again"} {
+		if !strings.Contains(f.logs.String(), want) {
+			t.Errorf("log lacks %q:\n%s", want, f.logs)
+		}
+	}
+}
+
+func TestQuota_SandboxWarnsAndExports(t *testing.T) {
+	t.Parallel()
+	f := newQuotaFixture(t, 14, quotaAnswer{q: upstreams.Quota{MaxSendRate: 1, Max24HourSend: 200, Sandbox: true, SendingEnabled: true}})
+	if v := f.gauge(f.m.sandbox); v != 1 {
+		t.Errorf("sandbox gauge = %v, want 1", v)
+	}
+	if !strings.Contains(f.logs.String(), "level=WARN msg=\"provider account is in the sandbox") {
+		t.Errorf("no sandbox warning:\n%s", f.logs)
+	}
+	f.fire(t, "second read", func() bool { return f.up.readCount() == 2 })
+	f.tick <- time.Now() // taken only once the second read was applied
+	if n := strings.Count(f.logs.String(), "is in the sandbox"); n != 1 {
+		t.Errorf("sandbox warned %d times, want once (at start)", n)
+	}
+}
+
+// An upstream that cannot report a quota (an embedder's) is left alone
+// with a warning instead of failing the start.
+func TestQuota_UpstreamWithoutQuotaReader(t *testing.T) {
+	t.Parallel()
+	c := upstreams.Config{Name: "x", Type: "ses", RateLimit: upstreams.RateLimit{PerSecond: 1, FromProvider: true}}
+	log, logs := fakes.NewLogger()
+	w := newQuotaWatch([]upstreams.Config{c}, func(string) (upstreams.Upstream, *policy.Gate) { return &recorder{name: "x"}, nil },
+		newQuotaMetrics(prometheus.NewRegistry()), log)
+	w.start(context.Background())
+	if len(w.ups) != 0 || !strings.Contains(logs.String(), "from_provider ignored") {
+		t.Errorf("ups = %d, log:\n%s", len(w.ups), logs)
+	}
+}
