@@ -59,6 +59,8 @@ type Relay struct {
 	ups      []upstreams.Upstream
 	metrics  *metrics
 	maxBytes int64
+	// shared is nil unless an upstream has rate_limit.shared.
+	shared *sharedState
 
 	intake *intake
 	api    *adminAPI
@@ -67,7 +69,7 @@ type Relay struct {
 
 // New validates nothing (call Config.Validate first) but builds every part,
 // so a bad certificate or an unusable spool fails before anything listens.
-func New(cfg *Config, d Deps) (*Relay, error) {
+func New(cfg *Config, d Deps) (_ *Relay, err error) {
 	r := &Relay{cfg: cfg, log: d.Logger, now: d.Now, rand: d.Rand}
 	if r.log == nil {
 		r.log = slog.New(slog.DiscardHandler)
@@ -94,6 +96,12 @@ func New(cfg *Config, d Deps) (*Relay, error) {
 	budget, why := memlimit.Resolve(cfg.Spool.MemoryBudget)
 	r.budget = membudget.New(budget)
 	r.log.Info("memory budget", "bytes", budget, "from", why)
+	r.newShared()
+	defer func() {
+		if err != nil {
+			r.closeShared()
+		}
+	}()
 	udeps := upstreams.Deps{Logger: r.log, Hostname: cfg.Listen.Hostname, Now: r.now, SyncFor: sp.SyncFor, Memory: r.budget}
 	r.gates = map[string]*policy.Gate{}
 	var ordered []*policy.Gate
@@ -106,7 +114,7 @@ func New(cfg *Config, d Deps) (*Relay, error) {
 			}
 		}
 		r.ups = append(r.ups, u)
-		g := policy.NewGate(u, uc, policy.GateHooks{OnStateChange: r.breakerChanged})
+		g := policy.NewGate(u, uc, r.gateHooks(uc))
 		r.gates[uc.Name] = g
 		ordered = append(ordered, g)
 	}
@@ -131,6 +139,9 @@ func New(cfg *Config, d Deps) (*Relay, error) {
 	r.metrics = newMetrics(reg, r.gates, func() float64 { return float64(r.queue.len()) }, oldestAge,
 		func() float64 { return float64(r.spool.CountDead()) })
 	reg.MustRegister(r.budget.Collectors()...)
+	if r.shared != nil {
+		registerSharedUp(reg, r.shared.redis.Up)
+	}
 	in.accept, in.budget, in.maxBytes = r.accept, r.budget, r.maxBytes
 	in.refused, in.authFailures, in.connections = r.metrics.smtpRefused, r.metrics.authFailed, r.metrics.connections
 	r.intake = in
@@ -306,6 +317,7 @@ func (r *Relay) Run(ctx context.Context) error {
 	r.intake.stop(graceCtx)
 	d.drain(graceCtx)
 	r.closeUpstreams()
+	r.closeShared()
 	r.api.stop()
 	r.log.Info("stopped", "left_in_spool", r.queue.len())
 	return runErr
