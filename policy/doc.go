@@ -9,5 +9,8 @@
 // that every outcome is counted. Provider faults open the breaker at once,
 // rejected messages never count against it, and a sender rejection opens only
 // the (upstream, sender domain) breaker. Everything here is in memory and
-// safe for concurrent use; nothing is persisted.
+// safe for concurrent use; nothing is persisted, except that a Shared
+// limit and its throttle pauses live in Redis so that replicas share one
+// provider quota. Redis is never on the critical path for long: while it
+// does not answer, each replica limits itself to its share, locally.
 package policy

@@ -30,6 +30,20 @@ type Config struct {
 	Shutdown      ShutdownConfig       `yaml:"shutdown"`
 	Upstreams     []upstreams.Config   `yaml:"upstreams"`
 	Routes        []policy.RouteConfig `yaml:"routes"`
+	Redis         RedisConfig          `yaml:"redis"`
+}
+
+// RedisConfig is the shared state of several replicas (shared rate limits
+// and throttle pauses).
+type RedisConfig struct {
+	Address      string           `yaml:"address"`
+	Password     upstreams.Secret `yaml:"password"`
+	PasswordFile string           `yaml:"password_file"`
+	TLS          bool             `yaml:"tls"`
+	KeyPrefix    string           `yaml:"key_prefix"`
+	// Replicas divides per_second while Redis is unreachable, so the
+	// fleet stays near the account's rate without it.
+	Replicas int `yaml:"replicas"`
 }
 
 // ShutdownConfig is what SIGTERM does: deliver for Grace, then hand what
@@ -144,6 +158,7 @@ func Default() Config {
 			MemoryBudget: "auto",
 		},
 		ShutdownGrace: 20 * time.Second,
+		Redis:         RedisConfig{KeyPrefix: "relaycar", Replicas: 1},
 	}
 }
 
@@ -183,6 +198,7 @@ func Parse(b []byte) (*Config, error) {
 		cfg.Upstreams[i].ApplyDefaults()
 		errs = append(errs, cfg.Upstreams[i].ResolveSecrets(fmt.Sprintf("upstreams[%d]", i))...)
 	}
+	errs = append(errs, cfg.Redis.resolveSecrets()...)
 	for i := range cfg.Routes {
 		if cfg.Routes[i].Strategy == "" {
 			cfg.Routes[i].Strategy = policy.Failover
@@ -376,6 +392,7 @@ func (c *Config) Validate() error {
 			bad("shutdown.drain_to", "%q is this relay's own listen.address: draining to yourself would loop", d)
 		}
 	}
+	errs = append(errs, c.Redis.validate()...)
 	known := map[string]bool{}
 	if len(c.Upstreams) == 0 {
 		bad("upstreams", "at least one upstream is required")
@@ -384,6 +401,9 @@ func (c *Config) Validate() error {
 		u := &c.Upstreams[i]
 		path := fmt.Sprintf("upstreams[%d]", i)
 		errs = append(errs, u.Validate(path)...)
+		if u.RateLimit.Shared && c.Redis.Address == "" {
+			bad(path+".rate_limit.shared", "needs redis.address")
+		}
 		if u.Name != "" && known[u.Name] {
 			bad(path+".name", "%q is used twice", u.Name)
 		}
@@ -403,6 +423,42 @@ func (c *Config) Validate() error {
 		routes[r.Name] = true
 	}
 	return errors.Join(errs...)
+}
+
+// resolveSecrets reads password_file into password.
+func (r *RedisConfig) resolveSecrets() []error {
+	if r.PasswordFile == "" {
+		return nil
+	}
+	if r.Password != "" {
+		return []error{yamlconf.FieldError{Path: "redis.password", Msg: "set only one of password and password_file"}}
+	}
+	b, err := os.ReadFile(r.PasswordFile)
+	if err != nil {
+		// The OS error names the file, never its contents.
+		return []error{yamlconf.FieldError{Path: "redis.password_file", Msg: err.Error()}}
+	}
+	r.Password = upstreams.Secret(strings.TrimRight(string(b), "\r\n"))
+	return nil
+}
+
+func (r *RedisConfig) validate() []error {
+	var errs []error
+	bad := func(path, format string, args ...any) {
+		errs = append(errs, yamlconf.FieldError{Path: path, Msg: fmt.Sprintf(format, args...)})
+	}
+	if r.Address != "" {
+		if host, port, err := net.SplitHostPort(r.Address); err != nil || host == "" || port == "" {
+			bad("redis.address", "%q: want host:port", r.Address)
+		}
+	}
+	if r.KeyPrefix == "" || strings.ContainsAny(r.KeyPrefix, " \t\r\n") {
+		bad("redis.key_prefix", "%q: must be non-empty without spaces", r.KeyPrefix)
+	}
+	if r.Replicas < 1 {
+		bad("redis.replicas", "must be at least 1")
+	}
+	return errs
 }
 
 func splitJoined(err error) []error {

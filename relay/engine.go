@@ -84,12 +84,6 @@ func (r *Relay) buildEngine(cfg *Config, old *engine) (*engine, error) {
 	return e, nil
 }
 
-// gateHooks are the hooks of the gate for uc. The gate ends a pause by
-// the clock the adapters stamp RetryAt with.
-func (r *Relay) gateHooks(uc upstreams.Config) policy.GateHooks {
-	return policy.GateHooks{OnStateChange: r.breakerChanged, Now: r.now}
-}
-
 func (e *engine) upstreamConfig(name string) (upstreams.Config, bool) {
 	for _, uc := range e.cfg.Upstreams {
 		if uc.Name == name {
@@ -185,6 +179,7 @@ func restartOnly(old, next *Config) []string {
 	check("spool.dir", old.Spool.Dir, next.Spool.Dir)
 	check("spool.workers", old.Spool.Workers, next.Spool.Workers)
 	check("spool.memory_budget", old.Spool.MemoryBudget, next.Spool.MemoryBudget)
+	check("redis", old.Redis, next.Redis)
 	// The listener's reloadable parts (certificate, users, allowed
 	// senders) are compared by intake.reload; the rest needs a restart.
 	ol, nl := old.Listen, next.Listen

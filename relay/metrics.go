@@ -102,6 +102,18 @@ func (c *breakerCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
+// registerSharedUp exports whether Redis answers for the shared limits.
+func registerSharedUp(reg prometheus.Registerer, up func() bool) {
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "relaycar_rate_limit_shared_up",
+		Help: "1 while Redis answers for the shared rate limits, 0 while each replica uses its local fallback."},
+		func() float64 {
+			if up() {
+				return 1
+			}
+			return 0
+		}))
+}
+
 func breakerValue(s gobreaker.State) float64 {
 	switch s {
 	case gobreaker.StateHalfOpen:

@@ -63,6 +63,8 @@ type Relay struct {
 	metrics  *metrics
 	maxBytes int64
 	quotas   *quotaWatch
+	// shared is nil unless an upstream has rate_limit.shared.
+	shared *sharedState
 
 	intake *intake
 	api    *adminAPI
@@ -71,7 +73,7 @@ type Relay struct {
 
 // New validates nothing (call Config.Validate first) but builds every part,
 // so a bad certificate or an unusable spool fails before anything listens.
-func New(cfg *Config, d Deps) (*Relay, error) {
+func New(cfg *Config, d Deps) (_ *Relay, err error) {
 	r := &Relay{cfg: cfg, log: d.Logger, now: d.Now, rand: d.Rand}
 	if r.log == nil {
 		r.log = slog.New(slog.DiscardHandler)
@@ -98,6 +100,12 @@ func New(cfg *Config, d Deps) (*Relay, error) {
 	budget, why := memlimit.Resolve(cfg.Spool.MemoryBudget)
 	r.budget = membudget.New(budget)
 	r.log.Info("memory budget", "bytes", budget, "from", why)
+	r.newShared()
+	defer func() {
+		if err != nil {
+			r.closeShared()
+		}
+	}()
 	r.udeps = upstreams.Deps{Logger: r.log, Hostname: cfg.Listen.Hostname, Now: r.now, SyncFor: sp.SyncFor, Memory: r.budget}
 	r.injected = d.Upstreams
 	e, err := r.buildEngine(cfg, nil)
@@ -131,6 +139,9 @@ func New(cfg *Config, d Deps) (*Relay, error) {
 		e := r.engine.Load()
 		return e.ups[name], e.gates[name]
 	}, newQuotaMetrics(reg), r.log)
+	if r.shared != nil {
+		registerSharedUp(reg, r.shared.redis.Up)
+	}
 	in.accept, in.budget, in.maxBytes = r.accept, r.budget, r.maxBytes
 	in.refused, in.authFailures, in.connections = r.metrics.smtpRefused, r.metrics.authFailed, r.metrics.connections
 	r.intake = in
@@ -316,6 +327,7 @@ func (r *Relay) Run(ctx context.Context) error {
 		left = r.drainToPeer(ctx, drainTo, grace)
 	}
 	r.closeUpstreams()
+	r.closeShared()
 	r.api.stop()
 	r.log.Info("stopped", "left_in_spool", left)
 	return runErr

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Installs what `make test` needs beyond Go: Node.js/npm (from Debian when
-# missing), the SES v2 emulator (npm) and helm (Go module proxy), both into
-# .cache/. Idempotent.
+# Installs what `make test` needs beyond Go: Node.js/npm and redis-server
+# (from Debian when missing), the SES v2 emulator (npm) and helm (Go module
+# proxy), both into .cache/. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +11,17 @@ if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
 		apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null
 	else
 		echo "test-deps: Node.js and npm are required (e.g. apt-get install nodejs npm)" >&2
+		exit 1
+	fi
+fi
+# redis-server for the shared rate limit tests; they start and stop their
+# own (the package does not start one here: no init system).
+if ! command -v redis-server >/dev/null; then
+	if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+		echo "test-deps: installing redis-server from Debian"
+		apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
+	else
+		echo "test-deps: redis-server is required (e.g. apt-get install redis-server)" >&2
 		exit 1
 	fi
 fi

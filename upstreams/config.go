@@ -36,10 +36,18 @@ type RateLimit struct {
 	PerSecond float64       `yaml:"per_second"`
 	Burst     int           `yaml:"burst"`
 	MaxWait   time.Duration `yaml:"max_wait"`
+	// Shared makes the limit one bucket in Redis for every replica: a
+	// provider's quota belongs to the account, not to the pod.
+	Shared bool `yaml:"shared"`
 	// FromProvider caps PerSecond at the provider's own quota and skips
 	// the upstream once its 24-hour quota is used (SES only).
 	FromProvider bool `yaml:"from_provider"`
 }
+
+// SESMaxRecipientsPerCall is how many recipients one SES SendEmail may
+// carry; a shared limit's burst must cover it, since redis_rate never
+// admits a cost above the burst.
+const SESMaxRecipientsPerCall = 50
 
 // CircuitBreaker opens after Failures consecutive failures for OpenFor.
 type CircuitBreaker struct {
@@ -266,6 +274,14 @@ func (c *Config) Validate(path string) []error {
 		bad("rate_limit.burst", "must not be negative")
 	}
 	validateFromProvider(c, bad)
+	if c.RateLimit.Shared {
+		if c.RateLimit.PerSecond <= 0 {
+			bad("rate_limit.per_second", "must be positive with shared: true")
+		} else if c.Type == "ses" && c.RateLimit.Burst < SESMaxRecipientsPerCall {
+			bad("rate_limit.burst", "%d is below %d with shared: true: SES sends up to %d recipients per call and a shared limit never admits more than its burst at once",
+				c.RateLimit.Burst, SESMaxRecipientsPerCall, SESMaxRecipientsPerCall)
+		}
+	}
 	if c.MaxMessageBytes < 0 {
 		bad("max_message_bytes", "must not be negative")
 	}

@@ -450,7 +450,7 @@ func TestRender(t *testing.T) {
 					t.Fatalf("dashboard JSON: %v, %d panels", err, len(d.Panels))
 				}
 				rules := fmt.Sprint(o.monitoring)
-				for _, alert := range []string{"RelaycarUpstreamBreakerOpen", "RelaycarSpoolGrowing", "RelaycarSpoolOldMessages", "RelaycarDeadLetters", "RelaycarRateLimitSaturated"} {
+				for _, alert := range []string{"RelaycarUpstreamBreakerOpen", "RelaycarSpoolGrowing", "RelaycarSpoolOldMessages", "RelaycarDeadLetters", "RelaycarRateLimitSaturated", "RelaycarSharedRateLimitDown"} {
 					if !strings.Contains(rules, alert) {
 						t.Errorf("PrometheusRule lacks %s", alert)
 					}
@@ -513,5 +513,67 @@ func TestDefaults(t *testing.T) {
 	checkPod(t, o.deployments[0].Spec.Template.Spec, cfg, false)
 	if *o.deployments[0].Spec.Replicas != 2 || o.pdbs[0].Spec.MaxUnavailable.IntValue() != 1 {
 		t.Error("defaults drifted")
+	}
+}
+
+// Shared rate limits: the chart writes config.redis from the redis values,
+// mounts the password from an existing Secret as the password_file, and
+// the rendered relay.yaml passes `relaycar check`.
+func TestRender_SharedRateLimitRedis(t *testing.T) {
+	values := filepath.Join(t.TempDir(), "values.yaml")
+	os.WriteFile(values, []byte(`
+redis:
+  address: redis-master.redis.svc:6379
+  passwordSecret: {name: redis-auth, key: redis-password}
+config:
+  upstreams:
+    - name: smarthost
+      type: smtp
+      address: smtp.example.com:587
+      rate_limit: {per_second: 10, burst: 10, shared: true}
+  routes:
+    - {name: default, upstreams: [smarthost]}
+`), 0o600)
+	o := decode(t, render(t, chartDir(), "-f", values, "--set", "replicaCount=3"))
+	cfg := relayConfig(t, o)
+	var c struct {
+		Redis map[string]any `json:"redis"`
+	}
+	if err := yaml.Unmarshal([]byte(cfg), &c); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]any{"address": "redis-master.redis.svc:6379", "password_file": "/etc/relaycar/redis/password",
+		"tls": false, "key_prefix": "relaycar", "replicas": float64(3)}
+	if fmt.Sprint(c.Redis) != fmt.Sprint(want) {
+		t.Errorf("redis = %v, want %v", c.Redis, want)
+	}
+	checkConfig(t, cfg, "/etc/relaycar/redis")
+	spec := o.deployments[0].Spec.Template.Spec
+	checkPod(t, spec, cfg, false)
+	var vol *corev1.Volume
+	for i := range spec.Volumes {
+		if spec.Volumes[i].Name == "relaycar-redis" {
+			vol = &spec.Volumes[i]
+		}
+	}
+	if vol == nil || vol.Secret == nil || vol.Secret.SecretName != "redis-auth" || len(vol.Secret.Items) != 1 ||
+		vol.Secret.Items[0].Key != "redis-password" || vol.Secret.Items[0].Path != "password" {
+		t.Fatalf("redis password volume = %+v", vol)
+	}
+	mounted := false
+	for _, m := range spec.Containers[0].VolumeMounts {
+		mounted = mounted || (m.Name == "relaycar-redis" && m.MountPath == "/etc/relaycar/redis" && m.ReadOnly)
+	}
+	if !mounted {
+		t.Errorf("redis password not mounted read-only at /etc/relaycar/redis: %+v", spec.Containers[0].VolumeMounts)
+	}
+	// A literal password would land in the ConfigMap.
+	if _, err := helm("template", "rc", chartDir(), "--set", "config.redis.password=hunter2"); err == nil || !strings.Contains(err.Error(), "config.redis.password: do not put credentials in values") {
+		t.Errorf("literal config.redis.password: %v", err)
+	}
+	// Without redis.address the chart adds no redis block and no volume.
+	o = decode(t, render(t, chartDir()))
+	if strings.Contains(relayConfig(t, o), "redis") {
+		t.Errorf("redis block without redis.address:\n%s", relayConfig(t, o))
 	}
 }

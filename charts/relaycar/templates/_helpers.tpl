@@ -61,6 +61,27 @@ relay.yaml: .Values.config plus the keys the chart owns.
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- with get $cfg "redis" -}}
+{{- $v := get . "password" | toString -}}
+{{- if and $v (ne $v "<nil>") (not (hasPrefix "${" $v)) -}}
+{{- fail "config.redis.password: do not put credentials in values (they would land in a ConfigMap); use redis.passwordSecret" -}}
+{{- end -}}
+{{- end -}}
+{{- with .Values.redis.address -}}
+{{- $r := get $cfg "redis" | default dict -}}
+{{- $_ := set $r "address" . -}}
+{{- $_ := set $r "tls" $.Values.redis.tls -}}
+{{- $_ := set $r "key_prefix" $.Values.redis.keyPrefix -}}
+{{- $replicas := int $.Values.redis.replicas -}}
+{{- if lt $replicas 1 -}}
+{{- $replicas = ternary (int $.Values.replicaCount) 1 (eq $.Values.mode "standalone") -}}
+{{- end -}}
+{{- $_ := set $r "replicas" (max $replicas 1) -}}
+{{- if $.Values.redis.passwordSecret.name -}}
+{{- $_ := set $r "password_file" "/etc/relaycar/redis/password" -}}
+{{- end -}}
+{{- $_ := set $cfg "redis" $r -}}
+{{- end -}}
 {{- $listen := get $cfg "listen" | default dict -}}
 {{- if eq .Values.mode "sidecar" -}}
 {{- /* Only the app in the same pod connects, over loopback. */ -}}
@@ -144,6 +165,11 @@ volumeMounts:
     mountPath: {{ .Values.secrets.mountPath }}
     readOnly: true
   {{- end }}
+  {{- if and .Values.redis.address .Values.redis.passwordSecret.name }}
+  - name: relaycar-redis
+    mountPath: /etc/relaycar/redis
+    readOnly: true
+  {{- end }}
 livenessProbe:
   httpGet: {path: /healthz, port: admin}
   periodSeconds: 10
@@ -183,6 +209,15 @@ restartPolicy: Always
       - key: {{ .key }}
         path: {{ .path }}
       {{- end }}
+{{- end }}
+{{- if and .Values.redis.address .Values.redis.passwordSecret.name }}
+- name: relaycar-redis
+  secret:
+    secretName: {{ .Values.redis.passwordSecret.name }}
+    defaultMode: 0440
+    items:
+      - key: {{ required "redis.passwordSecret.key is required with redis.passwordSecret.name" .Values.redis.passwordSecret.key }}
+        path: password
 {{- end }}
 {{- if not (and (eq .Values.mode "standalone") .Values.persistence.enabled) }}
 - name: relaycar-spool
