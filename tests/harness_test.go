@@ -109,6 +109,8 @@ type harness struct {
 	// wrap, when set, is applied to every exec.Cmd before Start (a
 	// memCgroup's wrap puts the process in a cgroup); see withWrap.
 	wrap func(*exec.Cmd)
+	// args are extra flags for serve (withArgs).
+	args []string
 
 	mu    sync.Mutex
 	lines []string
@@ -133,6 +135,9 @@ type harnessOption func(*harness)
 // withWrap passes every start of the binary through wrap before Start,
 // e.g. memCgroup.wrap to run it inside a memory cgroup.
 func withWrap(wrap func(*exec.Cmd)) harnessOption { return func(h *harness) { h.wrap = wrap } }
+
+// withArgs adds flags to every `relaycar serve` of the harness.
+func withArgs(args ...string) harnessOption { return func(h *harness) { h.args = args } }
 
 // newHarness starts relaycar with cfgYAML, a relay.yaml fragment (usually
 // upstreams and routes, plus whatever listen/spool keys a test needs). The
@@ -226,7 +231,7 @@ func newHarnessRaw(t *testing.T, text, smtpAddr, adminAddr, spoolDir string, gra
 // start runs the binary and waits until GET /readyz answers 200.
 func (h *harness) start() error {
 	h.t.Helper()
-	cmd := exec.Command(relaycarBin, "serve", "--config", h.cfgPath)
+	cmd := exec.Command(relaycarBin, append([]string{"serve", "--config", h.cfgPath}, h.args...)...)
 	cmd.Dir = h.dir
 	cmd.Env = childEnv()
 	// Never outlive the test binary, whatever happens to it.

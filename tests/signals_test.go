@@ -6,8 +6,9 @@ import (
 	"time"
 )
 
-// SIGHUP (what systemd's ExecReload and many operators send) must not end
-// the relay: Go's default for it is to exit without a drain or a log line.
+// SIGHUP (what systemd's ExecReload and many operators send) reloads and
+// must never end the relay: Go's default for it is to exit without a drain
+// or a log line. SIGUSR1/2 are logged and ignored.
 func TestSIGHUPDoesNotKill(t *testing.T) {
 	t.Parallel()
 	outbox := t.TempDir()
@@ -24,6 +25,7 @@ routes:
 		}
 	}
 	waitFor(t, 5*time.Second, "the ignored-signal log line", func() bool { return h.logContains("signal ignored") })
+	waitFor(t, 5*time.Second, "SIGHUP's reload", func() bool { return h.logContains("config reloaded") })
 	select {
 	case <-p.done:
 		t.Fatalf("relaycar exited after SIGHUP: %v", p.state)

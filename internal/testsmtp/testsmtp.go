@@ -147,6 +147,13 @@ func (s *Server) Restart() {
 	}
 }
 
+// SetUsers replaces the AUTH PLAIN users (a rotated password).
+func (s *Server) SetUsers(users map[string]string) {
+	s.mu.Lock()
+	s.opts.Users = users
+	s.mu.Unlock()
+}
+
 // SetScript replaces the replies.
 func (s *Server) SetScript(sc Script) {
 	s.mu.Lock()
@@ -208,6 +215,8 @@ type session struct {
 }
 
 func (ss *session) AuthMechanisms() []string {
+	ss.s.mu.Lock()
+	defer ss.s.mu.Unlock()
 	var mechs []string
 	if ss.s.opts.Users != nil || ss.s.opts.PlainReply != nil {
 		mechs = append(mechs, sasl.Plain)
@@ -235,7 +244,10 @@ func (ss *session) Auth(mech string) (sasl.Server, error) {
 		return sasl.NewPlainServer(func(_, _, _ string) error { return r }), nil
 	}
 	return sasl.NewPlainServer(func(_, user, pass string) error {
-		if p, ok := ss.s.opts.Users[user]; ok && p == pass {
+		ss.s.mu.Lock()
+		p, ok := ss.s.opts.Users[user]
+		ss.s.mu.Unlock()
+		if ok && p == pass {
 			ss.user = user
 			return nil
 		}
@@ -244,11 +256,11 @@ func (ss *session) Auth(mech string) (sasl.Server, error) {
 }
 
 func (ss *session) Mail(from string, _ *smtp.MailOptions) error {
+	ss.s.mu.Lock()
+	defer ss.s.mu.Unlock()
 	if (ss.s.opts.Users != nil || ss.s.opts.Bearer != nil) && ss.user == "" {
 		return smtp.ErrAuthRequired
 	}
-	ss.s.mu.Lock()
-	defer ss.s.mu.Unlock()
 	if f := ss.s.script.Mail; f != nil {
 		if err := f(from); err != nil {
 			return err
