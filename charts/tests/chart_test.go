@@ -304,12 +304,19 @@ func checkPod(t *testing.T, spec corev1.PodSpec, cfg string, native bool) {
 	for _, m := range c.VolumeMounts {
 		mounted[m.MountPath] = true
 	}
-	if !mounted["/var/spool/relaycar"] || !mounted["/etc/relaycar/relay.yaml"] {
-		t.Errorf("mounts = %v", mounted)
+	// relay.yaml is where --config says: a subPath file, or (reload.inPlace)
+	// in a directory mount the kubelet updates.
+	cfgPath := configArg(t, *c)
+	if !mounted["/var/spool/relaycar"] || !(mounted[cfgPath] || mounted[filepath.Dir(cfgPath)]) {
+		t.Errorf("mounts = %v, --config=%s", mounted, cfgPath)
 	}
 	var rc struct {
-		ShutdownGrace string `json:"shutdown_grace"`
-		Listen        struct {
+		ShutdownGrace *string `json:"shutdown_grace"`
+		Shutdown      struct {
+			Grace   string `json:"grace"`
+			DrainTo string `json:"drain_to"`
+		} `json:"shutdown"`
+		Listen struct {
 			Address string `json:"address"`
 		} `json:"listen"`
 		Spool struct {
@@ -317,12 +324,22 @@ func checkPod(t *testing.T, spec corev1.PodSpec, cfg string, native bool) {
 		} `json:"spool"`
 	}
 	yaml.Unmarshal([]byte(cfg), &rc)
-	grace, err := time.ParseDuration(rc.ShutdownGrace)
-	if err != nil {
-		t.Fatalf("shutdown_grace %q: %v", rc.ShutdownGrace, err)
+	if rc.ShutdownGrace != nil {
+		t.Errorf("relay.yaml has the old shutdown_grace key (%q); the chart renders shutdown.grace", *rc.ShutdownGrace)
 	}
-	if spec.TerminationGracePeriodSeconds == nil || time.Duration(*spec.TerminationGracePeriodSeconds)*time.Second <= grace {
-		t.Errorf("terminationGracePeriodSeconds = %v, want more than shutdown_grace %s", spec.TerminationGracePeriodSeconds, grace)
+	grace, err := time.ParseDuration(rc.Shutdown.Grace)
+	if err != nil {
+		t.Fatalf("shutdown.grace %q: %v", rc.Shutdown.Grace, err)
+	}
+	// With drain_to the drain to the peer takes at most another grace.
+	need := grace
+	if rc.Shutdown.DrainTo != "" {
+		need = 2 * grace
+	}
+	if spec.TerminationGracePeriodSeconds == nil {
+		t.Error("no terminationGracePeriodSeconds")
+	} else if tgps := *spec.TerminationGracePeriodSeconds; time.Duration(tgps)*time.Second <= need {
+		t.Errorf("terminationGracePeriodSeconds = %d, want more than %s (shutdown.grace %s, drain_to %q)", tgps, need, grace, rc.Shutdown.DrainTo)
 	}
 	if !strings.HasSuffix(rc.Listen.Address, fmt.Sprintf(":%d", smtpPort)) || !strings.HasPrefix(rc.Spool.Dir, "/var/spool/relaycar/") {
 		t.Errorf("relay.yaml listen %q / spool %q do not match the container (port %d)", rc.Listen.Address, rc.Spool.Dir, smtpPort)
@@ -348,6 +365,30 @@ func checkPod(t *testing.T, spec corev1.PodSpec, cfg string, native bool) {
 	if !volumes["relaycar-config"] {
 		t.Error("no relaycar-config volume")
 	}
+}
+
+// relaycarContainer is the relaycar container of a standalone pod.
+func relaycarContainer(t *testing.T, spec corev1.PodSpec) corev1.Container {
+	t.Helper()
+	for _, c := range spec.Containers {
+		if c.Name == "relaycar" {
+			return c
+		}
+	}
+	t.Fatal("no relaycar container")
+	return corev1.Container{}
+}
+
+// configArg is the container's --config path.
+func configArg(t *testing.T, c corev1.Container) string {
+	t.Helper()
+	for _, a := range c.Args {
+		if p, ok := strings.CutPrefix(a, "--config="); ok {
+			return p
+		}
+	}
+	t.Fatalf("no --config in args %v", c.Args)
+	return ""
 }
 
 func TestLint(t *testing.T) {
@@ -576,4 +617,273 @@ config:
 	if strings.Contains(relayConfig(t, o), "redis") {
 		t.Errorf("redis block without redis.address:\n%s", relayConfig(t, o))
 	}
+}
+
+// reload.inPlace: by default a relay.yaml change rolls the pods through the
+// checksum/config annotation and relay.yaml is a subPath file; with
+// inPlace the annotation is gone and the ConfigMap is a directory mount
+// (subPath mounts are never updated by the kubelet), which the relay polls
+// every reload.pollInterval.
+func TestReloadModes(t *testing.T) {
+	type pod struct {
+		annotations map[string]string
+		spec        corev1.PodSpec
+		cfg         string
+	}
+	standalone := func(t *testing.T, args ...string) []pod {
+		o := decode(t, render(t, chartDir(), args...))
+		cfg := relayConfig(t, o)
+		checkConfig(t, cfg, "")
+		var pods []pod
+		for _, d := range o.deployments {
+			pods = append(pods, pod{d.Spec.Template.Annotations, d.Spec.Template.Spec, cfg})
+		}
+		for _, s := range o.statefulsets {
+			pods = append(pods, pod{s.Spec.Template.Annotations, s.Spec.Template.Spec, cfg})
+		}
+		if len(pods) != 1 {
+			t.Fatalf("%d workloads", len(pods))
+		}
+		return pods
+	}
+	mount := func(c corev1.Container) corev1.VolumeMount {
+		for _, m := range c.VolumeMounts {
+			if m.Name == "relaycar-config" {
+				return m
+			}
+		}
+		t.Fatalf("no relaycar-config mount: %+v", c.VolumeMounts)
+		return corev1.VolumeMount{}
+	}
+	hasArg := func(c corev1.Container, want string) bool {
+		for _, a := range c.Args {
+			if a == want {
+				return true
+			}
+		}
+		return false
+	}
+
+	t.Run("default rolls on change", func(t *testing.T) {
+		for _, p := range append(standalone(t), standalone(t, "--set", "persistence.enabled=true")...) {
+			checkPod(t, p.spec, p.cfg, false)
+			if p.annotations["checksum/config"] == "" {
+				t.Error("no checksum/config annotation: config changes would not roll the pods")
+			}
+			c := relaycarContainer(t, p.spec)
+			m := mount(c)
+			if configArg(t, c) != "/etc/relaycar/relay.yaml" || m.MountPath != "/etc/relaycar/relay.yaml" || m.SubPath != "relay.yaml" || !m.ReadOnly {
+				t.Errorf("--config %s, mount %+v", configArg(t, c), m)
+			}
+			if !hasArg(c, "--reload-poll=5s") {
+				t.Errorf("args %v lack --reload-poll=5s", c.Args)
+			}
+		}
+		// The checksum follows relay.yaml.
+		a := standalone(t)[0].annotations["checksum/config"]
+		b := standalone(t, "--set", "config.spool.workers=4")[0].annotations["checksum/config"]
+		if a == b {
+			t.Error("checksum/config did not change with config")
+		}
+	})
+
+	t.Run("inPlace", func(t *testing.T) {
+		for _, p := range append(standalone(t, "--set", "reload.inPlace=true,reload.pollInterval=30s,podAnnotations.team=mail"),
+			standalone(t, "--set", "reload.inPlace=true,reload.pollInterval=30s,podAnnotations.team=mail,persistence.enabled=true")...) {
+			checkPod(t, p.spec, p.cfg, false)
+			if _, ok := p.annotations["checksum/config"]; ok || p.annotations["team"] != "mail" {
+				t.Errorf("annotations = %v, want podAnnotations only", p.annotations)
+			}
+			c := relaycarContainer(t, p.spec)
+			m := mount(c)
+			if configArg(t, c) != "/etc/relaycar/config/relay.yaml" || m.MountPath != "/etc/relaycar/config" || m.SubPath != "" || !m.ReadOnly {
+				t.Errorf("--config %s, mount %+v: want relay.yaml in a directory mount (no subPath)", configArg(t, c), m)
+			}
+			if !hasArg(c, "--reload-poll=30s") {
+				t.Errorf("args %v lack --reload-poll=30s", c.Args)
+			}
+		}
+		// Nothing else to annotate: no annotations at all.
+		if p := standalone(t, "--set", "reload.inPlace=true")[0]; len(p.annotations) != 0 {
+			t.Errorf("annotations = %v", p.annotations)
+		}
+	})
+
+	t.Run("sidecar in another chart", func(t *testing.T) {
+		app := filepath.Join(repoRoot, "examples/kubernetes/legacy-app")
+		o := decode(t, render(t, app))
+		if o.deployments[0].Spec.Template.Annotations["checksum/config"] == "" {
+			t.Error("the app chart's pods do not roll on a relay.yaml change by default")
+		}
+		o = decode(t, render(t, app, "--set", "relaycar.reload.inPlace=true"))
+		tpl := o.deployments[0].Spec.Template
+		if _, ok := tpl.Annotations["checksum/config"]; ok {
+			t.Errorf("annotations = %v with reload.inPlace", tpl.Annotations)
+		}
+		checkPod(t, tpl.Spec, relayConfig(t, o), true)
+		if m := mount(tpl.Spec.InitContainers[0]); m.MountPath != "/etc/relaycar/config" || m.SubPath != "" {
+			t.Errorf("sidecar config mount %+v", m)
+		}
+	})
+
+	t.Run("schema", func(t *testing.T) {
+		for _, v := range []string{"5x", "soon", "-1s", "3"} {
+			if _, err := helm("template", "rc", chartDir(), "--set", "reload.pollInterval="+v); err == nil || !strings.Contains(err.Error(), "/reload/pollInterval'") {
+				t.Errorf("reload.pollInterval=%s: %v", v, err)
+			}
+		}
+		for _, set := range []string{"--set", "--set-string"} {
+			out, err := helm("template", "rc", chartDir(), set, "reload.pollInterval=0")
+			if err != nil || !strings.Contains(out, "- --reload-poll=0\n") {
+				t.Errorf("reload.pollInterval=0 (SIGHUP only) with %s: %v", set, err)
+			}
+		}
+		if _, err := helm("template", "rc", chartDir(), "--set", "reload.inplace=true"); err == nil || !strings.Contains(err.Error(), "additional properties 'inplace' not allowed") {
+			t.Errorf("reload.inplace typo: %v", err)
+		}
+	})
+}
+
+// shutdown.drainToService: standalone pods drain what is left after the
+// grace to the release's own SMTP Service (a terminating pod has left its
+// endpoints, so that is a surviving replica), and get time for it.
+func TestDrainToService(t *testing.T) {
+	type result struct {
+		drainTo, grace string
+		oldKey         bool
+		tgps           int64
+		o              objects
+		cfg            string
+	}
+	get := func(t *testing.T, chart string, args ...string) result {
+		t.Helper()
+		o := decode(t, render(t, chart, args...))
+		cfg := relayConfig(t, o)
+		var c map[string]any
+		if err := yaml.Unmarshal([]byte(cfg), &c); err != nil {
+			t.Fatal(err)
+		}
+		r := result{o: o, cfg: cfg}
+		_, r.oldKey = c["shutdown_grace"]
+		if s, ok := c["shutdown"].(map[string]any); ok {
+			r.drainTo, _ = s["drain_to"].(string)
+			r.grace, _ = s["grace"].(string)
+		}
+		var spec corev1.PodSpec
+		switch {
+		case len(o.deployments) == 1:
+			spec = o.deployments[0].Spec.Template.Spec
+		case len(o.statefulsets) == 1:
+			spec = o.statefulsets[0].Spec.Template.Spec
+		default:
+			t.Fatal("no workload")
+		}
+		checkPod(t, spec, cfg, len(spec.InitContainers) > 0)
+		r.tgps = *spec.TerminationGracePeriodSeconds
+		return r
+	}
+	smtpService := func(t *testing.T, o objects) string {
+		for _, s := range o.services {
+			if len(s.Spec.Ports) == 1 && s.Spec.Ports[0].Name == "smtp" && s.Spec.ClusterIP != "None" {
+				return fmt.Sprintf("%s.mail.svc.cluster.local:%d", s.Name, s.Spec.Ports[0].Port)
+			}
+		}
+		t.Fatal("no SMTP Service")
+		return ""
+	}
+
+	t.Run("off by default", func(t *testing.T) {
+		r := get(t, chartDir())
+		if r.drainTo != "" || r.grace != "20s" || r.oldKey || r.tgps != 35 {
+			t.Errorf("drain_to %q, grace %q, shutdown_grace present %v, terminationGracePeriodSeconds %d; want none, 20s, false, 35", r.drainTo, r.grace, r.oldKey, r.tgps)
+		}
+	})
+	t.Run("deployment", func(t *testing.T) {
+		r := get(t, chartDir(), "--set", "shutdown.drainToService=true")
+		if want := smtpService(t, r.o); r.drainTo != want || r.drainTo != "rc-relaycar.mail.svc.cluster.local:25" {
+			t.Errorf("drain_to = %q, want the SMTP Service %q", r.drainTo, want)
+		}
+		if r.tgps != 2*20+15 {
+			t.Errorf("terminationGracePeriodSeconds = %d, want 2 x 20 + 15", r.tgps)
+		}
+		checkConfig(t, r.cfg, "")
+	})
+	t.Run("statefulset on 2525", func(t *testing.T) {
+		r := get(t, chartDir(), "-f", filepath.Join(chartDir(), "ci", "persistence-values.yaml"),
+			"--set", "shutdown.drainToService=true,clusterDomain=k8s.example", "--set", "service.port=2526")
+		if r.drainTo != "rc-relaycar.mail.svc.k8s.example:2526" || r.grace != "45s" || r.tgps != 2*45+15 {
+			t.Errorf("drain_to %q grace %q terminationGracePeriodSeconds %d", r.drainTo, r.grace, r.tgps)
+		}
+		checkConfig(t, r.cfg, "")
+	})
+	t.Run("the old shutdown_grace key is replaced", func(t *testing.T) {
+		r := get(t, chartDir(), "--set", "config.shutdown_grace=99s,shutdownGraceSeconds=7")
+		if r.oldKey || r.grace != "7s" || r.tgps != 22 {
+			t.Errorf("shutdown_grace present %v, grace %q, terminationGracePeriodSeconds %d", r.oldKey, r.grace, r.tgps)
+		}
+		checkConfig(t, r.cfg, "")
+	})
+	t.Run("network policy admits the peers", func(t *testing.T) {
+		args := []string{"-f", filepath.Join(chartDir(), "ci", "standalone-values.yaml")}
+		self := func(o objects) bool {
+			for _, f := range o.netpols[0].Spec.Ingress[0].From {
+				if f.NamespaceSelector == nil && f.PodSelector != nil && f.PodSelector.MatchLabels["app.kubernetes.io/instance"] == "rc" &&
+					f.PodSelector.MatchLabels["app.kubernetes.io/name"] == "relaycar" {
+					return true
+				}
+			}
+			return false
+		}
+		if self(get(t, chartDir(), args...).o) {
+			t.Error("the relay's own pods are admitted without drainToService")
+		}
+		r := get(t, chartDir(), append(args, "--set", "shutdown.drainToService=true")...)
+		if !self(r.o) {
+			t.Errorf("NetworkPolicy SMTP from = %+v: the draining pod could not reach its peers", r.o.netpols[0].Spec.Ingress[0].From)
+		}
+		checkConfig(t, r.cfg, "/etc/relaycar/secrets")
+		// The peers must also pass listen.allowed_networks: the default
+		// covers the private and CGNAT ranges pod networks use.
+		var c struct {
+			Listen struct {
+				AllowedNetworks []string `json:"allowed_networks"`
+			} `json:"listen"`
+		}
+		yaml.Unmarshal([]byte(r.cfg), &c)
+		for _, want := range []string{"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7"} {
+			if !strings.Contains(fmt.Sprint(c.Listen.AllowedNetworks), want) {
+				t.Errorf("allowed_networks %v lacks %s", c.Listen.AllowedNetworks, want)
+			}
+		}
+	})
+	t.Run("refused", func(t *testing.T) {
+		app := filepath.Join(repoRoot, "examples/kubernetes/legacy-app")
+		for _, tc := range []struct {
+			chart string
+			args  []string
+			want  string
+		}{
+			// Sidecar mode has no Service of its own to drain to.
+			{chartDir(), []string{"-f", filepath.Join(chartDir(), "ci", "sidecar-values.yaml"), "--set", "shutdown.drainToService=true"}, "shutdown.drainToService needs mode: standalone"},
+			{app, []string{"--set", "relaycar.shutdown.drainToService=true"}, "shutdown.drainToService needs mode: standalone"},
+			{chartDir(), []string{"--set", "shutdown.drainToService=true,config.shutdown.drain_to=other.mail.svc:25"}, "set either shutdown.drainToService or config.shutdown.drain_to"},
+			{chartDir(), []string{"--set", "shutdown.drainToService=true,config.listen.auth.users_file=/etc/relaycar/secrets/users"}, "cannot be used with config.listen.auth.users_file"},
+			{chartDir(), []string{"--set", "shutdown.drainToService=true,shutdownGraceSeconds=0"}, "needs shutdownGraceSeconds of at least 1"},
+			{chartDir(), []string{"--set", "shutdown.drainToService=yes"}, "/shutdown/drainToService'"},
+		} {
+			_, err := helm(append([]string{"template", "rc", tc.chart, "--namespace", "mail"}, tc.args...)...)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("helm template %v: %v, want an error containing %q", tc.args, err, tc.want)
+			}
+		}
+	})
+	t.Run("sidecar draining to a standalone relay", func(t *testing.T) {
+		// The sidecar's own drain_to (to a standalone relaycar) gets the
+		// longer grace period in the app's pod too.
+		r := get(t, filepath.Join(repoRoot, "examples/kubernetes/legacy-app"), "--set", "relaycar.config.shutdown.drain_to=relay-relaycar.mail.svc.cluster.local:25")
+		if r.drainTo != "relay-relaycar.mail.svc.cluster.local:25" || r.tgps != 55 {
+			t.Errorf("drain_to %q, terminationGracePeriodSeconds %d", r.drainTo, r.tgps)
+		}
+		checkConfig(t, r.cfg, "")
+	})
 }

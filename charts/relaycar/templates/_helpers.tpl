@@ -96,8 +96,60 @@ relay.yaml: .Values.config plus the keys the chart owns.
 {{- $spool := get $cfg "spool" | default dict -}}
 {{- $_ := set $spool "dir" "/var/spool/relaycar/queue" -}}
 {{- $_ := set $cfg "spool" $spool -}}
-{{- $_ := set $cfg "shutdown_grace" (printf "%ds" (int .Values.shutdownGraceSeconds)) -}}
+{{- /* shutdown.grace (relaycar reads the older shutdown_grace too, but
+  not both at once): the chart owns it. */ -}}
+{{- $_ := unset $cfg "shutdown_grace" -}}
+{{- $shutdown := get $cfg "shutdown" | default dict -}}
+{{- $_ := set $shutdown "grace" (printf "%ds" (int .Values.shutdownGraceSeconds)) -}}
+{{- with include "relaycar.drainToService" . -}}
+{{- $_ := set $shutdown "drain_to" . -}}
+{{- end -}}
+{{- $_ := set $cfg "shutdown" $shutdown -}}
 {{- toYaml $cfg -}}
+{{- end -}}
+
+{{/*
+shutdown.drainToService: this release's own SMTP Service as
+shutdown.drain_to, or "" when off. A terminating pod has left the Service's
+endpoints, so the Service reaches a surviving replica.
+*/}}
+{{- define "relaycar.drainToService" -}}
+{{- if .Values.shutdown.drainToService -}}
+{{- if ne .Values.mode "standalone" -}}
+{{- fail "shutdown.drainToService needs mode: standalone: in sidecar mode this release has no SMTP Service to drain to (set config.shutdown.drain_to to a standalone relaycar Service instead)" -}}
+{{- end -}}
+{{- if dig "shutdown" "drain_to" "" .Values.config -}}
+{{- fail "set either shutdown.drainToService or config.shutdown.drain_to, not both" -}}
+{{- end -}}
+{{- if dig "listen" "auth" "users_file" "" .Values.config -}}
+{{- fail "shutdown.drainToService cannot be used with config.listen.auth.users_file: a draining pod does not AUTH, so its peers would refuse the mail (530)" -}}
+{{- end -}}
+{{- if lt (int .Values.shutdownGraceSeconds) 1 -}}
+{{- fail "shutdown.drainToService needs shutdownGraceSeconds of at least 1: the drain to the peer takes at most one more grace period" -}}
+{{- end -}}
+{{- printf "%s.%s.svc.%s:%d" (include "relaycar.fullname" .) .Release.Namespace .Values.clusterDomain (int .Values.service.port) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+terminationGracePeriodSeconds for a pod running relaycar: the grace plus
+15 s, or, when it drains to a peer (which takes at most another grace),
+twice the grace plus 15 s.
+*/}}
+{{- define "relaycar.terminationGracePeriodSeconds" -}}
+{{- $grace := int .Values.shutdownGraceSeconds -}}
+{{- if or .Values.shutdown.drainToService (dig "shutdown" "drain_to" "" .Values.config) -}}
+{{- add (mul 2 $grace) 15 -}}
+{{- else -}}
+{{- add $grace 15 -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where relay.yaml is in the container: a subPath file (never updated
+  by the kubelet; pods roll on change), or, with reload.inPlace, in a
+  directory mount the kubelet updates and the relay polls. */}}
+{{- define "relaycar.configPath" -}}
+{{- if .Values.reload.inPlace -}}/etc/relaycar/config/relay.yaml{{- else -}}/etc/relaycar/relay.yaml{{- end -}}
 {{- end -}}
 
 {{- define "relaycar.configMapName" -}}
@@ -128,7 +180,8 @@ image: {{ include "relaycar.image" . | quote }}
 imagePullPolicy: {{ .Values.image.pullPolicy }}
 args:
   - serve
-  - --config=/etc/relaycar/relay.yaml
+  - --config={{ include "relaycar.configPath" . }}
+  - --reload-poll={{ .Values.reload.pollInterval }}
   - --log-format={{ .Values.logFormat }}
   - --log-level={{ .Values.logLevel }}
 ports:
@@ -153,8 +206,12 @@ env:
 {{- end }}
 volumeMounts:
   - name: relaycar-config
-    mountPath: /etc/relaycar/relay.yaml
+    {{- if .Values.reload.inPlace }}
+    mountPath: {{ include "relaycar.configPath" . | dir }}
+    {{- else }}
+    mountPath: {{ include "relaycar.configPath" . }}
     subPath: relay.yaml
+    {{- end }}
     readOnly: true
   - name: relaycar-spool
     mountPath: /var/spool/relaycar
@@ -230,12 +287,17 @@ restartPolicy: Always
   emptyDir: {}
 {{- end -}}
 
-{{/* Pod annotations: roll pods when relay.yaml changes. */}}
+{{/* Pod annotations: roll pods when relay.yaml changes, unless
+  reload.inPlace leaves the change to the running relay. Empty when there
+  is nothing to annotate. */}}
 {{- define "relaycar.podAnnotations" -}}
-checksum/config: {{ include "relaycar.config" . | sha256sum }}
-{{- with .Values.podAnnotations }}
-{{ toYaml . }}
-{{- end }}
+{{- $a := deepCopy (.Values.podAnnotations | default dict) -}}
+{{- if not .Values.reload.inPlace -}}
+{{- $_ := set $a "checksum/config" (include "relaycar.config" . | sha256sum) -}}
+{{- end -}}
+{{- if $a -}}
+{{- toYaml $a -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The pod spec shared by the Deployment and the StatefulSet. */}}
@@ -249,7 +311,7 @@ imagePullSecrets:
 {{- with .Values.priorityClassName }}
 priorityClassName: {{ . }}
 {{- end }}
-terminationGracePeriodSeconds: {{ add (int .Values.shutdownGraceSeconds) 15 }}
+terminationGracePeriodSeconds: {{ include "relaycar.terminationGracePeriodSeconds" . }}
 securityContext:
   {{- include "relaycar.podSecurityContext" . | nindent 2 }}
 containers:
