@@ -62,7 +62,7 @@ func newQuotaWatch(cfgs []upstreams.Config, current func(name string) (upstreams
 			continue
 		}
 		up, gate := current(c.Name)
-		if _, ok := up.(upstreams.QuotaReader); !ok {
+		if _, ok := upstreams.Unwrap(up).(upstreams.QuotaReader); !ok {
 			log.Warn("rate_limit.from_provider ignored: this upstream does not report a quota", "upstream", c.Name)
 			continue
 		}
@@ -108,7 +108,7 @@ func (w *quotaWatch) readAll(ctx context.Context) {
 // the last known quota stays until the next tick.
 func (w *quotaWatch) read(ctx context.Context, u *quotaUpstream) {
 	up, gate := w.current(u.name)
-	qr, ok := up.(upstreams.QuotaReader)
+	qr, ok := upstreams.Unwrap(up).(upstreams.QuotaReader)
 	if !ok || gate == nil {
 		return // removed or changed by a reload
 	}

@@ -54,6 +54,21 @@ type rewriter struct {
 
 func (r *rewriter) Name() string { return r.u.Name() }
 
+// Unwrap is the adapter underneath, for what asks the provider rather
+// than sending through it (quotas, check --live).
+func (r *rewriter) Unwrap() Upstream { return r.u }
+
+// Unwrap returns what u wraps (Rewrite), or u itself.
+func Unwrap(u Upstream) Upstream {
+	for {
+		w, ok := u.(interface{ Unwrap() Upstream })
+		if !ok {
+			return u
+		}
+		u = w.Unwrap()
+	}
+}
+
 func (r *rewriter) Send(ctx context.Context, m *Message) (Receipt, error) {
 	m2, err := EditMessage(m, r.e)
 	if err != nil {
