@@ -16,6 +16,12 @@ import (
 	"github.com/relaycar/relaycar/relay/spool"
 )
 
+// routeHeader names the route a drained message was accepted for: the
+// X-Relay-* headers that chose it were removed at intake, and without it
+// the peer could route the message elsewhere (past a redirect_all_to).
+// The peer honours it from trusted clients only, like every X-Relay-*.
+const routeHeader = "X-Relay-Drain-Route"
+
 // hopHeader carries a message's drain count to the peer it is drained to.
 // It is an X-Relay-* field, so the peer's intake removes it and keeps the
 // count in its envelope: it never reaches a provider.
@@ -57,13 +63,17 @@ type Drainer struct {
 	Hostname string
 	// Timeout bounds each SMTP command and each message's DATA.
 	Timeout time.Duration
-	Log     *slog.Logger
+	// ConnectFor is how long to keep trying to reach the peer.
+	ConnectFor time.Duration
+	Log        *slog.Logger
 }
 
-// Drain offers every pending message of sp to the peer until ctx ends.
-// The caller holds the spool (serve after its workers stopped, or the
-// drain command with the lock).
-func (d Drainer) Drain(ctx context.Context, sp *spool.Spool) (DrainResult, error) {
+// Drain offers the pending recipients of envs, messages of sp, to the
+// peer until ctx ends. envs is the caller's latest state of each message
+// (serve's in-memory queue: an update the disk could not take must not
+// send delivered recipients again). The caller owns sp: serve after its
+// workers stopped, or the drain command with the lock.
+func (d Drainer) Drain(ctx context.Context, sp *spool.Spool, envs []*Envelope) DrainResult {
 	var res DrainResult
 	if d.Log == nil {
 		d.Log = slog.New(slog.DiscardHandler)
@@ -74,10 +84,6 @@ func (d Drainer) Drain(ctx context.Context, sp *spool.Spool) (DrainResult, error
 	if dead, err := sp.Dead(); err == nil {
 		res.Dead = len(dead)
 	}
-	envs, err := sp.List()
-	if err != nil {
-		return res, err
-	}
 	var c *drainConn
 	defer func() {
 		if c != nil {
@@ -85,32 +91,25 @@ func (d Drainer) Drain(ctx context.Context, sp *spool.Spool) (DrainResult, error
 		}
 	}()
 	for i, env := range envs {
-		rcpts := pendingRcpts(env)
-		if len(rcpts) == 0 {
+		if len(pendingRcpts(env)) == 0 {
 			continue
 		}
 		log := d.Log.With("msg_id", env.ID, "to", d.To)
-		if ctx.Err() != nil {
-			res.Left += countPending(envs[i:])
-			log.Warn("drain stopped: out of time", "left", res.Left)
-			break
-		}
 		if env.Hops >= maxDrainHops {
 			res.Left++
 			log.Warn("message not drained: it was drained too often already (a drain loop?)", "hops", env.Hops)
 			continue
 		}
-		// A connection the peer dropped (or one never made) is dialled
-		// again, once per message.
 		if c == nil {
+			var err error
 			if c, err = d.dial(ctx); err != nil {
 				res.Left += countPending(envs[i:])
 				log.Error("drain peer unreachable; messages stay in the spool", "err", err, "left", res.Left)
-				return res, nil
+				return res
 			}
 		}
-		err := d.send(ctx, c, sp, env, rcpts)
-		if err != nil && c.broken {
+		n, err := d.drainOne(ctx, c, sp, env)
+		if c.broken {
 			c.close()
 			c = nil
 		}
@@ -120,14 +119,41 @@ func (d Drainer) Drain(ctx context.Context, sp *spool.Spool) (DrainResult, error
 			continue
 		}
 		if err := sp.Remove(env.ID); err != nil {
-			// The peer has it: a retry of the drain would send it twice.
+			// The peer has it; a rerun would hand it over again.
+			res.Left++
 			log.Error("drained message could not be removed here; a rerun would hand it over again", "err", err)
+			continue
 		}
 		res.Drained++
-		res.Recipients += len(rcpts)
-		log.Info("message drained to peer", "rcpt_count", len(rcpts), "message_id", env.MessageID)
+		res.Recipients += n
+		log.Info("message drained to peer", "rcpt_count", n, "message_id", env.MessageID)
 	}
-	return res, nil
+	return res
+}
+
+// drainOne hands env's pending recipients over, one transaction per route
+// so each carries its route; after each accepted route its recipients are
+// no longer pending here, so a failure later hands over only the rest.
+func (d Drainer) drainOne(ctx context.Context, c *drainConn, sp *spool.Spool, env *Envelope) (int, error) {
+	n := 0
+	for i := range env.Routes {
+		rs := &env.Routes[i]
+		if len(rs.Pending) == 0 {
+			continue
+		}
+		if err := d.send(ctx, c, sp, env, rs.Route, rs.Pending); err != nil {
+			if n > 0 {
+				// Part went: record it, or a rerun sends that part again.
+				if uerr := sp.Update(env); uerr != nil {
+					d.Log.Error("recording a partly drained message failed; a rerun may hand part of it over again", "msg_id", env.ID, "err", uerr)
+				}
+			}
+			return n, err
+		}
+		n += len(rs.Pending)
+		rs.Pending, rs.Pinned = nil, ""
+	}
+	return n, nil
 }
 
 // drainConn is one SMTP session with the peer.
@@ -150,7 +176,27 @@ func (c *drainConn) close() {
 	c.conn.Close()
 }
 
+// dial connects to the peer, trying again every half second until ctx
+// ends: a Service may first pick a pod that is itself going away, or the
+// peer may be restarting.
 func (d Drainer) dial(ctx context.Context) (*drainConn, error) {
+	ctx, cancel := context.WithTimeout(ctx, max(d.ConnectFor, time.Millisecond))
+	defer cancel()
+	for {
+		c, err := d.dialOnce(ctx)
+		if err == nil || ctx.Err() != nil {
+			return c, err
+		}
+		d.Log.Warn("drain peer not reachable yet; trying again", "to", d.To, "err", err)
+		select {
+		case <-ctx.Done():
+			return nil, err
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+}
+
+func (d Drainer) dialOnce(ctx context.Context) (*drainConn, error) {
 	dl := net.Dialer{Timeout: d.Timeout}
 	conn, err := dl.DialContext(ctx, "tcp", d.To)
 	if err != nil {
@@ -174,7 +220,7 @@ func (d Drainer) dial(ctx context.Context) (*drainConn, error) {
 // send runs one transaction for env's pending recipients. A recipient
 // the peer refuses aborts it before DATA: the whole message then stays
 // here, rather than half of it going and the rest being tracked twice.
-func (d Drainer) send(ctx context.Context, dc *drainConn, sp *spool.Spool, env *Envelope, rcpts []string) (err error) {
+func (d Drainer) send(ctx context.Context, dc *drainConn, sp *spool.Spool, env *Envelope, route string, rcpts []string) (err error) {
 	stop := context.AfterFunc(ctx, func() { dc.conn.Close() })
 	defer stop()
 	defer func() {
@@ -188,7 +234,8 @@ func (d Drainer) send(ctx context.Context, dc *drainConn, sp *spool.Spool, env *
 		return fmt.Errorf("reading the spooled message: %w", err)
 	}
 	defer body.Close()
-	opts := &smtp.MailOptions{Size: body.Size()}
+	extra := fmt.Sprintf("%s: %d\r\n%s: %s\r\n", hopHeader, env.Hops+1, routeHeader, route)
+	opts := &smtp.MailOptions{Size: body.Size() + int64(len(extra))}
 	if !isASCII(env.From, rcpts) {
 		if !dc.utf8 {
 			return errors.New("the peer does not offer SMTPUTF8 and the envelope needs it")
@@ -208,8 +255,7 @@ func (d Drainer) send(ctx context.Context, dc *drainConn, sp *spool.Spool, env *
 	if err != nil {
 		return fmt.Errorf("DATA: %w", err)
 	}
-	hop := fmt.Sprintf("%s: %d\r\n", hopHeader, env.Hops+1)
-	if _, err := io.Copy(w, io.MultiReader(strings.NewReader(hop), io.NewSectionReader(body, 0, body.Size()))); err != nil {
+	if _, err := io.Copy(w, io.MultiReader(strings.NewReader(extra), io.NewSectionReader(body, 0, body.Size()))); err != nil {
 		w.Close()
 		return fmt.Errorf("DATA: %w", err)
 	}

@@ -117,7 +117,10 @@ func (in *intake) reload(c ListenConfig) error {
 		cert = &kp
 	}
 	in.allowedSendersP.Store(&senders)
-	if users != nil || in.usersP.Load() == nil {
+	// AUTH is on or off for the life of the process (the server was set
+	// up for it at start): a users file added by a reload would refuse
+	// every unauthenticated MAIL, one removed would let anyone in.
+	if p := in.usersP.Load(); p == nil || (*p != nil && users != nil) {
 		in.usersP.Store(&users)
 	}
 	if cert != nil {

@@ -130,6 +130,18 @@ func (q *queue) forget(id string) {
 	}
 }
 
+// envelopes returns the queued messages' envelopes, in no order. Only for
+// after the workers stopped: a worker owns the envelope it holds.
+func (q *queue) envelopes() []*Envelope {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	out := make([]*Envelope, 0, len(q.items))
+	for _, it := range q.items {
+		out = append(out, it.env)
+	}
+	return out
+}
+
 func (q *queue) len() int {
 	q.mu.Lock()
 	defer q.mu.Unlock()

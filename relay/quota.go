@@ -29,7 +29,7 @@ type quotaWatch struct {
 	byName  map[string]*quotaUpstream
 	// newTicker makes the re-read ticker; tests replace it to tick at will.
 	newTicker func(time.Duration) (<-chan time.Time, func())
-	current   func(name string) (upstreams.Upstream, *policy.Gate)
+	current   func(name string) (up upstreams.Upstream, gate *policy.Gate, perSecond float64)
 }
 
 // quotaUpstream is one from_provider upstream and what is known of its
@@ -49,9 +49,10 @@ type quotaUpstream struct {
 	disabled  bool
 }
 
-// current returns an upstream's adapter and gate in the running engine
-// (nil after a reload removed it): a reload may rebuild either.
-func newQuotaWatch(cfgs []upstreams.Config, current func(name string) (upstreams.Upstream, *policy.Gate), m *quotaMetrics, log *slog.Logger) *quotaWatch {
+// current returns an upstream's adapter, gate and rate_limit.per_second in
+// the running engine (nil after a reload removed it): a reload may change
+// any of them.
+func newQuotaWatch(cfgs []upstreams.Config, current func(name string) (upstreams.Upstream, *policy.Gate, float64), m *quotaMetrics, log *slog.Logger) *quotaWatch {
 	w := &quotaWatch{log: log, metrics: m, byName: map[string]*quotaUpstream{}, current: current,
 		newTicker: func(d time.Duration) (<-chan time.Time, func()) {
 			t := time.NewTicker(d)
@@ -61,7 +62,7 @@ func newQuotaWatch(cfgs []upstreams.Config, current func(name string) (upstreams
 		if !c.RateLimit.FromProvider {
 			continue
 		}
-		up, gate := current(c.Name)
+		up, gate, _ := current(c.Name)
 		if _, ok := upstreams.Unwrap(up).(upstreams.QuotaReader); !ok {
 			log.Warn("rate_limit.from_provider ignored: this upstream does not report a quota", "upstream", c.Name)
 			continue
@@ -107,7 +108,7 @@ func (w *quotaWatch) readAll(ctx context.Context) {
 // read asks the provider. A failed read is logged and changes nothing:
 // the last known quota stays until the next tick.
 func (w *quotaWatch) read(ctx context.Context, u *quotaUpstream) {
-	up, gate := w.current(u.name)
+	up, gate, perSecond := w.current(u.name)
 	qr, ok := upstreams.Unwrap(up).(upstreams.QuotaReader)
 	if !ok || gate == nil {
 		return // removed or changed by a reload
@@ -123,7 +124,7 @@ func (w *quotaWatch) read(ctx context.Context, u *quotaUpstream) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	first := !u.known
-	u.q, u.sentSince, u.known, u.gate = q, 0, true, gate
+	u.q, u.sentSince, u.known, u.gate, u.perSecond = q, 0, true, gate, perSecond
 	rate := u.perSecond
 	if q.MaxSendRate > 0 {
 		rate = min(rate, q.MaxSendRate)

@@ -63,7 +63,7 @@ func newQuotaFixture(t *testing.T, perSecond float64, answers ...quotaAnswer) *q
 	gate := policy.NewGate(up, c, policy.GateHooks{})
 	log, logs := fakes.NewLogger()
 	m := newQuotaMetrics(prometheus.NewRegistry())
-	w := newQuotaWatch([]upstreams.Config{c}, func(string) (upstreams.Upstream, *policy.Gate) { return up, gate }, m, log)
+	w := newQuotaWatch([]upstreams.Config{c}, func(string) (upstreams.Upstream, *policy.Gate, float64) { return up, gate, perSecond }, m, log)
 	f := &quotaFixture{w: w, up: up, gate: gate, m: m, tick: make(chan time.Time), logs: logs}
 	w.newTicker = func(d time.Duration) (<-chan time.Time, func()) {
 		if d != 5*time.Minute {
@@ -193,7 +193,7 @@ func TestQuota_UpstreamWithoutQuotaReader(t *testing.T) {
 	t.Parallel()
 	c := upstreams.Config{Name: "x", Type: "ses", RateLimit: upstreams.RateLimit{PerSecond: 1, FromProvider: true}}
 	log, logs := fakes.NewLogger()
-	w := newQuotaWatch([]upstreams.Config{c}, func(string) (upstreams.Upstream, *policy.Gate) { return &recorder{name: "x"}, nil },
+	w := newQuotaWatch([]upstreams.Config{c}, func(string) (upstreams.Upstream, *policy.Gate, float64) { return &recorder{name: "x"}, nil, 1 },
 		newQuotaMetrics(prometheus.NewRegistry()), log)
 	w.start(context.Background())
 	if len(w.ups) != 0 || !strings.Contains(logs.String(), "from_provider ignored") {

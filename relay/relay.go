@@ -9,6 +9,8 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -57,7 +59,8 @@ type Relay struct {
 	// engine is the current upstreams, gates and router (engine.go);
 	// reloads replace it.
 	engine   atomic.Pointer[engine]
-	reloadMu sync.Mutex // one reload at a time
+	reloadMu sync.Mutex  // one reload at a time
+	stopping atomic.Bool // set when Run begins to shut down: no reloads
 	udeps    upstreams.Deps
 	injected map[string]upstreams.Upstream // Deps.Upstreams
 	metrics  *metrics
@@ -135,9 +138,10 @@ func New(cfg *Config, d Deps) (_ *Relay, err error) {
 	r.metrics = newMetrics(reg, func() []*policy.Gate { return r.engine.Load().order }, func() float64 { return float64(r.queue.len()) }, oldestAge,
 		func() float64 { return float64(r.spool.CountDead()) })
 	reg.MustRegister(r.budget.Collectors()...)
-	r.quotas = newQuotaWatch(cfg.Upstreams, func(name string) (upstreams.Upstream, *policy.Gate) {
+	r.quotas = newQuotaWatch(cfg.Upstreams, func(name string) (upstreams.Upstream, *policy.Gate, float64) {
 		e := r.engine.Load()
-		return e.ups[name], e.gates[name]
+		uc, _ := e.upstreamConfig(name)
+		return e.ups[name], e.gates[name], uc.RateLimit.PerSecond
 	}, newQuotaMetrics(reg), r.log)
 	if r.shared != nil {
 		registerSharedUp(reg, r.shared.redis.Up)
@@ -203,6 +207,11 @@ func (r *Relay) accept(from string, rcpts []string, body io.Reader, ri receivedI
 	e := r.acquire()
 	defer e.release()
 	groups, unrouted := e.router.Split(from, rcpts, p.routingHeader(ri.trusted))
+	// A message drained from a peer keeps the route the peer chose: the
+	// headers that chose it are gone (drain.go, routeHeader).
+	if route := p.relayHdrs.Get(routeHeader); route != "" && ri.trusted && e.router.Has(route) {
+		groups, unrouted = []policy.Group{{Route: route, Rcpts: rcpts}}, nil
+	}
 	if len(unrouted) > 0 {
 		r.log.Warn("message refused: no route", "from", from, "rcpts", unrouted)
 		return "", &intakeError{errNoRoute}
@@ -316,7 +325,11 @@ func (r *Relay) Run(ctx context.Context) error {
 	}
 
 	r.ready.Store(false)
-	grace := r.cfg.Grace()
+	// A reload in progress finishes first; later ones see stopping.
+	r.reloadMu.Lock()
+	r.stopping.Store(true)
+	r.reloadMu.Unlock()
+	grace := r.engine.Load().cfg.Grace()
 	r.log.Info("shutting down", "grace", grace.String())
 	graceCtx, cancelGrace := context.WithTimeout(context.WithoutCancel(ctx), grace)
 	defer cancelGrace()
@@ -334,18 +347,19 @@ func (r *Relay) Run(ctx context.Context) error {
 }
 
 // drainToPeer hands what the grace period did not deliver to
-// shutdown.drain_to, for at most another grace period, and returns how
+// shutdown.drain_to, for at most another grace period (at least 5 s), and returns how
 // many messages are left here. It runs after the workers stopped, so
 // nothing else touches the spool.
 func (r *Relay) drainToPeer(ctx context.Context, to string, grace time.Duration) int {
-	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), grace)
+	budget := max(grace, 5*time.Second)
+	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), budget)
 	defer cancel()
-	r.log.Info("draining the spool to the peer", "to", to, "messages", r.queue.len())
-	res, err := Drainer{To: to, Hostname: r.cfg.Listen.Hostname, Timeout: min(grace, 30*time.Second), Log: r.log}.Drain(dctx, r.spool)
-	if err != nil {
-		r.log.Error("drain to peer failed", "err", err)
-		return r.queue.len()
-	}
+	// The queue, not the files: an update the disk refused (a full disk)
+	// lives only here, and the files would hand delivered recipients over.
+	envs := r.queue.envelopes()
+	slices.SortFunc(envs, func(a, b *Envelope) int { return strings.Compare(a.ID, b.ID) })
+	r.log.Info("draining the spool to the peer", "to", to, "messages", len(envs))
+	res := Drainer{To: to, Hostname: r.cfg.Listen.Hostname, Timeout: min(budget, 30*time.Second), ConnectFor: budget, Log: r.log}.Drain(dctx, r.spool, envs)
 	r.log.Info("drained to peer", "to", to, "drained", res.Drained, "recipients", res.Recipients, "left", res.Left, "dead_letters", res.Dead)
 	return res.Left
 }

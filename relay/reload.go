@@ -6,6 +6,10 @@ import "strings"
 // problems is logged, one problem per line with its YAML path, and the
 // running config stays.
 func (r *Relay) ReloadFrom(path string) error {
+	// Read under the lock: SIGHUP and the poll must not apply an older
+	// read of the file after a newer one.
+	r.reloadMu.Lock()
+	defer r.reloadMu.Unlock()
 	cfg, err := LoadValid(path)
 	if err != nil {
 		r.metrics.reloadOK.Set(0)
@@ -16,7 +20,7 @@ func (r *Relay) ReloadFrom(path string) error {
 		}
 		return err
 	}
-	return r.Reload(cfg)
+	return r.reload(cfg)
 }
 
 // Reload applies a validated config between deliveries: upstreams whose
@@ -28,6 +32,14 @@ func (r *Relay) ReloadFrom(path string) error {
 func (r *Relay) Reload(cfg *Config) error {
 	r.reloadMu.Lock()
 	defer r.reloadMu.Unlock()
+	return r.reload(cfg)
+}
+
+func (r *Relay) reload(cfg *Config) error {
+	if r.stopping.Load() {
+		r.log.Warn("config reload ignored: shutting down")
+		return nil
+	}
 	old := r.engine.Load()
 	next, err := r.buildEngine(cfg, old)
 	if err == nil {
@@ -41,7 +53,7 @@ func (r *Relay) Reload(cfg *Config) error {
 		r.log.Error("config reload failed; the running config stays", "err", err)
 		return err
 	}
-	for _, name := range restartOnly(r.cfg, cfg) {
+	for _, name := range restartOnly(old.cfg, cfg) {
 		r.log.Warn("config setting changed but needs a restart; not applied", "setting", name)
 	}
 	r.metrics.precreate(next.order)

@@ -35,6 +35,10 @@ func (r *Relay) gateHooks(uc upstreams.Config) policy.GateHooks {
 	if r.shared != nil && uc.RateLimit.Shared {
 		h.Limiter = r.shared.redis.Limiter(uc.Name, uc.RateLimit.PerSecond, uc.RateLimit.Burst)
 		h.Pauses = r.shared.pauses
+	} else if uc.RateLimit.Shared {
+		// Only a reload gets here: New connects to Redis when any
+		// upstream is shared.
+		r.log.Warn("rate_limit.shared needs a restart to connect to Redis; using a local limit until then", "upstream", uc.Name)
 	}
 	return h
 }

@@ -31,8 +31,8 @@ func (c *Config) Files() []string {
 
 // WatchFiles calls changed whenever the content of any of paths() differs
 // from the previous poll (a file appearing or vanishing counts), every
-// interval until ctx ends. paths is asked again after each change, so a
-// config that names new files is watched for them too.
+// interval until ctx ends. paths is asked at every poll, so a config that
+// names new files is watched for them too.
 func WatchFiles(ctx context.Context, paths func() []string, interval time.Duration, changed func()) {
 	sums := checksums(paths())
 	t := time.NewTicker(interval)
@@ -45,9 +45,9 @@ func WatchFiles(ctx context.Context, paths func() []string, interval time.Durati
 		}
 		now := checksums(paths())
 		if !sameSums(sums, now) {
+			// The baseline is what was read before the reload: a write
+			// during it differs at the next poll and is applied then.
 			changed()
-			// The reload may name other files; start from what is there.
-			now = checksums(paths())
 		}
 		sums = now
 	}

@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -145,7 +146,21 @@ routes:
 	waitFor(t, 10*time.Second, "both messages tried", func() bool {
 		return a.metric("relaycar_deliveries_total", "upstream=down") >= 2
 	})
-	a.sigterm()
+	// A SIGHUP during the shutdown (an operator's reload racing a
+	// rollout) must not end the process before its drain.
+	p := a.current()
+	p.stopping = true
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	time.Sleep(100 * time.Millisecond)
+	p.cmd.Process.Signal(syscall.SIGHUP)
+	select {
+	case <-p.done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("A did not stop")
+	}
+	if code := p.state.ExitCode(); code != 0 || !a.logContains("drained to peer") {
+		t.Fatalf("A exited %d (%v) without finishing its drain", code, p.state)
+	}
 	if ids := a.spoolIDs(); len(ids) != 1 || ids[0] == fresh {
 		t.Errorf("A's spool holds %v, want only the looping message", ids)
 	}
@@ -207,5 +222,35 @@ routes:
 	code, out = runCLI(t, a.dir, nil, "drain", "--spool", a.spool, "--to", "127.0.0.1:1")
 	if code != 0 || !strings.Contains(out, "drained 0 messages") {
 		t.Errorf("drain of an empty spool to a dead peer: exit %d, %q (nothing to do is success)", code, out)
+	}
+}
+
+// A drained message keeps the route it was accepted for: the header that
+// chose it (here a staging route that redirects everything to QA) was
+// removed at intake, and routing afresh at the peer would mail the real
+// recipient.
+func TestDrain_KeepsTheMessagesRoute(t *testing.T) {
+	t.Parallel()
+	cfg := func(addr string) string {
+		return fmt.Sprintf(`
+upstreams:
+  - {name: up, type: smtp, address: %q, tls: none, circuit_breaker: {failures: 1000}}
+routes:
+  - {name: staging, match: {headers: {X-Relay-Env: staging}}, upstreams: [up], redirect_all_to: [qa@example.net]}
+  - {name: default, upstreams: [up]}
+`, addr)
+	}
+	peerSink := testsmtp.Start(t, testsmtp.Options{})
+	peer := newHarness(t, cfg(peerSink.Addr))
+	down := downUpstream(t, func(string) bool { return false })
+	a := newHarness(t, "shutdown_grace: 1s\nshutdown: {drain_to: "+peer.smtp+"}\n"+cfg(down.Addr))
+	a.mustSend(sender, []string{"customer@example.net"}, "X-Relay-Env: staging\r\n"+message(sender, "customer@example.net", 1, "staging only"))
+	waitFor(t, 10*time.Second, "A to try", func() bool { return a.metric("relaycar_deliveries_total", "upstream=up") >= 1 })
+	a.sigterm()
+	waitFor(t, 10*time.Second, "the peer to deliver", func() bool { return peerSink.Count() >= 1 })
+	time.Sleep(300 * time.Millisecond)
+	got := peerSink.Messages()
+	if len(got) != 1 || len(got[0].To) != 1 || got[0].To[0] != "qa@example.net" {
+		t.Fatalf("peer delivered %+v; want only qa@example.net (the staging route's redirect)", got)
 	}
 }

@@ -235,3 +235,32 @@ routes:
 	}
 	t.Logf("longest gap between deliveries: %v without reloads, %v with %d reloads rebuilding the upstream", quiet, busy, reloads)
 }
+
+// AUTH cannot be switched on by a reload (the listener was set up without
+// it): adding a users file is logged as needing a restart and mail from
+// the same clients keeps flowing, instead of every MAIL getting 530.
+func TestReload_AddingAuthNeedsARestart(t *testing.T) {
+	t.Parallel()
+	sink := testsmtp.Start(t, testsmtp.Options{})
+	base := fmt.Sprintf(`
+upstreams:
+  - {name: smarthost, type: smtp, address: %q, tls: none}
+routes:
+  - {name: default, upstreams: [smarthost]}
+`, sink.Addr)
+	h := newHarness(t, base, withArgs("--reload-poll", "0"))
+	users := filepath.Join(t.TempDir(), "users")
+	// htpasswd bcrypt line for user "app", password "secret"
+	if err := os.WriteFile(users, []byte("app:$2y$05$0U7Ow7y7F4s3Q1n0Q3eT1eE9lq7Q1M2mWw2kV9Yq1m3kQ9l3c8C6a\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	text := mustRead(t, h.cfgPath)
+	text = strings.Replace(text, "listen:\n", "listen:\n    auth:\n        users_file: "+users+"\n", 1)
+	if err := os.WriteFile(h.cfgPath, []byte(text), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	h.current().cmd.Process.Signal(syscall.SIGHUP)
+	waitFor(t, 5*time.Second, "the restart warning", func() bool { return h.logContains("needs a restart") && h.logContains("listen.auth") })
+	h.mustSend(sender, []string{"a@example.net"}, message(sender, "a@example.net", 1, "no AUTH, as before"))
+	waitFor(t, 10*time.Second, "delivery", func() bool { return sink.Count() == 1 })
+}

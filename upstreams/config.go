@@ -95,12 +95,15 @@ type Config struct {
 	Endpoint string `yaml:"endpoint"`
 
 	// smtp
-	Address      string  `yaml:"address"`
-	TLS          TLSMode `yaml:"tls"`
-	CAFile       string  `yaml:"ca_file"`
-	Username     string  `yaml:"username"`
-	Password     Secret  `yaml:"password"`
-	PasswordFile string  `yaml:"password_file"`
+	Address string  `yaml:"address"`
+	TLS     TLSMode `yaml:"tls"`
+	CAFile  string  `yaml:"ca_file"`
+	// CA is ca_file's content, read by ResolveSecrets, so that a reload
+	// sees a rotated CA as a changed upstream.
+	CA           []byte `yaml:"-"`
+	Username     string `yaml:"username"`
+	Password     Secret `yaml:"password"`
+	PasswordFile string `yaml:"password_file"`
 	// Auth picks the SASL mechanism; empty is PLAIN or LOGIN with a
 	// password and XOAUTH2 with an oauth2 block.
 	Auth   AuthMode `yaml:"auth"`
@@ -224,6 +227,14 @@ func (c *Config) ResolveSecrets(path string) []error {
 			continue
 		}
 		*s.val = Secret(strings.TrimRight(string(b), "\r\n"))
+	}
+	if c.CAFile != "" {
+		b, err := os.ReadFile(c.CAFile)
+		if err != nil {
+			errs = append(errs, yamlconf.FieldError{Path: path + ".ca_file", Msg: err.Error()})
+		} else {
+			c.CA = b
+		}
 	}
 	return errs
 }

@@ -43,9 +43,12 @@ func newSMTP(c Config, d Deps) (*smtpUpstream, error) {
 	host, _, _ := net.SplitHostPort(c.Address) // Validate checked the form
 	tc := &tls.Config{ServerName: host, MinVersion: tls.VersionTLS12}
 	if c.CAFile != "" {
-		pem, err := os.ReadFile(c.CAFile)
-		if err != nil {
-			return nil, fmt.Errorf("ca_file: %v", err)
+		pem := c.CA
+		if pem == nil { // a Config that did not go through ResolveSecrets
+			var err error
+			if pem, err = os.ReadFile(c.CAFile); err != nil {
+				return nil, fmt.Errorf("ca_file: %v", err)
+			}
 		}
 		pool := x509.NewCertPool()
 		if !pool.AppendCertsFromPEM(pem) {

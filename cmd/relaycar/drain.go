@@ -27,6 +27,7 @@ func cmdDrain(args []string, stdout, stderr io.Writer) int {
 	to := fs.String("to", "", "host:port of the relaycar to hand the messages to (required)")
 	hostname := fs.String("hostname", "", "EHLO name (default: this host's name)")
 	timeout := fs.Duration("timeout", 30*time.Second, "per SMTP command and message")
+	connect := fs.Duration("connect-for", 30*time.Second, "how long to keep trying to reach the peer")
 	level := fs.String("log-level", "warn", "debug, info, warn or error")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: relaycar drain --spool DIR --to host:port\n\nFlags:\n")
@@ -82,11 +83,12 @@ func cmdDrain(args []string, stdout, stderr io.Writer) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	res, err := relay.Drainer{To: *to, Hostname: *hostname, Timeout: *timeout, Log: log}.Drain(ctx, sp)
+	envs, err := sp.List()
 	if err != nil {
 		fmt.Fprintf(stderr, "relaycar drain: %v\n", err)
 		return exitRuntime
 	}
+	res := relay.Drainer{To: *to, Hostname: *hostname, Timeout: *timeout, ConnectFor: *connect, Log: log}.Drain(ctx, sp, envs)
 	fmt.Fprintf(stdout, "drained %d messages (%d recipients) to %s; %d left in the spool", res.Drained, res.Recipients, *to, res.Left)
 	if res.Dead > 0 {
 		fmt.Fprintf(stdout, "; %d dead letters kept (relaycar queue dead)", res.Dead)

@@ -13,6 +13,7 @@ import (
 	"runtime"
 	"runtime/debug"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -168,6 +169,16 @@ func cmdServe(args []string, stdout, stderr io.Writer) int {
 		return exitUsage
 	}
 	setGoMemLimit(log)
+	// From here on SIGHUP never ends the process (Go's default), not during
+	// the spool load, not during the drain at the end.
+	var reloader atomic.Pointer[relay.Relay]
+	go handleSignals(log, func() {
+		if r := reloader.Load(); r != nil {
+			r.ReloadFrom(*cfgPath)
+		} else {
+			log.Warn("SIGHUP before the relay is up; ignored")
+		}
+	})
 	r, err := relay.New(cfg, relay.Deps{Logger: log, Version: version})
 	if err != nil {
 		log.Error("startup failed", "err", err)
@@ -179,9 +190,17 @@ func cmdServe(args []string, stdout, stderr io.Writer) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	go handleSignals(ctx, log, func() { r.ReloadFrom(*cfgPath) })
+	reloader.Store(r)
 	if *poll > 0 {
-		files := func() []string { return append([]string{*cfgPath}, r.ConfigFiles()...) }
+		// The files of the config on disk, even one that does not load: a
+		// reload that failed for want of a file is retried when it appears.
+		files := func() []string {
+			paths := []string{*cfgPath}
+			if c, _ := relay.Load(*cfgPath); c != nil {
+				paths = append(paths, c.Files()...)
+			}
+			return append(paths, r.ConfigFiles()...)
+		}
 		go relay.WatchFiles(ctx, files, *poll, func() {
 			log.Info("config or a file it names changed; reloading")
 			r.ReloadFrom(*cfgPath)
@@ -215,24 +234,19 @@ func setGoMemLimit(log *slog.Logger) {
 	log.Info("Go memory limit", "bytes", goLimit, "container_limit", limit, "why", why)
 }
 
-// handleSignals reloads on SIGHUP and logs SIGUSR1/SIGUSR2, which would
-// otherwise end the process (Go's default), until ctx ends.
-func handleSignals(ctx context.Context, log *slog.Logger, reload func()) {
+// handleSignals reloads on SIGHUP and logs SIGUSR1/SIGUSR2, all of which
+// would otherwise end the process (Go's default). It runs for the life of
+// the process: a signal during the drain must not cut it short.
+func handleSignals(log *slog.Logger, reload func()) {
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGUSR1, syscall.SIGUSR2)
-	defer signal.Stop(sigs)
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case sig := <-sigs:
-			if sig == syscall.SIGHUP {
-				log.Info("SIGHUP: reloading the config")
-				reload()
-				continue
-			}
-			log.Warn("signal ignored; SIGHUP reloads, SIGTERM stops", "signal", sig.String())
+	for sig := range sigs {
+		if sig == syscall.SIGHUP {
+			log.Info("SIGHUP: reloading the config")
+			reload()
+			continue
 		}
+		log.Warn("signal ignored; SIGHUP reloads, SIGTERM stops", "signal", sig.String())
 	}
 }
 
