@@ -3,7 +3,6 @@ package policy
 import (
 	"fmt"
 	"math/rand/v2"
-	"net/mail"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -92,7 +91,7 @@ func (r *RouteConfig) Validate(path string, known map[string]bool) []error {
 	redirect := map[string]bool{}
 	for i, a := range r.RedirectAllTo {
 		key := fmt.Sprintf("redirect_all_to[%d]", i)
-		if msg := plainAddress(a); msg != "" {
+		if msg := upstreams.PlainAddressProblem(a); msg != "" {
 			bad(key, "%q: %s", a, msg)
 		} else if redirect[strings.ToLower(a)] {
 			bad(key, "%q listed twice", a)
@@ -117,22 +116,6 @@ func (r *RouteConfig) Validate(path string, known map[string]bool) []error {
 		}
 	}
 	return errs
-}
-
-// plainAddress says why s is not a bare address (no display name, no
-// angle brackets), "" if it is one.
-func plainAddress(s string) string {
-	if strings.ContainsAny(s, "\r\n") {
-		return "must not contain CR or LF"
-	}
-	a, err := mail.ParseAddress(s)
-	switch {
-	case err != nil:
-		return "not an email address: " + err.Error()
-	case a.Name != "" || a.Address != s:
-		return "use the bare address, without a display name or angle brackets"
-	}
-	return ""
 }
 
 // Header looks up a header value of the message being routed.

@@ -285,7 +285,7 @@ var (
 // validateRewrite checks rewrite_from and headers; bad is Validate's.
 func (c *Config) validateRewrite(bad func(key, format string, args ...any)) {
 	if c.RewriteFrom != "" {
-		if msg := plainAddress(c.RewriteFrom); msg != "" {
+		if msg := PlainAddressProblem(c.RewriteFrom); msg != "" {
 			bad("rewrite_from", "%q: %s", c.RewriteFrom, msg)
 		}
 	}
@@ -328,9 +328,10 @@ func headerNameProblem(name string) string {
 	return ""
 }
 
-// plainAddress says why s is not a bare address (no display name, no
-// angle brackets), "" if it is one.
-func plainAddress(s string) string {
+// PlainAddressProblem says why s is not a bare address (no display name,
+// no angle brackets), "" if it is one: rewrite_from and redirect_all_to
+// must be one.
+func PlainAddressProblem(s string) string {
 	if strings.ContainsAny(s, "\r\n") {
 		return "must not contain CR or LF"
 	}
