@@ -22,10 +22,10 @@ import (
 // The peer honours it from trusted clients only, like every X-Relay-*.
 const routeHeader = "X-Relay-Drain-Route"
 
-// hopHeader carries a message's drain count to the peer it is drained to.
-// It is an X-Relay-* field, so the peer's intake removes it and keeps the
-// count in its envelope: it never reaches a provider.
-const hopHeader = "X-Relay-Drain-Hops"
+// hopHeader carries a message's drain count to the peer it is drained to
+// (DESIGN.md's name). The peer's intake removes it and keeps the count in
+// its envelope (prepare), so it never reaches a provider.
+const hopHeader = "X-Relaycar-Drained"
 
 // maxDrainHops: a message drained this often stays where it is, so relays
 // draining into each other (or a Service that routes back to the

@@ -20,6 +20,7 @@ type prepared struct {
 	messageID string
 	header    textproto.Header // after X-Relay-* removal: what upstreams get
 	relayHdrs textproto.Header // the removed X-Relay-* fields
+	drainHops int              // from the removed hop header (drain.go)
 }
 
 // receivedInfo describes the SMTP session: for the Received trace header,
@@ -50,7 +51,8 @@ func isRelayHeader(name string) bool {
 	return strings.HasPrefix(strings.ToLower(name), "x-relay-")
 }
 
-// prepare removes X-Relay-* headers (keeping them for routing),
+// prepare removes X-Relay-* headers (keeping them for routing) and the
+// drain hop count,
 // adds a Message-ID when missing, so every attempt and every provider sees
 // the same one, and prepends one Received header. The body and all other
 // header bytes are unchanged; see mailhdr.Split for where the header ends.
@@ -64,8 +66,12 @@ func prepare(raw []byte, ri receivedInfo) (*prepared, error) {
 	}
 	p := &prepared{}
 	for f := h.Fields(); f.Next(); {
-		if isRelayHeader(f.Key()) {
+		switch {
+		case isRelayHeader(f.Key()):
 			p.relayHdrs.Add(f.Key(), f.Value())
+			f.Del()
+		case strings.EqualFold(f.Key(), hopHeader):
+			p.drainHops = max(p.drainHops, drainHops(f.Value()))
 			f.Del()
 		}
 	}

@@ -233,7 +233,7 @@ func (r *Relay) accept(from string, rcpts []string, body io.Reader, ri receivedI
 	}
 	size := int64(len(p.data)) + n
 	env := &Envelope{ID: id, From: from, Rcpts: rcpts, MessageID: p.messageID,
-		ReceivedAt: now.UTC(), NextAttempt: now.UTC(), RemoteAddr: ri.remote, Hops: drainHops(p.relayHdrs.Get(hopHeader))}
+		ReceivedAt: now.UTC(), NextAttempt: now.UTC(), RemoteAddr: ri.remote, Hops: p.drainHops}
 	for _, g := range groups {
 		if m := e.router.MaxMessageBytes(g.Route); m > 0 && size > m {
 			return "", &intakeError{errTooBigForRoute}

@@ -49,7 +49,7 @@ func byRcpt(t *testing.T, msgs []testsmtp.Msg, msgIDs map[string]string) map[str
 		if err != nil {
 			t.Fatalf("peer delivered an unreadable message: %v", err)
 		}
-		if pm.Header.Get("X-Relay-Drain-Hops") != "" {
+		if pm.Header.Get("X-Relaycar-Drained") != "" {
 			t.Errorf("the hop header reached the provider:\n%s", m.Data)
 		}
 		for _, r := range m.To {
@@ -140,7 +140,7 @@ upstreams:
 routes:
   - {name: default, upstreams: [down]}
 `, peer.smtp, upA.Addr))
-	looped := "X-Relay-Drain-Hops: 3\r\n" + message(sender, "loop@example.net", 1, "looping")
+	looped := "X-Relaycar-Drained: 3\r\n" + message(sender, "loop@example.net", 1, "looping")
 	a.mustSend(sender, []string{"loop@example.net"}, looped)
 	fresh := a.mustSend(sender, []string{"fresh@example.net"}, message(sender, "fresh@example.net", 2, "first hop"))
 	waitFor(t, 10*time.Second, "both messages tried", func() bool {

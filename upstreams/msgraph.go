@@ -196,8 +196,3 @@ func (g *msgraphUpstream) post(ctx context.Context, u, tok string, body []byte, 
 }
 
 var _ Upstream = (*msgraphUpstream)(nil)
-
-// withBccHeader is the copy of data with envelope-only recipients in Bcc.
-func withBccHeader(m *Message, data []byte, named map[string]bool) []byte {
-	return smtp2goMIME(m, data, named)
-}

@@ -98,7 +98,7 @@ func (s *smtp2goUpstream) Send(ctx context.Context, m *Message) (Receipt, error)
 		return Receipt{}, errorf(s.name, Unsupported, "", nil,
 			"headers name %s, who is not part of this delivery; SMTP2GO's API would mail them again (use its SMTP endpoint for split routes)", dup)
 	}
-	mime := smtp2goMIME(m, data, named)
+	mime := withBccHeader(m, data, named)
 	// {"mime_email":"<base64>"} written directly: base64 needs no JSON
 	// escaping, and a 25 MB message is not copied three more times.
 	const pre, post = `{"mime_email":"`, `"}`
@@ -270,11 +270,12 @@ func smtp2goTextClass(text string) (Class, bool) {
 	return 0, false
 }
 
-// smtp2goMIME returns the bytes sent to SMTP2GO: data (m's body) with, when needed,
+// withBccHeader returns the bytes sent to the providers that mail every header
+// recipient (SMTP2GO, Graph): data (m's body) with, when needed,
 // the envelope recipients absent from the To, Cc and Bcc headers added to
 // the Bcc header (one Bcc field: a second one may be ignored downstream).
 // data itself is never modified.
-func smtp2goMIME(m *Message, data []byte, named map[string]bool) []byte {
+func withBccHeader(m *Message, data []byte, named map[string]bool) []byte {
 	var extra []string
 	seen := map[string]bool{}
 	for _, rcpt := range m.To {

@@ -123,7 +123,7 @@ func TestSMTP2GO_HeaderRecipients(t *testing.T) {
 	// An existing Bcc field is extended, never duplicated.
 	m := &Message{To: []string{"b@example.com", "x@example.org"},
 		Body: BytesBody([]byte("From: a@example.com\r\nBcc: c@example.com\r\nTo: b@example.com\r\n\r\nhi\r\n"))}
-	mime := string(smtp2goMIME(m, bodyOf(m), headerRecipients(bodyOf(m))))
+	mime := string(withBccHeader(m, bodyOf(m), headerRecipients(bodyOf(m))))
 	if strings.Count(mime, "Bcc:") != 1 || !strings.Contains(mime, "Bcc: c@example.com,\r\n x@example.org\r\n") ||
 		!strings.HasSuffix(mime, "To: b@example.com\r\n\r\nhi\r\n") {
 		t.Errorf("merged Bcc: %q", mime)
