@@ -35,7 +35,13 @@
 #   the run.
 #
 # Environment: V1_COMMIT (default 6bc32fb) to build another release,
-# V1_BIN=/path/to/relaycar to use a binary already built.
+# V1_BIN=/path/to/relaycar to use a binary already built, OUT (default
+# relay/spool/testdata/v1) for the fixture directory.
+#
+# relay/spool/testdata/v2-1721dd1 (the previous release, spool format v2) was
+# made the same way: V1_COMMIT=1721dd1 OUT=relay/spool/testdata/v2-1721dd1
+# tools/make-spool-fixture.sh (spoolfixture reads v2 .msg files through the
+# spool package). tests/upgrade_test.go delivers both with the current binary.
 set -euo pipefail
 
 root=$(git rev-parse --show-toplevel)
@@ -55,5 +61,6 @@ if [ -z "$bin" ]; then
 	bin=$work/relaycar
 fi
 "$bin" version
-go run ./tools/spoolfixture -relaycar "$bin" -out relay/spool/testdata/v1
-find relay/spool/testdata/v1 -type f | sort
+out=${OUT:-relay/spool/testdata/v1}
+go run ./tools/spoolfixture -relaycar "$bin" -out "$out"
+find "$out" -type f | sort

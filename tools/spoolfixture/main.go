@@ -9,6 +9,8 @@
 package main
 
 import (
+	"github.com/relaycar/relaycar/relay/spool"
+
 	"encoding/json"
 	"errors"
 	"flag"
@@ -188,8 +190,14 @@ type envelope struct {
 	DeadReason string            `json:"dead_reason"`
 }
 
+// count counts the envelopes in dir that ok accepts: v1's .json files,
+// or, for a release with the v2 format, its .msg files read through the
+// spool package (read-only; the relay holds the lock).
 func count(dir string, ok func(envelope) bool) int {
 	files, _ := filepath.Glob(filepath.Join(dir, "*.json"))
+	if len(files) == 0 {
+		return countV2(dir, ok)
+	}
 	n := 0
 	for _, f := range files {
 		b, err := os.ReadFile(f)
@@ -267,3 +275,27 @@ func (*sinkSession) Data(r io.Reader) error {
 
 func (*sinkSession) Reset()        {}
 func (*sinkSession) Logout() error { return nil }
+
+func countV2(dir string, ok func(envelope) bool) int {
+	root, list := dir, (*spool.Spool).List
+	if filepath.Base(dir) == "dead" {
+		root, list = filepath.Dir(dir), (*spool.Spool).Dead
+	}
+	if _, err := os.Stat(root); err != nil {
+		return 0
+	}
+	sp, err := spool.Open(root, spool.Options{})
+	if err != nil {
+		return 0
+	}
+	envs, _ := list(sp)
+	n := 0
+	for _, e := range envs {
+		b, _ := json.Marshal(e)
+		var v envelope
+		if json.Unmarshal(b, &v) == nil && ok(v) {
+			n++
+		}
+	}
+	return n
+}
