@@ -117,11 +117,7 @@ func New(cfg *Config, d Deps) (_ *Relay, err error) {
 	}
 	r.engine.Store(e)
 	router := e.router
-	for _, rc := range cfg.Routes {
-		if len(rc.RedirectAllTo) > 0 {
-			r.log.Warn("route redirects all mail (redirect_all_to)", "route", rc.Name, "redirect_all_to", rc.RedirectAllTo)
-		}
-	}
+	r.logRedirects(cfg)
 	// SIZE: the largest message some route can deliver, capped by the
 	// listener's own limit.
 	r.maxBytes = cfg.Listen.MaxMessageBytes
@@ -153,6 +149,16 @@ func New(cfg *Config, d Deps) (_ *Relay, err error) {
 		gates: func() []*policy.Gate { return r.engine.Load().order }, reg: reg, log: r.log, now: r.now, version: d.Version, ready: r.ready.Load,
 		readyBytes: r.maxBytes + commitOverhead}
 	return r, nil
+}
+
+// logRedirects says, at start and at each reload, which routes send all
+// their mail to redirect_all_to instead of the real recipients.
+func (r *Relay) logRedirects(cfg *Config) {
+	for _, rc := range cfg.Routes {
+		if len(rc.RedirectAllTo) > 0 {
+			r.log.Warn("route redirects all mail (redirect_all_to)", "route", rc.Name, "redirect_all_to", rc.RedirectAllTo)
+		}
+	}
 }
 
 func (r *Relay) breakerChanged(upstream, sender string, from, to gobreaker.State) {

@@ -65,11 +65,7 @@ func (r *Relay) reload(cfg *Config) error {
 	} else {
 		r.log.Info("config reloaded", d.logAttrs()...)
 	}
-	for _, rc := range cfg.Routes {
-		if len(rc.RedirectAllTo) > 0 {
-			r.log.Warn("route redirects all mail (redirect_all_to)", "route", rc.Name, "redirect_all_to", rc.RedirectAllTo)
-		}
-	}
+	r.logRedirects(cfg)
 	r.metrics.reloadOK.Set(1)
 	r.metrics.reloadTime.Set(float64(r.now().UnixNano()) / 1e9)
 	return nil
