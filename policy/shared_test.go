@@ -256,14 +256,16 @@ func TestShared_GateAdmitsPerRecipient(t *testing.T) {
 	t.Parallel()
 	m := miniredis.RunT(t)
 	s := newTestShared(t, m.Addr(), 2, nil)
-	c := upstreams.Config{Name: "up", RateLimit: upstreams.RateLimit{PerSecond: 1, Burst: 3, MaxWait: 10 * time.Millisecond, Shared: true},
+	// max_wait bounds the Redis call too: 10ms made a loaded machine's
+	// slow reply a fallback to the local limit (burst 1), not a token.
+	c := upstreams.Config{Name: "up", RateLimit: upstreams.RateLimit{PerSecond: 1, Burst: 3, MaxWait: 300 * time.Millisecond, Shared: true},
 		CircuitBreaker: upstreams.CircuitBreaker{Failures: 5, OpenFor: time.Minute}}
 	g := NewGate(&scripted{}, c, GateHooks{Limiter: s.Limiter("up", 1, 3), Pauses: s.Pauses()})
 	if got := g.Admit(context.Background(), Ask{Rcpts: 3}); got != NotSkipped {
 		t.Fatalf("3 recipients with burst 3: %v", got)
 	}
 	if got := g.Admit(context.Background(), Ask{Rcpts: 1}); got != SkipRateLimited {
-		t.Fatalf("a 4th recipient within 10ms at 1/s: %v, want rate_limited", got)
+		t.Fatalf("a 4th recipient within 300ms at 1/s: %v, want rate_limited", got)
 	}
 	s.Pauses().Pause("up", time.Now().Add(time.Minute)) // another replica's 429
 	waitUntil(t, time.Second, "the gate to see a pause set through Redis", func() bool {

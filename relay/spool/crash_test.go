@@ -39,17 +39,22 @@ const (
 	idC        = "1c"
 	idD        = "1d"
 	idE        = "1e"
+	idF        = "1f"
 )
 
 func crashIDs() []string {
-	return []string{idV1Live, idV1Part, idV1Dead, idV1Bury, idA, idB, idC, idD, idE}
+	return []string{idV1Live, idV1Part, idV1Dead, idV1Bury, idA, idB, idC, idD, idE, idF}
 }
 
 // crashBody: B and E are larger than the intake buffer, so their bodies
-// reach the disk in several writes before the commit.
+// reach the disk in several writes before the commit; F is smaller than
+// the delivered file it reuses, so that file's old bytes follow F's.
 func crashBody(id string) []byte {
-	if id == idB || id == idE {
+	switch id {
+	case idB, idE:
 		return testBody(id, 150<<10)
+	case idF:
+		return testBody(id, 500)
 	}
 	return testBody(id, 2000)
 }
@@ -85,8 +90,8 @@ func seedV1(c *crashFS) {
 
 // crashWorkload is every kind of operation of a serving relay, in a fixed
 // order: accept (interleaved sessions), attempt, partial delivery,
-// compaction, dead-letter, retry, delivery and reaper unlink, drop, and
-// the v1 migration at start.
+// compaction, dead-letter, retry, delivery and reaper unlink or move into
+// the pool, accept into a reused file, drop, and the v1 migration at start.
 func crashWorkload() []crashStep {
 	write := func(r *crashRun, id string, from, to int) error {
 		_, err := r.w[id].Write(crashBody(id)[from:to])
@@ -193,6 +198,25 @@ func crashWorkload() []crashStep {
 				return err
 			}
 			return commit(r, idE)
+		}},
+		{"F: accept into v1live's reused file", true, func(r *crashRun) error {
+			free := func() bool {
+				_, _, _, ok := r.sp.fs.(*crashFS).lookup(r.sp.freePath(idV1Live))
+				return ok
+			}
+			if !free() {
+				return fmt.Errorf("%s is not in the pool", r.sp.freePath(idV1Live))
+			}
+			if err := create(r, idF); err != nil {
+				return err
+			}
+			if free() {
+				return fmt.Errorf("F did not reuse %s", r.sp.freePath(idV1Live))
+			}
+			if err := write(r, idF, 0, end(idF)); err != nil {
+				return err
+			}
+			return commit(r, idF)
 		}},
 		{"v1part: attempt", false, func(r *crashRun) error {
 			e := r.envs[idV1Part]

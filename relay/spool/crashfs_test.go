@@ -153,6 +153,16 @@ func (c *crashFS) Rename(from, to string) error {
 	return nil
 }
 
+func (c *crashFS) RenameNoReplace(from, to string) error {
+	c.mu.Lock()
+	_, _, _, exists := c.lookup(to)
+	c.mu.Unlock()
+	if exists {
+		return &os.LinkError{Op: "renameat2", Old: from, New: to, Err: fs.ErrExist}
+	}
+	return c.Rename(from, to)
+}
+
 func (c *crashFS) Remove(path string) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()

@@ -7,6 +7,7 @@
 //	<dir>/<id>.msg              a live message: header, body, records (0600)
 //	<dir>/dead/<id>.msg         a dead letter, same format, state says why
 //	<dir>/.tmp-<id>.msg         a compaction or migration in progress
+//	<dir>/.free-<id>            a delivered message's file kept for reuse (garbage)
 //	<dir>/<id>.msg.broken       a damaged entry, kept for a human (also in dead/)
 //	<dir>/.lock                 flock of the serving process
 //	<dir>/<id>.{eml,json}       format v1, migrated by Load (also in dead/)
@@ -37,28 +38,42 @@
 // atomicfile.GroupSync: concurrent callers share it (group commit).
 //
 //	operation         what is written, in order                              what is synced
-//	Create, Write     O_EXCL <id>.msg; placeholder header; body through a    nothing
-//	                  64 KiB buffer
+//	Create, Write     rename .free-<x> to <id>.msg (RENAME_NOREPLACE), or    nothing
+//	                  O_EXCL <id>.msg when the pool has no ready file;
+//	                  placeholder header; body through a 64 KiB buffer
 //	Commit            rest of the body; envelope record; header (pwrite at   syncfs, then 250
 //	                  0) with body length and CRC
 //	Abort             unlink <id>.msg                                        nothing
 //	Update            envelope record after the last valid one               nothing: a lost state repeats an attempt
 //	Update, records   .tmp-<id>.msg: header, body copy, envelope record;     fsync of the temp file before the rename
 //	over 64 KiB       rename over <id>.msg
-//	Remove            done record; the reaper unlinks <id>.msg later         nothing: a lost done resends (at-least-once)
+//	Remove            done record; the reaper later renames <id>.msg to      nothing: a lost done resends (at-least-once)
+//	                  .free-<id> (files up to 64 KiB, 256 at most) or
+//	                  unlinks it
 //	Bury              envelope record with dead_reason; rename to            fsync of the file before the rename;
 //	                  dead/<id>.msg                                          syncfs after it
 //	Resurrect         rename dead/<id>.msg to <id>.msg; envelope record      syncfs after the rename; syncfs after
 //	                  with failed recipients pending again                   the record
 //	Drop              unlink <id>.msg and dead/<id>.msg (and v1 files)       syncfs
-//	Load              unlink .tmp-* and done files; rename damaged entries   v1 entries: syncfs after all their temp
-//	                  to .broken; rename live files with a dead reason to    files, syncfs after all the renames,
-//	                  dead/; v1 entries: .tmp-<id>.msg, rename to <id>.msg,  then the v1 unlinks; one syncfs at the
-//	                  unlink the v1 pair                                     end (a lost unlink or rename is redone
+//	Load              unlink .tmp-* and done files; adopt .free-* into the   v1 entries: syncfs after all their temp
+//	                  pool; rename damaged entries to .broken; rename live   files, syncfs after all the renames,
+//	                  files with a dead reason to dead/; v1 entries:         then the v1 unlinks; one syncfs at the
+//	                  .tmp-<id>.msg, rename to <id>.msg, unlink the v1 pair  end (a lost unlink or rename is redone
 //	                                                                         by the next Load)
 //
-// The hot path is Create, Write, Commit, Update and Remove: one file
-// created per message, nothing unlinked on it.
+// The hot path is Create, Write, Commit, Update and Remove: at most one
+// file created per message (none once the pool has files), nothing
+// unlinked on it.
+//
+// # Reused files
+//
+// A file from the pool keeps its old bytes past what the new message
+// writes. They never read as the new message's: its records are chained
+// to its own body's CRC and carry its id, and until its header is written
+// the file holds the old message's records, whose id is not the file's
+// name, so Load quarantines it as never committed. A free file is taken
+// only after two syncs since its rename, so the delivered message's done
+// record and the rename are durable before its bytes are written over.
 //
 // Readers (List, Dead, Get, CountDead) change nothing and are safe beside
 // a serving process: they see the last complete record. Everything else

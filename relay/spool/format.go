@@ -167,8 +167,12 @@ type state struct {
 	// CRC, or the body CRC when there is none).
 	end  int64
 	last uint32
-	// size is the file's size; size-end bytes are a torn tail.
+	// size is the file's size; size-end bytes are a torn tail (or, in a
+	// reused file, the previous message's).
 	size int64
+	// foreign: the first valid record is another message's envelope, as
+	// in a file taken from the pool whose new message was never committed.
+	foreign bool
 }
 
 // recordBytes is the space the valid records take; compaction watches it.
@@ -211,6 +215,7 @@ func readState(f File, id string) (*state, error) {
 			// reused block: the end, like any invalid record.
 			var env Envelope
 			if json.Unmarshal(payload, &env) != nil || env.ID != id {
+				st.foreign = st.env == nil && env.ID != ""
 				return st, nil
 			}
 			st.env = &env

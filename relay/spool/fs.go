@@ -11,6 +11,9 @@ import (
 type FS interface {
 	OpenFile(name string, flag int, perm fs.FileMode) (File, error)
 	Rename(oldpath, newpath string) error
+	// RenameNoReplace fails with fs.ErrExist when newpath exists, and
+	// with errors.ErrUnsupported where the file system cannot do it.
+	RenameNoReplace(oldpath, newpath string) error
 	Remove(name string) error
 	// ReadDir lists a directory sorted by name.
 	ReadDir(name string) ([]fs.DirEntry, error)

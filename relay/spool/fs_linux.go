@@ -1,6 +1,7 @@
 package spool
 
 import (
+	"errors"
 	"fmt"
 	"os"
 
@@ -32,4 +33,16 @@ func (OS) Statfs(dir string) (Usage, error) {
 		u.FreeInodes = -1
 	}
 	return u, nil
+}
+
+// RenameNoReplace is renameat2(2) with RENAME_NOREPLACE.
+func (OS) RenameNoReplace(oldpath, newpath string) error {
+	err := unix.Renameat2(unix.AT_FDCWD, oldpath, unix.AT_FDCWD, newpath, unix.RENAME_NOREPLACE)
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, unix.EINVAL), errors.Is(err, unix.ENOSYS):
+		err = fmt.Errorf("%w: %w", errors.ErrUnsupported, err)
+	}
+	return &os.LinkError{Op: "renameat2", Old: oldpath, New: newpath, Err: err}
 }

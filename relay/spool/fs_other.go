@@ -3,6 +3,8 @@
 package spool
 
 import (
+	"errors"
+	"os"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -22,4 +24,9 @@ func (OS) Statfs(dir string) (Usage, error) {
 		return Usage{}, err
 	}
 	return Usage{FreeBytes: int64(st.Bavail) * int64(st.Bsize), FreeInodes: int64(st.Ffree)}, nil
+}
+
+// RenameNoReplace is not attempted here: Create makes fresh files.
+func (OS) RenameNoReplace(oldpath, newpath string) error {
+	return &os.LinkError{Op: "rename", Old: oldpath, New: newpath, Err: errors.ErrUnsupported}
 }

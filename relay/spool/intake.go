@@ -28,15 +28,19 @@ type Writer struct {
 
 var errWriterDone = errors.New("spool: writer already committed or aborted")
 
-// Create starts a message under its final name: one O_EXCL create and no
-// rename, because every create, rename and unlink takes the directory
-// lock, and under load that lock, not the disk, is the limit.
+// Create starts a message under its final name, in a free file from the
+// pool (one rename) or a new one (one O_EXCL create); never a temp file
+// and a rename, because every create, rename and unlink takes the
+// directory lock, and under load that lock, not the disk, is the limit.
 func (s *Spool) Create(id string) (*Writer, error) {
 	if !validID(id) {
 		return nil, fmt.Errorf("spool: invalid message id %q", id)
 	}
 	path := s.live(id)
-	f, err := s.fs.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, fileMode)
+	f, err := s.reuse(path)
+	if f == nil && err == nil {
+		f, err = s.fs.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, fileMode)
+	}
 	if err != nil {
 		s.noteFull(err)
 		return nil, err

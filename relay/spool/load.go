@@ -64,6 +64,8 @@ func (l *loader) scan(dir string) error {
 		case strings.HasPrefix(name, atomicfile.TempPrefix):
 			// v1 writes, compactions and migrations a crash interrupted.
 			s.fs.Remove(filepath.Join(dir, name))
+		case strings.HasPrefix(name, freePrefix) && dir == s.dir:
+			s.adopt(strings.TrimPrefix(name, freePrefix))
 		case strings.HasPrefix(name, "."):
 			// .lock
 		case strings.HasSuffix(name, ".msg"):
@@ -100,6 +102,10 @@ func (l *loader) loadMsg(dir, id string) error {
 				s.log.Warn("unlinking delivered message failed", "msg_id", id, "err", err)
 			}
 			return nil
+		case st.env == nil && st.foreign:
+			// Taken from the pool, never committed: the records are
+			// the previous message's.
+			err = corrupt("a reused file never committed (intake interrupted; not acknowledged)")
 		case st.env == nil:
 			err = corrupt("no valid envelope record")
 		default:

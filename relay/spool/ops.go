@@ -107,42 +107,43 @@ func (s *Spool) writeMsg(path string, h header, body io.Reader, rec []byte, fsyn
 	return f.Close()
 }
 
-// Remove marks a delivered message done and leaves the unlink to the
-// reaper, off the delivery path. The done record is not synced: if a
+// Remove marks a delivered message done and leaves the unlink, or the
+// move into the pool of free files, to the reaper, off the delivery path. The done record is not synced: if a
 // crash undoes it the message is sent again, which at-least-once allows;
 // it survives kill -9 through the page cache, and Load unlinks done files.
 func (s *Spool) Remove(id string) error {
 	if !validID(id) {
 		return nil
 	}
-	err := s.markDone(id)
+	size, err := s.markDone(id)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}
 	if err != nil {
 		return err
 	}
-	s.reapLater(id)
+	s.reapLater(id, size <= poolMaxBytes)
 	return nil
 }
 
-func (s *Spool) markDone(id string) error {
+// markDone appends the done record and returns the file's size.
+func (s *Spool) markDone(id string) (int64, error) {
 	defer s.locks.lock(id)()
 	f, err := s.fs.OpenFile(s.live(id), os.O_RDWR, 0)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	defer f.Close()
 	st, err := readState(f, id)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	if !st.done {
 		if _, err := f.WriteAt(record(st.last, recDone, nil), st.end); err != nil {
-			return err
+			return 0, err
 		}
 	}
-	return f.Close()
+	return st.size, f.Close()
 }
 
 // Bury moves a message to dead/ with its reason, durably. The record is

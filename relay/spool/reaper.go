@@ -6,12 +6,12 @@ import (
 	"sync"
 )
 
-// reaper unlinks delivered messages in batches on its own goroutine: an
-// unlink takes the directory lock that every intake's create needs, so it
-// stays off the delivery path.
+// reaper unlinks delivered messages, or moves them into the pool, in
+// batches on its own goroutine: both take the directory lock that every
+// intake's create needs, so they stay off the delivery path.
 type reaper struct {
 	mu      sync.Mutex
-	pending []string
+	pending []reapItem
 	started bool
 	closed  bool
 	wake    chan struct{}
@@ -19,15 +19,20 @@ type reaper struct {
 	done    chan struct{}
 }
 
-func (s *Spool) reapLater(id string) {
+type reapItem struct {
+	id    string
+	reuse bool // small enough for the pool
+}
+
+func (s *Spool) reapLater(id string, reuse bool) {
 	r := &s.reap
 	r.mu.Lock()
 	if r.closed {
 		r.mu.Unlock()
-		s.unlinkDone(id)
+		s.unlinkDone(id, false)
 		return
 	}
-	r.pending = append(r.pending, id)
+	r.pending = append(r.pending, reapItem{id, reuse})
 	if !r.started && !s.manualReap {
 		// Started on first use: `relaycar queue` opens a spool and never
 		// removes anything.
@@ -64,18 +69,22 @@ func (s *Spool) reapNow() {
 	ids := r.pending
 	r.pending = nil
 	r.mu.Unlock()
-	for _, id := range ids {
-		s.unlinkDone(id)
+	for _, it := range ids {
+		s.unlinkDone(it.id, it.reuse)
 	}
 }
 
-// unlinkDone removes a message that Remove marked done. It does not read
+// unlinkDone removes a message that Remove marked done, into the pool if
+// reuse allows and it has room. It does not read
 // the file again: a done file never changes back (Update, Bury and
 // compaction refuse a done file, Create never reuses a name), so the
 // check would cost an open and a read per delivered message for nothing.
 // The per-id lock orders it after Remove's append.
-func (s *Spool) unlinkDone(id string) {
+func (s *Spool) unlinkDone(id string, reuse bool) {
 	defer s.locks.lock(id)()
+	if reuse && s.keep(id) {
+		return
+	}
 	if err := s.fs.Remove(s.live(id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		s.log.Warn("unlinking delivered message failed; Load retries", "msg_id", id, "err", err)
 	}

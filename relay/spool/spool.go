@@ -56,6 +56,7 @@ type Spool struct {
 	// writers recycles intake buffers: a fresh 64 KiB per message was a
 	// good part of the garbage collector's work under load.
 	writers sync.Pool
+	pool    pool
 }
 
 // Options configure Open.
@@ -69,6 +70,8 @@ type Options struct {
 type syncer interface {
 	Sync() error
 	Err() error
+	// Syncs counts the syncs done, for the pool's "synced since".
+	Syncs() uint64
 }
 
 // Open creates the directories if needed. It does not read the spool:
@@ -99,6 +102,7 @@ type fsSyncer struct {
 	dir    string
 	mu     sync.Mutex
 	failed error
+	syncs  uint64
 }
 
 func (f *fsSyncer) Sync() error {
@@ -106,8 +110,15 @@ func (f *fsSyncer) Sync() error {
 	defer f.mu.Unlock()
 	if f.failed == nil {
 		f.failed = f.fs.SyncFS(f.dir)
+		f.syncs++
 	}
 	return f.failed
+}
+
+func (f *fsSyncer) Syncs() uint64 {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.syncs
 }
 
 func (f *fsSyncer) Err() error {
@@ -403,6 +414,7 @@ func (s *Spool) noteFull(err error) {
 	if !errors.Is(err, syscall.ENOSPC) && !errors.Is(err, syscall.EDQUOT) {
 		return
 	}
+	s.drainPool()
 	free := int64(0)
 	if u, serr := s.fs.Statfs(s.dir); serr == nil {
 		free = u.FreeBytes

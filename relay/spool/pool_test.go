@@ -1,0 +1,178 @@
+package spool
+
+import (
+	"bytes"
+	"errors"
+	"io/fs"
+	"os"
+	"slices"
+	"syscall"
+	"testing"
+)
+
+// delivered puts a message, removes it as delivered and runs the reaper,
+// then syncs twice so that its file is ready in the pool.
+func delivered(t *testing.T, s *Spool, id string, size int) os.FileInfo {
+	t.Helper()
+	put(t, s, testEnv(id), testBody(id, size))
+	fi, err := os.Stat(s.live(id))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Remove(id); err != nil {
+		t.Fatal(err)
+	}
+	s.reapNow()
+	for range 2 {
+		if err := s.sync.Sync(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return fi
+}
+
+func TestPool_ReusesDeliveredFileWithoutItsOldBytes(t *testing.T) {
+	s := newTestSpool(t)
+	s.manualReap = true
+	old := delivered(t, s, "a", 40<<10)
+	if got := dirNames(t, s.dir); !slices.Equal(got, []string{".free-a", "dead"}) {
+		t.Fatalf("after delivery = %v", got)
+	}
+
+	body := testBody("c", 700)
+	put(t, s, testEnv("c"), body)
+	fi, err := os.Stat(s.live("c"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !os.SameFile(old, fi) {
+		t.Fatal("c is in a new file, not a's")
+	}
+	if fi.Size() <= int64(len(body))+headerSize {
+		t.Fatalf("c's file is %d bytes: a's old bytes should still follow c's", fi.Size())
+	}
+	if got := dirNames(t, s.dir); !slices.Equal(got, []string{"c.msg", "dead"}) {
+		t.Errorf("after reuse = %v", got)
+	}
+	if got := readBody(t, s, "c"); !bytes.Equal(got, body) {
+		t.Errorf("c's body is %d bytes, want its own %d", len(got), len(body))
+	}
+	env, err := s.Get("c")
+	if err != nil || env.ID != "c" || env.Size != len(body) {
+		t.Fatalf("Get(c) = %+v, %v", env, err)
+	}
+	// Its states append over a's old records, and a restart reads c alone.
+	env.Attempts = 3
+	if err := s.Update(env); err != nil {
+		t.Fatal(err)
+	}
+	s2, err := Open(s.dir, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	envs, broken, err := s2.Load()
+	if err != nil || broken != 0 || len(envs) != 1 || envs[0].ID != "c" || envs[0].Attempts != 3 {
+		t.Fatalf("Load = %v, %d broken, %v", envs, broken, err)
+	}
+}
+
+func TestPool_KeepsOnlySmallFilesAndAtMostPoolMax(t *testing.T) {
+	s := newTestSpool(t)
+	s.manualReap = true
+	delivered(t, s, "big", poolMaxBytes)
+	if got := dirNames(t, s.dir); !slices.Equal(got, []string{"dead"}) {
+		t.Errorf("a file over %d bytes was kept: %v", poolMaxBytes, got)
+	}
+	for range poolMax {
+		s.pool.soon = append(s.pool.soon, freeFile{gen: 1 << 60}) // never ready
+	}
+	delivered(t, s, "small", 100)
+	if _, err := os.Stat(s.freePath("small")); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("a full pool took another file: %v", err)
+	}
+}
+
+func TestPool_FileNotReadyUntilSyncedAfterItsRename(t *testing.T) {
+	s := newTestSpool(t)
+	s.manualReap = true
+	put(t, s, testEnv("a"), testBody("a", 100))
+	s.Remove("a")
+	s.reapNow()
+	// No sync since the rename: a's done record and new name may not be
+	// durable, so its bytes must not be written over yet.
+	// One sync is not enough either: it may have been running at the
+	// rename. b and c each commit with one.
+	put(t, s, testEnv("b"), testBody("b", 100))
+	put(t, s, testEnv("c"), testBody("c", 100))
+	if _, err := os.Stat(s.freePath("a")); err != nil {
+		t.Fatalf("c took a's file after one sync: %v", err)
+	}
+	put(t, s, testEnv("d"), testBody("d", 100))
+	if _, err := os.Stat(s.freePath("a")); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("d did not take a's file after two syncs: %v", err)
+	}
+}
+
+func TestPool_ReusedFileNeverCommittedIsNotDelivered(t *testing.T) {
+	s := newTestSpool(t)
+	s.manualReap = true
+	delivered(t, s, "a", 2000)
+	w, err := s.Create("d")
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Write(testBody("d", 100)) // buffered: on disk d.msg still holds a's bytes
+	// The process dies here; the next one loads the spool.
+	s2, err := Open(s.dir, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	envs, broken, err := s2.Load()
+	if err != nil || len(envs) != 0 || broken != 1 {
+		t.Fatalf("Load = %v, %d broken, %v; want nothing loaded, d quarantined", envs, broken, err)
+	}
+	if got := dirNames(t, s.dir); !slices.Equal(got, []string{"d.msg.broken", "dead"}) {
+		t.Errorf("spool = %v", got)
+	}
+}
+
+func TestPool_NameInUseFailsLikeOExcl(t *testing.T) {
+	s := newTestSpool(t)
+	s.manualReap = true
+	put(t, s, testEnv("x"), testBody("x", 100))
+	delivered(t, s, "a", 100)
+	if _, err := s.Create("x"); !errors.Is(err, fs.ErrExist) {
+		t.Fatalf("Create of a queued id = %v, want fs.ErrExist", err)
+	}
+	if got := readBody(t, s, "x"); !bytes.Equal(got, testBody("x", 100)) {
+		t.Error("the queued message was overwritten")
+	}
+	if _, err := os.Stat(s.freePath("a")); err != nil {
+		t.Errorf("the free file was lost: %v", err)
+	}
+}
+
+func TestPool_LoadAdoptsFreeFilesAndAFullDiskDrainsThem(t *testing.T) {
+	s := newTestSpool(t)
+	s.manualReap = true
+	for _, id := range []string{"a", "b"} {
+		put(t, s, testEnv(id), testBody(id, 100))
+		s.Remove(id)
+	}
+	s.reapNow()
+	s2, err := Open(s.dir, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s2.manualReap = true
+	if _, _, err := s2.Load(); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(s2.pool.soon) + len(s2.pool.ready); n != 2 {
+		t.Errorf("Load adopted %d free files, want 2", n)
+	}
+	s2.noteFull(syscall.ENOSPC)
+	if got := dirNames(t, s.dir); !slices.Equal(got, []string{"dead"}) {
+		t.Errorf("after a full disk = %v, want the free files gone", got)
+	}
+}
