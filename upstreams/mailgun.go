@@ -15,8 +15,9 @@ import (
 	"github.com/mailgun/mailgun-go/v5"
 )
 
-// mailgunUpstream sends raw MIME through Mailgun's messages.mime API. The envelope
-// recipients go in the repeated `to` form fields, so Bcc works.
+// mailgunUpstream sends raw MIME through Mailgun's messages.mime API, the
+// body streamed from the spool (mailgun_stream.go). The envelope recipients
+// go in the repeated `to` form fields, so Bcc works.
 type mailgunUpstream struct {
 	name    string
 	domain  string
@@ -24,7 +25,6 @@ type mailgunUpstream struct {
 	timeout time.Duration
 	key     Secret
 	log     *slog.Logger
-	mem     Memory
 	now     func() time.Time
 }
 
@@ -32,7 +32,9 @@ func newMailgun(c Config, d Deps) (*mailgunUpstream, error) {
 	timeout := c.Timeout
 	mg := mailgun.NewMailgun(c.APIKey.Reveal())
 	// The SDK's default client is http.DefaultClient, without a timeout.
-	mg.SetHTTPClient(d.httpClient(timeout))
+	hc := d.httpClient(timeout)
+	hc.Transport = mailgunStreamTransport{base: hc.Transport}
+	mg.SetHTTPClient(hc)
 	base := mailgun.APIBase
 	if c.Region == "eu" {
 		base = mailgun.APIBaseEU
@@ -43,7 +45,7 @@ func newMailgun(c Config, d Deps) (*mailgunUpstream, error) {
 	if err := mg.SetAPIBase(base); err != nil {
 		return nil, fmt.Errorf("endpoint: %v", err)
 	}
-	return &mailgunUpstream{name: c.Name, domain: c.Domain, client: mg, timeout: timeout, key: c.APIKey, log: d.logger(), mem: d.Memory, now: d.now()}, nil
+	return &mailgunUpstream{name: c.Name, domain: c.Domain, client: mg, timeout: timeout, key: c.APIKey, log: d.logger(), now: d.now()}, nil
 }
 
 // Name returns the configured name.
@@ -56,11 +58,6 @@ func (g *mailgunUpstream) Send(ctx context.Context, m *Message) (Receipt, error)
 	if len(m.To) == 0 {
 		return Receipt{}, errorf(g.name, Rejected, "", nil, "no recipients")
 	}
-	release, err := reserve(ctx, g.mem, g.name, m, memFactorMailgun)
-	if err != nil {
-		return Receipt{}, err
-	}
-	defer release()
 	rc, err := sendChunks(m.To, mailgun.MaxNumberOfRecipients, func(rcpts []string) (string, *Error) {
 		return g.send(ctx, m, rcpts)
 	})
@@ -76,9 +73,10 @@ func (g *mailgunUpstream) send(ctx context.Context, m *Message, rcpts []string) 
 	ctx, cancel := context.WithTimeoutCause(ctx, g.timeout, apiTimeoutCause(g.timeout))
 	defer cancel()
 	ctx, progress := apiTrace(ctx)
-	// A fresh reader per call, straight from the spool: the SDK consumes
-	// and closes it (into its own form buffer, hence the reservation).
-	msg := mailgun.NewMIMEMessage(g.domain, io.NopCloser(m.Reader()), rcpts...)
+	// The SDK buffers the form it builds, so it gets a marker; the
+	// transport streams m.Body from the spool in its place.
+	ctx, marker := withMailgunStream(ctx, m.Body)
+	msg := mailgun.NewMIMEMessage(g.domain, io.NopCloser(strings.NewReader(marker)), rcpts...)
 	resp, err := g.client.Send(ctx, msg)
 	if err != nil {
 		return "", g.classify(ctx, err, progress)
@@ -131,6 +129,11 @@ func (g *mailgunUpstream) classify(ctx context.Context, err error, p *apiProgres
 				RetryAt: httpRetryAt(st, nil, g.now())}
 		}
 		return &Error{Upstream: g.name, Class: Ambiguous, Reason: "unreadable success response: " + why, err: err}
+	}
+	if errors.Is(err, errMailgunMarker) {
+		// Our transport found no marker to stream in place of: every
+		// message would fail the same way.
+		return &Error{Upstream: g.name, Class: ProviderFault, Reason: errMailgunMarker.Error(), err: err}
 	}
 	if errors.Is(err, mailgun.ErrInvalidMessage) {
 		// The SDK's own check of the message (no body, no recipient):

@@ -3,12 +3,23 @@ package upstreams
 import (
 	"bytes"
 	"context"
+	"encoding/base64"
+	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"math/rand/v2"
+	"mime"
+	"mime/multipart"
 	"net/http"
+	"net/http/httptest"
+	neturl "net/url"
+	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -266,4 +277,228 @@ func TestMailgun_SecretLeak(t *testing.T) {
 		}
 		return u
 	})
+}
+
+// mailgunBigMessage is a MIME message of about size bytes with a base64
+// attachment of random bytes from seed.
+func mailgunBigMessage(size int, seed byte) []byte {
+	var b bytes.Buffer
+	fmt.Fprintf(&b, "From: alice@example.com\r\nTo: bob@example.net\r\nSubject: big %d\r\nMIME-Version: 1.0\r\n"+
+		"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n", seed)
+	raw := make([]byte, 57)
+	rng := rand.NewChaCha8([32]byte{seed})
+	for b.Len() < size {
+		rng.Read(raw)
+		b.WriteString(base64.StdEncoding.EncodeToString(raw))
+		b.WriteString("\r\n")
+	}
+	return b.Bytes()
+}
+
+// spooledMessage puts data in a file after a header block, as the spool
+// does, and returns a Message whose Body is that section of the file.
+func spooledMessage(t *testing.T, data []byte, rcpts []string) *Message {
+	t.Helper()
+	const header = "spool header block, not part of the message\n"
+	path := filepath.Join(t.TempDir(), "msg")
+	if err := os.WriteFile(path, append([]byte(header), data...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return &Message{ID: "spool-big", From: "alice@example.com", To: rcpts, AllRcpts: rcpts,
+		Body: io.NewSectionReader(f, int64(len(header)), int64(len(data)))}
+}
+
+// mailgunCall is one messages.mime request as the streaming fake saw it.
+type mailgunCall struct {
+	method, path, user, pass string
+	contentLength, read      int64
+	transferEncoding         []string
+	to                       []string
+	message                  []byte
+	filename                 string
+	other                    []string
+}
+
+// newMailgunMIMEFake is an httptest fake of POST /v3/{domain}/messages.mime
+// that decodes each request with mime/multipart and records it.
+func newMailgunMIMEFake(t *testing.T) (url string, calls func() []mailgunCall) {
+	t.Helper()
+	var mu sync.Mutex
+	var got []mailgunCall
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c := mailgunCall{method: r.Method, path: r.URL.Path, contentLength: r.ContentLength, transferEncoding: r.TransferEncoding}
+		c.user, c.pass, _ = r.BasicAuth()
+		raw, err := io.ReadAll(r.Body)
+		c.read = int64(len(raw))
+		mt, params, perr := mime.ParseMediaType(r.Header.Get("Content-Type"))
+		if err != nil || perr != nil || mt != "multipart/form-data" {
+			http.Error(w, `{"message":"not a multipart form"}`, http.StatusBadRequest)
+			return
+		}
+		mr := multipart.NewReader(bytes.NewReader(raw), params["boundary"])
+		for {
+			p, err := mr.NextPart()
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
+				http.Error(w, `{"message":"bad multipart"}`, http.StatusBadRequest)
+				return
+			}
+			data, _ := io.ReadAll(p)
+			switch p.FormName() {
+			case "to":
+				c.to = append(c.to, string(data))
+			case "message":
+				c.message, c.filename = data, p.FileName()
+			default:
+				c.other = append(c.other, p.FormName())
+			}
+		}
+		mu.Lock()
+		got = append(got, c)
+		n := len(got)
+		mu.Unlock()
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprintf(w, `{"id":"<mg-%d@mg.example.com>","message":"Queued. Thank you."}`, n)
+	}))
+	t.Cleanup(srv.Close)
+	return srv.URL, func() []mailgunCall {
+		mu.Lock()
+		defer mu.Unlock()
+		return slices.Clone(got)
+	}
+}
+
+// checkMailgunCall checks one request against the documented format and
+// against m, the spooled message data and the recipients rcpts.
+func checkMailgunCall(t *testing.T, c mailgunCall, data []byte, rcpts []string) {
+	t.Helper()
+	if c.method != http.MethodPost || c.path != "/v3/"+mailgunTestDomain+"/messages.mime" {
+		t.Errorf("request = %s %s, want POST /v3/%s/messages.mime", c.method, c.path, mailgunTestDomain)
+	}
+	if c.user != "api" || c.pass != mailgunTestKey {
+		t.Errorf("basic auth = %q/%q, want api/<key>", c.user, c.pass)
+	}
+	if len(c.transferEncoding) != 0 || c.contentLength != c.read || c.read <= int64(len(data)) {
+		t.Errorf("Content-Length %d, transfer encoding %q, %d bytes read: want the exact length of the form around the %d-byte message",
+			c.contentLength, c.transferEncoding, c.read, len(data))
+	}
+	if !slices.Equal(c.to, rcpts) {
+		t.Errorf("to fields = %q, want %q", c.to, rcpts)
+	}
+	if !bytes.Equal(c.message, data) {
+		t.Errorf("message part: %d bytes, want the %d spooled bytes exactly", len(c.message), len(data))
+	}
+	if c.filename == "" || len(c.other) != 0 {
+		t.Errorf("message file name %q, other fields %q", c.filename, c.other)
+	}
+}
+
+// A spooled message of a few MB reaches Mailgun whole, streamed (the
+// form the SDK builds holds only a marker in its place).
+func TestMailgun_StreamsSpooledMessage(t *testing.T) {
+	t.Parallel()
+	url, calls := newMailgunMIMEFake(t)
+	data := mailgunBigMessage(3<<20, 1)
+	rcpts := []string{"bob@example.net", "carol@example.org", "hidden@example.com"}
+	rc, err := newTestMailgun(t, url).Send(context.Background(), spooledMessage(t, data, rcpts))
+	if err != nil || rc.ProviderID != "<mg-1@mg.example.com>" {
+		t.Fatalf("Send: id %q, %v", rc.ProviderID, err)
+	}
+	cs := calls()
+	if len(cs) != 1 {
+		t.Fatalf("%d requests, want 1", len(cs))
+	}
+	checkMailgunCall(t, cs[0], data, rcpts)
+}
+
+// Concurrent sends through one upstream (one client, one transport) each
+// stream their own message.
+func TestMailgun_ConcurrentStreams(t *testing.T) {
+	t.Parallel()
+	url, calls := newMailgunMIMEFake(t)
+	u := newTestMailgun(t, url)
+	type sent struct {
+		data  []byte
+		rcpts []string
+	}
+	msgs := []sent{
+		{mailgunBigMessage(1<<20, 2), []string{"first@example.net"}},
+		{mailgunBigMessage(3<<19, 3), []string{"second@example.net", "second-bcc@example.org"}},
+	}
+	const rounds = 4
+	for range rounds {
+		var wg sync.WaitGroup
+		for _, mm := range msgs {
+			m := spooledMessage(t, mm.data, mm.rcpts)
+			wg.Go(func() {
+				if _, err := u.Send(context.Background(), m); err != nil {
+					t.Errorf("Send to %s: %v", m.To[0], err)
+				}
+			})
+		}
+		wg.Wait()
+	}
+	cs := calls()
+	if len(cs) != rounds*len(msgs) {
+		t.Fatalf("%d requests, want %d", len(cs), rounds*len(msgs))
+	}
+	for _, c := range cs {
+		i := slices.IndexFunc(msgs, func(mm sent) bool { return len(c.to) > 0 && mm.rcpts[0] == c.to[0] })
+		if i < 0 {
+			t.Fatalf("request for %q, sent to no one", c.to)
+		}
+		checkMailgunCall(t, c, msgs[i].data, msgs[i].rcpts)
+	}
+}
+
+type mailgunRoundTrip func(*http.Request) (*http.Response, error)
+
+func (f mailgunRoundTrip) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
+// The transport splices the body around the marker, with a GetBody that
+// reads the same bytes again, and leaves other requests alone.
+func TestMailgun_StreamTransport(t *testing.T) {
+	t.Parallel()
+	var sent *http.Request
+	tr := mailgunStreamTransport{base: mailgunRoundTrip(func(r *http.Request) (*http.Response, error) {
+		sent = r
+		return &http.Response{StatusCode: 200, Body: http.NoBody, Request: r}, nil
+	})}
+	msg := []byte("Subject: hi\r\n\r\nthe message\r\n")
+	ctx, marker := withMailgunStream(context.Background(), BytesBody(msg))
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://mailgun.invalid/", strings.NewReader("pre|"+marker+"|post"))
+	if _, err := tr.RoundTrip(req); err != nil {
+		t.Fatal(err)
+	}
+	want := "pre|" + string(msg) + "|post"
+	first, _ := io.ReadAll(sent.Body)
+	again, _ := sent.GetBody()
+	second, _ := io.ReadAll(again)
+	if string(first) != want || string(second) != want || sent.ContentLength != int64(len(want)) {
+		t.Errorf("body %q, GetBody %q, Content-Length %d; want %q (%d)", first, second, sent.ContentLength, want, len(want))
+	}
+
+	for _, body := range []string{"no marker", marker + marker} {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://mailgun.invalid/", strings.NewReader(body))
+		if _, err := tr.RoundTrip(req); !errors.Is(err, errMailgunMarker) {
+			t.Errorf("form %q: %v, want errMailgunMarker", body, err)
+		}
+	}
+
+	wrapped := fmt.Errorf("while making http request: %w", &neturl.Error{Op: "Post", URL: "http://mailgun.invalid/", Err: errMailgunMarker})
+	if e := newTestMailgun(t, "").classify(ctx, wrapped, &apiProgress{}); e.Class != ProviderFault {
+		t.Errorf("marker missing: class %v, want provider_fault: every message would fail", e.Class)
+	}
+
+	plain, _ := http.NewRequest(http.MethodPost, "http://mailgun.invalid/", strings.NewReader(marker))
+	if _, err := tr.RoundTrip(plain); err != nil || sent != plain {
+		t.Errorf("a request without a stream was not passed on as is (%v)", err)
+	}
 }

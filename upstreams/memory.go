@@ -16,7 +16,7 @@ type Memory interface {
 // measured with allocation profiles of one send (tools/rss): the body
 // itself plus what their encodings and SDKs copy on top of it.
 const (
-	memFactorMailgun  = 3 // mailgun-go builds its form in a doubling bytes.Buffer: ~2.3-3x at the last growth
+	// Mailgun: none, its body streams from the spool (mailgun_stream.go).
 	memFactorSES      = 4 // raw + base64 in the SDK's buffer + the SDK's copy of the document: ~3.7x
 	memFactorSMTP2GO  = 4 // raw + copy with Bcc + base64 JSON: ~2.3x allocated
 	memFactorSendGrid = 6 // raw + decoded parts + base64 strings + JSON encoder output: ~4.7x held
