@@ -16,8 +16,8 @@ type Memory interface {
 // measured with allocation profiles of one send (tools/rss): the body
 // itself plus what their encodings and SDKs copy on top of it.
 const (
-	// Mailgun: none, its body streams from the spool (mailgun_stream.go).
-	memFactorSES      = 4 // raw + base64 in the SDK's buffer + the SDK's copy of the document: ~3.7x
+	// Mailgun and SES: none, their bodies stream from the spool
+	// (mailgun_stream.go, ses_stream.go).
 	memFactorSMTP2GO  = 4 // raw + copy with Bcc + base64 JSON: ~2.3x allocated
 	memFactorSendGrid = 6 // raw + decoded parts + base64 strings + JSON encoder output: ~4.7x held
 )

@@ -37,7 +37,6 @@ type sesUpstream struct {
 	configSet string
 	timeout   time.Duration
 	log       *slog.Logger
-	mem       Memory
 	secrets   []Secret
 }
 
@@ -71,7 +70,7 @@ func newSES(c Config, d Deps) (*sesUpstream, error) {
 	})
 	return &sesUpstream{
 		name: c.Name, client: client, configSet: c.ConfigurationSet, timeout: timeout,
-		log: d.logger(), secrets: []Secret{c.AccessKeyID, c.SecretAccessKey}, mem: d.Memory,
+		log: d.logger(), secrets: []Secret{c.AccessKeyID, c.SecretAccessKey},
 	}, nil
 }
 
@@ -116,13 +115,10 @@ func (s *sesUpstream) Send(ctx context.Context, m *Message) (Receipt, error) {
 		return Receipt{}, errorf(s.name, Unsupported, "size", nil,
 			"message is %d bytes, %d after base64; SES takes at most %d", m.size(), n, sesMaxEncoded)
 	}
-	data, release, err := loadBody(ctx, s.mem, s.name, m, memFactorSES)
-	if err != nil {
-		return Receipt{}, err
-	}
-	defer release()
+	// No memory is reserved: each call streams the body from where it
+	// rests (sesStream), holding a few KiB of it at a time.
 	rc, err := sendChunks(m.To, sesMaxRecipients, func(rcpts []string) (string, *Error) {
-		return s.send(ctx, m, data, rcpts)
+		return s.send(ctx, m, rcpts)
 	})
 	if err != nil || len(rc.Refused) > 0 {
 		return rc, err
@@ -132,13 +128,22 @@ func (s *sesUpstream) Send(ctx context.Context, m *Message) (Receipt, error) {
 }
 
 // send makes one SendEmail call for rcpts.
-func (s *sesUpstream) send(ctx context.Context, m *Message, data []byte, rcpts []string) (string, *Error) {
+func (s *sesUpstream) send(ctx context.Context, m *Message, rcpts []string) (string, *Error) {
 	ctx, cancel := context.WithTimeoutCause(ctx, s.timeout, apiTimeoutCause(s.timeout))
 	defer cancel()
 	ctx, progress := apiTrace(ctx)
+	raw := &types.RawMessage{}
+	var opts []func(*sesv2.Options)
+	if m.size() > 0 {
+		// The SDK serializes a placeholder, which sesStreamOption replaces
+		// with the body's base64 as the request goes out: the SDK would
+		// hold the message, its base64 and a copy of the document.
+		var marker string
+		raw.Data, marker = sesMarker()
+		opts = append(opts, sesStreamOption(m.Body, marker))
+	} // else Data stays nil: the SDK's input check refuses an empty message
 	in := &sesv2.SendEmailInput{
-		// The SDK base64-encodes Data; the bytes go out unchanged.
-		Content:     &types.EmailContent{Raw: &types.RawMessage{Data: data}},
+		Content:     &types.EmailContent{Raw: raw},
 		Destination: &types.Destination{ToAddresses: rcpts},
 	}
 	if m.From != "" {
@@ -147,7 +152,7 @@ func (s *sesUpstream) send(ctx context.Context, m *Message, data []byte, rcpts [
 	if s.configSet != "" {
 		in.ConfigurationSetName = aws.String(s.configSet)
 	}
-	out, err := s.client.SendEmail(ctx, in)
+	out, err := s.client.SendEmail(ctx, in, opts...)
 	if err != nil {
 		return "", s.classify(ctx, err, progress)
 	}

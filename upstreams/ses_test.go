@@ -3,12 +3,18 @@ package upstreams
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	mrand "math/rand/v2"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,7 +23,11 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"testing/iotest"
 	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	v4 "github.com/aws/aws-sdk-go-v2/aws/signer/v4"
 
 	"github.com/relaycar/relaycar/internal/fakes"
 )
@@ -563,6 +573,182 @@ func TestSES_SDKInputCheckIsUnsupported(t *testing.T) {
 	_, err := newTestSES(t, f.URL).Send(context.Background(), m)
 	if e := apiClassOf(t, err); e.Class != Unsupported {
 		t.Errorf("class = %v, want unsupported (%v)", e.Class, err)
+	}
+	if len(f.Requests()) != 0 {
+		t.Error("the API was called")
+	}
+}
+
+// sesSigned is what the streaming fake saw of one SendEmail request.
+type sesSigned struct {
+	contentLength, header, received int64
+	chunked                         bool
+	auth, resigned, tampered        string
+	req                             sesRequest
+	jsonErr                         error
+}
+
+// sesResign signs a copy of r with the SHA-256 of body, as the SDK would
+// have had it sent body: the same Authorization means the signature, and
+// so SES's check of the payload, covers the bytes that arrived.
+func sesResign(t *testing.T, r *http.Request, body []byte) string {
+	t.Helper()
+	auth := r.Header.Get("Authorization")
+	_, signed, _ := strings.Cut(auth, "SignedHeaders=")
+	signed, _, _ = strings.Cut(signed, ",")
+	date, err := time.Parse("20060102T150405Z", r.Header.Get("X-Amz-Date"))
+	if err != nil {
+		t.Errorf("X-Amz-Date: %v", err)
+		return ""
+	}
+	cp, err := http.NewRequest(r.Method, "http://"+r.Host+r.URL.RequestURI(), nil)
+	if err != nil {
+		t.Error(err)
+		return ""
+	}
+	for _, h := range strings.Split(signed, ";") {
+		if h != "host" && h != "content-length" {
+			cp.Header[http.CanonicalHeaderKey(h)] = r.Header.Values(h)
+		}
+	}
+	cp.ContentLength = int64(len(body))
+	sum := sha256.Sum256(body)
+	creds := aws.Credentials{AccessKeyID: sesTestKeyID, SecretAccessKey: sesTestSecret}
+	if err := v4.NewSigner().SignHTTP(context.Background(), creds, cp, hex.EncodeToString(sum[:]), "ses", "us-east-1", date); err != nil {
+		t.Error(err)
+		return ""
+	}
+	return cp.Header.Get("Authorization")
+}
+
+// The body goes out streamed from the spool: for each size modulo 3 (the
+// base64 tail), Raw.Data decodes to the message byte for byte, in every
+// recipient chunk, Content-Length is the length sent and the SigV4
+// signature covers the streamed bytes.
+func TestSES_StreamsTheBody(t *testing.T) {
+	t.Parallel()
+	for _, size := range []int{3_000_000, 3_000_001, 3_000_002} {
+		t.Run(strconv.Itoa(size%3), func(t *testing.T) {
+			t.Parallel()
+			var mu sync.Mutex
+			var got []sesSigned
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				body, err := io.ReadAll(r.Body)
+				if err != nil {
+					t.Errorf("reading the request: %v", err)
+				}
+				s := sesSigned{contentLength: r.ContentLength, received: int64(len(body)),
+					chunked: len(r.TransferEncoding) > 0, auth: r.Header.Get("Authorization"),
+					resigned: sesResign(t, r, body)}
+				s.header, _ = strconv.ParseInt(r.Header.Get("Content-Length"), 10, 64)
+				s.tampered = sesResign(t, r, append(bytes.Clone(body[:len(body)-2]), '!', '}'))
+				s.jsonErr = json.Unmarshal(body, &s.req)
+				mu.Lock()
+				got = append(got, s)
+				mu.Unlock()
+				w.Header().Set("Content-Type", "application/json")
+				fmt.Fprintf(w, `{"MessageId":"ses-stream-%d"}`, len(got))
+			}))
+			t.Cleanup(srv.Close)
+
+			rng := mrand.New(mrand.NewChaCha8([32]byte{byte(size)}))
+			data := make([]byte, size)
+			for i := range data {
+				data[i] = byte(rng.Uint32())
+			}
+			// A file, as the spool serves it.
+			path := filepath.Join(t.TempDir(), "msg")
+			if err := os.WriteFile(path, data, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			f, err := os.Open(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { f.Close() })
+			rcpts := apiRcpts(51)
+			m := &Message{ID: "spool-big", From: "alice@example.com", To: rcpts, Body: io.NewSectionReader(f, 0, int64(size))}
+
+			rc, err := newTestSES(t, srv.URL, func(c *Config) { c.ConfigurationSet = "relaycar-events" }).Send(context.Background(), m)
+			if err != nil || len(rc.Refused) > 0 {
+				t.Fatalf("Send: %v, refused %d", err, len(rc.Refused))
+			}
+			if rc.ProviderID != "ses-stream-1" {
+				t.Errorf("ProviderID = %q, want the first call's", rc.ProviderID)
+			}
+			if len(got) != 2 {
+				t.Fatalf("%d calls for 51 recipients, want 2", len(got))
+			}
+			for i, s := range got {
+				if s.contentLength != s.received || s.header != s.received || s.chunked {
+					t.Errorf("call %d: Content-Length %d (header %d, chunked %v), received %d bytes", i, s.contentLength, s.header, s.chunked, s.received)
+				}
+				if s.resigned == "" || s.resigned != s.auth {
+					t.Errorf("call %d: the signature does not cover the received body:\n got %s\nwant %s", i, s.auth, s.resigned)
+				}
+				if s.tampered == s.auth {
+					t.Errorf("call %d: re-signing another body gives the same signature: the check proves nothing", i)
+				}
+				if s.jsonErr != nil {
+					t.Fatalf("call %d: the body is not JSON: %v", i, s.jsonErr)
+				}
+				if want := rcpts[50*i : min(50*i+50, len(rcpts))]; !slices.Equal(s.req.Destination.ToAddresses, want) {
+					t.Errorf("call %d: ToAddresses = %d addresses, want %d", i, len(s.req.Destination.ToAddresses), len(want))
+				}
+				if s.req.FromEmailAddress != "alice@example.com" || s.req.ConfigurationSetName != "relaycar-events" {
+					t.Errorf("call %d: FromEmailAddress %q, ConfigurationSetName %q", i, s.req.FromEmailAddress, s.req.ConfigurationSetName)
+				}
+				raw, err := base64.StdEncoding.DecodeString(s.req.Content.Raw.Data)
+				if err != nil {
+					t.Fatalf("call %d: Raw.Data is not base64: %v", i, err)
+				}
+				if !bytes.Equal(raw, data) {
+					t.Errorf("call %d: Raw.Data decodes to %d bytes that differ from the %d of the message", i, len(raw), len(data))
+				}
+			}
+		})
+	}
+}
+
+// The SDK reads the stream, seeks back to the start, to the end and back;
+// iotest checks reads of every size and seeks of every kind, at offsets
+// inside a base64 group too.
+func TestSESStream_ReadSeek(t *testing.T) {
+	t.Parallel()
+	rng := mrand.New(mrand.NewChaCha8([32]byte{7}))
+	for _, size := range []int{1, 2, 3, 4, 5, 1000, sesStreamChunk - 1, sesStreamChunk, sesStreamChunk + 1, 3*sesStreamChunk + 2} {
+		body := make([]byte, size)
+		for i := range body {
+			body[i] = byte(rng.Uint32())
+		}
+		prefix, suffix := []byte(`{"Content":{"Raw":{"Data":"`), []byte(`"}},"Destination":{"ToAddresses":["bob@example.net"]}}`)
+		want := slices.Concat(prefix, []byte(base64.StdEncoding.EncodeToString(body)), suffix)
+		s := newSESStream(prefix, suffix, BytesBody(body))
+		if s.Size() != int64(len(want)) {
+			t.Errorf("size %d: Size() = %d, want %d", size, s.Size(), len(want))
+		}
+		if err := iotest.TestReader(s, want); err != nil {
+			t.Errorf("size %d: %v", size, err)
+		}
+	}
+}
+
+// errBody fails every read, as a spool file on a failing disk would.
+type errBody struct{ size int64 }
+
+func (b errBody) ReadAt([]byte, int64) (int, error) { return 0, errors.New("input/output error") }
+func (b errBody) Size() int64                       { return b.size }
+
+// A spool read error is transient, as when the message was read whole
+// before the call, and no request goes out half-signed.
+func TestSES_SpoolReadErrorIsTransient(t *testing.T) {
+	t.Parallel()
+	f := fakes.NewHTTP(t, func(int, fakes.Request) fakes.Reply { return sesOK("never") })
+	m := apiTestMessage("alice@example.com", []string{"bob@example.net"}, []string{"bob@example.net"})
+	m.Body = errBody{size: 1000}
+	_, err := newTestSES(t, f.URL).Send(context.Background(), m)
+	if e := apiClassOf(t, err); e.Class != Transient || !strings.Contains(e.Reason, "reading the spooled message") {
+		t.Errorf("class = %v, reason %q: want transient, reading the spooled message", e.Class, e.Reason)
 	}
 	if len(f.Requests()) != 0 {
 		t.Error("the API was called")
