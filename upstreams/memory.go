@@ -19,7 +19,7 @@ const (
 	// Mailgun and SES: none, their bodies stream from the spool
 	// (mailgun_stream.go, ses_stream.go).
 	memFactorSMTP2GO  = 4 // raw + copy with Bcc + base64 JSON: ~2.3x allocated
-	memFactorSendGrid = 6 // raw + decoded parts + base64 strings + JSON encoder output: ~4.7x held
+	memFactorSendGrid = 4 // parsed from the spool, base64 streamed: enmime's decoded parts, ~1.6x peak; a text attachment is re-parsed raw: ~3.6x
 )
 
 // reserve takes factor × m's size from mem (nil: no budget). The error is

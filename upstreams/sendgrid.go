@@ -1,9 +1,9 @@
 package upstreams
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
 	"log/slog"
 	"net/http"
@@ -74,35 +74,41 @@ func (s *sendGridUpstream) Name() string { return s.name }
 // in order. When a later request fails after earlier ones were accepted, the
 // receipt refuses only the recipients not yet delivered.
 func (s *sendGridUpstream) Send(ctx context.Context, m *Message) (Receipt, error) {
-	data, release, err := loadBody(ctx, s.mem, s.name, m, memFactorSendGrid)
+	release, err := reserve(ctx, s.mem, s.name, m, memFactorSendGrid)
 	if err != nil {
 		return Receipt{}, err
 	}
 	defer release()
-	base, chunks, err := mapSendGrid(m, data)
+	base, parts, chunks, err := mapSendGrid(m)
 	if err != nil {
-		// A *sgMappingError: its text is the reason, its class Unsupported.
-		return Receipt{}, errorf(s.name, Unsupported, "", nil, "%s", err.Error())
+		var me *sgMappingError
+		if errors.As(err, &me) {
+			// Its text is the reason, its class Unsupported.
+			return Receipt{}, errorf(s.name, Unsupported, "", nil, "%s", err.Error())
+		}
+		return Receipt{}, errorf(s.name, Transient, "", err, "reading the spooled message: %v", err)
 	}
 	if len(chunks) > 1 {
 		s.log.Debug("sendgrid request split", "msg_id", m.ID, "requests", len(chunks), "rcpt_count", len(m.To))
 	}
 	// Encode every request first: a size problem must show before anything
 	// is sent.
-	bodies := make([][]byte, len(chunks))
+	markers := sgMarkers(len(parts))
+	for i, a := range base.Attachments {
+		a.Content = markers[i]
+	}
+	bodies := make([]*sgStream, len(chunks))
 	for i, ch := range chunks {
 		req := *base
 		req.Personalizations = []*sgmail.Personalization{ch.p}
-		var buf bytes.Buffer
-		enc := json.NewEncoder(&buf)
-		enc.SetEscapeHTML(false) // HTML bodies would grow by \u003c escapes
-		if err := enc.Encode(&req); err != nil {
+		body, err := sgEncode(&req, markers, parts)
+		if err != nil {
 			return Receipt{}, errorf(s.name, Unsupported, "", err, "encode request: %v", err)
 		}
-		if buf.Len() > s.maxBody {
-			return Receipt{}, errorf(s.name, Unsupported, "", nil, "request of %d bytes exceeds SendGrid's limit of %d", buf.Len(), s.maxBody)
+		if body.size > int64(s.maxBody) {
+			return Receipt{}, errorf(s.name, Unsupported, "", nil, "request of %d bytes exceeds SendGrid's limit of %d", body.size, s.maxBody)
 		}
-		bodies[i] = buf.Bytes()
+		bodies[i] = body
 	}
 	var ids []string
 	for i, body := range bodies {
@@ -134,19 +140,23 @@ func (s *sendGridUpstream) Send(ctx context.Context, m *Message) (Receipt, error
 // id is not an answer SendGrid gives: Ambiguous, never delivered with an
 // empty id. sendgrid/rest's BuildResponse is not used: it reads the whole
 // body before anyone can look at the status.
-func (s *sendGridUpstream) post(ctx context.Context, body []byte) (string, *Error) {
+func (s *sendGridUpstream) post(ctx context.Context, body *sgStream) (string, *Error) {
 	ctx, cancel := context.WithTimeoutCause(ctx, s.timeout, apiTimeoutCause(s.timeout))
 	defer cancel()
 
 	ctx, progress := apiTrace(ctx)
 	req := sendgrid.GetRequest(s.key.Reveal(), sendGridPath, s.host)
 	req.Method = rest.Post
-	req.Body = body
+	// The SDK builds the request from the JSON's start (a non-empty body
+	// gets its Content-Type); the streamed body replaces it.
+	req.Body = body.segs[0]
 	hreq, err := rest.BuildRequestObject(req)
 	if err != nil {
 		// The URL was checked in newSendGrid; nothing else can fail here.
 		return "", &Error{Upstream: s.name, Class: ProviderFault, Reason: "endpoint: cannot build the request"}
 	}
+	hreq.GetBody = func() (io.ReadCloser, error) { return body.reader(), nil }
+	hreq.Body, hreq.ContentLength = body.reader(), body.size
 	resp, err := s.client.HTTPClient.Do(hreq.WithContext(ctx))
 	if err != nil {
 		return "", apiTransportError(ctx, s.name, err, progress, s.key)

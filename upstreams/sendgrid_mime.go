@@ -54,18 +54,32 @@ var sendGridReserved = map[string]bool{
 	"subject": true, "reply-to": true, "cc": true, "bcc": true, "mime-version": true,
 }
 
-// mapSendGrid maps m onto a Mail Send request without personalizations, and
-// the personalizations to send it with. err, a *sgMappingError, is set, and
-// nothing else, when the message cannot be carried faithfully.
-func mapSendGrid(m *Message, data []byte) (base *sgmail.SGMailV3, chunks []sgChunk, err error) {
+// mapSendGrid maps m onto a Mail Send request without personalizations, the
+// decoded content of each of its attachments (whose Content is left empty),
+// and the personalizations to send it with. err, a *sgMappingError, is set,
+// and nothing else, when the message cannot be carried faithfully; any
+// other err is the spool's.
+//
+// The message is read from the spool, not loaded: enmime keeps the decoded
+// parts, which is all the mapping needs.
+func mapSendGrid(m *Message) (base *sgmail.SGMailV3, parts [][]byte, chunks []sgChunk, err error) {
+	src := &sgSource{body: m.Body}
+	base, parts, chunks, err = mapSendGridFrom(m, src)
+	if src.err != nil {
+		return nil, nil, nil, src.err
+	}
+	return base, parts, chunks, err
+}
+
+func mapSendGridFrom(m *Message, src *sgSource) (base *sgmail.SGMailV3, parts [][]byte, chunks []sgChunk, err error) {
 	parser := enmime.NewParser(enmime.DisableTextConversion(true), enmime.DisableCharacterDetection(true))
-	root, err := parser.ReadParts(bytes.NewReader(data))
+	root, err := parser.ReadParts(src.reader())
 	if err != nil {
-		return nil, nil, sgUnmappable("cannot parse the MIME structure: " + oneLine(err.Error()))
+		return nil, nil, nil, sgUnmappable("cannot parse the MIME structure: " + oneLine(err.Error()))
 	}
 	env, err := parser.EnvelopeFromPart(root)
 	if err != nil {
-		return nil, nil, sgUnmappable("cannot parse the MIME structure: " + oneLine(err.Error()))
+		return nil, nil, nil, sgUnmappable("cannot parse the MIME structure: " + oneLine(err.Error()))
 	}
 	base = &sgmail.SGMailV3{}
 
@@ -75,30 +89,30 @@ func mapSendGrid(m *Message, data []byte) (base *sgmail.SGMailV3, chunks []sgChu
 	switch {
 	case errors.Is(err, mail.ErrHeaderNotPresent) || (err == nil && len(from) == 0):
 		if m.From == "" {
-			return nil, nil, sgUnmappable("message has no From header and a null envelope sender")
+			return nil, nil, nil, sgUnmappable("message has no From header and a null envelope sender")
 		}
 		from = []*mail.Address{{Address: m.From}}
 	case err != nil:
-		return nil, nil, sgUnmappable("cannot parse the From header: " + oneLine(err.Error()))
+		return nil, nil, nil, sgUnmappable("cannot parse the From header: " + oneLine(err.Error()))
 	case len(from) > 1:
-		return nil, nil, sgUnmappable("SendGrid takes one From address; the message has " + strconv.Itoa(len(from)))
+		return nil, nil, nil, sgUnmappable("SendGrid takes one From address; the message has " + strconv.Itoa(len(from)))
 	}
 	addr, ok := sgAddress(from[0].Address)
 	if !ok {
-		return nil, nil, sgUnmappable("SendGrid does not support the From address (non-ASCII local part or invalid address)")
+		return nil, nil, nil, sgUnmappable("SendGrid does not support the From address (non-ASCII local part or invalid address)")
 	}
 	base.From = &sgmail.Email{Name: from[0].Name, Address: addr}
 
 	replyTo, err := env.AddressList("Reply-To")
 	if err != nil && !errors.Is(err, mail.ErrHeaderNotPresent) {
-		return nil, nil, sgUnmappable("cannot parse the Reply-To header: " + oneLine(err.Error()))
+		return nil, nil, nil, sgUnmappable("cannot parse the Reply-To header: " + oneLine(err.Error()))
 	}
 	var rt []*sgmail.Email
 	seenRT := map[string]bool{}
 	for _, a := range replyTo {
 		addr, ok := sgAddress(a.Address)
 		if !ok {
-			return nil, nil, sgUnmappable("SendGrid does not support a Reply-To address (non-ASCII local part or invalid address)")
+			return nil, nil, nil, sgUnmappable("SendGrid does not support a Reply-To address (non-ASCII local part or invalid address)")
 		}
 		if k := strings.ToLower(addr); !seenRT[k] {
 			seenRT[k] = true
@@ -114,24 +128,25 @@ func mapSendGrid(m *Message, data []byte) (base *sgmail.SGMailV3, chunks []sgChu
 
 	base.Subject = env.GetHeader("Subject")
 	if strings.TrimSpace(base.Subject) == "" {
-		return nil, nil, sgUnmappable("SendGrid requires a subject and the message has none")
+		return nil, nil, nil, sgUnmappable("SendGrid requires a subject and the message has none")
 	}
 
-	if err := sgBodyAndParts(data, root, base); err != nil {
-		return nil, nil, err
+	parts, err = sgBodyAndParts(src, root, base)
+	if err != nil {
+		return nil, nil, nil, err
 	}
-	base.Headers = sgHeaders(data)
+	base.Headers = sgHeaders(sgHeaderBlock(src.reader()))
 
 	chunks, err = sgPersonalizations(m, env)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	for _, s := range sgStrings(base) {
 		if !utf8.ValidString(s) {
-			return nil, nil, sgUnmappable("message has header or body text that is not valid UTF-8 after decoding")
+			return nil, nil, nil, sgUnmappable("message has header or body text that is not valid UTF-8 after decoding")
 		}
 	}
-	return base, chunks, nil
+	return base, parts, chunks, nil
 }
 
 // sgPersonalizations builds to/cc from the To and Cc headers, restricted to
@@ -412,37 +427,38 @@ func contentID(p *enmime.Part) string {
 	return strings.Trim(strings.TrimSpace(p.Header.Get("Content-Id")), "<>")
 }
 
-// sgBodyAndParts fills the content and attachments of base from the tree.
-func sgBodyAndParts(data []byte, root *enmime.Part, base *sgmail.SGMailV3) error {
+// sgBodyAndParts fills the content and attachments of base from the tree,
+// and returns each attachment's decoded content.
+func sgBodyAndParts(src *sgSource, root *enmime.Part, base *sgmail.SGMailV3) ([][]byte, error) {
 	w := &sgWalker{}
 	w.walk(root, nil, 0, false)
 	if w.err != nil {
-		return w.err
+		return nil, w.err
 	}
 	var plain, html *sgBody
 	for i := range w.bodies {
 		b := &w.bodies[i]
 		if sgType(b.part) == "text/plain" {
 			if plain != nil {
-				return sgUnmappable("message has more than one text/plain body; SendGrid takes one")
+				return nil, sgUnmappable("message has more than one text/plain body; SendGrid takes one")
 			}
 			plain = b
 		} else {
 			if html != nil {
-				return sgUnmappable("message has more than one text/html body; SendGrid takes one")
+				return nil, sgUnmappable("message has more than one text/html body; SendGrid takes one")
 			}
 			html = b
 		}
 	}
 	if plain != nil && html != nil && (plain.alt == nil || plain.alt != html.alt || plain.branch == html.branch) {
-		return sgUnmappable("message has text/plain and text/html bodies that are not alternatives of each other")
+		return nil, sgUnmappable("message has text/plain and text/html bodies that are not alternatives of each other")
 	}
 	for _, b := range []*sgBody{plain, html} {
 		if b == nil {
 			continue
 		}
 		if err := partDamage(b.part, true); err != nil {
-			return err
+			return nil, err
 		}
 		// An empty alternative is dropped: SendGrid refuses empty content.
 		if len(b.part.Content) > 0 {
@@ -450,30 +466,37 @@ func sgBodyAndParts(data []byte, root *enmime.Part, base *sgmail.SGMailV3) error
 		}
 	}
 	if len(base.Content) == 0 {
-		return sgUnmappable("message has no non-empty text/plain or text/html body; SendGrid requires one")
+		return nil, sgUnmappable("message has no non-empty text/plain or text/html body; SendGrid requires one")
 	}
 
 	var raw map[string][]byte
+	var parts [][]byte
 	for i, p := range w.leaves {
 		if err := partDamage(p, false); err != nil {
-			return err
+			return nil, err
 		}
 		content := p.Content
 		if strings.HasPrefix(sgType(p), "text/") {
 			// enmime converts text to UTF-8; an attachment must keep its bytes.
 			if raw == nil {
+				// Their converted copies are not needed: let them go first.
+				for _, q := range w.leaves {
+					if strings.HasPrefix(sgType(q), "text/") {
+						q.Content = nil
+					}
+				}
 				var err error
-				if raw, err = rawLeaves(data); err != nil {
-					return sgUnmappable("cannot parse the MIME structure: " + oneLine(err.Error()))
+				if raw, err = rawLeaves(src.reader()); err != nil {
+					return nil, sgUnmappable("cannot parse the MIME structure: " + oneLine(err.Error()))
 				}
 			}
 			content = raw[p.PartID]
 		}
 		if len(content) == 0 {
-			return sgUnmappable("message has an empty attachment; SendGrid refuses empty attachment content")
+			return nil, sgUnmappable("message has an empty attachment; SendGrid refuses empty attachment content")
 		}
+		parts = append(parts, content)
 		a := &sgmail.Attachment{
-			Content:     base64.StdEncoding.EncodeToString(content),
 			Type:        sgType(p),
 			Filename:    p.FileName,
 			Disposition: "attachment",
@@ -489,7 +512,7 @@ func sgBodyAndParts(data []byte, root *enmime.Part, base *sgmail.SGMailV3) error
 		}
 		base.Attachments = append(base.Attachments, a)
 	}
-	return nil
+	return parts, nil
 }
 
 // partDamage reports a part whose decoded content would not be what the
@@ -509,10 +532,11 @@ func partDamage(p *enmime.Part, body bool) error {
 	return nil
 }
 
-// rawLeaves returns the transfer-decoded bytes of every leaf part by PartID,
-// without enmime's charset conversion.
-func rawLeaves(data []byte) (map[string][]byte, error) {
-	root, err := enmime.NewParser(enmime.RawContent(true)).ReadParts(bytes.NewReader(data))
+// rawLeaves returns the transfer-decoded bytes of every text leaf part by
+// PartID, without enmime's charset conversion. Every leaf is decoded, so a
+// broken one fails the same way; only the text ones are kept.
+func rawLeaves(r io.Reader) (map[string][]byte, error) {
+	root, err := enmime.NewParser(enmime.RawContent(true)).ReadParts(r)
 	if err != nil {
 		return nil, err
 	}
@@ -530,7 +554,9 @@ func rawLeaves(data []byte) (map[string][]byte, error) {
 			if err != nil {
 				return err
 			}
-			out[p.PartID] = b
+			if strings.HasPrefix(sgType(p), "text/") {
+				out[p.PartID] = b
+			}
 		}
 		return nil
 	}
@@ -540,13 +566,16 @@ func rawLeaves(data []byte) (map[string][]byte, error) {
 func decodeTransfer(cte string, b []byte) ([]byte, error) {
 	switch strings.ToLower(strings.TrimSpace(cte)) {
 	case "base64":
-		clean := bytes.Map(func(r rune) rune {
-			if r == ' ' || r == '\t' || r == '\r' || r == '\n' || r == '=' {
-				return -1
+		// b is the raw parse's own copy: filter it in place.
+		clean := b[:0]
+		for _, c := range b {
+			if c != ' ' && c != '\t' && c != '\r' && c != '\n' && c != '=' {
+				clean = append(clean, c)
 			}
-			return r
-		}, b)
-		return base64.RawStdEncoding.DecodeString(string(clean))
+		}
+		out := make([]byte, base64.RawStdEncoding.DecodedLen(len(clean)))
+		n, err := base64.RawStdEncoding.Decode(out, clean)
+		return out[:n], err
 	case "quoted-printable":
 		return io.ReadAll(quotedprintable.NewReader(bytes.NewReader(b)))
 	}
