@@ -10,9 +10,12 @@ import (
 	"errors"
 	"io"
 	"math/rand"
+	"net"
 	"net/textproto"
+	"slices"
 	"testing"
 	"testing/iotest"
+	"time"
 )
 
 // randomText is made mostly of the bytes the state machines care about.
@@ -254,5 +257,34 @@ func TestLineLimitReaderMatchesByteLoop(t *testing.T) {
 		if !bytes.Equal(got, want) || gotErr != wantErr {
 			t.Fatalf("input %q limit %d:\n got %q %v\nwant %q %v", in, limit, got, gotErr, want, wantErr)
 		}
+	}
+}
+
+// countingConn records each Write it is given.
+type countingConn struct {
+	net.Conn
+	writes []string
+}
+
+func (c *countingConn) Write(b []byte) (int, error) {
+	c.writes = append(c.writes, string(b))
+	return len(b), nil
+}
+
+func (c *countingConn) SetWriteDeadline(time.Time) error { return nil }
+
+func TestWriteResponseIsOneWrite(t *testing.T) {
+	cc := &countingConn{}
+	s := NewServer(nil)
+	s.WriteTimeout = time.Second
+	c := newConn(cc, s)
+	c.writeResponse(250, NoEnhancedCode, "relay.local", "PIPELINING", "8BITMIME\nSIZE 1000")
+	c.writeResponse(250, EnhancedCode{2, 1, 0}, "OK")
+	want := []string{
+		"250-relay.local\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 1000\r\n",
+		"250 2.1.0 OK\r\n",
+	}
+	if !slices.Equal(cc.writes, want) {
+		t.Errorf("writes = %q, want %q", cc.writes, want)
 	}
 }
