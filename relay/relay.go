@@ -109,7 +109,7 @@ func New(cfg *Config, d Deps) (_ *Relay, err error) {
 			r.closeShared()
 		}
 	}()
-	r.udeps = upstreams.Deps{Logger: r.log, Hostname: cfg.Listen.Hostname, Now: r.now, SyncFor: sp.SyncFor, Memory: r.budget}
+	r.udeps = upstreams.Deps{Logger: r.log, Hostname: cfg.Listen.Hostname, Now: r.now, SyncFor: sp.SyncFor, Memory: r.budget, Deliveries: cfg.Spool.Workers}
 	r.injected = d.Upstreams
 	e, err := r.buildEngine(cfg, nil)
 	if err != nil {

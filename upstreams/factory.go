@@ -20,8 +20,11 @@ type Deps struct {
 	// file system. Nil means a syncer of its own.
 	SyncFor func(dir string) *atomicfile.GroupSync
 	// Memory is reserved by adapters that hold a whole message in memory
-	// (SES, SMTP2GO, SendGrid, Mailgun). Nil means no budget.
+	// (SMTP2GO, SendGrid). Nil means no budget.
 	Memory Memory
+	// Deliveries is how many sends may run at once (spool.workers); the
+	// smtp upstream keeps as many idle connections.
+	Deliveries int
 }
 
 func (d Deps) logger() *slog.Logger {

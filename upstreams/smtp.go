@@ -34,6 +34,10 @@ type smtpUpstream struct {
 	dialer   net.Dialer
 	now      func() time.Time
 
+	// maxIdle: one per delivery that may run at once, so that a busy
+	// spool does not close and redial connections on every burst.
+	maxIdle int
+
 	mu     sync.Mutex
 	idle   []*smtpConn
 	closed bool
@@ -64,6 +68,7 @@ func newSMTP(c Config, d Deps) (*smtpUpstream, error) {
 		name: c.Name, addr: c.Address, mode: c.TLS, tls: tc,
 		username: c.Username, password: c.Password, auth: c.Auth, timeout: c.Timeout,
 		helo: helo, dialer: net.Dialer{Timeout: c.Timeout}, now: d.now(),
+		maxIdle: max(d.Deliveries, smtpMinIdle),
 	}
 	if c.Auth == AuthXOAuth2 || c.Auth == AuthOAuthBearer {
 		ts, err := newTokenSource(c.Name, c.OAuth2, c.Username, smtpOAuthScopes(c.OAuth2), d.httpClient(c.Timeout), d.now())
@@ -316,7 +321,7 @@ func (s *smtpUpstream) cannotCarry(c *smtp.Client, m *Message) *Error {
 // enough that servers rarely drop them first (Postfix keeps them 2 s).
 const (
 	smtpIdleTimeout = 5 * time.Second
-	smtpMaxIdle     = 8
+	smtpMinIdle     = 8
 )
 
 func (s *smtpUpstream) takeIdle() *smtpConn {
@@ -337,7 +342,7 @@ func (s *smtpUpstream) putIdle(sc *smtpConn) {
 	sc.idle = time.Now()
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.closed || len(s.idle) >= smtpMaxIdle {
+	if s.closed || len(s.idle) >= s.maxIdle {
 		go sc.close()
 		return
 	}

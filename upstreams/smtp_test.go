@@ -9,6 +9,7 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -283,6 +284,36 @@ func TestSMTP_ReusesIdleConnections(t *testing.T) {
 	u.Close()
 	if _, err := u.Send(context.Background(), testMsg); err != nil || sink.Conns() != 2 {
 		t.Errorf("after Close: %v, %d connections", err, sink.Conns())
+	}
+}
+
+// As many connections stay idle as deliveries may run at once: with fewer,
+// every burst of spool.workers deliveries closed some and dialled them again.
+func TestSMTP_KeepsOneIdleConnectionPerDelivery(t *testing.T) {
+	for _, tc := range []struct{ deliveries, want int }{{12, 12}, {0, 12 + 12 - smtpMinIdle}} {
+		sink := testsmtp.Start(t, testsmtp.Options{})
+		sink.SetScript(testsmtp.Script{DataDelay: 100 * time.Millisecond}) // the 12 overlap
+		c := Config{Name: "smarthost", Type: "smtp", Address: sink.Addr, TLS: "none"}
+		c.ApplyDefaults()
+		u, err := New(c, Deps{Hostname: "relay.test", Deliveries: tc.deliveries})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for range 2 {
+			var wg sync.WaitGroup
+			for range 12 {
+				wg.Go(func() {
+					if _, err := u.Send(context.Background(), testMsg); err != nil {
+						t.Error(err)
+					}
+				})
+			}
+			wg.Wait()
+		}
+		u.(*smtpUpstream).Close()
+		if sink.Count() != 24 || sink.Conns() != tc.want {
+			t.Errorf("Deliveries %d: %d messages over %d connections, want 24 over %d", tc.deliveries, sink.Count(), sink.Conns(), tc.want)
+		}
 	}
 }
 
