@@ -13,6 +13,7 @@ import (
 
 	"github.com/emersion/go-smtp"
 
+	"github.com/relaycar/relaycar/internal/errreader"
 	"github.com/relaycar/relaycar/relay/spool"
 )
 
@@ -255,7 +256,14 @@ func (d Drainer) send(ctx context.Context, dc *drainConn, sp *spool.Spool, env *
 	if err != nil {
 		return fmt.Errorf("DATA: %w", err)
 	}
-	if _, err := io.Copy(w, io.MultiReader(strings.NewReader(extra), io.NewSectionReader(body, 0, body.Size()))); err != nil {
+	src := &errreader.Reader{R: io.MultiReader(strings.NewReader(extra), io.NewSectionReader(body, 0, body.Size()))}
+	if _, err := io.Copy(w, src); err != nil {
+		if src.Err != nil {
+			// Ending DATA now would hand the peer a truncated message;
+			// dropping the connection makes it discard what it got.
+			dc.conn.Close()
+			return fmt.Errorf("reading the spooled message: %w", src.Err)
+		}
 		w.Close()
 		return fmt.Errorf("DATA: %w", err)
 	}

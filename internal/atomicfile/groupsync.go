@@ -50,10 +50,11 @@ func (d *GroupSync) Sync() error {
 			err := d.syncOnce()
 			d.mu.Lock()
 			d.running = false
-			d.syncs++
 			d.completed = covers
 			if err != nil {
 				d.failed = err
+			} else {
+				d.syncs++
 			}
 			d.cond.Broadcast()
 			continue
@@ -81,7 +82,7 @@ func (d *GroupSync) Err() error {
 	return d.failed
 }
 
-// Syncs is the number of file-system syncs done so far.
+// Syncs is the number of file-system syncs that succeeded so far.
 func (d *GroupSync) Syncs() uint64 {
 	d.mu.Lock()
 	defer d.mu.Unlock()

@@ -164,7 +164,10 @@ type Body struct {
 func (b *Body) Close() error { return b.f.Close() }
 
 // OpenBody opens a live message's body. A compaction or dead-lettering
-// meanwhile does not disturb it: the open file keeps its bytes.
+// meanwhile does not disturb it: the open file keeps its bytes. Remove
+// does: a small file goes to the pool and is written over, so only the
+// delivery that removes a message may hold its body (as serve's workers
+// and drain do).
 func (s *Spool) OpenBody(id string) (*Body, error) {
 	if !validID(id) {
 		return nil, fs.ErrNotExist

@@ -45,7 +45,8 @@ func (s *Spool) keep(id string) bool {
 	p := &s.pool
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.off || len(p.ready)+len(p.soon) >= poolMax {
+	// On a full disk a delivered file is space to give back, not to keep.
+	if p.off || len(p.ready)+len(p.soon) >= poolMax || s.full.Load() != nil {
 		return false
 	}
 	if s.fs.Rename(s.live(id), s.freePath(id)) != nil {
@@ -108,12 +109,13 @@ func (s *Spool) reuse(path string) (File, error) {
 			s.pool.mu.Unlock()
 			return nil, err
 		}
+		s.fs.Remove(from)
 		if errors.Is(err, errors.ErrUnsupported) {
 			s.pool.mu.Lock()
 			s.pool.off = true
 			s.pool.mu.Unlock()
+			s.drainPool()
 		}
-		s.fs.Remove(from)
 		return nil, nil
 	}
 	f, err := s.fs.OpenFile(path, os.O_RDWR, 0)

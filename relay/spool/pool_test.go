@@ -171,8 +171,39 @@ func TestPool_LoadAdoptsFreeFilesAndAFullDiskDrainsThem(t *testing.T) {
 	if n := len(s2.pool.soon) + len(s2.pool.ready); n != 2 {
 		t.Errorf("Load adopted %d free files, want 2", n)
 	}
+	put(t, s2, testEnv("c"), testBody("c", 100))
 	s2.noteFull(syscall.ENOSPC)
-	if got := dirNames(t, s.dir); !slices.Equal(got, []string{"dead"}) {
+	if got := dirNames(t, s.dir); !slices.Equal(got, []string{"c.msg", "dead"}) {
 		t.Errorf("after a full disk = %v, want the free files gone", got)
+	}
+	// Until a commit succeeds again, a delivered file is space to give back.
+	s2.Remove("c")
+	s2.reapNow()
+	if got := dirNames(t, s.dir); !slices.Equal(got, []string{"dead"}) {
+		t.Errorf("a delivery on a full disk = %v, want c unlinked, not kept", got)
+	}
+}
+
+// A sync that failed made nothing durable: it must not count towards a
+// free file's two syncs (the spool refuses commits after it anyway).
+func TestPool_FailedSyncsDoNotMakeFilesReady(t *testing.T) {
+	fsys := &fullFS{left: -1, free: 100 << 20}
+	s, err := Open(t.TempDir(), Options{FS: fsys})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.manualReap = true
+	put(t, s, testEnv("a"), testBody("a", 100))
+	s.Remove("a")
+	s.reapNow()
+	if err := s.sync.Sync(); err != nil { // one good sync since the rename
+		t.Fatal(err)
+	}
+	fsys.syncErr = syscall.EIO
+	if s.sync.Sync() == nil {
+		t.Fatal("sync did not fail")
+	}
+	if _, ok := s.take(); ok {
+		t.Error("a free file became ready through failed syncs")
 	}
 }

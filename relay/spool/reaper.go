@@ -74,11 +74,11 @@ func (s *Spool) reapNow() {
 	}
 }
 
-// unlinkDone removes a message that Remove marked done, into the pool if
-// reuse allows and it has room. It does not read
-// the file again: a done file never changes back (Update, Bury and
-// compaction refuse a done file, Create never reuses a name), so the
-// check would cost an open and a read per delivered message for nothing.
+// unlinkDone removes a message that Remove marked done: into the pool if
+// it is small and the pool has room, else away. It does not read the file
+// again: a done file never changes back (Update, Bury and compaction
+// refuse a done file, Create never reuses a name), so the check would
+// cost an open and a read per delivered message for nothing.
 // The per-id lock orders it after Remove's append.
 func (s *Spool) unlinkDone(id string, reuse bool) {
 	defer s.locks.lock(id)()

@@ -70,7 +70,7 @@ type Options struct {
 type syncer interface {
 	Sync() error
 	Err() error
-	// Syncs counts the syncs done, for the pool's "synced since".
+	// Syncs counts the syncs that succeeded, for the pool's "synced since".
 	Syncs() uint64
 }
 
@@ -109,8 +109,9 @@ func (f *fsSyncer) Sync() error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.failed == nil {
-		f.failed = f.fs.SyncFS(f.dir)
-		f.syncs++
+		if f.failed = f.fs.SyncFS(f.dir); f.failed == nil {
+			f.syncs++
+		}
 	}
 	return f.failed
 }
