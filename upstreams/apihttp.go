@@ -1,6 +1,7 @@
 package upstreams
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -254,4 +255,15 @@ func sendChunks(rcpts []string, size int, send func([]string) (string, *Error)) 
 		}
 	}
 	return rc, nil
+}
+
+// placeholderAt is where ph is in doc, the request an SDK built around it
+// (Mailgun, SES, SendGrid), or -1 unless it is there exactly once: after
+// an SDK change the streamed body would be wrong.
+func placeholderAt(doc, ph []byte) int {
+	i := bytes.Index(doc, ph)
+	if i < 0 || bytes.Contains(doc[i+len(ph):], ph) {
+		return -1
+	}
+	return i
 }

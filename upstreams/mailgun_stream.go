@@ -54,8 +54,8 @@ func (t mailgunStreamTransport) RoundTrip(req *http.Request) (*http.Response, er
 	if err != nil {
 		return nil, err
 	}
-	i := bytes.Index(form, s.marker)
-	if i < 0 || bytes.Contains(form[i+len(s.marker):], s.marker) {
+	i := placeholderAt(form, s.marker)
+	if i < 0 {
 		return nil, errMailgunMarker
 	}
 	pre, post := form[:i], form[i+len(s.marker):]

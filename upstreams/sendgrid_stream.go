@@ -52,8 +52,8 @@ func sgEncode(req *sgmail.SGMailV3, markers []string, parts [][]byte) (*sgStream
 	s := &sgStream{parts: parts}
 	for i, mk := range markers {
 		q := []byte(`"` + mk + `"`)
-		at := bytes.Index(js, q)
-		if at < 0 || bytes.Contains(js[at+len(q):], q) {
+		at := placeholderAt(js, q)
+		if at < 0 {
 			return nil, errSendGridMarker
 		}
 		// Keep the quotes in the JSON: only the marker is replaced.

@@ -1,7 +1,6 @@
 package upstreams
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/base64"
@@ -53,8 +52,8 @@ func sesStreamOption(body Body, marker string) func(*sesv2.Options) {
 			}
 		}
 		q := []byte(`"` + marker + `"`)
-		i := bytes.Index(doc, q)
-		if i < 0 || bytes.LastIndex(doc, q) != i {
+		i := placeholderAt(doc, q)
+		if i < 0 {
 			return middleware.SerializeOutput{}, middleware.Metadata{}, errSESPlaceholder
 		}
 		st := newSESStream(doc[:i+1], doc[i+len(q)-1:], body)
