@@ -207,3 +207,36 @@ func TestPool_FailedSyncsDoNotMakeFilesReady(t *testing.T) {
 		t.Error("a free file became ready through failed syncs")
 	}
 }
+
+// noReplaceFS is a file system without RENAME_NOREPLACE.
+type noReplaceFS struct{ OS }
+
+func (noReplaceFS) RenameNoReplace(oldpath, newpath string) error {
+	return &os.LinkError{Op: "renameat2", Old: oldpath, New: newpath, Err: errors.ErrUnsupported}
+}
+
+func TestPool_OffWithoutRenameNoReplaceAndEmptied(t *testing.T) {
+	s, err := Open(t.TempDir(), Options{FS: noReplaceFS{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.manualReap = true
+	for _, id := range []string{"a", "b", "c"} {
+		put(t, s, testEnv(id), testBody(id, 100))
+		s.Remove(id)
+	}
+	s.reapNow()
+	for range 2 {
+		s.sync.Sync()
+	}
+	put(t, s, testEnv("d"), testBody("d", 100)) // tries a free file, falls back
+	if got := dirNames(t, s.dir); !slices.Equal(got, []string{"d.msg", "dead"}) {
+		t.Errorf("spool = %v, want the free files gone and d in a new file", got)
+	}
+	put(t, s, testEnv("e"), testBody("e", 100))
+	s.Remove("e")
+	s.reapNow()
+	if _, err := os.Stat(s.freePath("e")); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("the pool took a file after it was turned off: %v", err)
+	}
+}
