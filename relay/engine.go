@@ -128,41 +128,38 @@ type engineDiff struct {
 
 func diffEngines(old, next *engine) engineDiff {
 	var d engineDiff
-	for _, uc := range next.cfg.Upstreams {
-		oc, ok := old.upstreamConfig(uc.Name)
-		switch {
-		case !ok:
-			d.added = append(d.added, uc.Name)
-		case !reflect.DeepEqual(oc, uc):
-			d.changed = append(d.changed, uc.Name)
-		}
-	}
-	for _, oc := range old.cfg.Upstreams {
-		if _, ok := next.upstreamConfig(oc.Name); !ok {
-			d.removed = append(d.removed, oc.Name)
-		}
-	}
-	oldRoutes := map[string]policy.RouteConfig{}
-	for _, rc := range old.cfg.Routes {
-		oldRoutes[rc.Name] = rc
-	}
-	newRoutes := map[string]bool{}
-	for _, rc := range next.cfg.Routes {
-		newRoutes[rc.Name] = true
-		or, ok := oldRoutes[rc.Name]
-		switch {
-		case !ok:
-			d.routesAdded = append(d.routesAdded, rc.Name)
-		case !reflect.DeepEqual(or, rc):
-			d.routesChanged = append(d.routesChanged, rc.Name)
-		}
-	}
-	for _, rc := range old.cfg.Routes {
-		if !newRoutes[rc.Name] {
-			d.gone = append(d.gone, rc.Name)
-		}
-	}
+	upName := func(c upstreams.Config) string { return c.Name }
+	routeName := func(c policy.RouteConfig) string { return c.Name }
+	d.added, d.changed, d.removed = diffByName(old.cfg.Upstreams, next.cfg.Upstreams, upName)
+	d.routesAdded, d.routesChanged, d.gone = diffByName(old.cfg.Routes, next.cfg.Routes, routeName)
 	return d
+}
+
+// diffByName names the entries of next that old lacks or has with other
+// settings, and the ones of old that next lacks, in config order.
+func diffByName[T any](old, next []T, name func(T) string) (added, changed, removed []string) {
+	before := make(map[string]T, len(old))
+	for _, c := range old {
+		before[name(c)] = c
+	}
+	after := make(map[string]bool, len(next))
+	for _, c := range next {
+		n := name(c)
+		after[n] = true
+		oc, ok := before[n]
+		switch {
+		case !ok:
+			added = append(added, n)
+		case !reflect.DeepEqual(oc, c):
+			changed = append(changed, n)
+		}
+	}
+	for _, c := range old {
+		if !after[name(c)] {
+			removed = append(removed, name(c))
+		}
+	}
+	return added, changed, removed
 }
 
 // restartOnly lists the settings of next that differ from old but are

@@ -68,6 +68,9 @@ func apiTimeoutCause(d time.Duration) error {
 // when it was fully written and then timed out or lost its connection.
 // The reason never quotes the request URL (url.Error does), only the cause.
 func apiTransportError(ctx context.Context, upstream string, err error, p *apiProgress, secrets ...Secret) *Error {
+	if errors.Is(err, errPlaceholder) {
+		return &Error{Upstream: upstream, Class: ProviderFault, Reason: errPlaceholder.Error(), err: err}
+	}
 	wrote := p != nil && p.wrote.Load()
 	class := contextClass(err, wrote)
 	var cause string
@@ -257,9 +260,13 @@ func sendChunks(rcpts []string, size int, send func([]string) (string, *Error)) 
 	return rc, nil
 }
 
-// placeholderAt is where ph is in doc, the request an SDK built around it
-// (Mailgun, SES, SendGrid), or -1 unless it is there exactly once: after
-// an SDK change the streamed body would be wrong.
+// errPlaceholder means a request an SDK built around a placeholder for the
+// message (Mailgun, SES, SendGrid) does not carry it exactly once: an SDK
+// change, so every message would fail the same way.
+var errPlaceholder = errors.New("the SDK's request does not carry the message placeholder exactly once")
+
+// placeholderAt is where ph is in doc, or -1 unless it is there exactly
+// once (then callers fail with errPlaceholder).
 func placeholderAt(doc, ph []byte) int {
 	i := bytes.Index(doc, ph)
 	if i < 0 || bytes.Contains(doc[i+len(ph):], ph) {

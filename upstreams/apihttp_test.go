@@ -138,16 +138,7 @@ func apiDropAfterRequest(t *testing.T) string {
 }
 
 // apiRefusedURL returns a loopback URL where nothing listens.
-func apiRefusedURL(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
-	return "http://" + addr
-}
+func apiRefusedURL(t *testing.T) string { return "http://" + closedPort(t) }
 
 func TestAPIAdapters_RejectBadEndpoint(t *testing.T) {
 	t.Parallel()

@@ -130,11 +130,6 @@ func (g *mailgunUpstream) classify(ctx context.Context, err error, p *apiProgres
 		}
 		return &Error{Upstream: g.name, Class: Ambiguous, Reason: "unreadable success response: " + why, err: err}
 	}
-	if errors.Is(err, errMailgunMarker) {
-		// Our transport found no marker to stream in place of: every
-		// message would fail the same way.
-		return &Error{Upstream: g.name, Class: ProviderFault, Reason: errMailgunMarker.Error(), err: err}
-	}
 	if errors.Is(err, mailgun.ErrInvalidMessage) {
 		// The SDK's own check of the message (no body, no recipient):
 		// a property of this message, not of Mailgun's health.

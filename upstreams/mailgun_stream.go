@@ -4,7 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
-	"errors"
+	"fmt"
 	"io"
 	"net/http"
 )
@@ -33,10 +33,6 @@ func withMailgunStream(ctx context.Context, body Body) (context.Context, string)
 	return context.WithValue(ctx, mailgunStreamKey{}, s), string(s.marker)
 }
 
-// errMailgunMarker means the SDK's form did not carry the marker verbatim
-// exactly once (an SDK change): sending it would not send the message.
-var errMailgunMarker = errors.New("mailgun-go's form does not hold the message placeholder exactly once")
-
 // mailgunStreamTransport replaces the marker in the body of a request
 // whose context has a mailgunStream; other requests pass unchanged.
 type mailgunStreamTransport struct {
@@ -56,7 +52,7 @@ func (t mailgunStreamTransport) RoundTrip(req *http.Request) (*http.Response, er
 	}
 	i := placeholderAt(form, s.marker)
 	if i < 0 {
-		return nil, errMailgunMarker
+		return nil, fmt.Errorf("mailgun-go's form: %w", errPlaceholder)
 	}
 	pre, post := form[:i], form[i+len(s.marker):]
 	size := s.body.Size()

@@ -487,12 +487,12 @@ func TestMailgun_StreamTransport(t *testing.T) {
 
 	for _, body := range []string{"no marker", marker + marker} {
 		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://mailgun.invalid/", strings.NewReader(body))
-		if _, err := tr.RoundTrip(req); !errors.Is(err, errMailgunMarker) {
-			t.Errorf("form %q: %v, want errMailgunMarker", body, err)
+		if _, err := tr.RoundTrip(req); !errors.Is(err, errPlaceholder) {
+			t.Errorf("form %q: %v, want errPlaceholder", body, err)
 		}
 	}
 
-	wrapped := fmt.Errorf("while making http request: %w", &neturl.Error{Op: "Post", URL: "http://mailgun.invalid/", Err: errMailgunMarker})
+	wrapped := fmt.Errorf("while making http request: %w", &neturl.Error{Op: "Post", URL: "http://mailgun.invalid/", Err: errPlaceholder})
 	if e := newTestMailgun(t, "").classify(ctx, wrapped, &apiProgress{}); e.Class != ProviderFault {
 		t.Errorf("marker missing: class %v, want provider_fault: every message would fail", e.Class)
 	}

@@ -6,7 +6,7 @@ import (
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/json"
-	"errors"
+	"fmt"
 	"io"
 
 	sgmail "github.com/sendgrid/sendgrid-go/helpers/mail"
@@ -24,10 +24,6 @@ type sgStream struct {
 	parts [][]byte // decoded attachment contents, shared by all requests
 	size  int64
 }
-
-// errSendGridMarker means the encoder's JSON did not carry a marker
-// verbatim exactly once (an SDK change): the body would be wrong.
-var errSendGridMarker = errors.New("the Mail Send JSON does not hold an attachment placeholder exactly once")
 
 // sgMarkers returns n markers, random per call so that no message text can
 // hold one. rand.Text is base32: JSON writes it unescaped.
@@ -54,7 +50,7 @@ func sgEncode(req *sgmail.SGMailV3, markers []string, parts [][]byte) (*sgStream
 		q := []byte(`"` + mk + `"`)
 		at := placeholderAt(js, q)
 		if at < 0 {
-			return nil, errSendGridMarker
+			return nil, fmt.Errorf("the Mail Send JSON: %w", errPlaceholder)
 		}
 		// Keep the quotes in the JSON: only the marker is replaced.
 		s.segs = append(s.segs, js[:at+1])

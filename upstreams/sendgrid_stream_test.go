@@ -243,13 +243,13 @@ func TestSendGrid_StreamMarkerMissing(t *testing.T) {
 	base.Attachments[0].Content = "something-else"
 	req := *base
 	req.Personalizations = []*sgmail.Personalization{chunks[0].p}
-	if _, err := sgEncode(&req, sgMarkers(1), parts); !errors.Is(err, errSendGridMarker) {
+	if _, err := sgEncode(&req, sgMarkers(1), parts); !errors.Is(err, errPlaceholder) {
 		t.Errorf("missing marker: err = %v", err)
 	}
 	mk := sgMarkers(1)
 	base.Attachments[0].Content = mk[0]
 	req.Subject = mk[0]
-	if _, err := sgEncode(&req, mk, parts); !errors.Is(err, errSendGridMarker) {
+	if _, err := sgEncode(&req, mk, parts); !errors.Is(err, errPlaceholder) {
 		t.Errorf("repeated marker: err = %v", err)
 	}
 }

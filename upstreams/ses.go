@@ -200,9 +200,6 @@ func (s *sesUpstream) classify(ctx context.Context, err error, p *apiProgress) *
 		return &Error{Upstream: s.name, Class: class, Code: strconv.Itoa(status),
 			Reason: fmt.Sprintf("HTTP %d: %s", status, why), err: err}
 	}
-	if errors.Is(err, errSESPlaceholder) {
-		return &Error{Upstream: s.name, Class: ProviderFault, Reason: errSESPlaceholder.Error(), err: err}
-	}
 	var ipe smithy.InvalidParamsError
 	if errors.As(err, &ipe) {
 		// The SDK's own input check, before any request: this message

@@ -30,10 +30,6 @@ func sesMarker() (data []byte, encoded string) {
 	return data, encoded
 }
 
-// errSESPlaceholder means the SDK's document did not carry the placeholder
-// exactly once (an SDK change): every message would fail the same way.
-var errSESPlaceholder = errors.New("the serialized SendEmail request does not carry the message placeholder once")
-
 // sesStreamOption makes one SendEmail call send body in the place of the
 // placeholder whose base64 is marker. It runs right after the SDK's
 // serializer, so every later step (the SigV4 payload hash, the signature
@@ -54,7 +50,7 @@ func sesStreamOption(body Body, marker string) func(*sesv2.Options) {
 		q := []byte(`"` + marker + `"`)
 		i := placeholderAt(doc, q)
 		if i < 0 {
-			return middleware.SerializeOutput{}, middleware.Metadata{}, errSESPlaceholder
+			return middleware.SerializeOutput{}, middleware.Metadata{}, fmt.Errorf("the serialized SendEmail request: %w", errPlaceholder)
 		}
 		st := newSESStream(doc[:i+1], doc[i+len(q)-1:], body)
 		sreq, err := req.SetStream(st)

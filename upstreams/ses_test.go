@@ -759,7 +759,7 @@ func TestSES_SpoolReadErrorIsTransient(t *testing.T) {
 // same way: a provider fault (fail over, open the breaker), not a retry.
 func TestSES_MissingPlaceholderIsProviderFault(t *testing.T) {
 	s := &sesUpstream{name: "ses"}
-	err := s.classify(context.Background(), fmt.Errorf("operation error SESv2: SendEmail, serialize: %w", errSESPlaceholder), &apiProgress{})
+	err := s.classify(context.Background(), fmt.Errorf("operation error SESv2: SendEmail, serialize: %w", errPlaceholder), &apiProgress{})
 	if err.Class != ProviderFault {
 		t.Errorf("class %s, want provider_fault: %v", err.Class, err)
 	}

@@ -115,16 +115,10 @@ func TestSMTP_NoPlaintextFallback(t *testing.T) {
 }
 
 func TestSMTP_ReplyClassification(t *testing.T) {
-	type phase int
-	const (
-		atMail phase = iota
-		atRcpt
-		atData
-	)
 	sink := testsmtp.Start(t, testsmtp.Options{})
 	u := newTestSMTP(t, Config{Address: sink.Addr})
 	for _, tc := range []struct {
-		at    phase
+		at    string
 		code  int
 		enh   string
 		class Class
@@ -155,19 +149,9 @@ func TestSMTP_ReplyClassification(t *testing.T) {
 		{atRcpt, 553, "5.6.7", Unsupported}, // non-ASCII address not permitted
 		{atMail, 552, "5.7.1", SenderRejected},
 	} {
-		name := fmt.Sprintf("%d-%s-at-%s", tc.code, tc.enh, []string{"MAIL", "RCPT", "DATA"}[tc.at])
+		name := fmt.Sprintf("%d-%s-at-%s", tc.code, tc.enh, tc.at)
 		t.Run(name, func(t *testing.T) {
-			reply := testsmtp.Reply(tc.code, tc.enh, "scripted")
-			sc := testsmtp.Script{}
-			switch tc.at {
-			case atMail:
-				sc.Mail = func(string) error { return reply }
-			case atRcpt:
-				sc.Rcpt = func(string) error { return reply }
-			case atData:
-				sc.Data = func(testsmtp.Msg) error { return reply }
-			}
-			sink.SetScript(sc)
+			sink.SetScript(replyAt(tc.at, testsmtp.Reply(tc.code, tc.enh, "scripted")))
 			_, err := u.Send(context.Background(), testMsg)
 			if got := ClassOf(err); got != tc.class {
 				t.Errorf("class = %v, want %v (err %v)", got, tc.class, err)

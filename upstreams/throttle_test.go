@@ -219,7 +219,6 @@ func TestSMTP_ThrottleRepliesPause(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { u.Close() })
-	const atMail, atRcpt, atData = "MAIL", "RCPT", "DATA"
 	for _, tc := range []struct {
 		at, enh string
 		code    int
@@ -245,17 +244,7 @@ func TestSMTP_ThrottleRepliesPause(t *testing.T) {
 		{atMail, "5.7.1", 550, "Relaying denied", 0},
 	} {
 		t.Run(fmt.Sprintf("%d %s %s at %s", tc.code, tc.enh, tc.msg, tc.at), func(t *testing.T) {
-			reply := testsmtp.Reply(tc.code, tc.enh, tc.msg)
-			sc := testsmtp.Script{}
-			switch tc.at {
-			case atMail:
-				sc.Mail = func(string) error { return reply }
-			case atRcpt:
-				sc.Rcpt = func(string) error { return reply }
-			case atData:
-				sc.Data = func(testsmtp.Msg) error { return reply }
-			}
-			sink.SetScript(sc)
+			sink.SetScript(replyAt(tc.at, testsmtp.Reply(tc.code, tc.enh, tc.msg)))
 			_, err := u.Send(context.Background(), testMsg)
 			if tc.code < 500 && ClassOf(err) != Transient {
 				t.Errorf("class %v (%v), want transient", ClassOf(err), err)

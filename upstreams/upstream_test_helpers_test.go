@@ -3,6 +3,8 @@ package upstreams
 import (
 	"io"
 	"testing"
+
+	"github.com/relaycar/relaycar/internal/testsmtp"
 )
 
 // bodyOf reads a message's whole body (tests only).
@@ -32,4 +34,21 @@ func refusedErr(t *testing.T, rc Receipt, err error) *Error {
 		}
 	}
 	return e
+}
+
+// The SMTP commands a scripted sink can answer with a reply of the test's.
+const atMail, atRcpt, atData = "MAIL", "RCPT", "DATA"
+
+// replyAt is a sink script answering reply at one command.
+func replyAt(at string, reply error) testsmtp.Script {
+	var sc testsmtp.Script
+	switch at {
+	case atMail:
+		sc.Mail = func(string) error { return reply }
+	case atRcpt:
+		sc.Rcpt = func(string) error { return reply }
+	case atData:
+		sc.Data = func(testsmtp.Msg) error { return reply }
+	}
+	return sc
 }
