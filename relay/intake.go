@@ -146,7 +146,11 @@ func (in *intake) allowedSenders() map[string]bool {
 
 // listen binds the SMTP socket behind the allowListener.
 func (in *intake) listen() error {
-	ln, err := net.Listen("tcp", in.address)
+	// No TCP keepalive: read_timeout and data_timeout end a silent
+	// client, and each accepted connection saves its four setsockopt calls
+	// (Postfix's smtpd sets none either).
+	lc := net.ListenConfig{KeepAlive: -1}
+	ln, err := lc.Listen(context.Background(), "tcp", in.address)
 	if err != nil {
 		return fmt.Errorf("listen.address: %w", err)
 	}

@@ -103,7 +103,7 @@ func (s *sendGridUpstream) Send(ctx context.Context, m *Message) (Receipt, error
 		req.Personalizations = []*sgmail.Personalization{ch.p}
 		body, err := sgEncode(&req, markers, parts)
 		if err != nil {
-			return Receipt{}, errorf(s.name, Unsupported, "", err, "encode request: %v", err)
+			return Receipt{}, s.encodeError(err)
 		}
 		if body.size > int64(s.maxBody) {
 			return Receipt{}, errorf(s.name, Unsupported, "", nil, "request of %d bytes exceeds SendGrid's limit of %d", body.size, s.maxBody)
@@ -267,3 +267,13 @@ func (s *sendGridUpstream) statusError(resp *rest.Response) *Error {
 }
 
 var _ Upstream = (*sendGridUpstream)(nil)
+
+// encodeError classes a failure to build the request: a request without
+// its placeholders is an SDK change that fails every message (as for SES
+// and Mailgun), anything else is this message.
+func (s *sendGridUpstream) encodeError(err error) *Error {
+	if errors.Is(err, errPlaceholder) {
+		return errorf(s.name, ProviderFault, "", err, "encode request: %v", err)
+	}
+	return errorf(s.name, Unsupported, "", err, "encode request: %v", err)
+}

@@ -283,3 +283,16 @@ func TestSendGrid_SpoolReadErrorIsTransient(t *testing.T) {
 		t.Errorf("%d requests sent", n)
 	}
 }
+
+// A request without its placeholders fails every message alike, so it is
+// the upstream's fault (failover, breaker), as for SES and Mailgun; other
+// encode failures stay this message's.
+func TestSendGrid_MissingPlaceholderIsProviderFault(t *testing.T) {
+	s := &sendGridUpstream{name: "sg"}
+	if err := s.encodeError(fmt.Errorf("the Mail Send JSON: %w", errPlaceholder)); err.Class != ProviderFault {
+		t.Errorf("class %s, want provider_fault: %v", err.Class, err)
+	}
+	if err := s.encodeError(errors.New("json: unsupported value")); err.Class != Unsupported {
+		t.Errorf("class %s, want unsupported: %v", err.Class, err)
+	}
+}

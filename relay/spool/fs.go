@@ -50,15 +50,6 @@ type OS struct{}
 
 var _ FS = OS{}
 
-// OpenFile is os.OpenFile.
-func (OS) OpenFile(name string, flag int, perm fs.FileMode) (File, error) {
-	f, err := os.OpenFile(name, flag, perm)
-	if err != nil {
-		return nil, err
-	}
-	return f, nil
-}
-
 // Rename is os.Rename.
 func (OS) Rename(oldpath, newpath string) error { return os.Rename(oldpath, newpath) }
 

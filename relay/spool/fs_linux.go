@@ -3,10 +3,27 @@ package spool
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 
 	"golang.org/x/sys/unix"
 )
+
+// OpenFile is open(2) and os.NewFile. os.OpenFile would first try to add
+// the descriptor to the network poller, which a regular file refuses
+// (four fcntl and an epoll_ctl that fails with EPERM), on each of the two
+// or three opens a message costs the spool.
+func (OS) OpenFile(name string, flag int, perm fs.FileMode) (File, error) {
+	for {
+		fd, err := unix.Open(name, flag|unix.O_CLOEXEC, uint32(perm.Perm()))
+		switch {
+		case err == nil:
+			return os.NewFile(uintptr(fd), name), nil
+		case err != unix.EINTR:
+			return nil, &fs.PathError{Op: "open", Path: name, Err: err}
+		}
+	}
+}
 
 // SyncFS is syncfs(2) of dir's file system. The spool's own commits use a
 // shared atomicfile.GroupSync instead; this serves wrappers of OS.

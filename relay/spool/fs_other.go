@@ -4,11 +4,21 @@ package spool
 
 import (
 	"errors"
+	"io/fs"
 	"os"
 	"syscall"
 
 	"golang.org/x/sys/unix"
 )
+
+// OpenFile is os.OpenFile.
+func (OS) OpenFile(name string, flag int, perm fs.FileMode) (File, error) {
+	f, err := os.OpenFile(name, flag, perm)
+	if err != nil {
+		return nil, err
+	}
+	return f, nil
+}
 
 // SyncFS falls back to sync(2) where syncfs(2) does not exist; production
 // is Linux, this keeps development builds correct.
