@@ -1,11 +1,13 @@
 package upstreams
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"slices"
 	"strings"
@@ -393,5 +395,62 @@ func TestSMTP_AddressWithLineBreakIsRejected(t *testing.T) {
 	}
 	if sink.Count() != 0 {
 		t.Error("message sent")
+	}
+}
+
+// pipeliningServer is a smarthost on 127.0.0.1 that offers PIPELINING and
+// reads MAIL, both RCPTs and DATA before it answers any of them: a client
+// that waited for each reply would hang here. It refuses the second
+// recipient and reports what it read.
+func pipeliningServer(t *testing.T) (addr string, group <-chan []string) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	got := make(chan []string, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		r := bufio.NewReader(c)
+		line := func() string { l, _ := r.ReadString('\n'); return strings.TrimRight(l, "\r\n") }
+		fmt.Fprint(c, "220 pipe.test ESMTP\r\n")
+		line() // EHLO
+		fmt.Fprint(c, "250-pipe.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+		var lines []string
+		for range 4 {
+			lines = append(lines, line())
+		}
+		got <- lines
+		fmt.Fprint(c, "250 sender ok\r\n250 ok\r\n550 5.1.1 no such user\r\n354 go ahead\r\n")
+		for line() != "." {
+		}
+		fmt.Fprint(c, "250 2.0.0 queued as P1\r\n")
+		line() // QUIT or RSET
+		fmt.Fprint(c, "221 bye\r\n")
+	}()
+	return ln.Addr().String(), got
+}
+
+// MAIL, the RCPTs and DATA go out together to a server with PIPELINING,
+// and the per-recipient replies still make a partial delivery.
+func TestSMTP_PipelinesTheEnvelope(t *testing.T) {
+	addr, group := pipeliningServer(t)
+	u := newTestSMTP(t, Config{Address: addr})
+	rc, err := u.Send(context.Background(), testMsg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"MAIL FROM:<a@example.com> BODY=8BITMIME", "RCPT TO:<b@example.net>", "RCPT TO:<c@example.org>", "DATA"}
+	if got := <-group; !slices.Equal(got, want) {
+		t.Errorf("server read %q before answering, want %q", got, want)
+	}
+	if rc.ProviderID != "2.0.0 queued as P1" || len(rc.Refused) != 1 || rc.Refused[0].Rcpt != "c@example.org" || ClassOf(rc.Refused[0].Err) != Rejected {
+		t.Errorf("receipt %+v, want c@example.org refused (rejected), queued as P1", rc)
 	}
 }
