@@ -223,15 +223,19 @@ func (s *smtpUpstream) transact(ctx context.Context, sc *smtpConn, m *Message) (
 	// round trips a message instead of three plus one per recipient.
 	rcptErrs, w, err := c.MailRcptData(m.From, opts, m.To, nil)
 	if err != nil && rcptErrs == nil {
-		// MAIL's reply, or the connection failed: nothing was delivered.
+		// MAIL's reply, or the connection failed before it: no transaction.
 		return Receipt{}, isStale(err), s.fail(ctx, phaseMail, err)
 	}
 	var refused []string
 	var firstRcptErr, tempRcptErr error
 	for i, rerr := range rcptErrs {
+		if rerr == nil {
+			continue
+		}
 		var se *smtp.SMTPError
 		if !errors.As(rerr, &se) {
-			continue
+			// The connection failed after MAIL was accepted: not stale.
+			return Receipt{}, false, s.fail(ctx, phaseRcpt, rerr)
 		}
 		refused = append(refused, m.To[i])
 		if firstRcptErr == nil {

@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -398,59 +399,161 @@ func TestSMTP_AddressWithLineBreakIsRejected(t *testing.T) {
 	}
 }
 
-// pipeliningServer is a smarthost on 127.0.0.1 that offers PIPELINING and
-// reads MAIL, both RCPTs and DATA before it answers any of them: a client
-// that waited for each reply would hang here. It refuses the second
-// recipient and reports what it read.
-func pipeliningServer(t *testing.T) (addr string, group <-chan []string) {
+// rawTx is one transaction of a rawSmarthost: the replies to MAIL, each
+// RCPT and DATA, in order, and to the end of the data if DATA got 354.
+// With fewer replies than commands the server hangs up after them.
+type rawTx struct {
+	replies []string
+	end     string
+}
+
+// rawSmarthost is a smarthost on 127.0.0.1 that offers PIPELINING and
+// reads MAIL, nrcpt RCPTs and DATA before it answers any of them (a
+// client that waited for each reply would hang), then answers with the
+// next of txs. It reports each group it read and counts connections.
+func rawSmarthost(t *testing.T, nrcpt int, txs ...rawTx) (addr string, groups <-chan []string, conns *atomic.Int32) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ln.Close() })
-	got := make(chan []string, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			return
+	got := make(chan []string, len(txs)+1)
+	conns = &atomic.Int32{}
+	var mu sync.Mutex
+	next := func() (rawTx, bool) {
+		mu.Lock()
+		defer mu.Unlock()
+		if len(txs) == 0 {
+			return rawTx{}, false
 		}
+		tx := txs[0]
+		txs = txs[1:]
+		return tx, true
+	}
+	serve := func(c net.Conn) {
 		defer c.Close()
 		c.SetDeadline(time.Now().Add(10 * time.Second))
 		r := bufio.NewReader(c)
-		line := func() string { l, _ := r.ReadString('\n'); return strings.TrimRight(l, "\r\n") }
-		fmt.Fprint(c, "220 pipe.test ESMTP\r\n")
-		line() // EHLO
-		fmt.Fprint(c, "250-pipe.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
-		var lines []string
-		for range 4 {
-			lines = append(lines, line())
+		line := func() (string, bool) {
+			l, err := r.ReadString('\n')
+			return strings.TrimRight(l, "\r\n"), err == nil
 		}
-		got <- lines
-		fmt.Fprint(c, "250 sender ok\r\n250 ok\r\n550 5.1.1 no such user\r\n354 go ahead\r\n")
-		for line() != "." {
+		fmt.Fprint(c, "220 raw.test ESMTP\r\n")
+		for {
+			cmd, ok := line()
+			switch {
+			case !ok:
+				return
+			case strings.HasPrefix(cmd, "EHLO"):
+				fmt.Fprint(c, "250-raw.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+			case cmd == "RSET":
+				fmt.Fprint(c, "250 ok\r\n")
+			case cmd == "QUIT":
+				fmt.Fprint(c, "221 bye\r\n")
+				return
+			case strings.HasPrefix(cmd, "MAIL"):
+				group := []string{cmd}
+				for range nrcpt + 1 {
+					l, ok := line()
+					if !ok {
+						return
+					}
+					group = append(group, l)
+				}
+				got <- group
+				tx, ok := next()
+				if !ok {
+					return
+				}
+				fmt.Fprint(c, strings.Join(tx.replies, "\r\n")+"\r\n")
+				if len(tx.replies) < nrcpt+2 {
+					return
+				}
+				if strings.HasPrefix(tx.replies[len(tx.replies)-1], "354") {
+					for {
+						l, ok := line()
+						if !ok {
+							return
+						}
+						if l == "." {
+							break
+						}
+					}
+					fmt.Fprint(c, tx.end+"\r\n")
+				}
+			default:
+				fmt.Fprint(c, "502 5.5.1 not here\r\n")
+			}
 		}
-		fmt.Fprint(c, "250 2.0.0 queued as P1\r\n")
-		line() // QUIT or RSET
-		fmt.Fprint(c, "221 bye\r\n")
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			conns.Add(1)
+			go serve(c)
+		}
 	}()
-	return ln.Addr().String(), got
+	return ln.Addr().String(), got, conns
 }
 
 // MAIL, the RCPTs and DATA go out together to a server with PIPELINING,
 // and the per-recipient replies still make a partial delivery.
 func TestSMTP_PipelinesTheEnvelope(t *testing.T) {
-	addr, group := pipeliningServer(t)
+	addr, groups, _ := rawSmarthost(t, 2, rawTx{[]string{"250 sender ok", "250 ok", "550 5.1.1 no such user", "354 go ahead"}, "250 2.0.0 queued as P1"})
 	u := newTestSMTP(t, Config{Address: addr})
 	rc, err := u.Send(context.Background(), testMsg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	want := []string{"MAIL FROM:<a@example.com> BODY=8BITMIME", "RCPT TO:<b@example.net>", "RCPT TO:<c@example.org>", "DATA"}
-	if got := <-group; !slices.Equal(got, want) {
+	if got := <-groups; !slices.Equal(got, want) {
 		t.Errorf("server read %q before answering, want %q", got, want)
 	}
 	if rc.ProviderID != "2.0.0 queued as P1" || len(rc.Refused) != 1 || rc.Refused[0].Rcpt != "c@example.org" || ClassOf(rc.Refused[0].Err) != Rejected {
 		t.Errorf("receipt %+v, want c@example.org refused (rejected), queued as P1", rc)
+	}
+}
+
+// Once MAIL was accepted, a failure in the rest of the group is this
+// message's, reported where it happened, and never taken for a stale
+// idle connection (which would resend at once on a new one).
+func TestSMTP_PipelinedGroupFailuresAfterMail(t *testing.T) {
+	ok := rawTx{[]string{"250 ok", "250 ok", "250 ok", "354 go"}, "250 queued"}
+	for _, tc := range []struct {
+		name   string
+		tx     rawTx
+		class  Class
+		reason string
+		pause  bool
+	}{
+		{"MAIL accepted, then the connection drops", rawTx{replies: []string{"250 ok"}}, Transient, "rcpt:", false},
+		{"a 421 to the first RCPT, the second never answered", rawTx{replies: []string{"250 ok", "421 4.7.0 too many messages, slow down"}}, Transient, "rcpt:", false},
+		{"421 rate reply to both RCPTs", rawTx{replies: []string{"250 ok", "421 4.7.0 too many messages, slow down", "421 4.7.0 too many messages, slow down"}}, Transient, "421", true},
+		{"every RCPT refused, 354 anyway, gone after the dot", rawTx{replies: []string{"250 ok", "550 5.1.1 no", "550 5.1.1 no", "354 go"}}, Rejected, "550", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			// The first message leaves an idle connection; the second
+			// reuses it and meets tc.
+			addr, _, conns := rawSmarthost(t, 2, ok, tc.tx)
+			u := newTestSMTP(t, Config{Address: addr})
+			if _, err := u.Send(context.Background(), testMsg); err != nil {
+				t.Fatal(err)
+			}
+			_, err := u.Send(context.Background(), testMsg)
+			var e *Error
+			if !errors.As(err, &e) || e.Class != tc.class || !strings.Contains(e.Error(), tc.reason) {
+				t.Fatalf("err = %v (class %s), want %s mentioning %q", err, ClassOf(err), tc.class, tc.reason)
+			}
+			if got := !e.RetryAt.IsZero(); got != tc.pause {
+				t.Errorf("pause %v, want %v", e.RetryAt, tc.pause)
+			}
+			if n := conns.Load(); n != 1 {
+				t.Errorf("%d connections, want 1: the message was resent on a new one", n)
+			}
+		})
 	}
 }

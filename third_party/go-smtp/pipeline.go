@@ -11,21 +11,29 @@ import (
 // recipient: the per-recipient replies say why.
 var ErrNoRecipients = errors.New("smtp: every recipient was refused")
 
+// maxPipelined bounds the commands written before their replies are read:
+// RFC 2920 warns that a client which only writes can deadlock with a
+// server whose replies fill the socket buffers.
+const maxPipelined = 100
+
 // MailRcptData starts a transaction: MAIL FROM, one RCPT TO per
 // recipient, DATA. Where the server advertises PIPELINING (RFC 2920) the
-// commands go out in one write and their replies are read after it, so a
-// message costs two round trips (this one and the end of its data)
-// instead of three plus one per recipient; elsewhere they are sent one by
-// one, as Mail, Rcpt and Data would.
+// commands go out in one write (per 100) and their replies are read
+// after it, so a message costs two round trips (this one and the end of
+// its data) instead of three plus one per recipient; elsewhere they are
+// sent one by one, as Mail, Rcpt and Data would.
 //
-// err is MAIL's reply or an I/O error (then no transaction started), or
-// ErrNoRecipients, or DATA's reply. rcptErrs[i] is the reply to
-// recipient i, nil if accepted; it is set whenever MAIL was accepted. On
-// success the caller writes the message to the DataCommand and closes it.
+// rcptErrs is nil when MAIL was refused (err is its reply) or its reply
+// could not be read (err is the I/O error): no transaction started.
+// Otherwise rcptErrs[i] is recipient i's reply, nil if accepted, or, from
+// the first reply that could not be read on, that I/O error; err is then
+// ErrNoRecipients if no recipient was accepted, else DATA's reply or I/O
+// error. On success the caller writes the message to the DataCommand and
+// closes it. After an I/O error the connection is out of step.
 //
 // A server that answers 354 to a pipelined DATA although it accepted no
 // recipient (RFC 2920 says it must not) gets an empty message, ended at
-// once, so that the connection stays usable.
+// once.
 func (c *Client) MailRcptData(from string, opts *MailOptions, to []string, rcptOpts *RcptOptions) (rcptErrs []error, dc *DataCommand, err error) {
 	if err := c.hello(); err != nil {
 		return nil, nil, err
@@ -47,82 +55,106 @@ func (c *Client) MailRcptData(from string, opts *MailOptions, to []string, rcptO
 		lines = append(lines, l)
 	}
 	lines = append(lines, "DATA")
-
-	c.conn.SetDeadline(time.Now().Add(c.CommandTimeout))
 	defer c.conn.SetDeadline(time.Time{})
+
+	// Replies in order: MAIL's, one per recipient, DATA's. Every reply is
+	// read whatever an earlier one said, or the next command would read
+	// this one's leftovers.
+	var mailErr, dataErr error
+	accepted := 0
+	for start := 0; start < len(lines); start += maxPipelined {
+		group := lines[start:min(start+maxPipelined, len(lines))]
+		if err := c.sendGroup(group); err != nil {
+			return c.lostAt(start, to, rcptErrs, mailErr, err)
+		}
+		for k := range group {
+			i := start + k
+			expect := 25
+			switch i {
+			case 0:
+				expect = 250
+			case len(lines) - 1:
+				expect = 354
+			}
+			c.conn.SetDeadline(time.Now().Add(c.CommandTimeout))
+			_, _, e := c.readResponse(expect)
+			if e != nil && !isSMTPError(e) {
+				return c.lostAt(i, to, rcptErrs, mailErr, e)
+			}
+			switch {
+			case i == 0:
+				mailErr = e
+				if mailErr == nil {
+					c.rcpts = nil
+					rcptErrs = make([]error, len(to))
+				}
+			case i == len(lines)-1:
+				dataErr = e
+			case mailErr == nil:
+				rcptErrs[i-1] = e
+				if e == nil {
+					accepted++
+					c.rcpts = append(c.rcpts, to[i-1])
+				}
+			}
+		}
+	}
+	if dataErr == nil && (mailErr != nil || accepted == 0) {
+		// 354 without a transaction to carry: end the data at once. What
+		// the server makes of an empty message does not matter, and the
+		// caller is told of the refusal either way.
+		c.conn.SetDeadline(time.Now().Add(c.CommandTimeout))
+		c.text.W.WriteString(".\r\n")
+		if c.text.W.Flush() == nil {
+			c.readResponse(250)
+		}
+	}
+	switch {
+	case mailErr != nil:
+		return nil, nil, mailErr
+	case accepted == 0:
+		return rcptErrs, nil, ErrNoRecipients
+	case dataErr != nil:
+		return rcptErrs, nil, dataErr
+	}
+	return rcptErrs, &DataCommand{client: c, wc: &dotWriter{w: c.text.W}}, nil
+}
+
+// sendGroup writes commands with one flush, in the textproto request
+// sequence that go-smtp's cmd uses.
+func (c *Client) sendGroup(lines []string) error {
+	c.conn.SetDeadline(time.Now().Add(c.CommandTimeout))
 	id := c.text.Next()
 	c.text.StartRequest(id)
 	for _, l := range lines {
 		c.text.W.WriteString(l)
 		c.text.W.WriteString("\r\n")
 	}
-	err = c.text.W.Flush()
+	err := c.text.W.Flush()
 	c.text.EndRequest(id)
-	if err != nil {
-		return nil, nil, err
-	}
 	c.text.StartResponse(id)
-	defer c.text.EndResponse(id)
+	c.text.EndResponse(id)
+	return err
+}
 
-	// Every reply is read, whatever an earlier one said, or the next
-	// command would read this one's leftovers. A server that gives up
-	// mid-group (a 421, then it closes) is reported by that reply, not by
-	// the read that found the connection closed.
-	var closing error
-	lost := func(ioErr error) ([]error, *DataCommand, error) {
-		if closing != nil {
-			return nil, nil, closing
-		}
-		return nil, nil, ioErr
-	}
-	reply := func(expect int) error {
-		_, _, e := c.readResponse(expect)
-		var se *SMTPError
-		if errors.As(e, &se) && se.Code == 421 && closing == nil {
-			closing = e
-		}
-		return e
-	}
-	mailErr := reply(250)
-	if mailErr != nil && !isSMTPError(mailErr) {
-		return lost(mailErr)
-	}
-	c.rcpts = nil
-	rcptErrs = make([]error, len(to))
-	for i, rcpt := range to {
-		e := reply(25)
-		if e != nil && !isSMTPError(e) {
-			return lost(e)
-		}
-		rcptErrs[i] = e
-		if e == nil && mailErr == nil {
-			c.rcpts = append(c.rcpts, rcpt)
-		}
-	}
-	dataErr := reply(354)
-	if dataErr != nil && !isSMTPError(dataErr) {
-		return lost(dataErr)
-	}
-	if dataErr == nil && (mailErr != nil || len(c.rcpts) == 0) {
-		// 354 without a transaction to carry: end the data at once and
-		// ignore what the server makes of an empty message.
-		c.text.W.WriteString(".\r\n")
-		if err := c.text.W.Flush(); err != nil {
-			return nil, nil, err
-		}
-		if _, _, err := c.readResponse(250); err != nil && !isSMTPError(err) {
-			return nil, nil, err
-		}
-	}
+// lostAt is MailRcptData's result when the connection failed at command
+// i (0 MAIL, then the recipients, then DATA) with ioErr.
+func (c *Client) lostAt(i int, to []string, rcptErrs []error, mailErr, ioErr error) ([]error, *DataCommand, error) {
 	switch {
+	case i == 0:
+		return nil, nil, ioErr
 	case mailErr != nil:
+		// MAIL's refusal is the news; the server may well have hung up
+		// after it.
 		return nil, nil, mailErr
-	case len(c.rcpts) == 0:
-		return rcptErrs, nil, ErrNoRecipients
-	case dataErr != nil:
-		return rcptErrs, nil, dataErr
 	}
-	return rcptErrs, &DataCommand{client: c, wc: &dotWriter{w: c.text.W}}, nil
+	for j := i - 1; j < len(to); j++ {
+		rcptErrs[j] = ioErr
+	}
+	if accepted := len(c.rcpts); accepted == 0 && i > len(to) {
+		return rcptErrs, nil, ErrNoRecipients
+	}
+	return rcptErrs, nil, ioErr
 }
 
 // mailRcptDataInTurn is MailRcptData for a server without PIPELINING.
@@ -135,7 +167,10 @@ func (c *Client) mailRcptDataInTurn(from string, opts *MailOptions, to []string,
 	for i, rcpt := range to {
 		err := c.Rcpt(rcpt, rcptOpts)
 		if err != nil && !isSMTPError(err) {
-			return nil, nil, err
+			for j := i; j < len(to); j++ {
+				rcptErrs[j] = err
+			}
+			return rcptErrs, nil, err
 		}
 		rcptErrs[i] = err
 		if err == nil {

@@ -5,6 +5,7 @@ package smtp
 import (
 	"bufio"
 	"errors"
+	"fmt"
 	"io"
 	"net/textproto"
 	"strings"
@@ -81,6 +82,8 @@ func TestMailRcptData_RefusalsKeepTheConnectionInStep(t *testing.T) {
 			func(err error) bool { return errors.Is(err, ErrNoRecipients) }, false},
 		{"every RCPT refused, DATA 354 anyway", []string{"250 ok", "550 5.1.1 no", "354 go ahead", "554 5.6.0 empty message"},
 			func(err error) bool { return errors.Is(err, ErrNoRecipients) }, true},
+		{"MAIL refused, DATA 354 anyway", []string{"550 5.7.1 sender refused", "503 5.5.1 no MAIL", "354 go ahead", "503 5.5.1 no MAIL"},
+			func(err error) bool { var se *SMTPError; return errors.As(err, &se) && se.Code == 550 }, true},
 		{"DATA refused", []string{"250 ok", "250 ok", "452 4.3.1 out of space"},
 			func(err error) bool { var se *SMTPError; return errors.As(err, &se) && se.Code == 452 }, false},
 	} {
@@ -121,15 +124,85 @@ func TestMailRcptData_WithoutPipeliningInTurn(t *testing.T) {
 	if _, _, err := c.MailRcptData("a@example.com", nil, []string{"b@example.net"}, nil); !errors.Is(err, ErrNoRecipients) {
 		t.Errorf("every recipient refused: %v", err)
 	}
+
+	// Lost after MAIL: the I/O error stands for the replies not read.
+	c, _ = scriptedClient("250-localhost\r\n250 8BITMIME", "250 sender ok", "250 ok")
+	rcptErrs, _, err = c.MailRcptData("a@example.com", nil, []string{"b@example.net", "c@example.net"}, nil)
+	var se *SMTPError
+	if err == nil || errors.As(err, &se) || rcptErrs[0] != nil || rcptErrs[1] == nil || errors.As(rcptErrs[1], &se) {
+		t.Errorf("lost at the second RCPT: rcptErrs %v, err %v", rcptErrs, err)
+	}
 }
 
-// A connection that ends mid-group is an I/O error, not a reply.
+// A connection that ends mid-group: before MAIL's reply nothing started
+// (rcptErrs nil); after it, the I/O error stands for every reply not read.
 func TestMailRcptData_ConnectionLost(t *testing.T) {
-	c, _ := scriptedClient(ehloPipelining, "250 sender ok")
+	ioErr := func(err error) bool {
+		var se *SMTPError
+		return err != nil && !errors.As(err, &se) && !errors.Is(err, ErrNoRecipients)
+	}
+	c, _ := scriptedClient(ehloPipelining)
+	if rcptErrs, _, err := c.MailRcptData("a@example.com", nil, []string{"b@example.net"}, nil); rcptErrs != nil || !ioErr(err) {
+		t.Errorf("lost before MAIL's reply: rcptErrs %v, err %v; want nil and an I/O error", rcptErrs, err)
+	}
+	c, _ = scriptedClient(ehloPipelining, "250 sender ok", "250 ok")
+	rcptErrs, _, err := c.MailRcptData("a@example.com", nil, []string{"b@example.net", "c@example.net", "d@example.net"}, nil)
+	if !ioErr(err) || len(rcptErrs) != 3 || rcptErrs[0] != nil || !ioErr(rcptErrs[1]) || !ioErr(rcptErrs[2]) {
+		t.Errorf("lost after one RCPT reply: rcptErrs %v, err %v", rcptErrs, err)
+	}
+}
+
+// A 421 and a close mid-group is reported by the 421, with its text, at
+// the command that got it.
+func TestMailRcptData_ClosingReply(t *testing.T) {
+	c, _ := scriptedClient(ehloPipelining, "421 4.7.0 too many connections")
 	_, _, err := c.MailRcptData("a@example.com", nil, []string{"b@example.net"}, nil)
 	var se *SMTPError
-	if err == nil || errors.As(err, &se) || errors.Is(err, ErrNoRecipients) {
-		t.Fatalf("err = %v, want an I/O error", err)
+	if !errors.As(err, &se) || se.Code != 421 {
+		t.Errorf("421 at MAIL: err = %v, want the 421", err)
+	}
+
+	// The only recipient: every recipient refused, the 421 says why.
+	c, _ = scriptedClient(ehloPipelining, "250 ok", "421 4.7.0 too many messages, slow down")
+	rcptErrs, _, err := c.MailRcptData("a@example.com", nil, []string{"b@example.net"}, nil)
+	if !errors.Is(err, ErrNoRecipients) || !errors.As(rcptErrs[0], &se) || se.Code != 421 || !strings.Contains(se.Message, "slow down") {
+		t.Errorf("421 at the only RCPT: rcptErrs %v, err %v", rcptErrs, err)
+	}
+
+	// One accepted before it: the message cannot go, DATA's reply is lost.
+	c, _ = scriptedClient(ehloPipelining, "250 ok", "250 ok", "421 4.7.0 closing")
+	rcptErrs, _, err = c.MailRcptData("a@example.com", nil, []string{"b@example.net", "c@example.net"}, nil)
+	if err == nil || errors.As(err, &se) || rcptErrs[0] != nil || !errors.As(rcptErrs[1], &se) || se.Code != 421 {
+		t.Errorf("421 at the second RCPT: rcptErrs %v, err %v", rcptErrs, err)
+	}
+}
+
+// More than maxPipelined commands go in several writes, each followed by
+// its replies, which still land on the right recipients.
+func TestMailRcptData_LargeGroupsInPieces(t *testing.T) {
+	var to []string
+	script := []string{ehloPipelining, "250 sender ok"}
+	for i := 0; i < 150; i++ {
+		to = append(to, fmt.Sprintf("r%d@example.net", i))
+		if i == 120 {
+			script = append(script, "550 5.1.1 no")
+		} else {
+			script = append(script, "250 ok")
+		}
+	}
+	script = append(script, "354 go ahead")
+	c, log := scriptedClient(script...)
+	rcptErrs, dc, err := c.MailRcptData("a@example.com", nil, to, nil)
+	if err != nil || dc == nil {
+		t.Fatal(err)
+	}
+	for i, e := range rcptErrs {
+		if (e != nil) != (i == 120) {
+			t.Errorf("rcptErrs[%d] = %v", i, e)
+		}
+	}
+	if len(log.writes) != 3 || strings.Count(log.writes[1], "\r\n") != maxPipelined || !strings.HasSuffix(log.writes[2], "DATA\r\n") {
+		t.Errorf("%d writes, want EHLO and two groups (%d commands, then the rest and DATA)", len(log.writes), maxPipelined)
 	}
 }
 
@@ -141,15 +214,5 @@ func TestMailRcptData_InjectionRefusedBeforeSending(t *testing.T) {
 	}
 	if len(log.writes) != 1 {
 		t.Errorf("writes %q, want only EHLO", log.writes)
-	}
-}
-
-// A 421 and a close mid-group is reported by the 421, with its text.
-func TestMailRcptData_ClosingReplyWins(t *testing.T) {
-	c, _ := scriptedClient(ehloPipelining, "421 4.7.0 too many messages, slow down")
-	_, _, err := c.MailRcptData("a@example.com", nil, []string{"b@example.net"}, nil)
-	var se *SMTPError
-	if !errors.As(err, &se) || se.Code != 421 || !strings.Contains(se.Message, "slow down") {
-		t.Fatalf("err = %v, want the 421", err)
 	}
 }
