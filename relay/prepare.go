@@ -58,7 +58,8 @@ func isRelayHeader(name string) bool {
 // header bytes are unchanged; see mailhdr.Split for where the header ends.
 func prepare(raw []byte, ri receivedInfo) (*prepared, error) {
 	hdr, bodyOff := mailhdr.Split(raw)
-	h, err := textproto.ReadHeader(bufio.NewReader(bytes.NewReader(hdr)))
+	// A buffer the size of a small header, not bufio's 4 KiB per message.
+	h, err := textproto.ReadHeader(bufio.NewReaderSize(bytes.NewReader(hdr), min(len(hdr)+16, 4096)))
 	if err != nil && !errors.Is(err, io.EOF) {
 		// mailhdr.Split only passes well-formed field lines; keep them as
 		// body rather than lose them if the parser still disagrees.

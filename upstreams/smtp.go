@@ -41,6 +41,18 @@ type smtpUpstream struct {
 	mu     sync.Mutex
 	idle   []*smtpConn
 	closed bool
+
+	// bufs are io.Copy's 32 KiB buffers, reused: half of what a 2 KB
+	// message allocated on its way through relaycar was this one.
+	bufs sync.Pool
+}
+
+func (s *smtpUpstream) copyBuf() *[]byte {
+	if b, ok := s.bufs.Get().(*[]byte); ok {
+		return b
+	}
+	b := make([]byte, 32<<10)
+	return &b
 }
 
 func newSMTP(c Config, d Deps) (*smtpUpstream, error) {
@@ -259,7 +271,10 @@ func (s *smtpUpstream) transact(ctx context.Context, sc *smtpConn, m *Message) (
 	// Straight from the spool file to the socket: the message is never
 	// whole in memory.
 	src := &errreader.Reader{R: m.Reader()}
-	if _, err := io.Copy(w, src); err != nil {
+	buf := s.copyBuf()
+	_, err = io.CopyBuffer(w, src, *buf)
+	s.bufs.Put(buf)
+	if err != nil {
 		if src.Err != nil {
 			// Ending DATA now would deliver a truncated message; dropping
 			// the connection (transact's deferred close) makes the server

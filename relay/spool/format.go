@@ -188,7 +188,9 @@ func readState(f File, id string) (*state, error) {
 		return nil, err
 	}
 	st := &state{hdr: h, end: h.bodyEnd(), size: size, last: h.bodyCRC}
-	r := bufio.NewReader(io.NewSectionReader(f, st.end, size-st.end))
+	// Sized to the records (usually one envelope of a few hundred bytes):
+	// this runs for every delivery, and bufio's default is 4 KiB.
+	r := bufio.NewReaderSize(io.NewSectionReader(f, st.end, size-st.end), int(min(max(size-st.end, 16), 4096)))
 	var rh [recHeader]byte
 	for {
 		if _, err := io.ReadFull(r, rh[:]); err != nil {

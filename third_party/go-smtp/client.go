@@ -466,8 +466,9 @@ func (c *Client) mailLine(from string, opts *MailOptions) (string, error) {
 	}
 
 	var sb strings.Builder
-	// A high enough power of 2 than 510+14+26+11+9+9+39+500
-	sb.Grow(2048)
+	// RELAYCAR: room for the usual line, not the longest possible (2 KiB
+	// per command was most of a message's allocations in the client).
+	sb.Grow(len(from) + 64)
 	fmt.Fprintf(&sb, "MAIL FROM:<%s>", from)
 	if _, ok := c.ext["8BITMIME"]; ok {
 		sb.WriteString(" BODY=8BITMIME")
@@ -565,8 +566,8 @@ func (c *Client) rcptLine(to string, opts *RcptOptions) (string, error) {
 	}
 
 	var sb strings.Builder
-	// A high enough power of 2 than 510+29+501
-	sb.Grow(2048)
+	// RELAYCAR: room for the usual line (see mailLine).
+	sb.Grow(len(to) + 32)
 	fmt.Fprintf(&sb, "RCPT TO:<%s>", to)
 	if _, ok := c.ext["DSN"]; ok && opts != nil {
 		if len(opts.Notify) != 0 {
