@@ -65,7 +65,7 @@ func (c *Client) MailRcptData(from string, opts *MailOptions, to []string, rcptO
 	for start := 0; start < len(lines); start += maxPipelined {
 		group := lines[start:min(start+maxPipelined, len(lines))]
 		if err := c.sendGroup(group); err != nil {
-			return c.lostAt(start, to, rcptErrs, mailErr, err)
+			return lostAt(start, len(to), accepted, rcptErrs, mailErr, err)
 		}
 		for k := range group {
 			i := start + k
@@ -79,7 +79,7 @@ func (c *Client) MailRcptData(from string, opts *MailOptions, to []string, rcptO
 			c.conn.SetDeadline(time.Now().Add(c.CommandTimeout))
 			_, _, e := c.readResponse(expect)
 			if e != nil && !isSMTPError(e) {
-				return c.lostAt(i, to, rcptErrs, mailErr, e)
+				return lostAt(i, len(to), accepted, rcptErrs, mailErr, e)
 			}
 			switch {
 			case i == 0:
@@ -120,8 +120,9 @@ func (c *Client) MailRcptData(from string, opts *MailOptions, to []string, rcptO
 	return rcptErrs, &DataCommand{client: c, wc: &dotWriter{w: c.text.W}}, nil
 }
 
-// sendGroup writes commands with one flush, in the textproto request
-// sequence that go-smtp's cmd uses.
+// sendGroup writes commands with one flush. It takes its turn in
+// textproto's request and response sequence as go-smtp's cmd does; the
+// replies are read after it, as nothing else uses the connection meanwhile.
 func (c *Client) sendGroup(lines []string) error {
 	c.conn.SetDeadline(time.Now().Add(c.CommandTimeout))
 	id := c.text.Next()
@@ -138,8 +139,8 @@ func (c *Client) sendGroup(lines []string) error {
 }
 
 // lostAt is MailRcptData's result when the connection failed at command
-// i (0 MAIL, then the recipients, then DATA) with ioErr.
-func (c *Client) lostAt(i int, to []string, rcptErrs []error, mailErr, ioErr error) ([]error, *DataCommand, error) {
+// i (0 MAIL, then the n recipients, then DATA) with ioErr.
+func lostAt(i, n, accepted int, rcptErrs []error, mailErr, ioErr error) ([]error, *DataCommand, error) {
 	switch {
 	case i == 0:
 		return nil, nil, ioErr
@@ -147,14 +148,21 @@ func (c *Client) lostAt(i int, to []string, rcptErrs []error, mailErr, ioErr err
 		// MAIL's refusal is the news; the server may well have hung up
 		// after it.
 		return nil, nil, mailErr
-	}
-	for j := i - 1; j < len(to); j++ {
-		rcptErrs[j] = ioErr
-	}
-	if accepted := len(c.rcpts); accepted == 0 && i > len(to) {
+	case i <= n:
+		// At a recipient: it and those after it were never answered.
+		failFrom(rcptErrs, i-1, ioErr)
+		return rcptErrs, nil, ioErr
+	case accepted == 0:
 		return rcptErrs, nil, ErrNoRecipients
 	}
 	return rcptErrs, nil, ioErr
+}
+
+// failFrom sets rcptErrs[i:] to err: replies that never came.
+func failFrom(rcptErrs []error, i int, err error) {
+	for j := i; j < len(rcptErrs); j++ {
+		rcptErrs[j] = err
+	}
 }
 
 // mailRcptDataInTurn is MailRcptData for a server without PIPELINING.
@@ -167,9 +175,7 @@ func (c *Client) mailRcptDataInTurn(from string, opts *MailOptions, to []string,
 	for i, rcpt := range to {
 		err := c.Rcpt(rcpt, rcptOpts)
 		if err != nil && !isSMTPError(err) {
-			for j := i; j < len(to); j++ {
-				rcptErrs[j] = err
-			}
+			failFrom(rcptErrs, i, err)
 			return rcptErrs, nil, err
 		}
 		rcptErrs[i] = err
