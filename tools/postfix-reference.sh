@@ -40,6 +40,11 @@
 #   RUN_TIMEOUT [120]   seconds for one run (smtp-source + sink wait)
 #   MAX_SECONDS [900]   watchdog for the whole script
 #   BENCH_TMP [/var/tmp] where the temp dir goes (keep it on the real disk)
+#   COUNT_TMP [/dev/shm] where the sinks' counter files go (off the disk under
+#                       test; falls back to the temp dir when not writable)
+#   NEIGHBOUR=1         while measuring, another process streams writes (dd,
+#                       256 MiB files, no sync) into the temp dir's file
+#                       system, as logs or other apps on a shared disk do
 #   KEEP=1              keep the temp dir (logs, raw results) at the end
 #   GO [go]
 set -euo pipefail
@@ -55,6 +60,7 @@ BASE_PORT=${BASE_PORT:-25350}
 RUN_TIMEOUT=${RUN_TIMEOUT:-120}
 MAX_SECONDS=${MAX_SECONDS:-900}
 BENCH_TMP=${BENCH_TMP:-/var/tmp}
+COUNT_TMP=${COUNT_TMP:-/dev/shm}
 GO=${GO:-go}
 FROM=load@example.com
 TO=sink@example.net
@@ -100,9 +106,13 @@ chmod 755 "$WORK"   # Postfix daemons (user postfix) must traverse it
 PF_CONF=$WORK/postfix/conf PF_QUEUE=$WORK/postfix/queue PF_DATA=$WORK/postfix/data
 PF_LOG=$WORK/postfix/maillog
 RESULTS=$WORK/results.tsv
+# The sinks' counters are the apparatus, not the system under test: on the
+# disk they would be dirty pages that relaycar's syncfs flushes with every
+# commit while Postfix's per-file fsync never sees them.
+COUNTS=$(mktemp -d "$COUNT_TMP/relaycar-bench-counts.XXXXXX" 2>/dev/null) || COUNTS=$WORK
 : > "$RESULTS"
 
-SINK_PIDS=() RELAY_PID="" RELAY_TPID="" WATCHDOG_PID=""
+SINK_PIDS=() RELAY_PID="" RELAY_TPID="" WATCHDOG_PID="" NEIGHBOUR_PID=""
 stop_pid() { # PID [seconds]: TERM, wait, then KILL
   local pid=$1 t=${2:-15}
   [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
@@ -128,9 +138,10 @@ cleanup() {
   set +e
   stop_relay
   stop_pf
+  stop_pid "$NEIGHBOUR_PID" 5
   for p in "${SINK_PIDS[@]}"; do stop_pid "$p" 2; done
   [ -n "$WATCHDOG_PID" ] && stop_pid "$WATCHDOG_PID" 1
-  if [ "${KEEP:-0}" = 1 ]; then log "kept $WORK"; else rm -rf "$WORK"; fi
+  if [ "${KEEP:-0}" = 1 ]; then log "kept $WORK $COUNTS"; else rm -rf "$WORK" "$COUNTS"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -163,7 +174,7 @@ BENCH=$WORK/bench
 # sink is wrapped in `timeout` so it ends by itself.
 start_sink() { # NAME PORT
   timeout "$MAX_SECONDS" "$SMTP_SINK" -u postfix -c "127.0.0.1:$2" 256 \
-    > "$WORK/sink-$1.count" 2> "$WORK/sink-$1.err" &
+    > "$COUNTS/sink-$1.count" 2> "$WORK/sink-$1.err" &
   SINK_PIDS+=("$!")
 }
 start_sink direct "$SINK_DIRECT"
@@ -268,9 +279,9 @@ vmhwm_kb() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 
 run() {
   local target=$1 size=$2 sess=$3 count=$4 round=${5:-warm} port counter out
   case $target in
-    direct) port=$SINK_DIRECT counter=$WORK/sink-direct.count ;;
-    relaycar) port=$RELAY_PORT counter=$WORK/sink-relay.count ;;
-    postfix) port=$PF_PORT counter=$WORK/sink-postfix.count ;;
+    direct) port=$SINK_DIRECT counter=$COUNTS/sink-direct.count ;;
+    relaycar) port=$RELAY_PORT counter=$COUNTS/sink-relay.count ;;
+    postfix) port=$PF_PORT counter=$COUNTS/sink-postfix.count ;;
   esac
   if ! out=$("$BENCH" time -counter "$counter" -want "$count" -timeout "${RUN_TIMEOUT}s" -- \
       "$SMTP_SOURCE" -s "$sess" -m "$count" -l "$size" -f "$FROM" -t "$TO" \
@@ -310,6 +321,14 @@ lat_run() { # TARGET ROUND
 }
 
 # ---- measure ---------------------------------------------------------------------------
+if [ "${NEIGHBOUR:-0}" = 1 ]; then
+  # Stopped by PID at the end (its dd with it), and by `timeout` at the latest.
+  timeout "$MAX_SECONDS" bash -c 'trap "kill \$dd 2>/dev/null; exit 0" TERM
+    while :; do dd if=/dev/zero of="$1" bs=1M count=256 status=none & dd=$!; wait $dd; done' \
+    _ "$WORK/neighbour.bin" &
+  NEIGHBOUR_PID=$!
+  log "neighbour: dd streaming into $WORK/neighbour.bin (pid $NEIGHBOUR_PID)"
+fi
 log "work dir $WORK; postfix $PF_VERSION; rounds=$ROUNDS mixes=\"$MIXES\" latency=$LAT_COUNT"
 START=$SECONDS
 lat_done=0
@@ -337,12 +356,14 @@ for mix in $MIXES; do
   stop_relay
 done
 ELAPSED=$((SECONDS - START))
+stop_pid "$NEIGHBOUR_PID" 5; NEIGHBOUR_PID=""
 
 # ---- report ----------------------------------------------------------------------------
 RELAY_VERSION=$(cd "$REPO" && git describe --tags --always --dirty 2>/dev/null || echo unknown)
 echo
 echo "relaycar $RELAY_VERSION vs Postfix $PF_VERSION; smtp-source, one connection per message;"
 echo "$(nproc) cores, $(uname -r), spool/queue on $(df --output=source "$WORK" | tail -1) ($(df --output=fstype "$WORK" | tail -1));"
+if [ "${NEIGHBOUR:-0}" = 1 ]; then echo "with a neighbour streaming writes (dd, no sync) into the same file system;"; fi
 echo "medians of $ROUNDS rounds, msgs/s = messages / wall time of smtp-source;
 measuring took ${ELAPSED}s, the whole script ${SECONDS}s so far"
 echo

@@ -3,6 +3,7 @@ package atomicfile
 import (
 	"os"
 	"sync"
+	"time"
 )
 
 // GroupSync batches syncs of one file system (group commit): a caller waits for
@@ -10,7 +11,12 @@ import (
 // while a sync ran shares the next one.
 type GroupSync struct {
 	// Dir is any path on the file system to sync.
-	Dir       string
+	Dir string
+	// Observe, if set before the first Sync, gets the duration of every
+	// sync from the caller that ran it: a sync waits for everything
+	// written on the file system, so its time is what other writers there
+	// cost the callers.
+	Observe   func(took time.Duration)
 	mu        sync.Mutex
 	cond      *sync.Cond
 	requested uint64
@@ -47,7 +53,11 @@ func (d *GroupSync) Sync() error {
 			d.running = true
 			covers := d.requested
 			d.mu.Unlock()
+			start := time.Now()
 			err := d.syncOnce()
+			if d.Observe != nil {
+				d.Observe(time.Since(start))
+			}
 			d.mu.Lock()
 			d.running = false
 			d.completed = covers

@@ -26,6 +26,11 @@ const (
 	dirMode  = 0o700
 	// bufSize bounds what an intake holds in memory, whatever the message size.
 	bufSize = 64 << 10
+	// slowSync is a sync an operator should hear about: at one session a
+	// commit's syncfs takes well under a millisecond on a disk of its own.
+	slowSync = 500 * time.Millisecond
+	// slowSyncEvery bounds those warnings to one per period.
+	slowSyncEvery = 5 * time.Minute
 	// compactAt is the record bytes after which Update rewrites the file,
 	// so a message retried for two days does not make every Update scan
 	// hundreds of states.
@@ -57,6 +62,10 @@ type Spool struct {
 	// good part of the garbage collector's work under load.
 	writers sync.Pool
 	pool    pool
+	// slowSync is the sync time that warns (tests lower it); slowWarned is
+	// when it last did, in Unix nanoseconds.
+	slowSync   time.Duration
+	slowWarned atomic.Int64
 }
 
 // Options configure Open.
@@ -77,16 +86,16 @@ type syncer interface {
 // Open creates the directories if needed. It does not read the spool:
 // the serving process calls Lock, then Load.
 func Open(dir string, o Options) (*Spool, error) {
-	s := &Spool{dir: dir, dead: filepath.Join(dir, "dead"), fs: o.FS, log: o.Log, compactAt: compactAt}
+	s := &Spool{dir: dir, dead: filepath.Join(dir, "dead"), fs: o.FS, log: o.Log, compactAt: compactAt, slowSync: slowSync}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
-	s.gs = &atomicfile.GroupSync{Dir: dir}
+	s.gs = &atomicfile.GroupSync{Dir: dir, Observe: s.observeSync}
 	s.sync = s.gs
 	if s.fs == nil {
 		s.fs = OS{}
 	} else {
-		s.sync = &fsSyncer{fs: s.fs, dir: dir}
+		s.sync = &fsSyncer{fs: s.fs, dir: dir, observe: s.observeSync}
 	}
 	for _, d := range []string{dir, s.dead} {
 		if err := s.fs.MkdirAll(d, dirMode); err != nil {
@@ -98,22 +107,45 @@ func Open(dir string, o Options) (*Spool, error) {
 
 // fsSyncer syncs through an FS; like GroupSync its failure is sticky.
 type fsSyncer struct {
-	fs     FS
-	dir    string
-	mu     sync.Mutex
-	failed error
-	syncs  uint64
+	fs      FS
+	dir     string
+	observe func(time.Duration)
+	mu      sync.Mutex
+	failed  error
+	syncs   uint64
 }
 
 func (f *fsSyncer) Sync() error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.failed == nil {
-		if f.failed = f.fs.SyncFS(f.dir); f.failed == nil {
+		start := time.Now()
+		f.failed = f.fs.SyncFS(f.dir)
+		f.observe(time.Since(start))
+		if f.failed == nil {
 			f.syncs++
 		}
 	}
 	return f.failed
+}
+
+// observeSync tells the operator, at most every slowSyncEvery, that
+// commits wait on a busy file system. syncfs writes out everything dirty
+// on the spool's file system, so another process writing there (logs, a
+// backup, other pods' volumes on a node's disk) delays every 250; the
+// cure is a file system of the spool's own.
+func (s *Spool) observeSync(took time.Duration) {
+	if took < s.slowSync {
+		return
+	}
+	now := time.Now().UnixNano()
+	last := s.slowWarned.Load()
+	if last != 0 && now-last < int64(slowSyncEvery) || !s.slowWarned.CompareAndSwap(last, now) {
+		return
+	}
+	s.log.Warn("spool sync slow; every 250 waits for it",
+		"took", took.Round(time.Millisecond).String(), "dir", s.dir,
+		"hint", "syncfs writes out all that is written on the spool's file system: give the spool one of its own (a volume, not the disk logs and other apps write to)")
 }
 
 func (f *fsSyncer) Syncs() uint64 {

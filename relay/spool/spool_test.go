@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
@@ -97,6 +98,43 @@ func TestConcurrentCommitsShareSyncs(t *testing.T) {
 		t.Errorf("%d syncs for %d concurrent commits: no group commit", n-1, len(ids))
 	}
 	t.Logf("%d syncfs for %d commits", s.gs.Syncs()-1, len(ids))
+}
+
+// A commit that waited long on syncfs is logged, at most once per
+// slowSyncEvery: it is what another writer on the spool's file system
+// costs, and the operator can only fix it by moving the spool.
+func TestSlowSyncWarnsAtMostOncePerPeriod(t *testing.T) {
+	var logs bytes.Buffer
+	s, err := Open(filepath.Join(t.TempDir(), "spool"), Options{Log: slog.New(slog.NewTextHandler(&logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	warnings := func() int { return strings.Count(logs.String(), "spool sync slow") }
+	commit := func() {
+		id := NewID(time.Now())
+		put(t, s, testEnv(id), testBody(id, 2000))
+	}
+
+	s.slowSync = time.Hour
+	commit()
+	if n := warnings(); n != 0 {
+		t.Fatalf("%d warnings for a sync faster than %v:\n%s", n, s.slowSync, logs.String())
+	}
+	s.slowSync = 0 // every sync is slow from here on
+	commit()
+	commit()
+	if n := warnings(); n != 1 {
+		t.Fatalf("%d warnings for two slow syncs within %v, want 1:\n%s", n, slowSyncEvery, logs.String())
+	}
+	if !strings.Contains(logs.String(), "dir="+s.dir) || !strings.Contains(logs.String(), "took=") {
+		t.Errorf("warning does not say where and how long:\n%s", logs.String())
+	}
+	s.slowWarned.Add(-int64(slowSyncEvery)) // the period is over
+	commit()
+	if n := warnings(); n != 2 {
+		t.Errorf("%d warnings after the period, want 2:\n%s", n, logs.String())
+	}
 }
 
 // fullFS is the real file system with a disk that fills up after left
