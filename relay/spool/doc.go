@@ -35,7 +35,10 @@
 // # Writes and syncs
 //
 // "syncfs" is one syncfs(2) of the spool's file system through
-// atomicfile.GroupSync: concurrent callers share it (group commit).
+// atomicfile.GroupSync: concurrent callers share it (group commit). It
+// also writes out what other processes wrote to that file system, so the
+// spool logs a warning when its syncs are slow for what it wrote itself
+// (syncwatch.go): the cure is a file system of the spool's own.
 //
 //	operation         what is written, in order                              what is synced
 //	Create, Write     rename .free-<x> to <id>.msg (RENAME_NOREPLACE), or    nothing

@@ -26,11 +26,6 @@ const (
 	dirMode  = 0o700
 	// bufSize bounds what an intake holds in memory, whatever the message size.
 	bufSize = 64 << 10
-	// slowSync is a sync an operator should hear about: at one session a
-	// commit's syncfs takes well under a millisecond on a disk of its own.
-	slowSync = 500 * time.Millisecond
-	// slowSyncEvery bounds those warnings to one per period.
-	slowSyncEvery = 5 * time.Minute
 	// compactAt is the record bytes after which Update rewrites the file,
 	// so a message retried for two days does not make every Update scan
 	// hundreds of states.
@@ -62,10 +57,10 @@ type Spool struct {
 	// good part of the garbage collector's work under load.
 	writers sync.Pool
 	pool    pool
-	// slowSync is the sync time that warns (tests lower it); slowWarned is
-	// when it last did, in Unix nanoseconds.
-	slowSync   time.Duration
-	slowWarned atomic.Int64
+	// written counts committed bytes, so that slow syncs can be told
+	// apart from syncs of much of our own data.
+	written atomic.Int64
+	watch   syncWatch
 }
 
 // Options configure Open.
@@ -86,7 +81,7 @@ type syncer interface {
 // Open creates the directories if needed. It does not read the spool:
 // the serving process calls Lock, then Load.
 func Open(dir string, o Options) (*Spool, error) {
-	s := &Spool{dir: dir, dead: filepath.Join(dir, "dead"), fs: o.FS, log: o.Log, compactAt: compactAt, slowSync: slowSync}
+	s := &Spool{dir: dir, dead: filepath.Join(dir, "dead"), fs: o.FS, log: o.Log, compactAt: compactAt, watch: newSyncWatch()}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
@@ -127,25 +122,6 @@ func (f *fsSyncer) Sync() error {
 		}
 	}
 	return f.failed
-}
-
-// observeSync tells the operator, at most every slowSyncEvery, that
-// commits wait on a busy file system. syncfs writes out everything dirty
-// on the spool's file system, so another process writing there (logs, a
-// backup, other pods' volumes on a node's disk) delays every 250; the
-// cure is a file system of the spool's own.
-func (s *Spool) observeSync(took time.Duration) {
-	if took < s.slowSync {
-		return
-	}
-	now := time.Now().UnixNano()
-	last := s.slowWarned.Load()
-	if last != 0 && now-last < int64(slowSyncEvery) || !s.slowWarned.CompareAndSwap(last, now) {
-		return
-	}
-	s.log.Warn("spool sync slow; every 250 waits for it",
-		"took", took.Round(time.Millisecond).String(), "dir", s.dir,
-		"hint", "syncfs writes out all that is written on the spool's file system: give the spool one of its own (a volume, not the disk logs and other apps write to)")
 }
 
 func (f *fsSyncer) Syncs() uint64 {

@@ -100,40 +100,90 @@ func TestConcurrentCommitsShareSyncs(t *testing.T) {
 	t.Logf("%d syncfs for %d commits", s.gs.Syncs()-1, len(ids))
 }
 
-// A commit that waited long on syncfs is logged, at most once per
-// slowSyncEvery: it is what another writer on the spool's file system
-// costs, and the operator can only fix it by moving the spool.
-func TestSlowSyncWarnsAtMostOncePerPeriod(t *testing.T) {
+// The spool's syncs reach the watcher and its warning reaches the log,
+// once per period.
+func TestSlowSyncIsLogged(t *testing.T) {
 	var logs bytes.Buffer
 	s, err := Open(filepath.Join(t.TempDir(), "spool"), Options{Log: slog.New(slog.NewTextHandler(&logs, nil))})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { s.Close() })
-	warnings := func() int { return strings.Count(logs.String(), "spool sync slow") }
+	warnings := func() int { return strings.Count(logs.String(), "spool syncs slow") }
 	commit := func() {
 		id := NewID(time.Now())
 		put(t, s, testEnv(id), testBody(id, 2000))
 	}
 
-	s.slowSync = time.Hour
+	s.watch.slow = time.Hour
 	commit()
 	if n := warnings(); n != 0 {
-		t.Fatalf("%d warnings for a sync faster than %v:\n%s", n, s.slowSync, logs.String())
+		t.Fatalf("%d warnings for a sync under an hour:\n%s", n, logs.String())
 	}
-	s.slowSync = 0 // every sync is slow from here on
+	s.watch.slow = 0 // every sync is slow from here on
 	commit()
 	commit()
 	if n := warnings(); n != 1 {
-		t.Fatalf("%d warnings for two slow syncs within %v, want 1:\n%s", n, slowSyncEvery, logs.String())
+		t.Fatalf("%d warnings for two slow syncs, want 1 per %v:\n%s", n, slowSyncEvery, logs.String())
 	}
 	if !strings.Contains(logs.String(), "dir="+s.dir) || !strings.Contains(logs.String(), "took=") {
 		t.Errorf("warning does not say where and how long:\n%s", logs.String())
 	}
-	s.slowWarned.Add(-int64(slowSyncEvery)) // the period is over
-	commit()
-	if n := warnings(); n != 2 {
-		t.Errorf("%d warnings after the period, want 2:\n%s", n, logs.String())
+}
+
+func TestSyncWatch(t *testing.T) {
+	t0 := at(0)
+	// feed records n syncs of took each, spread over span, the spool
+	// writing per bytes for each; it returns the warnings given.
+	feed := func(w *syncWatch, from time.Time, n int, span, took time.Duration, per int64, written *int64) (warns [][]any) {
+		for i := range n {
+			*written += per
+			if a := w.observe(from.Add(span*time.Duration(i)/time.Duration(n-1)), took, *written); a != nil {
+				warns = append(warns, a)
+			}
+		}
+		return warns
+	}
+	for _, tc := range []struct {
+		name  string
+		n     int
+		took  time.Duration
+		per   int64
+		warns int
+	}{
+		{"own disk, 2 KB messages", 200, 300 * time.Microsecond, 2 << 10, 0},
+		{"a neighbour writing, 2 KB messages", 40, 12 * time.Millisecond, 2 << 10, 1},
+		{"our own 8 MB batches", 40, 40 * time.Millisecond, 8 << 20, 0},
+		{"too few syncs to judge", syncWindowMin - 1, 50 * time.Millisecond, 2 << 10, 0},
+		{"one sync over a second", 1, 1500 * time.Millisecond, 2 << 10, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			w, written := newSyncWatch(), int64(0)
+			span := syncWindow + time.Second
+			if tc.n == 1 {
+				if a := w.observe(t0, tc.took, 2<<10); a == nil {
+					t.Fatal("no warning")
+				}
+				return
+			}
+			got := feed(&w, t0, tc.n, span, tc.took, tc.per, &written)
+			if len(got) != tc.warns {
+				t.Fatalf("%d warnings, want %d: %v", len(got), tc.warns, got)
+			}
+			if tc.warns == 0 {
+				return
+			}
+			t.Logf("warning: %v", got[0])
+			// The same again within slowSyncEvery stays quiet; after it,
+			// it warns again.
+			next := t0.Add(span + time.Second)
+			if again := feed(&w, next, tc.n, span, tc.took, tc.per, &written); len(again) != 0 {
+				t.Errorf("warned again within %v: %v", slowSyncEvery, again)
+			}
+			if later := feed(&w, t0.Add(slowSyncEvery+time.Minute), tc.n, span, tc.took, tc.per, &written); len(later) != 1 {
+				t.Errorf("%d warnings after %v, want 1", len(later), slowSyncEvery)
+			}
+		})
 	}
 }
 
