@@ -356,7 +356,7 @@ for mix in $MIXES; do
   stop_relay
 done
 ELAPSED=$((SECONDS - START))
-stop_pid "$NEIGHBOUR_PID" 5; NEIGHBOUR_PID=""
+stop_pid "$NEIGHBOUR_PID" 5; NEIGHBOUR_PID=""; rm -f "$WORK/neighbour.bin"
 
 # ---- report ----------------------------------------------------------------------------
 RELAY_VERSION=$(cd "$REPO" && git describe --tags --always --dirty 2>/dev/null || echo unknown)
@@ -364,6 +364,7 @@ echo
 echo "relaycar $RELAY_VERSION vs Postfix $PF_VERSION; smtp-source, one connection per message;"
 echo "$(nproc) cores, $(uname -r), spool/queue on $(df --output=source "$WORK" | tail -1) ($(df --output=fstype "$WORK" | tail -1));"
 if [ "${NEIGHBOUR:-0}" = 1 ]; then echo "with a neighbour streaming writes (dd, no sync) into the same file system;"; fi
+echo "sink counters in $COUNTS ($(df --output=fstype "$COUNTS" | tail -1));"
 echo "medians of $ROUNDS rounds, msgs/s = messages / wall time of smtp-source;
 measuring took ${ELAPSED}s, the whole script ${SECONDS}s so far"
 echo

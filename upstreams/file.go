@@ -60,6 +60,7 @@ func (f *fileUpstream) Send(ctx context.Context, m *Message) (Receipt, error) {
 	if err := os.WriteFile(base+".json", env, 0o600); err != nil {
 		return Receipt{}, errorf(f.name, Transient, "", err, "write: %v", err)
 	}
+	f.sync.Wrote(m.size() + int64(len(env)))
 	if err := f.sync.Sync(); err != nil {
 		return Receipt{}, errorf(f.name, Transient, "", err, "sync: %v", err)
 	}

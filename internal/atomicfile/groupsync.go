@@ -3,6 +3,7 @@ package atomicfile
 import (
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -12,11 +13,13 @@ import (
 type GroupSync struct {
 	// Dir is any path on the file system to sync.
 	Dir string
-	// Observe, if set before the first Sync, gets the duration of every
-	// sync from the caller that ran it: a sync waits for everything
-	// written on the file system, so its time is what other writers there
-	// cost the callers.
-	Observe   func(took time.Duration)
+	// Observe, if set before the first Sync, gets each sync's duration and
+	// the bytes callers said (Wrote) they had written before it started,
+	// after the sync's waiters are released. A sync writes out everything
+	// dirty on the file system, so the two tell the callers' own work from
+	// other writers'.
+	Observe   func(took time.Duration, wrote int64)
+	wrote     atomic.Int64
 	mu        sync.Mutex
 	cond      *sync.Cond
 	requested uint64
@@ -53,11 +56,9 @@ func (d *GroupSync) Sync() error {
 			d.running = true
 			covers := d.requested
 			d.mu.Unlock()
-			start := time.Now()
+			wrote, start := d.wrote.Swap(0), time.Now()
 			err := d.syncOnce()
-			if d.Observe != nil {
-				d.Observe(time.Since(start))
-			}
+			took := time.Since(start)
 			d.mu.Lock()
 			d.running = false
 			d.completed = covers
@@ -67,11 +68,19 @@ func (d *GroupSync) Sync() error {
 				d.syncs++
 			}
 			d.cond.Broadcast()
+			if d.Observe != nil {
+				d.mu.Unlock()
+				d.Observe(took, wrote)
+				d.mu.Lock()
+			}
 			continue
 		}
 		d.cond.Wait()
 	}
 }
+
+// Wrote tells Observe that n more bytes were written for the next sync.
+func (d *GroupSync) Wrote(n int64) { d.wrote.Add(n) }
 
 func (d *GroupSync) syncOnce() error {
 	if d.dir == nil {

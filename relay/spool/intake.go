@@ -136,7 +136,7 @@ func (w *Writer) commit(env *Envelope) error {
 	if err != nil {
 		return err
 	}
-	w.s.written.Add(w.n)
+	w.s.sync.Wrote(w.n)
 	return w.s.sync.Sync()
 }
 

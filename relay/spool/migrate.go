@@ -214,5 +214,6 @@ func (s *Spool) writeV2(p *v1Plan) error {
 		return err
 	}
 	defer f.Close()
+	s.sync.Wrote(p.size)
 	return s.writeMsg(tempPath(p.dir, p.env.ID), header{bodyLen: p.size, bodyCRC: p.crc}, f, rec, false)
 }

@@ -57,9 +57,6 @@ type Spool struct {
 	// good part of the garbage collector's work under load.
 	writers sync.Pool
 	pool    pool
-	// written counts committed bytes, so that slow syncs can be told
-	// apart from syncs of much of our own data.
-	written atomic.Int64
 	watch   syncWatch
 }
 
@@ -73,6 +70,9 @@ type Options struct {
 
 type syncer interface {
 	Sync() error
+	// Wrote counts bytes the next sync writes out, for the slow-sync
+	// warning (syncwatch.go).
+	Wrote(n int64)
 	Err() error
 	// Syncs counts the syncs that succeeded, for the pool's "synced since".
 	Syncs() uint64
@@ -104,24 +104,30 @@ func Open(dir string, o Options) (*Spool, error) {
 type fsSyncer struct {
 	fs      FS
 	dir     string
-	observe func(time.Duration)
+	observe func(took time.Duration, wrote int64)
+	wrote   atomic.Int64
 	mu      sync.Mutex
 	failed  error
 	syncs   uint64
 }
 
+func (f *fsSyncer) Wrote(n int64) { f.wrote.Add(n) }
+
 func (f *fsSyncer) Sync() error {
 	f.mu.Lock()
-	defer f.mu.Unlock()
-	if f.failed == nil {
-		start := time.Now()
-		f.failed = f.fs.SyncFS(f.dir)
-		f.observe(time.Since(start))
-		if f.failed == nil {
-			f.syncs++
-		}
+	if f.failed != nil {
+		defer f.mu.Unlock()
+		return f.failed
 	}
-	return f.failed
+	wrote, start := f.wrote.Swap(0), time.Now()
+	err := f.fs.SyncFS(f.dir)
+	took := time.Since(start)
+	if f.failed = err; err == nil {
+		f.syncs++
+	}
+	f.mu.Unlock()
+	f.observe(took, wrote)
+	return err
 }
 
 func (f *fsSyncer) Syncs() uint64 {

@@ -100,73 +100,100 @@ func TestConcurrentCommitsShareSyncs(t *testing.T) {
 	t.Logf("%d syncfs for %d commits", s.gs.Syncs()-1, len(ids))
 }
 
-// The spool's syncs reach the watcher and its warning reaches the log,
-// once per period.
+// The spool's syncs reach the watcher with the bytes each commit wrote,
+// and its warning reaches the log, once per period.
 func TestSlowSyncIsLogged(t *testing.T) {
-	var logs bytes.Buffer
-	s, err := Open(filepath.Join(t.TempDir(), "spool"), Options{Log: slog.New(slog.NewTextHandler(&logs, nil))})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { s.Close() })
-	warnings := func() int { return strings.Count(logs.String(), "spool syncs slow") }
-	commit := func() {
-		id := NewID(time.Now())
-		put(t, s, testEnv(id), testBody(id, 2000))
-	}
+	for _, tc := range []struct {
+		name string
+		fs   FS // nil: the group syncer; else the syncer of a replaced FS
+	}{{"group sync", nil}, {"replaced file system", OS{}}} {
+		t.Run(tc.name, func(t *testing.T) {
+			var logs bytes.Buffer
+			s, err := Open(filepath.Join(t.TempDir(), "spool"), Options{FS: tc.fs, Log: slog.New(slog.NewTextHandler(&logs, nil))})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { s.Close() })
+			warnings := func() int { return strings.Count(logs.String(), "spool syncs slow") }
+			commit := func() {
+				id := NewID(time.Now())
+				put(t, s, testEnv(id), testBody(id, 2000))
+			}
 
-	s.watch.slow = time.Hour
-	commit()
-	if n := warnings(); n != 0 {
-		t.Fatalf("%d warnings for a sync under an hour:\n%s", n, logs.String())
-	}
-	s.watch.slow = 0 // every sync is slow from here on
-	commit()
-	commit()
-	if n := warnings(); n != 1 {
-		t.Fatalf("%d warnings for two slow syncs, want 1 per %v:\n%s", n, slowSyncEvery, logs.String())
-	}
-	if !strings.Contains(logs.String(), "dir="+s.dir) || !strings.Contains(logs.String(), "took=") {
-		t.Errorf("warning does not say where and how long:\n%s", logs.String())
+			s.watch.slow = time.Hour
+			commit()
+			if n := warnings(); n != 0 {
+				t.Fatalf("%d warnings for a sync under an hour:\n%s", n, logs.String())
+			}
+			s.watch.slow = -time.Hour // every sync is slow from here on
+			commit()
+			commit()
+			if n := warnings(); n != 1 {
+				t.Fatalf("%d warnings for two slow syncs, want 1 per %v:\n%s", n, slowSyncEvery, logs.String())
+			}
+			for _, want := range []string{"dir=" + s.dir, "took=", "bytes=2000 "} {
+				if !strings.Contains(logs.String(), want) {
+					t.Errorf("warning lacks %q:\n%s", want, logs.String())
+				}
+			}
+		})
 	}
 }
 
 func TestSyncWatch(t *testing.T) {
-	t0 := at(0)
-	// feed records n syncs of took each, spread over span, the spool
-	// writing per bytes for each; it returns the warnings given.
-	feed := func(w *syncWatch, from time.Time, n int, span, took time.Duration, per int64, written *int64) (warns [][]any) {
-		for i := range n {
-			*written += per
-			if a := w.observe(from.Add(span*time.Duration(i)/time.Duration(n-1)), took, *written); a != nil {
-				warns = append(warns, a)
-			}
-		}
-		return warns
+	const small = 2 << 10
+	// obs is one sync: when, how long it took, the spool's bytes in it.
+	type obs struct {
+		after time.Duration
+		took  time.Duration
+		wrote int64
 	}
+	// even spreads n syncs over span; slowAt says which ones are slow.
+	even := func(n int, span time.Duration, fast, slow time.Duration, wrote int64, slowAt func(i int) bool) []obs {
+		var ss []obs
+		for i := range n {
+			took := fast
+			if slowAt(i) {
+				took = slow
+			}
+			ss = append(ss, obs{span * time.Duration(i) / time.Duration(max(n-1, 1)), took, wrote})
+		}
+		return ss
+	}
+	none := func(int) bool { return false }
+	all := func(int) bool { return true }
+	every := func(k int) func(int) bool { return func(i int) bool { return i%k == 0 } }
+	span := syncWindow + time.Second
 	for _, tc := range []struct {
 		name  string
-		n     int
-		took  time.Duration
-		per   int64
+		syncs []obs
 		warns int
 	}{
-		{"own disk, 2 KB messages", 200, 300 * time.Microsecond, 2 << 10, 0},
-		{"a neighbour writing, 2 KB messages", 40, 12 * time.Millisecond, 2 << 10, 1},
-		{"our own 8 MB batches", 40, 40 * time.Millisecond, 8 << 20, 0},
-		{"too few syncs to judge", syncWindowMin - 1, 50 * time.Millisecond, 2 << 10, 0},
-		{"one sync over a second", 1, 1500 * time.Millisecond, 2 << 10, 1},
+		{"own disk", even(200, span, 300*time.Microsecond, 0, small, none), 0},
+		{"own disk, one long stall in a quiet window", even(30, span, 300*time.Microsecond, 150*time.Millisecond, small, func(i int) bool { return i == 7 }), 0},
+		{"a neighbour: every other sync slow", even(40, span, time.Millisecond, 12*time.Millisecond, small, every(2)), 1},
+		{"a quarter of the syncs slow", even(40, span, time.Millisecond, slowSyncEach+time.Millisecond, small, every(4)), 1},
+		{"a fifth of the syncs slow", even(40, span, time.Millisecond, 20*time.Millisecond, small, every(5)), 0},
+		{"slow syncs just under the excess that counts", even(40, span, time.Millisecond, slowSyncEach-100*time.Microsecond, small, all), 0},
+		{"1 MB messages at 125 MB/s", even(40, span, 8*time.Millisecond, 0, 1<<20, none), 0},
+		{"our own 8 MB batches", even(40, span, 75*time.Millisecond, 0, 8<<20, none), 0},
+		{"low traffic beside a neighbour, one sync a second", even(60, time.Minute, 25*time.Millisecond, 0, small, none), 1},
+		{"too few syncs to judge", even(syncWindowFew-1, syncWindowMax+time.Minute, 50*time.Millisecond, 0, small, none), 0},
+		{"one sync over a second", []obs{{0, 1500 * time.Millisecond, small}}, 1},
+		{"one second-long sync of 200 MB of our own", []obs{{0, 1500 * time.Millisecond, 200 << 20}}, 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			w, written := newSyncWatch(), int64(0)
-			span := syncWindow + time.Second
-			if tc.n == 1 {
-				if a := w.observe(t0, tc.took, 2<<10); a == nil {
-					t.Fatal("no warning")
+			w := newSyncWatch()
+			t0 := at(0)
+			run := func(from time.Time) (warns [][]any) {
+				for _, s := range tc.syncs {
+					if a := w.observe(from.Add(s.after), s.took, s.wrote); a != nil {
+						warns = append(warns, a)
+					}
 				}
-				return
+				return warns
 			}
-			got := feed(&w, t0, tc.n, span, tc.took, tc.per, &written)
+			got := run(t0)
 			if len(got) != tc.warns {
 				t.Fatalf("%d warnings, want %d: %v", len(got), tc.warns, got)
 			}
@@ -174,13 +201,11 @@ func TestSyncWatch(t *testing.T) {
 				return
 			}
 			t.Logf("warning: %v", got[0])
-			// The same again within slowSyncEvery stays quiet; after it,
-			// it warns again.
-			next := t0.Add(span + time.Second)
-			if again := feed(&w, next, tc.n, span, tc.took, tc.per, &written); len(again) != 0 {
+			last := tc.syncs[len(tc.syncs)-1].after
+			if again := run(t0.Add(slowSyncEvery - time.Minute)); len(again) != 0 {
 				t.Errorf("warned again within %v: %v", slowSyncEvery, again)
 			}
-			if later := feed(&w, t0.Add(slowSyncEvery+time.Minute), tc.n, span, tc.took, tc.per, &written); len(later) != 1 {
+			if later := run(t0.Add(2*slowSyncEvery + last)); len(later) != 1 {
 				t.Errorf("%d warnings after %v, want 1", len(later), slowSyncEvery)
 			}
 		})
