@@ -44,6 +44,11 @@ func newTestShared(t *testing.T, addr string, replicas int, log *syncBuf) *Share
 	return s
 }
 
+// granted is the deadline of a Take that must succeed: time for a first
+// dial to Redis under -race on a busy machine (10 ms was not always). A
+// refusal keeps a short deadline, as it is decided at once.
+const granted = time.Second
+
 func takeWithin(l Limiter, n int, d time.Duration) bool {
 	ctx, cancel := context.WithTimeout(context.Background(), d)
 	defer cancel()
@@ -68,10 +73,10 @@ func TestSharedLimiter_TwoReplicasShareOneBucket(t *testing.T) {
 	m := miniredis.RunT(t)
 	a := newTestShared(t, m.Addr(), 2, nil).Limiter("ses", 1, 4)
 	b := newTestShared(t, m.Addr(), 2, nil).Limiter("ses", 1, 4)
-	if !takeWithin(a, 3, 10*time.Millisecond) {
+	if !takeWithin(a, 3, granted) {
 		t.Fatal("replica a: 3 of a burst of 4 refused")
 	}
-	if !takeWithin(b, 1, 10*time.Millisecond) {
+	if !takeWithin(b, 1, granted) {
 		t.Fatal("replica b: the 4th token refused")
 	}
 	if takeWithin(a, 1, 10*time.Millisecond) || takeWithin(b, 1, 10*time.Millisecond) {
@@ -88,7 +93,7 @@ func TestSharedLimiter_CostAboveBurstIsClamped(t *testing.T) {
 	t.Parallel()
 	m := miniredis.RunT(t)
 	l := newTestShared(t, m.Addr(), 1, nil).Limiter("ses", 1, 5)
-	if !takeWithin(l, 50, 10*time.Millisecond) {
+	if !takeWithin(l, 50, granted) {
 		t.Fatal("a 50-recipient message refused with burst 5")
 	}
 	if takeWithin(l, 1, 10*time.Millisecond) {
@@ -102,7 +107,7 @@ func TestSharedLimiter_MaxWait(t *testing.T) {
 	t.Parallel()
 	m := miniredis.RunT(t)
 	l := newTestShared(t, m.Addr(), 1, nil).Limiter("ses", 5, 1) // one token per 200ms
-	if !takeWithin(l, 1, 10*time.Millisecond) {
+	if !takeWithin(l, 1, granted) {
 		t.Fatal("first token refused")
 	}
 	start := time.Now()
@@ -148,7 +153,7 @@ func TestShared_FallbackAndBack(t *testing.T) {
 	var log syncBuf
 	s := newTestShared(t, m.Addr(), 2, &log)
 	l := s.Limiter("ses", 20, 4) // fallback: 10/s, burst 2
-	if !s.Up() || !takeWithin(l, 1, 10*time.Millisecond) {
+	if !s.Up() || !takeWithin(l, 1, granted) {
 		t.Fatalf("up=%v before Redis stopped", s.Up())
 	}
 
@@ -182,7 +187,7 @@ func TestShared_FallbackAndBack(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitUntil(t, 2*time.Second, "Up() after Redis restarted", s.Up)
-	if !takeWithin(l, 1, 10*time.Millisecond) {
+	if !takeWithin(l, 1, granted) {
 		t.Fatal("no shared token after Redis came back")
 	}
 	if !m.Exists("rate:rc:rate:ses") {
@@ -286,7 +291,7 @@ func TestShared_WrongPasswordFallsBackWithoutLeaking(t *testing.T) {
 	if s.Up() {
 		t.Error("Up() with a wrong password")
 	}
-	if !takeWithin(s.Limiter("ses", 10, 10), 1, 10*time.Millisecond) {
+	if !takeWithin(s.Limiter("ses", 10, 10), 1, granted) {
 		t.Error("the fallback refused the first token")
 	}
 	if log.count("using the local fallback") != 1 || log.count("wrong-password-123") != 0 {
