@@ -115,9 +115,9 @@ func (f *fsSyncer) Wrote(n int64) { f.wrote.Add(n) }
 
 func (f *fsSyncer) Sync() error {
 	f.mu.Lock()
-	if f.failed != nil {
-		defer f.mu.Unlock()
-		return f.failed
+	if err := f.failed; err != nil {
+		f.mu.Unlock()
+		return err
 	}
 	wrote, start := f.wrote.Swap(0), time.Now()
 	err := f.fs.SyncFS(f.dir)
