@@ -16,7 +16,10 @@
 # the median of $ROUNDS rounds. relaycar is restarted for each mix, so its
 # peak RSS (VmHWM) is per mix. At 2 KB x 1 it also runs tools/bench latency
 # (sequential, one connection per message) against both relays for p50/p99
-# of connect -> 250 after DATA.
+# of connect -> 250 after DATA. With FLOOR=1 the one-session mixes also
+# measure tools/bench floor: go-smtp as relaycar builds it, answering 250
+# after an in-place write and fdatasync of one file (the most a durable relay on
+# that library can accept here), and discarding (the library alone).
 #
 # What runs, all bound to 127.0.0.1 and stopped by PID at the end (also on
 # error / Ctrl-C, and by a watchdog after $MAX_SECONDS):
@@ -34,7 +37,7 @@
 #   SMALL_SIZE [2048]   LARGE_SIZE [1048576]       (smtp-source -l, bytes)
 #   MIXES               overrides the mixes: "SIZE:SESSIONS:COUNT ..."
 #   LAT_COUNT [1000]    messages per latency round (0 skips it)
-#   BASE_PORT [25350]   ports BASE..BASE+5 on 127.0.0.1 must be free
+#   BASE_PORT [25350]   ports BASE..BASE+5 on 127.0.0.1 must be free (..+7 with FLOOR=1)
 #   RELAYCAR            relaycar binary to use [built from this checkout]
 #   RELAYCAR_LOG_LEVEL  relaycar's log level [its default, info]
 #   RUN_TIMEOUT [120]   seconds for one run (smtp-source + sink wait)
@@ -45,6 +48,7 @@
 #   NEIGHBOUR=1         while measuring, another process streams writes (dd,
 #                       256 MiB files, no sync) into the temp dir's file
 #                       system, as logs or other apps on a shared disk do
+#   FLOOR=1             at one session, also measure the go-smtp floor (above)
 #   KEEP=1              keep the temp dir (logs, raw results) at the end
 #   GO [go]
 set -euo pipefail
@@ -96,8 +100,12 @@ SMTP_SINK=/usr/sbin/smtp-sink
 # ---- ports, temp dir, cleanup ----------------------------------------------------
 SINK_DIRECT=$BASE_PORT; SINK_RELAY=$((BASE_PORT + 1)); SINK_PF=$((BASE_PORT + 2))
 RELAY_PORT=$((BASE_PORT + 3)); RELAY_ADMIN=$((BASE_PORT + 4)); PF_PORT=$((BASE_PORT + 5))
+FLOOR_PORT=$((BASE_PORT + 6)); FLOOR_SYNC_PORT=$((BASE_PORT + 7))
+FLOOR=${FLOOR:-0}
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for p in $SINK_DIRECT $SINK_RELAY $SINK_PF $RELAY_PORT $RELAY_ADMIN $PF_PORT; do
+ports="$SINK_DIRECT $SINK_RELAY $SINK_PF $RELAY_PORT $RELAY_ADMIN $PF_PORT"
+if [ "$FLOOR" = 1 ]; then ports="$ports $FLOOR_PORT $FLOOR_SYNC_PORT"; fi
+for p in $ports; do
   if port_busy "$p"; then die "127.0.0.1:$p is in use; set BASE_PORT"; fi
 done
 
@@ -184,6 +192,20 @@ for p in $SINK_DIRECT $SINK_RELAY $SINK_PF; do
   for _ in $(seq 1 50); do port_busy "$p" && break; sleep 0.1; done
   port_busy "$p" || die "smtp-sink did not listen on 127.0.0.1:$p: $(cat "$WORK"/sink-*.err)"
 done
+if [ "$FLOOR" = 1 ]; then
+  # Stopped by PID with the sinks; -max-time and `timeout` end them anyway.
+  mkdir -p "$WORK/floor"
+  timeout "$MAX_SECONDS" "$BENCH" floor -addr "127.0.0.1:$FLOOR_PORT" -max-time "${MAX_SECONDS}s" \
+    2> "$WORK/floor.err" &
+  SINK_PIDS+=("$!")
+  timeout "$MAX_SECONDS" "$BENCH" floor -addr "127.0.0.1:$FLOOR_SYNC_PORT" -dir "$WORK/floor" \
+    -max-time "${MAX_SECONDS}s" 2> "$WORK/floor-sync.err" &
+  SINK_PIDS+=("$!")
+  for p in $FLOOR_PORT $FLOOR_SYNC_PORT; do
+    for _ in $(seq 1 50); do port_busy "$p" && break; sleep 0.1; done
+    port_busy "$p" || die "bench floor did not listen on 127.0.0.1:$p: $(cat "$WORK"/floor*.err)"
+  done
+fi
 
 # ---- Postfix ---------------------------------------------------------------------------
 # A private instance with stock settings except what a private loopback relay
@@ -277,13 +299,15 @@ vmhwm_kb() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 
 # run TARGET SIZE SESSIONS COUNT [ROUND]: times smtp-source and waits for the
 # target's sink to count COUNT messages; appends to $RESULTS unless ROUND=warm.
 run() {
-  local target=$1 size=$2 sess=$3 count=$4 round=${5:-warm} port counter out
+  local target=$1 size=$2 sess=$3 count=$4 round=${5:-warm} port counted out
   case $target in
-    direct) port=$SINK_DIRECT counter=$COUNTS/sink-direct.count ;;
-    relaycar) port=$RELAY_PORT counter=$COUNTS/sink-relay.count ;;
-    postfix) port=$PF_PORT counter=$COUNTS/sink-postfix.count ;;
+    direct) port=$SINK_DIRECT counted=(-counter "$COUNTS/sink-direct.count" -want "$count") ;;
+    relaycar) port=$RELAY_PORT counted=(-counter "$COUNTS/sink-relay.count" -want "$count") ;;
+    postfix) port=$PF_PORT counted=(-counter "$COUNTS/sink-postfix.count" -want "$count") ;;
+    floor) port=$FLOOR_PORT counted=() ;;           # nothing to deliver: accept only
+    floor-sync) port=$FLOOR_SYNC_PORT counted=() ;;
   esac
-  if ! out=$("$BENCH" time -counter "$counter" -want "$count" -timeout "${RUN_TIMEOUT}s" -- \
+  if ! out=$("$BENCH" time "${counted[@]}" -timeout "${RUN_TIMEOUT}s" -- \
       "$SMTP_SOURCE" -s "$sess" -m "$count" -l "$size" -f "$FROM" -t "$TO" \
       -M client.localdomain "127.0.0.1:$port"); then
     [ "$target" = postfix ] && tail -5 "$PF_LOG" >&2
@@ -304,7 +328,7 @@ run() {
   if [ "$round" != warm ]; then
     # mix target round count accept_s e2e_s
     echo "$size:$sess $target $round $count $(echo "$out" | sed 's/accept=//; s/e2e=//')" >> "$RESULTS"
-    log "  $target round $round: $(echo "$out" | awk -v c="$count" '{ split($1,a,"="); split($2,b,"="); printf "accept %.0f msgs/s, end-to-end %.0f msgs/s", c/a[2], c/b[2] }')"
+    log "  $target round $round: $(echo "$out" | awk -v c="$count" '{ split($1,a,"="); split($2,b,"="); printf "accept %.0f msgs/s", c/a[2]; if (b[2] != "-") printf ", end-to-end %.0f msgs/s", c/b[2] }')"
   fi
   sleep 0.5
 }
@@ -339,9 +363,12 @@ for mix in $MIXES; do
   # warm-up (process pools, caches, slow start), not reported
   warm=$((sess * 4 > 100 ? sess * 4 : 100))
   if [ "$size" -gt 65536 ]; then warm=$((sess * 2)); fi
-  for t in direct relaycar postfix; do run "$t" "$size" "$sess" "$warm"; done
+  floors=()
+  if [ "$FLOOR" = 1 ] && [ "$sess" = 1 ]; then floors=(floor floor-sync); fi
+  for t in direct "${floors[@]}" relaycar postfix; do run "$t" "$size" "$sess" "$warm"; done
   for r in $(seq 1 "$ROUNDS"); do
     run direct "$size" "$sess" "$count" "$r"
+    for t in "${floors[@]}"; do run "$t" "$size" "$sess" "$count" "$r"; done
     if [ $((r % 2)) = 1 ]; then
       run relaycar "$size" "$sess" "$count" "$r"; run postfix "$size" "$sess" "$count" "$r"
     else
@@ -393,7 +420,7 @@ $1 == "lat" {
   for (i = 4; i <= NF; i++) { split($i, kv, "="); add("lat " $2 " " kv[1], kv[2]) }
   next
 }
-{ add($1 " " $2 " acc", $4 / $5); add($1 " " $2 " e2e", $4 / $6) }
+{ add($1 " " $2 " acc", $4 / $5); if ($6 != "-") add($1 " " $2 " e2e", $4 / $6) }
 END {
   n = split(mixes, M, " ")
   print "| mix | direct smtp-source → smtp-sink (ceiling) | relaycar accept | Postfix accept | relaycar / Postfix | relaycar / direct | relaycar peak RSS |"
@@ -413,6 +440,23 @@ END {
     split(M[i], p, ":"); m = p[1] ":" p[2]
     r = med(m " relaycar e2e"); f = med(m " postfix e2e")
     printf "| %s | %s | %s | %s |\n", label(m), rate(r), rate(f), ratio(r, f)
+  }
+  floored = 0
+  for (i = 1; i <= n; i++) { split(M[i], p, ":"); if ((p[1] ":" p[2] " floor-sync acc") in vals) floored = 1 }
+  if (floored) {
+    print ""
+    print "The go-smtp floor (tools/bench floor, one session): the library relaycar uses and nothing else,"
+    print "answering 250 after writing each message over one preallocated file and fdatasyncing it (durable),"
+    print "or discarding it:"
+    print ""
+    print "| mix | go-smtp, discards | go-smtp, durable | relaycar accept | relaycar / durable floor | durable floor / Postfix |"
+    print "| --- | --- | --- | --- | --- | --- |"
+    for (i = 1; i <= n; i++) {
+      split(M[i], p, ":"); m = p[1] ":" p[2]
+      if (!((m " floor-sync acc") in vals)) continue
+      z = med(m " floor acc"); d = med(m " floor-sync acc"); r = med(m " relaycar acc"); f = med(m " postfix acc")
+      printf "| %s | %s | %s | %s | %s | %s |\n", label(m), rate(z), rate(d), rate(r), ratio(r, d), ratio(d, f)
+    }
   }
   if (("lat relaycar p99_ms") in vals) {
     print ""

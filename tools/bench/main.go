@@ -17,6 +17,15 @@
 // prints p50/p99/max of connect -> 250-after-DATA (greeting, EHLO, MAIL,
 // RCPT, DATA and the body until the server's reply to the final dot; QUIT
 // and close are outside the timer), plus the resulting msgs/s.
+//
+//	bench floor -addr 127.0.0.1:2525 [-dir DIR] [-max-time 15m]
+//
+// serves SMTP with go-smtp as relaycar builds it and nothing else: with
+// -dir it answers 250 after writing the message over one preallocated file
+// in DIR and fdatasyncing it (no file created, renamed or removed, no
+// routing, no delivery); without -dir it discards the message. At one
+// session this is the most a durable relay built on go-smtp can accept on
+// this machine, so relaycar's distance from it is relaycar's own work.
 package main
 
 import (
@@ -29,9 +38,11 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/emersion/go-smtp"
@@ -46,13 +57,15 @@ func main() {
 		timeCmd(os.Args[2:])
 	case "latency":
 		latencyCmd(os.Args[2:])
+	case "floor":
+		floorCmd(os.Args[2:])
 	default:
 		usage()
 	}
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: bench time [-counter FILE -want N] [-timeout D] -- CMD ARGS...\n       bench latency -addr HOST:PORT [-n N] [-size BYTES]")
+	fmt.Fprintln(os.Stderr, "usage: bench time [-counter FILE -want N] [-timeout D] -- CMD ARGS...\n       bench latency -addr HOST:PORT [-n N] [-size BYTES]\n       bench floor -addr HOST:PORT [-dir DIR] [-max-time D]")
 	os.Exit(2)
 }
 
@@ -161,10 +174,7 @@ func latencyCmd(args []string) {
 	to := fs.String("to", "to@example.net", "envelope recipient")
 	maxTime := fs.Duration("max-time", 2*time.Minute, "upper bound for the whole run")
 	fs.Parse(args)
-	host, _, err := net.SplitHostPort(*addr)
-	if err != nil || !net.ParseIP(host).IsLoopback() {
-		fatal("-addr must be a loopback host:port, got %q", *addr)
-	}
+	mustLoopback(*addr)
 	if *n < 1 || *n > 100000 {
 		fatal("-n out of range")
 	}
@@ -228,9 +238,117 @@ func body(size int) string {
 	return s
 }
 
+// mustLoopback keeps every server this tool talks to or runs on this machine.
+func mustLoopback(addr string) {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil || !net.ParseIP(host).IsLoopback() {
+		fatal("-addr must be a loopback host:port, got %q", addr)
+	}
+}
+
 func msec(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1e6 }
 
 func fatal(format string, args ...any) {
 	fmt.Fprintf(os.Stderr, "bench: "+format+"\n", args...)
 	os.Exit(1)
+}
+
+func floorCmd(args []string) {
+	fs := flag.NewFlagSet("floor", flag.ExitOnError)
+	addr := fs.String("addr", "", "listen address, loopback host:port")
+	dir := fs.String("dir", "", "write each message over DIR/floor.dat and fdatasync it before 250 (default: discard)")
+	maxTime := fs.Duration("max-time", 15*time.Minute, "exit after this long")
+	fs.Parse(args)
+	mustLoopback(*addr)
+	be, err := newFloorBackend(*dir)
+	if err != nil {
+		fatal("%v", err)
+	}
+	defer be.Close()
+	ln, err := net.Listen("tcp", *addr)
+	if err != nil {
+		fatal("%v", err)
+	}
+	s := floorServer(be)
+	time.AfterFunc(*maxTime, func() { s.Close() })
+	if err := s.Serve(ln); err != nil && !errors.Is(err, smtp.ErrServerClosed) {
+		fatal("%v", err)
+	}
+}
+
+func floorServer(be *floorBackend) *smtp.Server {
+	s := smtp.NewServer(be)
+	s.Domain = "floor.localdomain"
+	s.ReadTimeout, s.WriteTimeout = time.Minute, time.Minute
+	s.MaxMessageBytes = 64 << 20
+	return s
+}
+
+// newFloorBackend writes and syncs DIR/floor.dat once, so that each
+// message overwrites blocks the file already has: no allocation, no size
+// change. An empty dir discards instead.
+func newFloorBackend(dir string) (*floorBackend, error) {
+	be := &floorBackend{}
+	if dir == "" {
+		return be, nil
+	}
+	f, err := os.OpenFile(filepath.Join(dir, "floor.dat"), os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := f.Write(make([]byte, 1<<20)); err != nil {
+		f.Close()
+		return nil, err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return nil, err
+	}
+	be.f = f
+	return be, nil
+}
+
+// floorBackend is the whole of the floor server: every session shares the
+// one file, one message at a time.
+type floorBackend struct {
+	mu sync.Mutex
+	f  *os.File // nil: discard
+}
+
+func (b *floorBackend) Close() error {
+	if b.f == nil {
+		return nil
+	}
+	return b.f.Close()
+}
+
+func (b *floorBackend) NewSession(*smtp.Conn) (smtp.Session, error) {
+	return &floorSession{b: b}, nil
+}
+
+type floorSession struct {
+	b   *floorBackend
+	buf bytes.Buffer
+}
+
+func (s *floorSession) Mail(string, *smtp.MailOptions) error { return nil }
+func (s *floorSession) Rcpt(string, *smtp.RcptOptions) error { return nil }
+func (s *floorSession) Reset()                               {}
+func (s *floorSession) Logout() error                        { return nil }
+
+func (s *floorSession) Data(r io.Reader) error {
+	if s.b.f == nil {
+		_, err := io.Copy(io.Discard, r)
+		return err
+	}
+	s.buf.Reset()
+	if _, err := s.buf.ReadFrom(r); err != nil {
+		return err
+	}
+	s.b.mu.Lock()
+	defer s.b.mu.Unlock()
+	if _, err := s.b.f.WriteAt(s.buf.Bytes(), 0); err != nil {
+		return err
+	}
+	return datasync(s.b.f)
 }
