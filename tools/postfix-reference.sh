@@ -17,9 +17,9 @@
 # peak RSS (VmHWM) is per mix. At 2 KB x 1 it also runs tools/bench latency
 # (sequential, one connection per message) against both relays for p50/p99
 # of connect -> 250 after DATA. With FLOOR=1 the one-session mixes also
-# measure tools/bench floor: go-smtp as relaycar builds it, answering 250
-# after an in-place write and fdatasync of one file (the most a durable relay on
-# that library can accept here), and discarding (the library alone).
+# measure tools/bench floor: the go-smtp that relaycar builds, answering 250
+# after an in-place write and fdatasync of one file (the most a durable relay
+# on that library can accept here), and discarding (the library alone).
 #
 # What runs, all bound to 127.0.0.1 and stopped by PID at the end (also on
 # error / Ctrl-C, and by a watchdog after $MAX_SECONDS):

@@ -1,7 +1,7 @@
 // Command bench is the Go half of tools/postfix-reference.sh, the
 // smtp-source benchmark that compares relaycar with a stock Postfix relay.
-// It has two subcommands; both talk to 127.0.0.1 only and are bounded in
-// count and time.
+// It has three subcommands; all talk to or serve on 127.0.0.1 only and are
+// bounded in count and time.
 //
 //	bench time [-counter FILE -want N] [-timeout 2m] -- smtp-source ARGS...
 //
@@ -20,12 +20,14 @@
 //
 //	bench floor -addr 127.0.0.1:2525 [-dir DIR] [-max-time 15m]
 //
-// serves SMTP with go-smtp as relaycar builds it and nothing else: with
-// -dir it answers 250 after writing the message over one preallocated file
-// in DIR and fdatasyncing it (no file created, renamed or removed, no
-// routing, no delivery); without -dir it discards the message. At one
-// session this is the most a durable relay built on go-smtp can accept on
-// this machine, so relaycar's distance from it is relaycar's own work.
+// serves SMTP with the go-smtp that relaycar builds (third_party/go-smtp,
+// its default settings) and nothing else: with -dir it answers 250 after
+// writing the message over one preallocated 1 MiB file in DIR (a larger
+// message extends it once) and fdatasyncing it (no file created, renamed
+// or removed, no routing, no delivery); without -dir it discards the
+// message. At one session this is the most a durable relay built on
+// go-smtp can accept on this machine, so relaycar's distance from it is
+// relaycar's own work.
 package main
 
 import (
