@@ -24,6 +24,8 @@ COPY --from=build /out/relaycar /usr/local/bin/relaycar
 COPY --from=build --chown=65532:65532 /out/spool /var/spool/relaycar
 USER 65532:65532
 WORKDIR /var/spool/relaycar
+# `docker exec … relaycar queue ls` runs here, beside no relay.yaml.
+ENV RELAYCAR_CONFIG=/etc/relaycar/relay.yaml
 EXPOSE 2525 9025
 ENTRYPOINT ["/usr/local/bin/relaycar"]
 CMD ["serve", "--config", "/etc/relaycar/relay.yaml", "--log-format", "json"]

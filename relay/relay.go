@@ -302,7 +302,7 @@ func (r *Relay) Listen() error {
 }
 
 // Run serves until ctx ends, then drains: /readyz turns 503, the listener
-// closes, open sessions finish, deliveries go on until shutdown_grace, and
+// closes, open sessions finish, deliveries go on until shutdown.grace, and
 // what is left stays in the spool for the next start.
 func (r *Relay) Run(ctx context.Context) error {
 	if r.intake.ln == nil {

@@ -310,6 +310,17 @@ func checkPod(t *testing.T, spec corev1.PodSpec, cfg string, native bool) {
 	if !mounted["/var/spool/relaycar"] || !(mounted[cfgPath] || mounted[filepath.Dir(cfgPath)]) {
 		t.Errorf("mounts = %v, --config=%s", mounted, cfgPath)
 	}
+	// `kubectl exec … relaycar queue ls` has no --config and runs in the
+	// spool directory: it must find relay.yaml through the environment.
+	env := ""
+	for _, e := range c.Env {
+		if e.Name == "RELAYCAR_CONFIG" {
+			env = e.Value
+		}
+	}
+	if env != cfgPath {
+		t.Errorf("RELAYCAR_CONFIG = %q, want --config's %s", env, cfgPath)
+	}
 	var rc struct {
 		ShutdownGrace *string `json:"shutdown_grace"`
 		Shutdown      struct {
@@ -425,7 +436,13 @@ func TestRender(t *testing.T) {
 					t.Error("IRSA annotation missing from the ServiceAccount")
 				}
 				c := d.Spec.Template.Spec.Containers[0]
-				if len(c.Env) != 1 || c.Env[0].ValueFrom == nil || c.Env[0].ValueFrom.SecretKeyRef == nil || c.Env[0].ValueFrom.SecretKeyRef.Name != "relaycar-secrets" {
+				var secret []corev1.EnvVar
+				for _, e := range c.Env {
+					if e.ValueFrom != nil {
+						secret = append(secret, e)
+					}
+				}
+				if len(secret) != 1 || secret[0].ValueFrom.SecretKeyRef == nil || secret[0].ValueFrom.SecretKeyRef.Name != "relaycar-secrets" {
 					t.Errorf("secret env = %+v", c.Env)
 				}
 				np := o.netpols[0]

@@ -37,12 +37,13 @@ var (
 const usage = `relaycar — SMTP sidecar with a durable spool and provider failover
 
 Usage:
-  relaycar [serve] [--config relay.yaml]    run the relay (default)
+  relaycar [serve] [--config relay.yaml] [--log-level info] [--log-format text|json] [--reload-poll 5s]
+                                            run the relay (default)
   relaycar check [--config F] [--live]      validate the config; --live also checks every
                                             upstream without sending mail
-  relaycar send [--to A] [--from A] [--server host:port]
+  relaycar send [--to A[,B]] [--from A] [--subject S] [--server host:port]
                                             send a test message through a running relay
-  relaycar queue ls|dead|retry ID|retry --all|drop ID [--config F]
+  relaycar queue ls|dead|retry ID|retry --all|drop ID [--json] [--config F]
                                             inspect and act on the spool
   relaycar drain --spool DIR --to host:port hand a stopped relay's spool to a running relaycar
   relaycar version                          print version, commit and Go version
@@ -140,7 +141,7 @@ func loadConfig(path string, stderr io.Writer) (*relay.Config, bool) {
 }
 
 func cmdServe(args []string, stdout, stderr io.Writer) int {
-	fs, cfgPath := newFlags("serve", "serve [--config relay.yaml] [--log-level info] [--log-format text]", stderr)
+	fs, cfgPath := newFlags("serve", "serve [--config relay.yaml] [--log-level info] [--log-format text|json] [--reload-poll 5s]", stderr)
 	level := fs.String("log-level", envOr("RELAYCAR_LOG_LEVEL", "info"), "debug, info, warn or error ($RELAYCAR_LOG_LEVEL)")
 	format := fs.String("log-format", envOr("RELAYCAR_LOG_FORMAT", "text"), "text or json ($RELAYCAR_LOG_FORMAT)")
 	poll := fs.Duration("reload-poll", 5*time.Second, "how often to check the config and the files it names for changes (0: only on SIGHUP)")

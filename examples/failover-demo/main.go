@@ -76,7 +76,7 @@ admin: {address: %s}
 spool:
   dir: %s
   retry: {initial: 1s, max: 2s, multiplier: 2}
-shutdown_grace: 5s
+shutdown: {grace: 5s}
 upstreams:
   - name: primary
     type: smtp

@@ -191,8 +191,12 @@ ports:
   - name: admin
     containerPort: {{ .Values.admin.port }}
     protocol: TCP
-{{- if or .Values.secrets.env .Values.extraEnv }}
 env:
+  # `kubectl exec … relaycar queue ls` runs in the image's working
+  # directory, the spool, where there is no relay.yaml: the CLI finds the
+  # config through this.
+  - name: RELAYCAR_CONFIG
+    value: {{ include "relaycar.configPath" . | quote }}
   {{- range .Values.secrets.env }}
   - name: {{ .name }}
     valueFrom:
@@ -203,7 +207,6 @@ env:
   {{- with .Values.extraEnv }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
-{{- end }}
 volumeMounts:
   - name: relaycar-config
     {{- if .Values.reload.inPlace }}
