@@ -163,11 +163,7 @@ func (r *Relay) finish(e *engine, env *Envelope, log *slog.Logger) (keep bool) {
 		}
 		return false
 	}
-	reasons := make([]string, 0, len(env.Failures))
-	for _, f := range env.Failures {
-		reasons = append(reasons, fmt.Sprintf("%s: %s", strings.Join(f.Rcpts, ","), f.Reason))
-	}
-	reason := strings.Join(reasons, "; ")
+	reason := deadReason(env)
 	if err := r.spool.Bury(env, reason, r.now()); err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return false // dropped by an operator meanwhile
@@ -178,6 +174,15 @@ func (r *Relay) finish(e *engine, env *Envelope, log *slog.Logger) (keep bool) {
 	r.metrics.deadTotal.Inc()
 	log.Info("message dead-lettered", "reason", reason, "age", r.now().Sub(env.ReceivedAt).Round(time.Second).String())
 	return false
+}
+
+// deadReason is a dead letter's reason: each failure's recipients and why.
+func deadReason(env *Envelope) string {
+	reasons := make([]string, 0, len(env.Failures))
+	for _, f := range env.Failures {
+		reasons = append(reasons, fmt.Sprintf("%s: %s", strings.Join(f.Rcpts, ","), f.Reason))
+	}
+	return strings.Join(reasons, "; ")
 }
 
 func (r *Relay) fail(env *Envelope, rs *RouteState, upstream string, class spool.FailureClass, reason string, now time.Time) {

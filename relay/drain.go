@@ -48,7 +48,8 @@ type DrainResult struct {
 	Drained, Recipients int
 	// Left stayed in the spool (peer refused or unreachable, hop limit).
 	Left int
-	// Dead letters are never drained; they stay for `relaycar queue dead`.
+	// Dead letters stay for `relaycar queue dead`: those already there,
+	// never drained, and drained messages' recipients that had failed.
 	Dead int
 }
 
@@ -119,15 +120,27 @@ func (d Drainer) Drain(ctx context.Context, sp *spool.Spool, envs []*Envelope) D
 			log.Warn("message not drained; it stays in the spool", "err", err)
 			continue
 		}
-		if err := sp.Remove(env.ID); err != nil {
+		if len(env.Failures) > 0 {
+			// Recipients that failed for good stay here as a dead letter with
+			// their reason: the peer took only the pending ones.
+			if err := sp.Bury(env, deadReason(env), time.Now()); err != nil {
+				res.Left++
+				log.Error("drained message's failed recipients could not be dead-lettered; a rerun would hand the rest over again", "err", err)
+				continue
+			}
+			res.Dead++
+			log.Warn("message drained to peer; its failed recipients are dead-lettered here", "rcpt_count", n, "message_id", env.MessageID,
+				"reason", env.DeadReason)
+		} else if err := sp.Remove(env.ID); err != nil {
 			// The peer has it; a rerun would hand it over again.
 			res.Left++
 			log.Error("drained message could not be removed here; a rerun would hand it over again", "err", err)
 			continue
+		} else {
+			log.Info("message drained to peer", "rcpt_count", n, "message_id", env.MessageID)
 		}
 		res.Drained++
 		res.Recipients += n
-		log.Info("message drained to peer", "rcpt_count", n, "message_id", env.MessageID)
 	}
 	return res
 }
@@ -141,6 +154,12 @@ func (d Drainer) drainOne(ctx context.Context, c *drainConn, sp *spool.Spool, en
 		rs := &env.Routes[i]
 		if len(rs.Pending) == 0 {
 			continue
+		}
+		if rs.Pinned != "" {
+			// There is no waiting for the pinned upstream once the pod is
+			// going away; say so rather than risk a double silently.
+			d.Log.Warn("handing over a message whose last attempt at an upstream had an unknown outcome: if that upstream took it, these recipients get it twice",
+				"msg_id", env.ID, "upstream", rs.Pinned, "route", rs.Route, "rcpt_count", len(rs.Pending))
 		}
 		if err := d.send(ctx, c, sp, env, rs.Route, rs.Pending); err != nil {
 			if n > 0 {

@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 )
 
@@ -186,11 +187,16 @@ func (s *Spool) Resurrect(id string, now time.Time) (*Envelope, error) {
 	}
 	env := st.env
 	for _, f := range env.Failures {
-		for i := range env.Routes {
-			if env.Routes[i].Route == f.Route {
-				env.Routes[i].Pending = append(env.Routes[i].Pending, f.Rcpts...)
-			}
+		// Once per recipient: to the first route state of the failure's
+		// route, or to a new one when a reload has since renamed that state
+		// (delivery then takes a route that no longer exists to the
+		// default, as it does for any other message).
+		i := slices.IndexFunc(env.Routes, func(rs RouteState) bool { return rs.Route == f.Route })
+		if i < 0 {
+			env.Routes = append(env.Routes, RouteState{Route: f.Route})
+			i = len(env.Routes) - 1
 		}
+		env.Routes[i].Pending = append(env.Routes[i].Pending, f.Rcpts...)
 	}
 	env.Failures, env.DeadReason, env.DeadAt = nil, "", nil
 	env.Attempts, env.NextAttempt, env.LastError, env.UpstreamErrors = 0, now.UTC(), "", nil

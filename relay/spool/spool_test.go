@@ -697,6 +697,43 @@ func TestResurrect(t *testing.T) {
 	}
 }
 
+// A dead letter whose failure names a route state that a reload has since
+// renamed (its route removed: delivery moved the state to the default)
+// gets its failed recipients back as pending, each once; before, they
+// matched no state, so the retry had nothing to send and removed the
+// message as delivered.
+func TestResurrect_FailureOfARenamedRoute(t *testing.T) {
+	s := newTestSpool(t)
+	env := testEnv("a", "ok@example.net", "bad@example.net", "late@example.net")
+	put(t, s, env, testBody("a", 1000))
+	env.Routes = []RouteState{{Route: "default"}, {Route: "default"}}
+	env.Deliveries = []Delivery{{Route: "default", Upstream: "sink", Rcpts: []string{"ok@example.net"}, At: at(1)}}
+	env.Failures = []Failure{
+		{Route: "partners", Upstream: "sink", Class: "rejected", Rcpts: []string{"bad@example.net"}, Reason: "550", At: at(1)},
+		{Route: "default", Upstream: "sink", Class: "rejected", Rcpts: []string{"late@example.net"}, Reason: "550", At: at(1)},
+	}
+	if err := s.Bury(env, "bad@example.net: 550; late@example.net: 550", at(2)); err != nil {
+		t.Fatal(err)
+	}
+	back, err := s.Resurrect("a", at(100))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pending := map[string][]string{}
+	n := 0
+	for _, rs := range back.Routes {
+		pending[rs.Route] = append(pending[rs.Route], rs.Pending...)
+		n += len(rs.Pending)
+	}
+	if !back.Pending() || n != 2 || !slices.Equal(pending["partners"], []string{"bad@example.net"}) ||
+		!slices.Equal(pending["default"], []string{"late@example.net"}) {
+		t.Errorf("resurrected routes = %+v, want bad@ pending under partners and late@ once under default", back.Routes)
+	}
+	if got, _ := s.Get("a"); got == nil || stateJSON(got) != stateJSON(back) {
+		t.Errorf("Get = %+v", got)
+	}
+}
+
 // Two days of retries: the file's records stay bounded, the body intact,
 // and a body opened before a compaction still reads.
 func TestCompaction(t *testing.T) {
