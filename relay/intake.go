@@ -64,6 +64,9 @@ type intake struct {
 	srv *smtp.Server // made by serve
 }
 
+// maxCommandLine bounds an SMTP command line, CRLF included.
+const maxCommandLine = 4096
+
 // newIntake takes what comes from the listen section alone, so a bad
 // users file or certificate fails before the spool is opened; New wires
 // in the rest (accept, budget, size limit, metrics).
@@ -168,8 +171,12 @@ func (in *intake) serve(errc chan<- error) {
 	srv.MaxRecipients = in.maxRecipients
 	srv.ReadTimeout, srv.WriteTimeout = in.readTimeout, in.writeTimeout
 	// Real-world HTML often has very long lines; RFC 5322's 998 is not what
-	// legacy senders honour, and the size limit still bounds memory.
+	// legacy senders honour, and DATA streams, so the size limit still
+	// bounds memory. A command line is held whole until its CRLF, outside
+	// the memory budget: those get RFC 5321's 512 octets with room for
+	// extension parameters and long AUTH responses (Postfix: 2048).
 	srv.MaxLineLength = 1 << 20
+	srv.MaxCommandLineLength = maxCommandLine
 	srv.EnableSMTPUTF8 = true
 	srv.ErrorLog = slog.NewLogLogger(in.log.Handler(), slog.LevelWarn)
 	if in.users() != nil {

@@ -600,3 +600,31 @@ func TestSMTP_HardeningOverSTARTTLS(t *testing.T) {
 		t.Error("connection still usable after the 421")
 	}
 }
+
+// A command line is held whole until its CRLF, outside the memory budget
+// (1,000 connections each holding a 1 MiB line would be 1 GB): one over
+// maxCommandLine ends the connection with 500 5.4.0 without waiting for
+// the rest, while message lines keep their 1 MiB limit.
+func TestSMTP_CommandLinesBoundedDataLinesLong(t *testing.T) {
+	t.Parallel()
+	a := &recorder{name: "a"}
+	tr := startRelay(t, []*recorder{a}, nil, nil)
+	r := dialSMTP(t, tr.smtp)
+	r.reply()
+	r.want("EHLO long", "250")
+	r.want("NOOP "+strings.Repeat("n", maxCommandLine-16), "250")
+	r.want("MAIL FROM:<app@example.com>", "250")
+	r.want("RCPT TO:<b@example.net>", "250")
+	r.want("DATA", "354")
+	long := strings.Repeat("x", 200_000)
+	r.want("Subject: long\r\n\r\n"+long+"\r\n.", "250")
+	waitFor(t, "delivery", func() bool { return len(a.accepted()) == 1 })
+	if !strings.Contains(string(a.accepted()[0].Data), long) {
+		t.Error("the 200,000-byte line did not reach the upstream whole")
+	}
+
+	r.send("NOOP " + strings.Repeat("n", maxCommandLine)) // no CRLF: nothing to wait for
+	if _, out := r.closedWithin(5 * time.Second); !strings.HasPrefix(out, "500 5.4.0") {
+		t.Errorf("after an over-long command line: %q, want 500 5.4.0 and the connection closed", out)
+	}
+}

@@ -59,7 +59,7 @@ func newConn(c net.Conn, s *Server) *Conn {
 func (c *Conn) init() {
 	c.lineLimitReader = &lineLimitReader{
 		R:         c.conn,
-		LineLimit: c.server.MaxLineLength,
+		LineLimit: c.commandLineLimit(),
 	}
 	rwc := struct {
 		io.Reader
@@ -84,6 +84,14 @@ func (c *Conn) init() {
 	}
 
 	c.text = textproto.NewConn(rwc)
+}
+
+// commandLineLimit is the line limit outside message data (relaycar).
+func (c *Conn) commandLineLimit() int {
+	if c.server.MaxCommandLineLength > 0 {
+		return c.server.MaxCommandLineLength
+	}
+	return c.server.MaxLineLength
 }
 
 // Commands are dispatched to the appropriate handler functions.
@@ -977,6 +985,8 @@ func (c *Conn) handleData(arg string) {
 	c.writeResponse(354, NoEnhancedCode, "Go ahead. End your data with <CR><LF>.<CR><LF>")
 
 	defer c.reset()
+	c.lineLimitReader.LineLimit = c.server.MaxLineLength
+	defer func() { c.lineLimitReader.LineLimit = c.commandLineLimit() }()
 
 	if c.server.LMTP {
 		c.handleDataLMTP()
@@ -1076,7 +1086,7 @@ func (c *Conn) handleBdat(arg string) {
 
 	c.lineLimitReader.LineLimit = 0
 	defer func() {
-		c.lineLimitReader.LineLimit = c.server.MaxLineLength
+		c.lineLimitReader.LineLimit = c.commandLineLimit()
 	}()
 
 	chunk := io.LimitReader(c.text.R, int64(size))

@@ -31,15 +31,19 @@ type Server struct {
 	// Enable LMTP mode, as defined in RFC 2033.
 	LMTP bool
 
-	Domain            string
-	MaxRecipients     int
-	MaxMessageBytes   int64
-	MaxLineLength     int
-	AllowInsecureAuth bool
-	Debug             io.Writer
-	ErrorLog          Logger
-	ReadTimeout       time.Duration
-	WriteTimeout      time.Duration
+	Domain          string
+	MaxRecipients   int
+	MaxMessageBytes int64
+	MaxLineLength   int
+	// MaxCommandLineLength, if set, bounds the lines read outside message
+	// data (commands, AUTH responses) below MaxLineLength: a textproto
+	// line is held whole in memory, while DATA streams (relaycar).
+	MaxCommandLineLength int
+	AllowInsecureAuth    bool
+	Debug                io.Writer
+	ErrorLog             Logger
+	ReadTimeout          time.Duration
+	WriteTimeout         time.Duration
 
 	// Advertise SMTPUTF8 (RFC 6531) capability.
 	// Should be used only if backend supports it.

@@ -1,0 +1,43 @@
+package smtp_test
+
+import (
+	"io"
+	"strings"
+	"testing"
+
+	"github.com/emersion/go-smtp"
+)
+
+// relaycar: MaxCommandLineLength bounds the lines outside message data,
+// which textproto holds whole in memory, while DATA keeps MaxLineLength
+// (it streams), before and after a message.
+func TestServer_CommandLineLimit(t *testing.T) {
+	be, s, c, scanner, _ := testServerEhlo(t, func(s *smtp.Server) {
+		s.MaxLineLength = 1 << 20
+		s.MaxCommandLineLength = 4096
+	})
+	defer s.Close()
+	defer c.Close()
+	expect := func(cmd, prefix string) {
+		t.Helper()
+		io.WriteString(c, cmd)
+		scanner.Scan()
+		if !strings.HasPrefix(scanner.Text(), prefix) {
+			t.Fatalf("reply to %.40q = %q, want %s…", cmd, scanner.Text(), prefix)
+		}
+	}
+	expect("AUTH PLAIN\r\n", "334 ")
+	expect("AHVzZXJuYW1lAHBhc3N3b3Jk\r\n", "235 ")
+	// Up to the limit, a command is read as before.
+	expect("NOOP "+strings.Repeat("n", 4000)+"\r\n", "250 ")
+	expect("MAIL FROM:<root@nsa.gov>\r\n", "250 ")
+	expect("RCPT TO:<root@gchq.gov.uk>\r\n", "250 ")
+	expect("DATA\r\n", "354 ")
+	long := strings.Repeat("x", 100_000)
+	expect("Subject: long\r\n\r\n"+long+"\r\n.\r\n", "250 ")
+	if len(be.messages) != 1 || !strings.Contains(string(be.messages[0].Data), long) {
+		t.Fatalf("the message with a 100,000-byte line was not kept whole")
+	}
+	// After the message, commands are bounded again.
+	expect("NOOP "+strings.Repeat("n", 5000)+"\r\n", "500 5.4.0 ")
+}
