@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/http"
 	"strconv"
 	"strings"
 	"time"
@@ -60,6 +62,9 @@ func newSES(c Config, d Deps) (*sesUpstream, error) {
 		}
 	}
 	cfg.HTTPClient = hc
+	if cfg.Credentials != nil {
+		cfg.Credentials = credsProvider{cfg.Credentials}
+	}
 	// The SDK would retry 429/5xx itself (3 attempts with backoff); the
 	// relay owns retries and failover, so one attempt per call.
 	cfg.RetryMaxAttempts = 1
@@ -165,6 +170,10 @@ func (s *sesUpstream) send(ctx context.Context, m *Message, rcpts []string) (str
 // classify maps an SDK error to a class: by SES error code first (a 400
 // alone says nothing at SES), then by HTTP status, then as a transport error.
 func (s *sesUpstream) classify(ctx context.Context, err error, p *apiProgress) *Error {
+	var ce *credentialsError
+	if errors.As(err, &ce) {
+		return s.credentialsFailure(ctx, ce)
+	}
 	status := 0
 	var re *smithyhttp.ResponseError
 	if errors.As(err, &re) {
@@ -211,6 +220,51 @@ func (s *sesUpstream) classify(ctx context.Context, err error, p *apiProgress) *
 		return &Error{Upstream: s.name, Class: Ambiguous, Reason: "response broke off", err: err}
 	}
 	return apiTransportError(ctx, s.name, err, p, s.secrets...)
+}
+
+// credsProvider marks a failure to get credentials (STS for IRSA, IMDS,
+// SSO, a web identity token file): it comes before any request to SES, and
+// its error wraps the credential service's own answer, which must not be
+// read as SES's (STS's 400 InvalidIdentityToken is no rejected message,
+// and a timeout there no ambiguous send).
+type credsProvider struct{ aws.CredentialsProvider }
+
+func (p credsProvider) Retrieve(ctx context.Context) (aws.Credentials, error) {
+	c, err := p.CredentialsProvider.Retrieve(ctx)
+	if err != nil {
+		return c, &credentialsError{err}
+	}
+	return c, nil
+}
+
+type credentialsError struct{ err error }
+
+func (e *credentialsError) Error() string { return "getting AWS credentials: " + e.err.Error() }
+func (e *credentialsError) Unwrap() error { return e.err }
+
+// credentialsFailure classes a credentials failure: SES was never called,
+// so never Rejected or Ambiguous. A credential service that is down, slow
+// or throttling is Transient; any other answer (a refused role, a missing
+// OIDC provider or token file) is this upstream's setup: ProviderFault.
+func (s *sesUpstream) credentialsFailure(ctx context.Context, ce *credentialsError) *Error {
+	class := ProviderFault
+	var re *smithyhttp.ResponseError
+	var ne net.Error
+	switch {
+	case errors.As(ce.err, &re):
+		if st := re.HTTPStatusCode(); st >= 500 || st == http.StatusTooManyRequests {
+			class = Transient
+		}
+		if ae := smithy.APIError(nil); errors.As(ce.err, &ae) {
+			if c, ok := sesCodeClass(ae.ErrorCode(), ""); ok && c == Transient {
+				class = Transient // STS throttling
+			}
+		}
+	case ctx.Err() != nil, errors.Is(ce.err, context.DeadlineExceeded), errors.As(ce.err, &ne):
+		class = Transient
+	}
+	return &Error{Upstream: s.name, Class: class, Code: "credentials",
+		Reason: truncate(apiRedact("AWS credentials: "+oneLine(ce.err.Error()), s.secrets...), 300), err: ce}
 }
 
 // sesCodeClass maps an SES/AWS error code; ok is false for codes it does not

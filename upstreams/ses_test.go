@@ -546,6 +546,67 @@ func TestSES_DefaultCredentialChain(t *testing.T) {
 	}
 }
 
+// IRSA: the default chain gets credentials from STS with a web identity
+// token before SES is called. STS's answers are not SES's: a 400
+// InvalidIdentityToken (no OIDC provider for the cluster, a common
+// misconfiguration) is this upstream's fault, not a rejected message that
+// would be dead-lettered without failover; an STS that does not answer is
+// transient, not an ambiguous send pinned to SES; a 503 is transient.
+func TestSES_CredentialFailuresAreNotSESAnswers(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		sts     http.HandlerFunc
+		timeout time.Duration
+		want    Class
+	}{
+		{"InvalidIdentityToken", func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "text/xml")
+			w.WriteHeader(400)
+			io.WriteString(w, `<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><Error><Type>Sender</Type>`+
+				`<Code>InvalidIdentityToken</Code><Message>No OpenIDConnect provider found in your account for https://oidc.example</Message>`+
+				`</Error><RequestId>r-1</RequestId></ErrorResponse>`)
+		}, 5 * time.Second, ProviderFault},
+		{"unavailable", func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "text/xml")
+			w.WriteHeader(503)
+			io.WriteString(w, `<ErrorResponse><Error><Type>Receiver</Type><Code>ServiceUnavailable</Code><Message>try again</Message></Error></ErrorResponse>`)
+		}, 5 * time.Second, Transient},
+		{"silent", func(w http.ResponseWriter, r *http.Request) {
+			io.Copy(io.Discard, r.Body) // the whole request is read, and never answered
+			<-r.Context().Done()
+		}, time.Second, Transient},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			sts := httptest.NewServer(tc.sts)
+			defer sts.Close()
+			defer sts.CloseClientConnections()
+			dir := t.TempDir()
+			token := filepath.Join(dir, "token")
+			os.WriteFile(token, []byte("eyJhbGciOiJSUzI1NiJ9.e30.c2ln"), 0o600)
+			for k, v := range map[string]string{
+				"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SESSION_TOKEN": "", "AWS_PROFILE": "",
+				"AWS_CONFIG_FILE": filepath.Join(dir, "config"), "AWS_SHARED_CREDENTIALS_FILE": filepath.Join(dir, "credentials"),
+				"AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL": "", "AWS_ENDPOINT_URL_SESV2": "",
+				"AWS_ROLE_ARN": "arn:aws:iam::123456789012:role/relaycar", "AWS_WEB_IDENTITY_TOKEN_FILE": token,
+				"AWS_ENDPOINT_URL_STS": sts.URL,
+			} {
+				t.Setenv(k, v)
+			}
+			f := fakes.NewHTTP(t, func(int, fakes.Request) fakes.Reply { return sesOK("never") })
+			u := newTestSES(t, f.URL, func(c *Config) {
+				c.AccessKeyID, c.SecretAccessKey, c.Timeout = "", "", tc.timeout
+			})
+			_, err := u.Send(context.Background(), apiTestMessage("alice@example.com", []string{"bob@example.net"}, []string{"bob@example.net"}))
+			if e := apiClassOf(t, err); e.Class != tc.want || !strings.Contains(e.Reason, "AWS credentials") {
+				t.Errorf("class %v, reason %q; want %v, saying it was the credentials", e.Class, e.Reason, tc.want)
+			}
+			if n := len(f.Requests()); n != 0 {
+				t.Errorf("SES got %d requests", n)
+			}
+		})
+	}
+}
+
 // A 30 MB attachment passes a 40 MiB max_message_bytes but not SES's limit,
 // which counts the base64 form: fail over instead of being dead-lettered.
 func TestSES_TooBigAfterBase64IsUnsupported(t *testing.T) {
