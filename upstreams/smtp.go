@@ -395,6 +395,9 @@ func (s *smtpUpstream) fail(ctx context.Context, ph smtpPhase, err error) *Error
 		if ph == phaseMail && class == Rejected && se.EnhancedCode[1] == 7 {
 			class = SenderRejected
 		}
+		if c, ok := smtpNotAboutMessage(ph, se); ok {
+			class = c
+		}
 		if smtpCannotCarry(ph, se) {
 			class = Unsupported
 		}
@@ -454,6 +457,33 @@ func classifySMTP(ph smtpPhase, code int) Class {
 		return Rejected
 	}
 	return Transient
+}
+
+// smtpNotAboutMessage recognises permanent replies after MAIL that refuse
+// the sender or this client rather than the message or its recipient, so
+// failing over is right where a dead letter would lose mail another
+// upstream would carry: Exchange Online's SendAsDenied (5.2.252) and
+// 5.7.60 refuse the sender; its 5.7.57 (not authenticated), 5.7.64
+// (tenant attribution) and 5.7.705/708/750 (tenant or IP blocked), and any
+// x.7.x "relay access denied" (Postfix's reject_unauth_destination when
+// the smarthost no longer lists us), refuse the client for every message.
+func smtpNotAboutMessage(ph smtpPhase, se *smtp.SMTPError) (Class, bool) {
+	if se.Code < 500 || se.Code > 599 || (ph != phaseRcpt && ph != phaseData && ph != phaseDataEnd) {
+		return 0, false
+	}
+	switch ec := se.EnhancedCode; ec {
+	case smtp.EnhancedCode{5, 2, 252}, smtp.EnhancedCode{5, 7, 60}:
+		return SenderRejected, true
+	case smtp.EnhancedCode{5, 7, 57}, smtp.EnhancedCode{5, 7, 64}, smtp.EnhancedCode{5, 7, 705},
+		smtp.EnhancedCode{5, 7, 708}, smtp.EnhancedCode{5, 7, 750}:
+		return ProviderFault, true
+	}
+	msg := strings.ToLower(se.Message)
+	if se.EnhancedCode[1] == 7 && (strings.Contains(msg, "relay access denied") || strings.Contains(msg, "relaying denied") ||
+		strings.Contains(msg, "relay not permitted") || strings.Contains(msg, "relaying not permitted")) {
+		return ProviderFault, true
+	}
+	return 0, false
 }
 
 // smtpCannotCarry recognises permanent replies that are about this

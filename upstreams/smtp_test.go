@@ -125,36 +125,52 @@ func TestSMTP_ReplyClassification(t *testing.T) {
 		code  int
 		enh   string
 		class Class
+		msg   string // "scripted" if empty
 	}{
-		{atMail, 421, "4.3.2", Transient},
-		{atMail, 451, "4.3.0", Transient},
-		{atMail, 530, "5.7.0", ProviderFault},
-		{atMail, 550, "5.7.1", SenderRejected}, // relay denied for this sender
-		{atMail, 553, "5.1.8", SenderRejected},
-		{atMail, 552, "5.3.4", Unsupported}, // SIZE: too big for this server, not a bad message
-		{atRcpt, 450, "4.2.1", Transient},
-		{atRcpt, 452, "4.5.3", Transient},
-		{atRcpt, 550, "5.1.1", Rejected},
-		{atRcpt, 552, "5.5.3", Transient}, // RFC 5321 4.5.3.1.10
-		{atRcpt, 553, "5.1.3", Rejected},
-		{atRcpt, 530, "5.7.0", ProviderFault},
-		{atData, 451, "4.7.1", Transient},
-		{atData, 421, "4.4.2", Transient},
-		{atData, 550, "5.7.1", Rejected},
-		{atData, 552, "5.3.4", Unsupported},
-		{atData, 554, "5.6.0", Rejected},
+		{atMail, 421, "4.3.2", Transient, ""},
+		{atMail, 451, "4.3.0", Transient, ""},
+		{atMail, 530, "5.7.0", ProviderFault, ""},
+		{atMail, 550, "5.7.1", SenderRejected, ""}, // relay denied for this sender
+		{atMail, 553, "5.1.8", SenderRejected, ""},
+		{atMail, 552, "5.3.4", Unsupported, ""}, // SIZE: too big for this server, not a bad message
+		{atRcpt, 450, "4.2.1", Transient, ""},
+		{atRcpt, 452, "4.5.3", Transient, ""},
+		{atRcpt, 550, "5.1.1", Rejected, ""},
+		{atRcpt, 552, "5.5.3", Transient, ""}, // RFC 5321 4.5.3.1.10
+		{atRcpt, 553, "5.1.3", Rejected, ""},
+		{atRcpt, 530, "5.7.0", ProviderFault, ""},
+		{atData, 451, "4.7.1", Transient, ""},
+		{atData, 421, "4.4.2", Transient, ""},
+		{atData, 550, "5.7.1", Rejected, ""},
+		{atData, 552, "5.3.4", Unsupported, ""},
+		{atData, 554, "5.6.0", Rejected, ""},
 		// This server's limits for this message, not the message's fault:
 		// another upstream may carry it.
-		{atData, 552, "", Unsupported},      // "exceeded storage allocation", RFC 1870's size reply
-		{atData, 552, "5.2.2", Rejected},    // mailbox full
-		{atData, 554, "5.6.3", Unsupported}, // conversion required (8-bit to a 7-bit server)
-		{atData, 554, "5.6.9", Unsupported}, // UTF-8 headers, no SMTPUTF8 downstream
-		{atRcpt, 553, "5.6.7", Unsupported}, // non-ASCII address not permitted
-		{atMail, 552, "5.7.1", SenderRejected},
+		{atData, 552, "", Unsupported, ""},      // "exceeded storage allocation", RFC 1870's size reply
+		{atData, 552, "5.2.2", Rejected, ""},    // mailbox full
+		{atData, 554, "5.6.3", Unsupported, ""}, // conversion required (8-bit to a 7-bit server)
+		{atData, 554, "5.6.9", Unsupported, ""}, // UTF-8 headers, no SMTPUTF8 downstream
+		{atRcpt, 553, "5.6.7", Unsupported, ""}, // non-ASCII address not permitted
+		{atMail, 552, "5.7.1", SenderRejected, ""},
+		// After MAIL, refusals of the sender or of this client, not of the
+		// message: fail over rather than dead-letter.
+		{atData, 554, "5.2.252", SenderRejected, "SendAsDenied; relay@contoso.com not allowed to send as app@contoso.com"},
+		{atData, 550, "5.7.60", SenderRejected, "SMTP; Client does not have permissions to send as this sender"},
+		{atRcpt, 554, "5.7.1", ProviderFault, "<b@example.net>: Relay access denied"},
+		{atRcpt, 550, "5.7.57", ProviderFault, "Client not authenticated to send mail"},
+		{atRcpt, 550, "5.7.708", ProviderFault, "Access denied, traffic not accepted from this IP"},
+		// A policy refusal of this recipient or this content stays a rejection.
+		{atRcpt, 554, "5.7.1", Rejected, "<b@example.net>: Recipient address rejected: Access denied"},
+		{atData, 550, "5.7.1", Rejected, "Message rejected as spam"},
 	} {
 		name := fmt.Sprintf("%d-%s-at-%s", tc.code, tc.enh, tc.at)
+		if tc.msg == "" {
+			tc.msg = "scripted"
+		} else {
+			name += "-" + strings.Fields(tc.msg)[0]
+		}
 		t.Run(name, func(t *testing.T) {
-			sink.SetScript(replyAt(tc.at, testsmtp.Reply(tc.code, tc.enh, "scripted")))
+			sink.SetScript(replyAt(tc.at, testsmtp.Reply(tc.code, tc.enh, tc.msg)))
 			_, err := u.Send(context.Background(), testMsg)
 			if got := ClassOf(err); got != tc.class {
 				t.Errorf("class = %v, want %v (err %v)", got, tc.class, err)
