@@ -75,7 +75,7 @@ type adminAPI struct {
 	ready        func() bool
 	// readyBytes is what /readyz checks the spool could commit now: the
 	// largest message SMTP advertises, with the commit's overhead.
-	readyBytes int64
+	readyBytes func() int64
 
 	ln  net.Listener // nil without admin.address
 	srv *http.Server
@@ -139,7 +139,7 @@ func (a *adminAPI) mux() *http.ServeMux {
 		}
 		// Ready means a message of the largest size SMTP advertises can
 		// be committed now, not merely that a file can be created.
-		if err := a.spool.Writable(a.readyBytes); err != nil {
+		if err := a.spool.Writable(a.readyBytes()); err != nil {
 			a.log.Error("spool cannot accept messages", "err", err)
 			msg := "not ready: spool not writable"
 			if errors.Is(err, spool.ErrFull) {

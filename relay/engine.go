@@ -182,6 +182,7 @@ func restartOnly(old, next *Config) []string {
 	ol, nl := old.Listen, next.Listen
 	ol.Address, nl.Address = "", ""
 	ol.AllowedSenders, nl.AllowedSenders = nil, nil
+	ol.MaxMessageBytes, nl.MaxMessageBytes = 0, 0 // SIZE follows a reload (sizeLimit)
 	if (ol.Auth.UsersFile == "") == (nl.Auth.UsersFile == "") {
 		ol.Auth, nl.Auth = AuthConfig{}, AuthConfig{}
 	}

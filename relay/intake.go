@@ -34,7 +34,7 @@ type intake struct {
 
 	address       string
 	hostname      string
-	maxBytes      int64 // SIZE: what some route can deliver
+	size          func() int64 // SIZE: what some route can deliver, now
 	maxRecipients int
 	maxConns      int
 	readTimeout   time.Duration
@@ -167,7 +167,7 @@ func (in *intake) listen() error {
 func (in *intake) serve(errc chan<- error) {
 	srv := smtp.NewServer(in)
 	srv.Domain = in.hostname
-	srv.MaxMessageBytes = in.maxBytes
+	srv.MaxMessageBytesFunc = in.size
 	srv.MaxRecipients = in.maxRecipients
 	srv.ReadTimeout, srv.WriteTimeout = in.readTimeout, in.writeTimeout
 	// Real-world HTML often has very long lines; RFC 5322's 998 is not what

@@ -106,9 +106,9 @@ func TestReadyz_FullFileSystemIs503(t *testing.T) {
 	if code, body := get(); code != http.StatusOK {
 		t.Fatalf("/readyz = %d %s", code, body)
 	}
-	fsys.setFree(tr.maxBytes) // the body fits, the envelope does not
+	fsys.setFree(tr.size.Load()) // the body fits, the envelope does not
 	if code, body := get(); code != http.StatusServiceUnavailable || !strings.Contains(body, "full") {
-		t.Errorf("/readyz with %d bytes free for %d-byte messages = %d %q, want 503 full", tr.maxBytes, tr.maxBytes, code, body)
+		t.Errorf("/readyz with %d bytes free for %d-byte messages = %d %q, want 503 full", tr.size.Load(), tr.size.Load(), code, body)
 	}
 	fsys.setFree(1 << 30)
 	if code, body := get(); code != http.StatusOK {

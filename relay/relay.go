@@ -64,8 +64,9 @@ type Relay struct {
 	udeps    upstreams.Deps
 	injected map[string]upstreams.Upstream // Deps.Upstreams
 	metrics  *metrics
-	maxBytes int64
-	quotas   *quotaWatch
+	// size is SIZE, what some route can deliver; a reload changes it.
+	size   atomic.Int64
+	quotas *quotaWatch
 	// shared is nil unless an upstream has rate_limit.shared.
 	shared *sharedState
 
@@ -118,12 +119,7 @@ func New(cfg *Config, d Deps) (_ *Relay, err error) {
 	r.engine.Store(e)
 	router := e.router
 	r.logRedirects(cfg)
-	// SIZE: the largest message some route can deliver, capped by the
-	// listener's own limit.
-	r.maxBytes = cfg.Listen.MaxMessageBytes
-	if largest := router.LargestMessageBytes(); largest > 0 {
-		r.maxBytes = min(r.maxBytes, largest)
-	}
+	r.size.Store(sizeLimit(cfg, router))
 	r.queue = newQueue(r.now)
 	oldestAge := func() float64 {
 		if t := r.queue.oldest(); !t.IsZero() {
@@ -142,17 +138,27 @@ func New(cfg *Config, d Deps) (_ *Relay, err error) {
 	if r.shared != nil {
 		registerSharedUp(reg, r.shared.redis.Up)
 	}
-	in.accept, in.budget, in.maxBytes = r.accept, r.budget, r.maxBytes
+	in.accept, in.budget, in.size = r.accept, r.budget, r.size.Load
 	in.refused, in.authFailures, in.connections = r.metrics.smtpRefused, r.metrics.authFailed, r.metrics.connections
 	r.intake = in
 	r.api = &adminAPI{address: cfg.Admin.Address, allowedHosts: cfg.Admin.AllowedHosts, spool: r.spool, queue: r.queue,
 		gates: func() []*policy.Gate { return r.engine.Load().order }, reg: reg, log: r.log, now: r.now, version: d.Version, ready: r.ready.Load,
-		readyBytes: r.maxBytes + commitOverhead}
+		readyBytes: func() int64 { return r.size.Load() + commitOverhead }}
 	return r, nil
 }
 
 // logRedirects says, at start and at each reload, which routes send all
 // their mail to redirect_all_to instead of the real recipients.
+// sizeLimit is SIZE: the largest message some route can deliver, capped
+// by the listener's own limit.
+func sizeLimit(cfg *Config, router *policy.Router) int64 {
+	size := cfg.Listen.MaxMessageBytes
+	if largest := router.LargestMessageBytes(); largest > 0 {
+		size = min(size, largest)
+	}
+	return size
+}
+
 func (r *Relay) logRedirects(cfg *Config) {
 	for _, rc := range cfg.Routes {
 		if len(rc.RedirectAllTo) > 0 {
@@ -322,7 +328,7 @@ func (r *Relay) Run(ctx context.Context) error {
 	r.intake.serve(errc)
 	r.ready.Store(true)
 	r.log.Info("relaycar serving", "smtp", r.intake.ln.Addr().String(), "admin", r.cfg.Admin.Address,
-		"spool", r.cfg.Spool.Dir, "size_limit", r.maxBytes, "upstreams", len(r.engine.Load().ups), "queued", r.queue.len())
+		"spool", r.cfg.Spool.Dir, "size_limit", r.size.Load(), "upstreams", len(r.engine.Load().ups), "queued", r.queue.len())
 
 	var runErr error
 	select {

@@ -58,6 +58,9 @@ func (r *Relay) reload(cfg *Config) error {
 	}
 	r.metrics.precreate(next.order)
 	r.engine.Store(next)
+	if size := sizeLimit(cfg, next.router); size != r.size.Swap(size) {
+		r.log.Info("message size limit changed", "size_limit", size)
+	}
 	retire(old, next)
 	d := diffEngines(old, next)
 	if d.empty() {

@@ -189,11 +189,15 @@ routes:
 					select {
 					case <-stop:
 						return
-					case <-time.After(100 * time.Millisecond):
+					// Often enough that a quiet machine, which sends the 400 in
+					// a quarter of a second, still sees several reloads.
+					case <-time.After(25 * time.Millisecond):
 					}
 					text := strings.Replace(mustRead(t, h.cfgPath), map[bool]string{true: "timeout: 30s", false: "timeout: 31s"}[i%2 == 0],
 						map[bool]string{true: "timeout: 31s", false: "timeout: 30s"}[i%2 == 0], 1)
-					os.WriteFile(h.cfgPath, []byte(text), 0o600)
+					// Renamed into place, so a reload never reads half a file.
+					os.WriteFile(h.cfgPath+".new", []byte(text), 0o600)
+					os.Rename(h.cfgPath+".new", h.cfgPath)
 					h.current().cmd.Process.Signal(syscall.SIGHUP)
 				}
 			}()
@@ -263,4 +267,60 @@ routes:
 	waitFor(t, 5*time.Second, "the restart warning", func() bool { return h.logContains("needs a restart") && h.logContains("listen.auth") })
 	h.mustSend(sender, []string{"a@example.net"}, message(sender, "a@example.net", 1, "no AUTH, as before"))
 	waitFor(t, 10*time.Second, "delivery", func() bool { return sink.Count() == 1 })
+}
+
+// SIZE is the largest message some route can deliver: an upstream's
+// max_message_bytes raised by a reload lets bigger messages in at once,
+// EHLO advertises the new limit, and lowering it refuses them again
+// (before, both stayed at the values of the start, without a word).
+func TestReload_SizeFollowsUpstreamLimits(t *testing.T) {
+	t.Parallel()
+	sink := testsmtp.Start(t, testsmtp.Options{})
+	base := fmt.Sprintf(`
+upstreams:
+  - {name: smarthost, type: smtp, address: %q, tls: none, max_message_bytes: 2000}
+routes:
+  - {name: default, upstreams: [smarthost]}
+`, sink.Addr)
+	h := newHarness(t, base, withArgs("--reload-poll", "0"))
+	big := message(sender, "a@example.net", 1, "five kilobytes") + strings.Repeat("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcd\r\n", 80)
+	size := func() string {
+		c := h.dialRaw()
+		c.expect(220)
+		ehlo := c.cmd(250, "EHLO tests.local")
+		for _, l := range strings.Split(ehlo, "\n") {
+			if strings.HasPrefix(l, "SIZE ") {
+				return l
+			}
+		}
+		return ""
+	}
+	if got := size(); got != "SIZE 2000" {
+		t.Fatalf("EHLO before the reload: %q, want SIZE 2000", got)
+	}
+	if _, err := h.send(sender, []string{"a@example.net"}, big); err == nil || !strings.Contains(err.Error(), "552") {
+		t.Fatalf("a 5 KB message under SIZE 2000: %v, want 552", err)
+	}
+	reload := func(from, to, wantLog string) {
+		t.Helper()
+		text := mustRead(t, h.cfgPath)
+		if err := os.WriteFile(h.cfgPath, []byte(strings.Replace(text, from, to, 1)), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		h.current().cmd.Process.Signal(syscall.SIGHUP)
+		waitFor(t, 5*time.Second, "the reload", func() bool { return h.logContains(wantLog) })
+	}
+	reload("max_message_bytes: 2000", "max_message_bytes: 1048576", "size_limit=1048576")
+	if got := size(); got != "SIZE 1048576" {
+		t.Errorf("EHLO after raising the limit: %q, want SIZE 1048576", got)
+	}
+	h.mustSend(sender, []string{"a@example.net"}, big)
+	waitFor(t, 10*time.Second, "delivery", func() bool { return sink.Count() == 1 })
+	reload("max_message_bytes: 1048576", "max_message_bytes: 3000", "size_limit=3000")
+	if _, err := h.send(sender, []string{"a@example.net"}, big); err == nil || !strings.Contains(err.Error(), "552") {
+		t.Errorf("a 5 KB message after lowering the limit to 3000: %v, want 552", err)
+	}
+	if h.logContains("needs a restart") {
+		t.Error("a size change was logged as needing a restart")
+	}
 }

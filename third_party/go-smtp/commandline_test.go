@@ -3,6 +3,7 @@ package smtp_test
 import (
 	"io"
 	"strings"
+	"sync/atomic"
 	"testing"
 
 	"github.com/emersion/go-smtp"
@@ -40,4 +41,39 @@ func TestServer_CommandLineLimit(t *testing.T) {
 	}
 	// After the message, commands are bounded again.
 	expect("NOOP "+strings.Repeat("n", 5000)+"\r\n", "500 5.4.0 ")
+}
+
+// relaycar: MaxMessageBytesFunc is read at each EHLO and DATA, so a limit
+// changed while serving applies to the next transaction.
+func TestServer_MaxMessageBytesFunc(t *testing.T) {
+	var limit atomic.Int64
+	limit.Store(100)
+	_, s, c, scanner, caps := testServerEhlo(t, func(s *smtp.Server) { s.MaxMessageBytesFunc = limit.Load })
+	defer s.Close()
+	defer c.Close()
+	if !caps["SIZE 100"] {
+		t.Fatalf("caps = %v, want SIZE 100", caps)
+	}
+	expect := func(cmd, prefix string) {
+		t.Helper()
+		io.WriteString(c, cmd)
+		scanner.Scan()
+		if !strings.HasPrefix(scanner.Text(), prefix) {
+			t.Fatalf("reply to %.40q = %q, want %s…", cmd, scanner.Text(), prefix)
+		}
+	}
+	expect("AUTH PLAIN\r\n", "334 ")
+	expect("AHVzZXJuYW1lAHBhc3N3b3Jk\r\n", "235 ")
+	body := "Subject: x\r\n\r\n" + strings.Repeat("y", 500) + "\r\n.\r\n"
+	expect("MAIL FROM:<root@nsa.gov> SIZE=600\r\n", "552 ")
+	limit.Store(1000)
+	expect("MAIL FROM:<root@nsa.gov> SIZE=600\r\n", "250 ")
+	expect("RCPT TO:<root@gchq.gov.uk>\r\n", "250 ")
+	expect("DATA\r\n", "354 ")
+	expect(body, "250 ")
+	limit.Store(100)
+	expect("MAIL FROM:<root@nsa.gov>\r\n", "250 ")
+	expect("RCPT TO:<root@gchq.gov.uk>\r\n", "250 ")
+	expect("DATA\r\n", "354 ")
+	expect(body, "552 ")
 }

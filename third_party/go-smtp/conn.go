@@ -291,8 +291,8 @@ func (c *Conn) handleGreet(enhanced bool, arg string) {
 	if c.server.EnableDSN {
 		caps = append(caps, "DSN")
 	}
-	if c.server.MaxMessageBytes > 0 {
-		caps = append(caps, fmt.Sprintf("SIZE %v", c.server.MaxMessageBytes))
+	if limit := c.server.maxMessageBytes(); limit > 0 {
+		caps = append(caps, fmt.Sprintf("SIZE %v", limit))
 	} else {
 		caps = append(caps, "SIZE")
 	}
@@ -365,7 +365,7 @@ func (c *Conn) handleMail(arg string) {
 				return
 			}
 
-			if c.server.MaxMessageBytes > 0 && int64(size) > c.server.MaxMessageBytes {
+			if limit := c.server.maxMessageBytes(); limit > 0 && int64(size) > limit {
 				c.writeResponse(552, EnhancedCode{5, 3, 4}, "Max message size exceeded")
 				return
 			}
@@ -1034,7 +1034,7 @@ func (c *Conn) handleBdat(arg string) {
 		return
 	}
 
-	if c.server.MaxMessageBytes != 0 && c.bytesReceived+int64(size) > c.server.MaxMessageBytes {
+	if limit := c.server.maxMessageBytes(); limit != 0 && c.bytesReceived+int64(size) > limit {
 		c.writeResponse(552, EnhancedCode{5, 3, 4}, "Max message size exceeded")
 
 		// Discard chunk itself without passing it to backend.

@@ -39,11 +39,15 @@ type Server struct {
 	// data (commands, AUTH responses) below MaxLineLength: a textproto
 	// line is held whole in memory, while DATA streams (relaycar).
 	MaxCommandLineLength int
-	AllowInsecureAuth    bool
-	Debug                io.Writer
-	ErrorLog             Logger
-	ReadTimeout          time.Duration
-	WriteTimeout         time.Duration
+	// MaxMessageBytesFunc, if set, is read in place of MaxMessageBytes at
+	// each EHLO, MAIL, DATA and BDAT, so the limit can change while the
+	// server runs (relaycar's reload).
+	MaxMessageBytesFunc func() int64
+	AllowInsecureAuth   bool
+	Debug               io.Writer
+	ErrorLog            Logger
+	ReadTimeout         time.Duration
+	WriteTimeout        time.Duration
 
 	// Advertise SMTPUTF8 (RFC 6531) capability.
 	// Should be used only if backend supports it.
@@ -92,6 +96,14 @@ type Server struct {
 	locker    sync.Mutex
 	listeners []net.Listener
 	conns     map[*Conn]struct{}
+}
+
+// maxMessageBytes is the message size limit now; 0 means none.
+func (s *Server) maxMessageBytes() int64 {
+	if s.MaxMessageBytesFunc != nil {
+		return s.MaxMessageBytesFunc()
+	}
+	return s.MaxMessageBytes
 }
 
 // New creates a new SMTP server.
