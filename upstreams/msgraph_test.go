@@ -149,6 +149,7 @@ func TestMSGraph_ErrorClasses(t *testing.T) {
 		{"too large", "", graphErr(413, "RequestEntityTooLarge", "The request size exceeds the maximum limit.", nil), Unsupported, "413"},
 		{"throttled", "", graphErr(429, "ApplicationThrottled", "Application is over its MailboxConcurrency limit.", map[string]string{"Retry-After": "7"}), Transient, "Retry-After 7"},
 		{"unavailable", "", graphErr(503, "ServiceUnavailable", "busy", map[string]string{"Retry-After": "3"}), Transient, "503"},
+		{"down", "", graphErr(503, "ServiceUnavailable", "down", nil), Transient, "503"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ts := graphTokens(t)
@@ -159,8 +160,9 @@ func TestMSGraph_ErrorClasses(t *testing.T) {
 			if ClassOf(err) != tc.class {
 				t.Fatalf("class %v (%v), want %v", ClassOf(err), err, tc.class)
 			}
-			// Graph's Retry-After pauses the upstream; nothing else does.
-			if paused := !RetryAtOf(err).IsZero(); paused != (tc.reply.Status == 429 || tc.reply.Status == 503) {
+			// A 429, or a 503 with Retry-After, pauses the upstream; a 503
+			// without one counts against the breaker like any outage.
+			if paused := !RetryAtOf(err).IsZero(); paused != (tc.reply.Status == 429 || tc.reply.Status == 503 && tc.name != "down") {
 				t.Errorf("RetryAt %v for HTTP %d", RetryAtOf(err), tc.reply.Status)
 			}
 			if tc.reply.Status == 429 {

@@ -300,6 +300,11 @@ func (ts *tokenSource) fetchError(ctx context.Context, err error) *Error {
 		if errors.As(err, &ne) {
 			return errorf(ts.upstream, Transient, "", err, "oauth2: token endpoint unreachable: %s", apiRedact(oneLine(truncate(err.Error(), 200)), ts.secrets...))
 		}
+		if strings.HasPrefix(err.Error(), "oauth2: cannot fetch token:") {
+			// x/oauth2's text for a response body that broke off (it wraps
+			// the read error with %v): the endpoint's trouble, not our setup.
+			return errorf(ts.upstream, Transient, "", err, "oauth2: token response broke off: %s", apiRedact(oneLine(truncate(err.Error(), 200)), ts.secrets...))
+		}
 		return errorf(ts.upstream, ProviderFault, "", err, "oauth2: %s", apiRedact(oneLine(truncate(err.Error(), 200)), ts.secrets...))
 	}
 	status := 0

@@ -3,6 +3,8 @@ package upstreams
 import (
 	"context"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -282,6 +284,17 @@ func TestSMTP_TokenEndpointErrors(t *testing.T) {
 	}
 	deadURL := "http://" + dead.Addr().String() + "/token"
 	dead.Close()
+	// A 200 whose body ends long before its Content-Length.
+	cut := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c, buf, err := w.(http.Hijacker).Hijack()
+		if err != nil {
+			return
+		}
+		buf.WriteString("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"access_token\":\"eyJ0")
+		buf.Flush()
+		c.Close()
+	}))
+	defer cut.Close()
 	for _, tc := range []struct {
 		name      string
 		fail      func(int) (int, string, string)
@@ -297,6 +310,7 @@ func TestSMTP_TokenEndpointErrors(t *testing.T) {
 		{name: "temporarily_unavailable", fail: func(int) (int, string, string) { return 503, "temporarily_unavailable", "try later" }, class: Transient, inReason: "503"},
 		{name: "temporarily_unavailable with 400", fail: func(int) (int, string, string) { return 400, "temporarily_unavailable", "AADSTS50196" }, class: Transient, inReason: "temporarily_unavailable"},
 		{name: "unreachable", url: deadURL, class: Transient, inReason: "unreachable"},
+		{name: "response cut off", url: cut.URL + "/token", class: Transient, inReason: "broke off"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ts := fakes.NewTokenServer(t, fakes.TokenOptions{ClientID: testClientID, ClientSecret: testClientSecret, Fail: tc.fail})
