@@ -125,11 +125,7 @@ func (w *quotaWatch) read(ctx context.Context, u *quotaUpstream) {
 	defer u.mu.Unlock()
 	first := !u.known
 	u.q, u.sentSince, u.known, u.gate, u.perSecond = q, 0, true, gate, perSecond
-	rate := u.perSecond
-	if q.MaxSendRate > 0 {
-		rate = min(rate, q.MaxSendRate)
-	}
-	u.gate.SetRate(rate)
+	rate := u.capRateLocked()
 	w.metrics.maxSendRate.WithLabelValues(u.name).Set(q.MaxSendRate)
 	w.metrics.sandbox.WithLabelValues(u.name).Set(boolGauge(q.Sandbox))
 	if first {
@@ -144,6 +140,34 @@ func (w *quotaWatch) read(ctx context.Context, u *quotaUpstream) {
 	}
 	u.disabled = !q.SendingEnabled
 	w.applyLocked(u)
+}
+
+// reloaded carries what is known of each quota over to the gates a reload
+// built (a rebuilt upstream's new gate starts uncapped and not exhausted,
+// which would last until the next read, up to quotaEvery). The set of
+// watched upstreams is fixed at start: one that turns from_provider by a
+// reload is logged as needing a restart.
+func (w *quotaWatch) reloaded(cfgs []upstreams.Config) {
+	for _, c := range cfgs {
+		if c.RateLimit.FromProvider && w.byName[c.Name] == nil {
+			w.log.Warn("config setting changed but needs a restart; not applied", "setting", "upstreams."+c.Name+".rate_limit.from_provider")
+		}
+	}
+	for _, u := range w.ups {
+		_, gate, perSecond := w.current(u.name)
+		if gate == nil {
+			continue // removed by the reload
+		}
+		u.mu.Lock()
+		if gate != u.gate || perSecond != u.perSecond {
+			u.gate, u.perSecond = gate, perSecond
+			if u.known {
+				u.capRateLocked()
+				w.applyLocked(u)
+			}
+		}
+		u.mu.Unlock()
+	}
 }
 
 // sent counts n recipients delivered through upstream.
@@ -161,6 +185,17 @@ func (w *quotaWatch) sent(upstream string, n int) {
 	if u.known {
 		w.applyLocked(u)
 	}
+}
+
+// capRateLocked sets the gate's rate to per_second capped at the
+// provider's MaxSendRate and returns it; u.mu is held.
+func (u *quotaUpstream) capRateLocked() float64 {
+	rate := u.perSecond
+	if u.q.MaxSendRate > 0 {
+		rate = min(rate, u.q.MaxSendRate)
+	}
+	u.gate.SetRate(rate)
+	return rate
 }
 
 // applyLocked sets the exhausted flag and the remaining gauge from the

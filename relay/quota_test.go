@@ -2,6 +2,7 @@ package relay
 
 import (
 	"context"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -198,5 +199,60 @@ func TestQuota_UpstreamWithoutQuotaReader(t *testing.T) {
 	w.start(context.Background())
 	if len(w.ups) != 0 || !strings.Contains(logs.String(), "from_provider ignored") {
 		t.Errorf("ups = %d, log:\n%s", len(w.ups), logs)
+	}
+}
+
+// A reload that rebuilds the upstream (a rotated key) gives it a new gate,
+// which starts uncapped and not exhausted: what is known of the quota
+// carries over to it at once, not at the next read up to five minutes
+// later. An upstream that turns from_provider by a reload is not watched
+// until a restart, and the log says so.
+func TestQuota_CarriedOverToAReloadsNewGate(t *testing.T) {
+	t.Parallel()
+	f := newQuotaFixture(t, 1000, quotaAnswer{q: upstreams.Quota{MaxSendRate: 1000, Max24HourSend: 10, SentLast24Hours: 10, SendingEnabled: true}})
+	if s := f.admit(); s != policy.SkipQuotaExhausted {
+		t.Fatalf("before the reload: %v, want quota_exhausted", s)
+	}
+	c := upstreams.Config{Name: "ses", Type: "ses", Region: "us-east-1", Timeout: 31 * time.Second,
+		RateLimit: upstreams.RateLimit{PerSecond: 1000, Burst: 1, MaxWait: 200 * time.Millisecond, FromProvider: true}}
+	c.ApplyDefaults()
+	rebuilt := policy.NewGate(f.up, c, policy.GateHooks{})
+	f.w.current = func(string) (upstreams.Upstream, *policy.Gate, float64) { return f.up, rebuilt, 1000 }
+	added := upstreams.Config{Name: "ses-eu", Type: "ses", Region: "eu-west-1", RateLimit: upstreams.RateLimit{FromProvider: true}}
+	f.w.reloaded([]upstreams.Config{c, added})
+	if s := rebuilt.Admit(context.Background(), policy.Ask{Size: 10, Rcpts: 1}); s != policy.SkipQuotaExhausted {
+		t.Errorf("the reload's new gate: %v, want quota_exhausted carried over", s)
+	}
+	if !strings.Contains(f.logs.String(), "upstreams.ses-eu.rate_limit.from_provider") || !strings.Contains(f.logs.String(), "needs a restart") {
+		t.Errorf("log lacks the restart warning for ses-eu:\n%s", f.logs)
+	}
+}
+
+// Through Relay.Reload: a changed setting rebuilds the upstream's gate, and
+// the exhausted quota holds on the new one.
+func TestQuota_ReloadKeepsTheQuotaOnARebuiltGate(t *testing.T) {
+	t.Parallel()
+	up := &quotaUp{recorder: &recorder{name: "ses"}, answers: []quotaAnswer{
+		{q: upstreams.Quota{MaxSendRate: 1000, Max24HourSend: 10, SentLast24Hours: 10, SendingEnabled: true}}}}
+	tr := startRelayDeps(t, []*recorder{up.recorder}, nil, func(c *Config) {
+		c.Upstreams[0].Type, c.Upstreams[0].Region, c.Upstreams[0].Dir = "ses", "us-east-1", ""
+		c.Upstreams[0].RateLimit = upstreams.RateLimit{PerSecond: 1000, Burst: 1, MaxWait: 200 * time.Millisecond, FromProvider: true}
+	}, false, nil, func(d *Deps) { d.Upstreams["ses"] = up })
+	admit := func() policy.Skip {
+		return tr.engine.Load().gates["ses"].Admit(context.Background(), policy.Ask{Size: 10, Rcpts: 1})
+	}
+	waitFor(t, "the first quota read", func() bool { return admit() == policy.SkipQuotaExhausted })
+	old := tr.engine.Load()
+	cfg := *old.cfg
+	cfg.Upstreams = slices.Clone(cfg.Upstreams)
+	cfg.Upstreams[0].Timeout += time.Second
+	if err := tr.Reload(&cfg); err != nil {
+		t.Fatal(err)
+	}
+	if tr.engine.Load().gates["ses"] == old.gates["ses"] {
+		t.Fatal("the reload kept the gate; the test needs a rebuilt one")
+	}
+	if s := admit(); s != policy.SkipQuotaExhausted {
+		t.Errorf("after the reload: %v, want quota_exhausted", s)
 	}
 }

@@ -61,6 +61,7 @@ func (r *Relay) reload(cfg *Config) error {
 	if size := sizeLimit(cfg, next.router); size != r.size.Swap(size) {
 		r.log.Info("message size limit changed", "size_limit", size)
 	}
+	r.quotas.reloaded(cfg.Upstreams)
 	retire(old, next)
 	d := diffEngines(old, next)
 	if d.empty() {
