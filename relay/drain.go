@@ -129,8 +129,8 @@ func (d Drainer) Drain(ctx context.Context, sp *spool.Spool, envs []*Envelope) D
 				continue
 			}
 			res.Dead++
-			log.Warn("message drained to peer; its failed recipients are dead-lettered here", "rcpt_count", n, "message_id", env.MessageID,
-				"reason", env.DeadReason)
+			log.Info("message drained to peer", "rcpt_count", n, "message_id", env.MessageID)
+			log.Info("message dead-lettered", "reason", env.DeadReason, "age", time.Since(env.ReceivedAt).Round(time.Second).String())
 		} else if err := sp.Remove(env.ID); err != nil {
 			// The peer has it; a rerun would hand it over again.
 			res.Left++

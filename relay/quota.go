@@ -27,6 +27,10 @@ type quotaWatch struct {
 	metrics *quotaMetrics
 	ups     []*quotaUpstream
 	byName  map[string]*quotaUpstream
+	// configured are the upstreams with from_provider at start, watched
+	// or not (one without a quota is only warned about): what a reload
+	// cannot change.
+	configured map[string]bool
 	// newTicker makes the re-read ticker; tests replace it to tick at will.
 	newTicker func(time.Duration) (<-chan time.Time, func())
 	current   func(name string) (up upstreams.Upstream, gate *policy.Gate, perSecond float64)
@@ -53,7 +57,7 @@ type quotaUpstream struct {
 // the running engine (nil after a reload removed it): a reload may change
 // any of them.
 func newQuotaWatch(cfgs []upstreams.Config, current func(name string) (upstreams.Upstream, *policy.Gate, float64), m *quotaMetrics, log *slog.Logger) *quotaWatch {
-	w := &quotaWatch{log: log, metrics: m, byName: map[string]*quotaUpstream{}, current: current,
+	w := &quotaWatch{log: log, metrics: m, byName: map[string]*quotaUpstream{}, configured: map[string]bool{}, current: current,
 		newTicker: func(d time.Duration) (<-chan time.Time, func()) {
 			t := time.NewTicker(d)
 			return t.C, t.Stop
@@ -62,6 +66,7 @@ func newQuotaWatch(cfgs []upstreams.Config, current func(name string) (upstreams
 		if !c.RateLimit.FromProvider {
 			continue
 		}
+		w.configured[c.Name] = true
 		up, gate, _ := current(c.Name)
 		if _, ok := upstreams.Unwrap(up).(upstreams.QuotaReader); !ok {
 			log.Warn("rate_limit.from_provider ignored: this upstream does not report a quota", "upstream", c.Name)
@@ -108,7 +113,7 @@ func (w *quotaWatch) readAll(ctx context.Context) {
 // read asks the provider. A failed read is logged and changes nothing:
 // the last known quota stays until the next tick.
 func (w *quotaWatch) read(ctx context.Context, u *quotaUpstream) {
-	up, gate, perSecond := w.current(u.name)
+	up, gate, _ := w.current(u.name)
 	qr, ok := upstreams.Unwrap(up).(upstreams.QuotaReader)
 	if !ok || gate == nil {
 		return // removed or changed by a reload
@@ -116,6 +121,12 @@ func (w *quotaWatch) read(ctx context.Context, u *quotaUpstream) {
 	q, err := qr.Quota(ctx)
 	if err != nil && ctx.Err() == context.Canceled {
 		return // shutting down
+	}
+	// A reload during the read may have replaced the gate: the quota
+	// goes on the running one.
+	_, gate, perSecond := w.current(u.name)
+	if gate == nil {
+		return
 	}
 	if err != nil {
 		w.log.Warn("reading the provider quota failed; keeping the last known one", "upstream", u.name, "err", err)
@@ -145,11 +156,11 @@ func (w *quotaWatch) read(ctx context.Context, u *quotaUpstream) {
 // reloaded carries what is known of each quota over to the gates a reload
 // built (a rebuilt upstream's new gate starts uncapped and not exhausted,
 // which would last until the next read, up to quotaEvery). The set of
-// watched upstreams is fixed at start: one that turns from_provider by a
+// watched upstreams is fixed at start: from_provider turned on or off by a
 // reload is logged as needing a restart.
 func (w *quotaWatch) reloaded(cfgs []upstreams.Config) {
 	for _, c := range cfgs {
-		if c.RateLimit.FromProvider && w.byName[c.Name] == nil {
+		if c.RateLimit.FromProvider != w.configured[c.Name] {
 			w.log.Warn("config setting changed but needs a restart; not applied", "setting", "upstreams."+c.Name+".rate_limit.from_provider")
 		}
 	}

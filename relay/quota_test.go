@@ -226,6 +226,15 @@ func TestQuota_CarriedOverToAReloadsNewGate(t *testing.T) {
 	if !strings.Contains(f.logs.String(), "upstreams.ses-eu.rate_limit.from_provider") || !strings.Contains(f.logs.String(), "needs a restart") {
 		t.Errorf("log lacks the restart warning for ses-eu:\n%s", f.logs)
 	}
+	if strings.Contains(f.logs.String(), "upstreams.ses.rate_limit") {
+		t.Errorf("a warning for ses, whose from_provider did not change:\n%s", f.logs)
+	}
+	off := c
+	off.RateLimit.FromProvider = false
+	f.w.reloaded([]upstreams.Config{off})
+	if !strings.Contains(f.logs.String(), "upstreams.ses.rate_limit.from_provider") {
+		t.Errorf("from_provider turned off by a reload is not logged as needing a restart:\n%s", f.logs)
+	}
 }
 
 // Through Relay.Reload: a changed setting rebuilds the upstream's gate, and

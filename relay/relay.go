@@ -147,8 +147,6 @@ func New(cfg *Config, d Deps) (_ *Relay, err error) {
 	return r, nil
 }
 
-// logRedirects says, at start and at each reload, which routes send all
-// their mail to redirect_all_to instead of the real recipients.
 // sizeLimit is SIZE: the largest message some route can deliver, capped
 // by the listener's own limit.
 func sizeLimit(cfg *Config, router *policy.Router) int64 {
@@ -159,6 +157,8 @@ func sizeLimit(cfg *Config, router *policy.Router) int64 {
 	return size
 }
 
+// logRedirects says, at start and at each reload, which routes send all
+// their mail to redirect_all_to instead of the real recipients.
 func (r *Relay) logRedirects(cfg *Config) {
 	for _, rc := range cfg.Routes {
 		if len(rc.RedirectAllTo) > 0 {

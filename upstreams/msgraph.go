@@ -187,12 +187,9 @@ func (g *msgraphUpstream) post(ctx context.Context, u, tok string, body []byte, 
 		}
 	}
 	e := errorf(g.name, class, strconv.Itoa(status), nil, "%s", reason)
-	if status == http.StatusTooManyRequests || (status == http.StatusServiceUnavailable && resp.Header.Get("Retry-After") != "") {
-		// Microsoft: wait as long as Retry-After says; retrying sooner
-		// counts against the limit. A 503 without one is an outage, not a
-		// throttle: it counts against the breaker, as everywhere else.
-		e.RetryAt = retryAfter(resp.Header, g.now())
-	}
+	// Microsoft: wait as long as Retry-After says; retrying sooner counts
+	// against the limit.
+	e.RetryAt = httpRetryAt(status, resp.Header, g.now())
 	return "", status, e
 }
 

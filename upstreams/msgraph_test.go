@@ -162,7 +162,7 @@ func TestMSGraph_ErrorClasses(t *testing.T) {
 			}
 			// A 429, or a 503 with Retry-After, pauses the upstream; a 503
 			// without one counts against the breaker like any outage.
-			if paused := !RetryAtOf(err).IsZero(); paused != (tc.reply.Status == 429 || tc.reply.Status == 503 && tc.name != "down") {
+			if paused := !RetryAtOf(err).IsZero(); paused != (tc.reply.Status == 429 || tc.reply.Status == 503 && tc.reply.Header["Retry-After"] != "") {
 				t.Errorf("RetryAt %v for HTTP %d", RetryAtOf(err), tc.reply.Status)
 			}
 			if tc.reply.Status == 429 {

@@ -300,9 +300,12 @@ func (ts *tokenSource) fetchError(ctx context.Context, err error) *Error {
 		if errors.As(err, &ne) {
 			return errorf(ts.upstream, Transient, "", err, "oauth2: token endpoint unreachable: %s", apiRedact(oneLine(truncate(err.Error(), 200)), ts.secrets...))
 		}
-		if strings.HasPrefix(err.Error(), "oauth2: cannot fetch token:") {
+		if msg := err.Error(); strings.HasPrefix(msg, "oauth2: cannot fetch token:") &&
+			(strings.Contains(msg, "unexpected EOF") || strings.Contains(msg, "connection reset")) {
 			// x/oauth2's text for a response body that broke off (it wraps
-			// the read error with %v): the endpoint's trouble, not our setup.
+			// the read error with %v; its jwt grant uses the same prefix for
+			// an unparsable body, which stays ProviderFault): the endpoint's
+			// trouble, not our setup.
 			return errorf(ts.upstream, Transient, "", err, "oauth2: token response broke off: %s", apiRedact(oneLine(truncate(err.Error(), 200)), ts.secrets...))
 		}
 		return errorf(ts.upstream, ProviderFault, "", err, "oauth2: %s", apiRedact(oneLine(truncate(err.Error(), 200)), ts.secrets...))

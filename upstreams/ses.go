@@ -256,8 +256,9 @@ func (s *sesUpstream) credentialsFailure(ctx context.Context, ce *credentialsErr
 			class = Transient
 		}
 		if ae := smithy.APIError(nil); errors.As(ce.err, &ae) {
-			if c, ok := sesCodeClass(ae.ErrorCode(), ""); ok && c == Transient {
-				class = Transient // STS throttling
+			c, ok := sesCodeClass(ae.ErrorCode(), "")
+			if (ok && c == Transient) || ae.ErrorCode() == "IDPCommunicationError" {
+				class = Transient // STS throttling, or the cluster's OIDC issuer unreachable from STS
 			}
 		}
 	case ctx.Err() != nil, errors.Is(ce.err, context.DeadlineExceeded), errors.As(ce.err, &ne):

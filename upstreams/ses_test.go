@@ -565,12 +565,17 @@ func TestSES_CredentialFailuresAreNotSESAnswers(t *testing.T) {
 			io.WriteString(w, `<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><Error><Type>Sender</Type>`+
 				`<Code>InvalidIdentityToken</Code><Message>No OpenIDConnect provider found in your account for https://oidc.example</Message>`+
 				`</Error><RequestId>r-1</RequestId></ErrorResponse>`)
-		}, 5 * time.Second, ProviderFault},
+		}, 30 * time.Second, ProviderFault}, // the SDK retries it for a few seconds (OIDC's eventual consistency)
 		{"unavailable", func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Content-Type", "text/xml")
 			w.WriteHeader(503)
 			io.WriteString(w, `<ErrorResponse><Error><Type>Receiver</Type><Code>ServiceUnavailable</Code><Message>try again</Message></Error></ErrorResponse>`)
-		}, 5 * time.Second, Transient},
+		}, 30 * time.Second, Transient},
+		{"IDPCommunicationError", func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "text/xml")
+			w.WriteHeader(400)
+			io.WriteString(w, `<ErrorResponse><Error><Type>Sender</Type><Code>IDPCommunicationError</Code><Message>the identity provider could not be reached</Message></Error></ErrorResponse>`)
+		}, 30 * time.Second, Transient},
 		{"silent", func(w http.ResponseWriter, r *http.Request) {
 			io.Copy(io.Discard, r.Body) // the whole request is read, and never answered
 			<-r.Context().Done()

@@ -295,11 +295,24 @@ func (s *smtpUpstream) transact(ctx context.Context, sc *smtpConn, m *Message) (
 		// Partially delivered: report only the refused recipients. If any was
 		// refused temporarily, all refused ones are retried (a 5xx one will be
 		// refused again and dead-lettered then).
-		rerr := firstRcptErr
 		if tempRcptErr != nil {
-			rerr = tempRcptErr
+			rc.Refused = refuse(refused, s.fail(ctx, phaseRcpt, tempRcptErr))
+			return rc, false, nil
 		}
-		rc.Refused = refuse(refused, s.fail(ctx, phaseRcpt, rerr))
+		// Otherwise each by its own reply. The server took the others, so
+		// a refusal that would blame it or the sender (a relay_domains
+		// "relay access denied" for one domain) is about this recipient
+		// here: another upstream may carry it, and no breaker counts it.
+		for i, rerr := range rcptErrs {
+			if rerr == nil {
+				continue
+			}
+			e := s.fail(ctx, phaseRcpt, rerr)
+			if e.Class == ProviderFault || e.Class == SenderRejected {
+				e.Class = Unsupported
+			}
+			rc.Refused = append(rc.Refused, Refusal{Rcpt: m.To[i], Err: e})
+		}
 		return rc, false, nil
 	}
 	keep = true

@@ -2,6 +2,7 @@ package upstreams
 
 import (
 	"context"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -256,6 +257,25 @@ func TestSMTP_ServiceAccountJWTGrant(t *testing.T) {
 	}
 	if sink.Count() != 1 {
 		t.Errorf("sink has %d messages", sink.Count())
+	}
+}
+
+// x/oauth2's jwt grant says "cannot fetch token" for a body it cannot
+// parse too: a 200 with an HTML page (a captive proxy, a wrong token_url)
+// is the setup's fault, not a response that broke off.
+func TestSMTP_ServiceAccountJWTGrantHTMLAnswer(t *testing.T) {
+	key, pub := fakes.ServiceAccountKey(t, "relay@proj.iam.gserviceaccount.com", "https://oauth2.googleapis.com/token")
+	ts := fakes.NewTokenServer(t, fakes.TokenOptions{ServiceAccount: pub, SAEmail: "relay@proj.iam.gserviceaccount.com", Subject: testMailbox, Scope: scopeGmail})
+	page := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/html")
+		io.WriteString(w, "<html><body>Sign in to the proxy</body></html>")
+	}))
+	defer page.Close()
+	sink := bearerSink(t, ts) // offers AUTH XOAUTH2; the token never comes
+	u := newOAuthSMTP(t, sink.Addr, AuthXOAuth2, OAuth2{ServiceAccountFile: "sa.json", ServiceAccountKey: Secret(key), TokenURL: page.URL}, Deps{})
+	_, err := u.Send(context.Background(), oauthMsg(0))
+	if ClassOf(err) != ProviderFault || strings.Contains(err.Error(), "broke off") {
+		t.Errorf("class %v (%v), want provider_fault", ClassOf(err), err)
 	}
 }
 

@@ -227,6 +227,44 @@ func TestSMTP_PartialRecipients(t *testing.T) {
 	}
 }
 
+// Refused recipients beside accepted ones are each classed by their own
+// reply: a user unknown stays rejected (no failover for it), while a
+// relay_domains "relay access denied" for one domain is about that
+// recipient at this server (another upstream may carry it) and must not
+// open the breaker of a smarthost that has just taken the others.
+func TestSMTP_PartialRecipientsEachByItsOwnReply(t *testing.T) {
+	sink := testsmtp.Start(t, testsmtp.Options{})
+	sink.SetScript(testsmtp.Script{Rcpt: func(to string) error {
+		switch {
+		case strings.HasPrefix(to, "ext@"):
+			return testsmtp.Reply(554, "5.7.1", "<"+to+">: Relay access denied")
+		case strings.HasPrefix(to, "nouser@"):
+			return testsmtp.Reply(550, "5.1.1", "<"+to+">: User unknown")
+		}
+		return nil
+	}})
+	u := newTestSMTP(t, Config{Address: sink.Addr})
+	m := *testMsg
+	m.To = []string{"ok@example.net", "ext@elsewhere.example", "nouser@example.net"}
+	rc, err := u.Send(context.Background(), &m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	classes := map[string]Class{}
+	for _, f := range rc.Refused {
+		classes[f.Rcpt] = f.Err.Class
+	}
+	if len(classes) != 2 || classes["ext@elsewhere.example"] != Unsupported || classes["nouser@example.net"] != Rejected {
+		t.Errorf("refused = %v, want ext@ unsupported and nouser@ rejected", classes)
+	}
+	if w := rc.Worst(); w == nil || w.Class == ProviderFault {
+		t.Errorf("worst refusal %v: the breaker would open for a server that took the message", w)
+	}
+	if msgs := sink.Messages(); len(msgs) != 1 || !slices.Equal(msgs[0].To, []string{"ok@example.net"}) {
+		t.Errorf("sink got %+v", msgs)
+	}
+}
+
 func TestSMTP_SecretNotLeaked(t *testing.T) {
 	const pw = "pw-9f8e7d6c5b4a"
 	var logs bytes.Buffer

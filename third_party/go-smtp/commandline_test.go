@@ -1,6 +1,7 @@
 package smtp_test
 
 import (
+	"fmt"
 	"io"
 	"strings"
 	"sync/atomic"
@@ -76,4 +77,32 @@ func TestServer_MaxMessageBytesFunc(t *testing.T) {
 	expect("RCPT TO:<root@gchq.gov.uk>\r\n", "250 ")
 	expect("DATA\r\n", "354 ")
 	expect(body, "552 ")
+}
+
+// relaycar: a BDAT chunk is bytes, not lines, whether kept or discarded;
+// the command after it is counted from its own start.
+func TestServer_CommandLineLimitAfterBDAT(t *testing.T) {
+	_, s, c, scanner, _ := testServerEhlo(t, func(s *smtp.Server) {
+		s.MaxLineLength = 1 << 20
+		s.MaxCommandLineLength = 4096
+	})
+	defer s.Close()
+	defer c.Close()
+	expect := func(cmd, prefix string) {
+		t.Helper()
+		io.WriteString(c, cmd)
+		scanner.Scan()
+		if !strings.HasPrefix(scanner.Text(), prefix) {
+			t.Fatalf("reply to %.40q = %q, want %s…", cmd, scanner.Text(), prefix)
+		}
+	}
+	expect("AUTH PLAIN\r\n", "334 ")
+	expect("AHVzZXJuYW1lAHBhc3N3b3Jk\r\n", "235 ")
+	chunk := "Subject: x\r\n\r\n" + strings.Repeat("z", 6000)
+	// Discarded: no transaction yet.
+	expect(fmt.Sprintf("BDAT %d LAST\r\n%s", len(chunk), chunk), "502 ")
+	expect("MAIL FROM:<root@nsa.gov>\r\n", "250 ")
+	expect("RCPT TO:<root@gchq.gov.uk>\r\n", "250 ")
+	expect(fmt.Sprintf("BDAT %d LAST\r\n%s", len(chunk), chunk), "250 ")
+	expect("MAIL FROM:<root@nsa.gov>\r\n", "250 ")
 }

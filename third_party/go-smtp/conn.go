@@ -1027,6 +1027,15 @@ func (c *Conn) handleBdat(arg string) {
 		return
 	}
 
+	// A chunk is bytes, not lines, whether it is kept or discarded; the
+	// next command starts a line of its own (relaycar: the count left
+	// from the BDAT line's read must not carry over into it).
+	c.lineLimitReader.LineLimit = 0
+	defer func() {
+		c.lineLimitReader.LineLimit = c.commandLineLimit()
+		c.lineLimitReader.curLineLength = 0
+	}()
+
 	if !c.fromReceived || len(c.recipients) == 0 {
 		c.writeResponse(502, EnhancedCode{5, 5, 1}, "Missing RCPT TO command.")
 		// The chunk follows the command even when the command is rejected.
@@ -1083,11 +1092,6 @@ func (c *Conn) handleBdat(arg string) {
 			r.CloseWithError(err)
 		}()
 	}
-
-	c.lineLimitReader.LineLimit = 0
-	defer func() {
-		c.lineLimitReader.LineLimit = c.commandLineLimit()
-	}()
 
 	chunk := io.LimitReader(c.text.R, int64(size))
 	_, err = io.Copy(c.bdatPipe, chunk)

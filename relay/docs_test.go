@@ -1,4 +1,4 @@
-package tests
+package relay
 
 import (
 	"io/fs"
@@ -16,6 +16,7 @@ import (
 // without its row, or renamed under a chart rule, fails here rather than
 // in a user's Prometheus.
 func TestDocs_MetricsMatchTheCode(t *testing.T) {
+	const repoRoot = ".." // the module root, from this package's directory
 	registered := map[string]bool{}
 	nameRe := regexp.MustCompile(`(?:Name:\s+|NewDesc\(\s*)"(relaycar_[a-z0-9_]+)"`)
 	for _, dir := range []string{"cmd", "relay", "upstreams", "policy", "internal"} {
