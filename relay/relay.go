@@ -47,12 +47,14 @@ type Deps struct {
 // admin HTTP. The intake and the admin side get their own values holding
 // only what they use; the Relay wires them and runs the deliveries.
 type Relay struct {
-	cfg    *Config
-	log    *slog.Logger
-	now    func() time.Time
-	rand   func() float64
-	spool  *spool.Spool
-	budget *membudget.Budget
+	cfg   *Config
+	log   *slog.Logger
+	now   func() time.Time
+	rand  func() float64
+	spool *spool.Spool
+	// lockWait is how long Listen waits for the spool lock (defaultLockWait).
+	lockWait time.Duration
+	budget   *membudget.Budget
 	// readers recycles accept's read buffers (garbage per message).
 	readers sync.Pool
 	queue   *queue
@@ -145,6 +147,31 @@ func New(cfg *Config, d Deps) (_ *Relay, err error) {
 		gates: func() []*policy.Gate { return r.engine.Load().order }, reg: reg, log: r.log, now: r.now, version: d.Version, ready: r.ready.Load,
 		readyBytes: func() int64 { return r.size.Load() + commitOverhead }}
 	return r, nil
+}
+
+// defaultLockWait bounds the wait for the spool lock at start: `relaycar
+// queue` and `relaycar drain` hold it while they work on the files (a Load
+// of a large spool takes seconds), another relay holds it for good.
+const defaultLockWait = 10 * time.Second
+
+// lockSpool takes the spool lock, waiting up to lockWait while another
+// process holds it.
+func (r *Relay) lockSpool() error {
+	wait := r.lockWait
+	if wait == 0 {
+		wait = defaultLockWait
+	}
+	deadline := time.Now().Add(wait)
+	for logged := false; ; logged = true {
+		err := r.spool.Lock()
+		if !errors.Is(err, spool.ErrLocked) || time.Now().After(deadline) {
+			return err
+		}
+		if !logged {
+			r.log.Warn("spool locked by another process (relaycar queue or drain?); waiting", "spool", r.spool.Dir(), "for", wait.String())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 // sizeLimit is SIZE: the largest message some route can deliver, capped
@@ -283,7 +310,7 @@ func (r *Relay) AdminAddr() net.Addr { return r.api.ln.Addr() }
 
 // Listen binds the SMTP and admin sockets and loads the spool. Run serves.
 func (r *Relay) Listen() error {
-	if err := r.spool.Lock(); err != nil {
+	if err := r.lockSpool(); err != nil {
 		return fmt.Errorf("spool.dir %s: %w", r.spool.Dir(), err)
 	}
 	envs, broken, err := r.spool.Load()
