@@ -120,27 +120,27 @@ func (d Drainer) Drain(ctx context.Context, sp *spool.Spool, envs []*Envelope) D
 			log.Warn("message not drained; it stays in the spool", "err", err)
 			continue
 		}
-		if len(env.Failures) > 0 {
-			// Recipients that failed for good stay here as a dead letter with
-			// their reason: the peer took only the pending ones.
-			if err := sp.Bury(env, deadReason(env), time.Now()); err != nil {
-				res.Left++
-				log.Error("drained message's failed recipients could not be dead-lettered; a rerun would hand the rest over again", "err", err)
-				continue
-			}
-			res.Dead++
-			log.Info("message drained to peer", "rcpt_count", n, "message_id", env.MessageID)
-			log.Info("message dead-lettered", "reason", env.DeadReason, "age", time.Since(env.ReceivedAt).Round(time.Second).String())
-		} else if err := sp.Remove(env.ID); err != nil {
+		// Recipients that failed for good stay here as a dead letter with
+		// their reason: the peer took only the pending ones.
+		bury := len(env.Failures) > 0
+		if bury {
+			err = sp.Bury(env, deadReason(env), time.Now())
+		} else {
+			err = sp.Remove(env.ID)
+		}
+		if err != nil {
 			// The peer has it; a rerun would hand it over again.
 			res.Left++
-			log.Error("drained message could not be removed here; a rerun would hand it over again", "err", err)
+			log.Error("drained message could not be removed or dead-lettered here; a rerun would hand it over again", "err", err)
 			continue
-		} else {
-			log.Info("message drained to peer", "rcpt_count", n, "message_id", env.MessageID)
 		}
 		res.Drained++
 		res.Recipients += n
+		log.Info("message drained to peer", "rcpt_count", n, "message_id", env.MessageID)
+		if bury {
+			res.Dead++
+			log.Info("message dead-lettered", "reason", env.DeadReason, "age", time.Since(env.ReceivedAt).Round(time.Second).String())
+		}
 	}
 	return res
 }

@@ -491,10 +491,13 @@ func smtpNotAboutMessage(ph smtpPhase, se *smtp.SMTPError) (Class, bool) {
 		smtp.EnhancedCode{5, 7, 708}, smtp.EnhancedCode{5, 7, 750}:
 		return ProviderFault, true
 	}
-	msg := strings.ToLower(se.Message)
-	if se.EnhancedCode[1] == 7 && (strings.Contains(msg, "relay access denied") || strings.Contains(msg, "relaying denied") ||
-		strings.Contains(msg, "relay not permitted") || strings.Contains(msg, "relaying not permitted")) {
-		return ProviderFault, true
+	if se.EnhancedCode[1] == 7 {
+		msg := strings.ToLower(se.Message)
+		for _, p := range []string{"relay access denied", "relaying denied", "relay not permitted", "relaying not permitted"} {
+			if strings.Contains(msg, p) {
+				return ProviderFault, true
+			}
+		}
 	}
 	return 0, false
 }
