@@ -1,7 +1,6 @@
 package relay
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"net"
@@ -481,32 +480,4 @@ func parseNetwork(s string) (netip.Prefix, error) {
 		return netip.Prefix{}, err
 	}
 	return netip.PrefixFrom(a, a.BitLen()), nil
-}
-
-// loadUsers reads an htpasswd file with bcrypt hashes.
-func loadUsers(path string) (map[string][]byte, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	users := map[string][]byte{}
-	sc := bufio.NewScanner(f)
-	line := 0
-	for sc.Scan() {
-		line++
-		t := strings.TrimSpace(sc.Text())
-		if t == "" || strings.HasPrefix(t, "#") {
-			continue
-		}
-		user, hash, ok := strings.Cut(t, ":")
-		if !ok || user == "" {
-			return nil, fmt.Errorf("line %d: want user:bcrypt-hash", line)
-		}
-		if !strings.HasPrefix(hash, "$2a$") && !strings.HasPrefix(hash, "$2b$") && !strings.HasPrefix(hash, "$2y$") {
-			return nil, fmt.Errorf("line %d: user %q: only bcrypt hashes are supported (htpasswd -B)", line, user)
-		}
-		users[user] = []byte(hash)
-	}
-	return users, sc.Err()
 }

@@ -18,6 +18,7 @@ import (
 
 	"github.com/emersion/go-smtp"
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/crypto/bcrypt"
 
 	"github.com/relaycar/relaycar/internal/membudget"
 )
@@ -46,8 +47,8 @@ type intake struct {
 	// users, allowedSenders and cert are replaced by a reload; sessions
 	// read them through the accessors. Whether AUTH and STARTTLS are
 	// offered at all is fixed at start.
-	usersP          atomic.Pointer[map[string][]byte] // nil: no AUTH
-	allowedSendersP atomic.Pointer[map[string]bool]   // empty: any sender domain
+	usersP          atomic.Pointer[authUsers]       // hashes nil: no AUTH
+	allowedSendersP atomic.Pointer[map[string]bool] // empty: any sender domain
 	cert            atomic.Pointer[tls.Certificate]
 	tlsConfig       *tls.Config // nil: no STARTTLS
 
@@ -58,6 +59,9 @@ type intake struct {
 	// AUTH brake (auth.go); zero means the default. Tests set them before Run.
 	authFailDelay   time.Duration
 	authMaxFailures int
+	authCache       *authCache
+	bcryptSlots     chan struct{}
+	compare         func(hash, pass []byte) error // bcrypt's; tests count the calls
 
 	tx  transactions // in flight, and whether the drain has begun
 	ln  net.Listener // bound by listen
@@ -81,7 +85,9 @@ func newIntake(c ListenConfig, log *slog.Logger) (*intake, error) {
 	}
 	in := &intake{log: log, address: c.Address, hostname: c.Hostname, maxRecipients: c.MaxRecipients, maxConns: c.MaxConnections,
 		readTimeout: c.ReadTimeout, writeTimeout: c.WriteTimeout, dataTimeout: c.DataTimeout, bareLF: c.BareLF,
-		allowed: nets(c.AllowedNetworks), trusted: nets(c.TrustedNetworks)}
+		allowed: nets(c.AllowedNetworks), trusted: nets(c.TrustedNetworks),
+		authCache: newAuthCache(defaultAuthCacheTTL), bcryptSlots: make(chan struct{}, bcryptSlots()),
+		compare: bcrypt.CompareHashAndPassword}
 	// The certificate is loaded here, so a bad one fails before anything
 	// listens (Listen, Run).
 	if err := in.reload(c); err != nil {
@@ -104,10 +110,13 @@ func (in *intake) reload(c ListenConfig) error {
 	for _, s := range c.AllowedSenders {
 		senders[strings.ToLower(s)] = true
 	}
-	var users map[string][]byte
+	users := &authUsers{}
 	if c.Auth.UsersFile != "" {
 		var err error
 		if users, err = loadUsers(c.Auth.UsersFile); err != nil {
+			return fmt.Errorf("listen.auth.users_file: %w", err)
+		}
+		if err = users.newDummy(in.usersP.Load()); err != nil {
 			return fmt.Errorf("listen.auth.users_file: %w", err)
 		}
 	}
@@ -123,8 +132,8 @@ func (in *intake) reload(c ListenConfig) error {
 	// AUTH is on or off for the life of the process (the server was set
 	// up for it at start): a users file added by a reload would refuse
 	// every unauthenticated MAIL, one removed would let anyone in.
-	if p := in.usersP.Load(); p == nil || (*p != nil && users != nil) {
-		in.usersP.Store(&users)
+	if p := in.usersP.Load(); p == nil || (p.hashes != nil && users.hashes != nil) {
+		in.usersP.Store(users)
 	}
 	if cert != nil {
 		in.cert.Store(cert)
@@ -133,9 +142,9 @@ func (in *intake) reload(c ListenConfig) error {
 }
 
 // users is the AUTH users, nil when AUTH is off.
-func (in *intake) users() map[string][]byte {
-	if p := in.usersP.Load(); p != nil {
-		return *p
+func (in *intake) users() *authUsers {
+	if p := in.usersP.Load(); p != nil && p.hashes != nil {
+		return p
 	}
 	return nil
 }

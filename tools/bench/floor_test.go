@@ -22,7 +22,7 @@ func TestFloorWritesEachMessageBeforeReplying(t *testing.T) {
 	addr := serveFloor(t, be)
 	for i, text := range []string{"first message, the longer of the two\r\n", "second\r\n"} {
 		msg := "Subject: floor " + string(rune('a'+i)) + "\r\n\r\n" + text
-		c, err := sendOne(addr, "a@example.com", "b@example.net", msg, time.Now().Add(10*time.Second))
+		c, err := sendOne(addr, nil, "a@example.com", "b@example.net", msg, time.Now().Add(10*time.Second))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -46,7 +46,7 @@ func TestFloorDiscards(t *testing.T) {
 		t.Fatal(err)
 	}
 	addr := serveFloor(t, be)
-	c, err := sendOne(addr, "a@example.com", "b@example.net", "Subject: x\r\n\r\nbody\r\n", time.Now().Add(10*time.Second))
+	c, err := sendOne(addr, nil, "a@example.com", "b@example.net", "Subject: x\r\n\r\nbody\r\n", time.Now().Add(10*time.Second))
 	if err != nil {
 		t.Fatal(err)
 	}
