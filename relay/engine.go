@@ -26,6 +26,12 @@ type engine struct {
 	// a reload takes it exclusively before closing what the new engine
 	// dropped, so no delivery loses its upstream mid-send.
 	users sync.RWMutex
+	// retired is closed once no attempt uses this engine or one before
+	// it; earlier is the previous engine's. An upstream kept by one reload
+	// and dropped by the next may still serve an attempt that began
+	// before both.
+	retired chan struct{}
+	earlier <-chan struct{}
 }
 
 // acquire returns the current engine, held until release. The check
@@ -48,7 +54,11 @@ func (e *engine) release() { e.users.RUnlock() }
 // settings (secrets included) equal those in old keeps its adapter and
 // gate: breaker and limiter state and pooled connections survive.
 func (r *Relay) buildEngine(cfg *Config, old *engine) (*engine, error) {
-	e := &engine{cfg: cfg, ups: map[string]upstreams.Upstream{}, gates: map[string]*policy.Gate{}}
+	e := &engine{cfg: cfg, ups: map[string]upstreams.Upstream{}, gates: map[string]*policy.Gate{},
+		retired: make(chan struct{})}
+	if old != nil {
+		e.earlier = old.retired
+	}
 	var built []upstreams.Upstream // new adapters, closed again on failure
 	fail := func(err error) (*engine, error) {
 		closeAll(built)
@@ -93,22 +103,30 @@ func (e *engine) upstreamConfig(name string) (upstreams.Config, bool) {
 	return upstreams.Config{}, false
 }
 
-// retire closes what old has and next does not, once no delivery uses old.
+// retire closes what old has and next does not, once no attempt uses old
+// or any engine before it.
 func retire(old, next *engine) {
+	gone := dropped(old, next)
+	go func() {
+		if old.earlier != nil {
+			<-old.earlier
+		}
+		old.users.Lock() // every attempt on old has finished
+		close(old.retired)
+		old.users.Unlock()
+		closeAll(gone)
+	}()
+}
+
+// dropped is what old has and next does not.
+func dropped(old, next *engine) []upstreams.Upstream {
 	var gone []upstreams.Upstream
 	for name, u := range old.ups {
 		if next.ups[name] != u {
 			gone = append(gone, u)
 		}
 	}
-	if len(gone) == 0 {
-		return
-	}
-	go func() {
-		old.users.Lock() // every attempt on old has finished
-		defer old.users.Unlock()
-		closeAll(gone)
-	}()
+	return gone
 }
 
 func closeAll(ups []upstreams.Upstream) {

@@ -45,7 +45,7 @@ func (r *Relay) reload(cfg *Config) error {
 	if err == nil {
 		err = r.intake.reload(cfg.Listen)
 		if err != nil {
-			retire(next, old) // close what was built for nothing
+			closeAll(dropped(next, old)) // built for nothing, never used
 		}
 	}
 	if err != nil {
