@@ -130,6 +130,12 @@ var apiSecretSpots = []struct {
 // apiBearerRE finds bearer tokens echoed without their header name.
 var apiBearerRE = regexp.MustCompile(`(?i)\b(bearer\s+)([A-Za-z0-9._~+/=-]{8,})`)
 
+// redactCut is s on one line, redacted, then cut to n bytes: cut first,
+// a secret across the cut would lose the tail that makes it match.
+func redactCut(s string, n int, secrets ...Secret) string {
+	return truncate(apiRedact(oneLine(s), secrets...), n)
+}
+
 // apiRedact removes credentials from text that came back from a provider
 // (an error body, a transport error). Providers and proxies sometimes
 // echo a bad key; reasons end up in logs and the spool. It redacts where
@@ -234,7 +240,7 @@ func apiDrainClose(body io.ReadCloser) {
 
 // apiBodyReason turns a provider's error body into a one-line reason.
 func apiBodyReason(body []byte, secrets ...Secret) string {
-	return truncate(apiRedact(oneLine(string(body)), secrets...), 300)
+	return redactCut(string(body), 300, secrets...)
 }
 
 // sendChunks calls send for consecutive chunks of at most size recipients

@@ -159,14 +159,15 @@ func (g *msgraphUpstream) post(ctx context.Context, u, tok string, body []byte, 
 	var ge msgraphError
 	_ = json.Unmarshal(raw, &ge) // an unparsed body leaves the status to class by
 	code := ge.Error.Code
+	secrets := append(g.tokens.Secrets(), Secret(tok))
 	reason := "HTTP " + strconv.Itoa(status)
 	if code != "" {
-		reason += " " + oneLine(truncate(code, 80))
+		reason += " " + redactCut(code, 80, secrets...)
 	}
 	if msg := ge.Error.Message; msg != "" {
-		reason += ": " + apiRedact(oneLine(truncate(msg, 200)), Secret(tok))
+		reason += ": " + redactCut(msg, 200, secrets...)
 	} else if code == "" && len(raw) > 0 {
-		reason += ": " + apiBodyReason(raw, Secret(tok))
+		reason += ": " + apiBodyReason(raw, secrets...)
 	}
 	class := classifyHTTP(status)
 	switch {
@@ -179,6 +180,13 @@ func (g *msgraphUpstream) post(ctx context.Context, u, tok string, body []byte, 
 			class = SenderRejected
 		}
 		reason += " (mailbox " + sender + ")"
+	case status == http.StatusForbidden && strings.Contains(ge.Error.Message, "AccessPolicy"):
+		// An Exchange application access policy leaves this mailbox out
+		// (New-ApplicationAccessPolicy): other mailboxes still send.
+		if g.sender == "" {
+			class = SenderRejected
+		}
+		reason += " (mailbox " + sender + " is outside the app's application access policy)"
 	case status == http.StatusForbidden:
 		reason += " (the app needs the Mail.Send application permission with admin consent)"
 	case status == http.StatusTooManyRequests || status == http.StatusServiceUnavailable:

@@ -8,8 +8,10 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/oauth2"
@@ -190,6 +192,10 @@ type tokenSource struct {
 	// its context ends; it guards tok.
 	sem chan struct{}
 	tok *oauth2.Token
+
+	// known is secrets plus the access tokens handed out, for redaction
+	// outside sem (a server's reply may quote the token it was given).
+	known atomic.Pointer[[]Secret]
 }
 
 // newTokenSource builds the grant of o for username. client carries the
@@ -236,13 +242,34 @@ func newTokenSource(upstream string, o OAuth2, username string, defaultScopes []
 				// for this process (the file is the operator's to update).
 				refresh = t.RefreshToken
 				ts.secrets = append(ts.secrets, Secret(refresh))
+				ts.learn()
 			}
 			return t, err
 		}
 	default:
 		return nil, errors.New("oauth2: set exactly one grant")
 	}
+	ts.learn()
 	return ts, nil
+}
+
+// learn publishes secrets and the current access token to Secrets. Called
+// under sem, or before ts is shared.
+func (ts *tokenSource) learn() {
+	k := slices.Clone(ts.secrets)
+	if ts.tok != nil {
+		k = append(k, Secret(ts.tok.AccessToken))
+	}
+	ts.known.Store(&k)
+}
+
+// Secrets is what must not appear in a reason: the grant's secrets and
+// the access token in use.
+func (ts *tokenSource) Secrets() []Secret {
+	if k := ts.known.Load(); k != nil {
+		return *k
+	}
+	return nil
 }
 
 // Token returns a valid access token, fetching one if the cached one is
@@ -274,6 +301,7 @@ func (ts *tokenSource) token(ctx context.Context) (access string, fresh bool, er
 		return "", false, errorf(ts.upstream, ProviderFault, "", nil, "oauth2: token endpoint answered without an access_token")
 	}
 	ts.tok = t
+	ts.learn()
 	return t.AccessToken, true, nil
 }
 
@@ -298,7 +326,7 @@ func (ts *tokenSource) fetchError(ctx context.Context, err error) *Error {
 		}
 		var ne net.Error
 		if errors.As(err, &ne) {
-			return errorf(ts.upstream, Transient, "", err, "oauth2: token endpoint unreachable: %s", apiRedact(oneLine(truncate(err.Error(), 200)), ts.secrets...))
+			return errorf(ts.upstream, Transient, "", err, "oauth2: token endpoint unreachable: %s", redactCut(err.Error(), 200, ts.secrets...))
 		}
 		if msg := err.Error(); strings.HasPrefix(msg, "oauth2: cannot fetch token:") &&
 			(strings.Contains(msg, "unexpected EOF") || strings.Contains(msg, "connection reset")) {
@@ -306,9 +334,9 @@ func (ts *tokenSource) fetchError(ctx context.Context, err error) *Error {
 			// the read error with %v; its jwt grant uses the same prefix for
 			// an unparsable body, which stays ProviderFault): the endpoint's
 			// trouble, not our setup.
-			return errorf(ts.upstream, Transient, "", err, "oauth2: token response broke off: %s", apiRedact(oneLine(truncate(err.Error(), 200)), ts.secrets...))
+			return errorf(ts.upstream, Transient, "", err, "oauth2: token response broke off: %s", redactCut(err.Error(), 200, ts.secrets...))
 		}
-		return errorf(ts.upstream, ProviderFault, "", err, "oauth2: %s", apiRedact(oneLine(truncate(err.Error(), 200)), ts.secrets...))
+		return errorf(ts.upstream, ProviderFault, "", err, "oauth2: %s", redactCut(err.Error(), 200, ts.secrets...))
 	}
 	status := 0
 	if re.Response != nil {
@@ -333,13 +361,13 @@ func (ts *tokenSource) fetchError(ctx context.Context, err error) *Error {
 	}
 	reason := "oauth2: token endpoint refused the credentials: HTTP " + strconv.Itoa(status)
 	if code != "" {
-		reason += " " + oneLine(truncate(code, 64))
+		reason += " " + redactCut(code, 64, ts.secrets...)
 	}
 	if desc != "" {
 		// Entra's descriptions ("AADSTS7000215: Invalid client secret
 		// provided...") say what to fix; the first line is enough.
 		first, _, _ := strings.Cut(desc, "\n")
-		reason += ": " + apiRedact(oneLine(truncate(first, 200)), ts.secrets...)
+		reason += ": " + redactCut(first, 200, ts.secrets...)
 	}
 	if class == Transient {
 		reason = strings.Replace(reason, "refused the credentials", "failed", 1)

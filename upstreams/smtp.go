@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"io"
@@ -414,7 +415,7 @@ func (s *smtpUpstream) fail(ctx context.Context, ph smtpPhase, err error) *Error
 		if smtpCannotCarry(ph, se) {
 			class = Unsupported
 		}
-		e := errorf(s.name, class, code, err, "%s: %s", ph, oneLine(se.Message))
+		e := errorf(s.name, class, code, err, "%s: %s", ph, apiRedact(oneLine(se.Message), s.secrets()...))
 		if d := smtpPause(se); d > 0 {
 			e.RetryAt = s.now().Add(d)
 		}
@@ -439,9 +440,31 @@ func (s *smtpUpstream) fail(ctx context.Context, ph smtpPhase, err error) *Error
 	case errors.Is(err, context.Canceled):
 		cause = "canceled"
 	default:
-		cause = oneLine(err.Error())
+		cause = apiRedact(oneLine(err.Error()), s.secrets()...)
 	}
 	return errorf(s.name, class, "", err, "%s: %s", ph, cause)
+}
+
+// secrets is what a server's reply must not carry into a reason: a
+// server may quote the credentials it was sent (go-smtp's server writes
+// its auth backend's error text into the reply), decoded or as sent.
+func (s *smtpUpstream) secrets() []Secret {
+	var out []Secret
+	if p := s.password.Reveal(); p != "" {
+		out = append(out, s.password,
+			Secret(base64.StdEncoding.EncodeToString([]byte("\x00"+s.username+"\x00"+p))),
+			Secret(base64.StdEncoding.EncodeToString([]byte(p))))
+	}
+	if s.tokens != nil {
+		for _, sec := range s.tokens.Secrets() {
+			out = append(out, sec)
+			if tok := sec.Reveal(); tok != "" {
+				_, ir, _ := (&xoauth2Client{user: s.username, token: tok}).Start()
+				out = append(out, Secret(base64.StdEncoding.EncodeToString(ir)))
+			}
+		}
+	}
+	return out
 }
 
 // classifySMTP maps a reply code at a phase to a class. Every 5xx at MAIL
