@@ -15,6 +15,7 @@ import (
 
 	"github.com/relaycar/relaycar/internal/errreader"
 	"github.com/relaycar/relaycar/relay/spool"
+	"github.com/relaycar/relaycar/upstreams"
 )
 
 // routeHeader names the route a drained message was accepted for: the
@@ -28,10 +29,21 @@ const routeHeader = "X-Relay-Drain-Route"
 // its envelope (prepare), so it never reaches a provider.
 const hopHeader = "X-Relaycar-Drained"
 
-// maxDrainHops: a message drained this often stays where it is, so relays
-// draining into each other (or a Service that routes back to the
-// shutting-down pod) cannot pass it around forever.
+// maxDrainHops: a message drained this often in a row, with no delivery
+// attempt in between, stays where it is, so relays draining into each
+// other (or a Service that routes back to the shutting-down pod) cannot
+// pass it around forever. An attempt starts the count again: rollouts
+// during one provider outage drain the same message many times, and each
+// relay tried it first.
 const maxDrainHops = 3
+
+// hopsInARow is how often env was drained since its last attempt.
+func hopsInARow(env *Envelope) int {
+	if env.Attempts > 0 {
+		return 0
+	}
+	return env.Hops
+}
 
 // drainHops reads a hop header's value; anything but a small number is 0.
 func drainHops(v string) int {
@@ -68,6 +80,11 @@ type Drainer struct {
 	// ConnectFor is how long to keep trying to reach the peer.
 	ConnectFor time.Duration
 	Log        *slog.Logger
+	// Redirect is a route's redirect_all_to, nil for none or an unknown
+	// route. A staging route's mail is handed over already redirected, so
+	// a peer that cannot honour the route header (it lacks the route, or
+	// does not trust this relay) still mails only those addresses.
+	Redirect func(route string) []string
 }
 
 // Drain offers the pending recipients of envs, messages of sp, to the
@@ -97,23 +114,37 @@ func (d Drainer) Drain(ctx context.Context, sp *spool.Spool, envs []*Envelope) D
 			continue
 		}
 		log := d.Log.With("msg_id", env.ID, "to", d.To)
-		if env.Hops >= maxDrainHops {
+		if hops := hopsInARow(env); hops >= maxDrainHops {
 			res.Left++
-			log.Warn("message not drained: it was drained too often already (a drain loop?)", "hops", env.Hops)
+			log.Warn("message not drained: it was drained too often without a delivery attempt (a drain loop?)", "hops", hops)
 			continue
 		}
-		if c == nil {
-			var err error
-			if c, err = d.dial(ctx); err != nil {
-				res.Left += countPending(envs[i:])
-				log.Error("drain peer unreachable; messages stay in the spool", "err", err, "left", res.Left)
-				return res
+		var n int
+		var err error
+		// A connection the peer closed between two transactions (a peer
+		// that is itself shutting down closes idle sessions) fails the
+		// next message before the peer could take it: that one message
+		// is tried once more on a new connection.
+		for try := 0; try < 2; try++ {
+			if c == nil {
+				if c, err = d.dial(ctx); err != nil {
+					res.Left += countPending(envs[i:])
+					log.Error("drain peer unreachable; messages stay in the spool", "err", err, "left", res.Left)
+					return res
+				}
 			}
-		}
-		n, err := d.drainOne(ctx, c, sp, env)
-		if c.broken {
-			c.close()
-			c = nil
+			var m int
+			m, err = d.drainOne(ctx, c, sp, env)
+			n += m
+			retry := c.broken && !c.sentAll && ctx.Err() == nil
+			if c.broken {
+				c.close()
+				c = nil
+			}
+			if err == nil || !retry {
+				break
+			}
+			log.Info("drain connection lost before the peer took the message; trying it on a new connection", "err", err)
 		}
 		if err != nil {
 			res.Left++
@@ -161,7 +192,11 @@ func (d Drainer) drainOne(ctx context.Context, c *drainConn, sp *spool.Spool, en
 			d.Log.Warn("handing over a message whose last attempt at an upstream had an unknown outcome: if that upstream took it, these recipients get it twice",
 				"msg_id", env.ID, "upstream", rs.Pinned, "route", rs.Route, "rcpt_count", len(rs.Pending))
 		}
-		if err := d.send(ctx, c, sp, env, rs.Route, rs.Pending); err != nil {
+		var redirect []string
+		if d.Redirect != nil {
+			redirect = d.Redirect(rs.Route)
+		}
+		if err := d.send(ctx, c, sp, env, rs.Route, rs.Pending, redirect); err != nil {
 			if n > 0 {
 				// Part went: record it, or a rerun sends that part again.
 				if uerr := sp.Update(env); uerr != nil {
@@ -182,6 +217,9 @@ type drainConn struct {
 	c      *smtp.Client
 	utf8   bool
 	broken bool // a transport error: dial again for the next message
+	// sentAll: the last transaction's final dot went out, so after a
+	// transport error the peer may have the message.
+	sentAll bool
 }
 
 func (c *drainConn) quit() {
@@ -237,10 +275,12 @@ func (d Drainer) dialOnce(ctx context.Context) (*drainConn, error) {
 	return &drainConn{conn: conn, c: c, utf8: utf8}, nil
 }
 
-// send runs one transaction for env's pending recipients. A recipient
-// the peer refuses aborts it before DATA: the whole message then stays
-// here, rather than half of it going and the rest being tracked twice.
-func (d Drainer) send(ctx context.Context, dc *drainConn, sp *spool.Spool, env *Envelope, route string, rcpts []string) (err error) {
+// send runs one transaction for env's pending recipients, or for
+// redirect instead of them. A recipient the peer refuses aborts it before
+// DATA: the whole message then stays here, rather than half of it going
+// and the rest being tracked twice.
+func (d Drainer) send(ctx context.Context, dc *drainConn, sp *spool.Spool, env *Envelope, route string, rcpts, redirect []string) (err error) {
+	dc.sentAll = false
 	stop := context.AfterFunc(ctx, func() { dc.conn.Close() })
 	defer stop()
 	defer func() {
@@ -254,8 +294,20 @@ func (d Drainer) send(ctx context.Context, dc *drainConn, sp *spool.Spool, env *
 		return fmt.Errorf("reading the spooled message: %w", err)
 	}
 	defer body.Close()
-	extra := fmt.Sprintf("%s: %d\r\n%s: %s\r\n", hopHeader, env.Hops+1, routeHeader, route)
-	opts := &smtp.MailOptions{Size: body.Size() + int64(len(extra))}
+	var msg upstreams.Body = body
+	extra := fmt.Sprintf("%s: %d\r\n%s: %s\r\n", hopHeader, hopsInARow(env)+1, routeHeader, route)
+	if len(redirect) > 0 {
+		// As delivery would send it: the peer gets a message to redirect
+		// with the originals in X-Original-To, and no route to honour
+		// (its own redirect would replace those fields).
+		m, err := upstreams.Redirect(&upstreams.Message{ID: env.ID, From: env.From, To: rcpts, Body: body}, redirect)
+		if err != nil {
+			return fmt.Errorf("redirecting (route %s): %w", route, err)
+		}
+		msg, rcpts = m.Body, m.To
+		extra = fmt.Sprintf("%s: %d\r\n", hopHeader, hopsInARow(env)+1)
+	}
+	opts := &smtp.MailOptions{Size: msg.Size() + int64(len(extra))}
 	if !isASCII(env.From, rcpts) {
 		if !dc.utf8 {
 			return errors.New("the peer does not offer SMTPUTF8 and the envelope needs it")
@@ -275,7 +327,7 @@ func (d Drainer) send(ctx context.Context, dc *drainConn, sp *spool.Spool, env *
 	if err != nil {
 		return fmt.Errorf("DATA: %w", err)
 	}
-	src := &errreader.Reader{R: io.MultiReader(strings.NewReader(extra), io.NewSectionReader(body, 0, body.Size()))}
+	src := &errreader.Reader{R: io.MultiReader(strings.NewReader(extra), io.NewSectionReader(msg, 0, msg.Size()))}
 	if _, err := io.Copy(w, src); err != nil {
 		if src.Err != nil {
 			// Ending DATA now would hand the peer a truncated message;
@@ -286,6 +338,7 @@ func (d Drainer) send(ctx context.Context, dc *drainConn, sp *spool.Spool, env *
 		w.Close()
 		return fmt.Errorf("DATA: %w", err)
 	}
+	dc.sentAll = true
 	if err := w.Close(); err != nil {
 		return fmt.Errorf("end of DATA: %w", err)
 	}

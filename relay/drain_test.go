@@ -1,12 +1,15 @@
 package relay
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"io/fs"
 	"log/slog"
+	"net"
 	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -79,9 +82,14 @@ func drainEnv(t *testing.T, pending ...string) (*spool.Spool, *Envelope) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	now := time.Now()
-	env := &Envelope{ID: spool.NewID(now), From: "app@example.com", Rcpts: slices.Clone(pending),
-		ReceivedAt: now, Routes: []RouteState{{Route: "default", Pending: slices.Clone(pending)}}}
+	return sp, spoolMsg(t, sp, time.Now(), pending...)
+}
+
+// spoolMsg commits a small message for pending to sp.
+func spoolMsg(t *testing.T, sp *spool.Spool, at time.Time, pending ...string) *Envelope {
+	t.Helper()
+	env := &Envelope{ID: spool.NewID(at), From: "app@example.com", Rcpts: slices.Clone(pending),
+		ReceivedAt: at, Routes: []RouteState{{Route: "default", Pending: slices.Clone(pending)}}}
 	w, err := sp.Create(env.ID)
 	if err != nil {
 		t.Fatal(err)
@@ -90,7 +98,7 @@ func drainEnv(t *testing.T, pending ...string) (*spool.Spool, *Envelope) {
 	if err := w.Commit(env); err != nil {
 		t.Fatal(err)
 	}
-	return sp, env
+	return env
 }
 
 // A message with recipients that failed for good and others still
@@ -139,5 +147,152 @@ func TestDrain_PinnedRouteIsHandedOverWithAWarning(t *testing.T) {
 	}
 	if out := logs.String(); !strings.Contains(out, "level=WARN") || !strings.Contains(out, "upstream=ses") || !strings.Contains(out, "twice") {
 		t.Errorf("log = %s\nwant a warning naming the pinned upstream", out)
+	}
+}
+
+// closingPeer is an SMTP peer whose first session ends right after its
+// first 250, as a relaycar that is itself shutting down closes a session
+// between transactions; later sessions stay open. With silent, that
+// session ends after the first final dot instead, with no reply. It
+// counts the final dots it read. It serves until the test ends (at most
+// 10 connections).
+func closingPeer(t *testing.T, silent bool) (addr string, count func() int) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	var mu sync.Mutex
+	accepted := 0
+	conns := 0
+	go func() {
+		for range 10 {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns++
+			first := conns == 1
+			mu.Unlock()
+			go func(c net.Conn, first bool) {
+				defer c.Close()
+				c.SetDeadline(time.Now().Add(10 * time.Second))
+				r := bufio.NewReader(c)
+				w := func(s string) { c.Write([]byte(s + "\r\n")) }
+				w("220 peer ESMTP")
+				inData := false
+				for {
+					line, err := r.ReadString('\n')
+					if err != nil {
+						return
+					}
+					line = strings.TrimRight(line, "\r\n")
+					if inData {
+						if line == "." {
+							inData = false
+							mu.Lock()
+							accepted++
+							mu.Unlock()
+							if first && silent {
+								return
+							}
+							w("250 queued")
+							if first {
+								return // like srv.Close() once no transaction is in flight
+							}
+						}
+						continue
+					}
+					switch u := strings.ToUpper(line); {
+					case strings.HasPrefix(u, "EHLO"):
+						w("250-peer\r\n250 8BITMIME")
+					case strings.HasPrefix(u, "DATA"):
+						inData = true
+						w("354 go")
+					case strings.HasPrefix(u, "QUIT"):
+						w("221 bye")
+						return
+					default:
+						w("250 ok")
+					}
+				}
+			}(c, first)
+		}
+	}()
+
+	return ln.Addr().String(), func() int { mu.Lock(); defer mu.Unlock(); return accepted }
+}
+
+// The message whose MAIL met the closed connection never reached the
+// peer: it is handed over on a new connection, not left behind.
+func TestDrain_RetriesAMessageAClosedConnectionNeverCarried(t *testing.T) {
+	addr, accepted := closingPeer(t, false)
+	sp, first := drainEnv(t, "b@example.net")
+	envs := []*Envelope{first}
+	for i := range 2 {
+		envs = append(envs, spoolMsg(t, sp, time.Now().Add(time.Duration(i+1)*time.Millisecond), "c@example.net"))
+	}
+	res := Drainer{To: addr, Timeout: 5 * time.Second, ConnectFor: 2 * time.Second}.Drain(context.Background(), sp, envs)
+	sp.Close()
+	if res.Drained != 3 || res.Left != 0 || accepted() != 3 {
+		t.Errorf("Drain = %+v, peer took %d: want all 3 handed over once", res, accepted())
+	}
+}
+
+// A connection lost after the final dot went out may have carried the
+// message: it is not sent again, and stays here.
+func TestDrain_NoSecondTryAfterTheFinalDot(t *testing.T) {
+	addr, dots := closingPeer(t, true)
+	sp, env := drainEnv(t, "b@example.net")
+	res := Drainer{To: addr, Timeout: 2 * time.Second, ConnectFor: time.Second}.Drain(context.Background(), sp, []*Envelope{env})
+	sp.Close()
+	if res.Left != 1 || res.Drained != 0 || dots() != 1 {
+		t.Errorf("Drain = %+v, peer read %d messages: want it sent once and kept here", res, dots())
+	}
+}
+
+// The hop count stops a message passed on without ever being tried; one
+// that was tried before each drain (rollouts during an outage) goes on.
+func TestDrain_HopsCountDrainsWithoutAnAttemptOnly(t *testing.T) {
+	sink := testsmtp.Start(t, testsmtp.Options{})
+	sp, looping := drainEnv(t, "b@example.net")
+	looping.Hops = maxDrainHops
+	res := Drainer{To: sink.Addr, Timeout: 5 * time.Second, ConnectFor: time.Second}.Drain(context.Background(), sp, []*Envelope{looping})
+	if res.Left != 1 || sink.Count() != 0 {
+		t.Errorf("drained %d times without an attempt: Drain = %+v, peer has %d; want it kept", maxDrainHops, res, sink.Count())
+	}
+	looping.Attempts = 1 // this relay tried it
+	res = Drainer{To: sink.Addr, Timeout: 5 * time.Second, ConnectFor: time.Second}.Drain(context.Background(), sp, []*Envelope{looping})
+	sp.Close()
+	msgs := sink.Messages()
+	if res.Drained != 1 || len(msgs) != 1 || !bytes.Contains(msgs[0].Data, []byte(hopHeader+": 1\r\n")) {
+		t.Errorf("tried, then drained: Drain = %+v, peer has %d messages; want one with %s: 1", res, len(msgs), hopHeader)
+	}
+}
+
+// A staging route's message is handed over already redirected: whatever
+// the peer makes of it, only the redirect addresses get it.
+func TestDrain_RedirectRouteIsHandedOverRedirected(t *testing.T) {
+	sink := testsmtp.Start(t, testsmtp.Options{})
+	sp, env := drainEnv(t, "customer@example.net")
+	env.Routes[0].Route = "staging"
+	redirect := func(route string) []string {
+		if route == "staging" {
+			return []string{"qa@example.com"}
+		}
+		return nil
+	}
+	res := Drainer{To: sink.Addr, Timeout: 5 * time.Second, ConnectFor: time.Second, Redirect: redirect}.Drain(context.Background(), sp, []*Envelope{env})
+	sp.Close()
+	msgs := sink.Messages()
+	if res.Drained != 1 || len(msgs) != 1 {
+		t.Fatalf("Drain = %+v, peer has %d messages, want 1", res, len(msgs))
+	}
+	m := msgs[0]
+	if !slices.Equal(m.To, []string{"qa@example.com"}) || !bytes.Contains(m.Data, []byte("X-Original-To: customer@example.net\r\n")) ||
+		bytes.Contains(m.Data, []byte(routeHeader)) {
+		t.Errorf("peer got rcpts %v and\n%s\nwant qa@ only, the original in X-Original-To, no route header", m.To, m.Data)
 	}
 }

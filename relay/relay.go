@@ -248,8 +248,15 @@ func (r *Relay) accept(from string, rcpts []string, body io.Reader, ri receivedI
 	groups, unrouted := e.router.Split(from, rcpts, p.routingHeader(ri.trusted))
 	// A message drained from a peer keeps the route the peer chose: the
 	// headers that chose it are gone (drain.go, routeHeader).
-	if route := p.relayHdrs.Get(routeHeader); route != "" && ri.trusted && e.router.Has(route) {
-		groups, unrouted = []policy.Group{{Route: route, Rcpts: rcpts}}, nil
+	if route := p.relayHdrs.Get(routeHeader); route != "" {
+		switch {
+		case ri.trusted && e.router.Has(route):
+			groups, unrouted = []policy.Group{{Route: route, Rcpts: rcpts}}, nil
+		case !ri.trusted:
+			r.log.Warn("drained message's route not honoured: the draining relay is not in listen.trusted_networks; routed by this relay's rules", "msg_id", id, "route", route, "remote_addr", ri.remote)
+		default:
+			r.log.Warn("drained message's route not honoured: no route of that name here; routed by this relay's rules", "msg_id", id, "route", route, "remote_addr", ri.remote)
+		}
 	}
 	if len(unrouted) > 0 {
 		r.log.Warn("message refused: no route", "from", from, "rcpts", unrouted)
@@ -398,7 +405,8 @@ func (r *Relay) drainToPeer(ctx context.Context, to string, grace time.Duration)
 	envs := r.queue.envelopes()
 	slices.SortFunc(envs, func(a, b *Envelope) int { return strings.Compare(a.ID, b.ID) })
 	r.log.Info("draining the spool to the peer", "to", to, "messages", len(envs))
-	res := Drainer{To: to, Hostname: r.cfg.Listen.Hostname, Timeout: min(budget, 30*time.Second), ConnectFor: budget, Log: r.log}.Drain(dctx, r.spool, envs)
+	res := Drainer{To: to, Hostname: r.cfg.Listen.Hostname, Timeout: min(budget, 30*time.Second), ConnectFor: budget, Log: r.log,
+		Redirect: r.engine.Load().router.RedirectAllTo}.Drain(dctx, r.spool, envs)
 	r.log.Info("drained to peer", "to", to, "drained", res.Drained, "recipients", res.Recipients, "left", res.Left, "dead_letters", res.Dead)
 	return res.Left
 }

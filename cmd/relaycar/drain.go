@@ -29,8 +29,9 @@ func cmdDrain(args []string, stdout, stderr io.Writer) int {
 	timeout := fs.Duration("timeout", 30*time.Second, "per SMTP command and message")
 	connect := fs.Duration("connect-for", 30*time.Second, "how long to keep trying to reach the peer")
 	level := fs.String("log-level", "warn", "debug, info, warn or error")
+	cfgPath := fs.String("config", os.Getenv("RELAYCAR_CONFIG"), "the gone relay's config (default $RELAYCAR_CONFIG): its routes' redirect_all_to is applied before the hand-over")
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: relaycar drain --spool DIR --to host:port\n\nFlags:\n")
+		fmt.Fprintf(fs.Output(), "Usage: relaycar drain --spool DIR --to host:port [--config relay.yaml]\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
 	if done, code := parseFlags(fs, args, stdout); done {
@@ -55,6 +56,20 @@ func cmdDrain(args []string, stdout, stderr io.Writer) int {
 		return exitUsage
 	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: lvl}))
+	var redirect func(string) []string
+	if *cfgPath != "" {
+		cfg, ok := loadSections(*cfgPath, stderr, "routes")
+		if !ok {
+			return exitUsage
+		}
+		routes := map[string][]string{}
+		for _, rc := range cfg.Routes {
+			routes[rc.Name] = rc.RedirectAllTo
+		}
+		redirect = func(route string) []string { return routes[route] }
+	} else {
+		log.Warn("no --config: messages of a redirect_all_to route are handed over to their original recipients, and only a peer that has the route and trusts this host redirects them")
+	}
 	sp, err := spool.Open(*dir, spool.Options{Log: log})
 	if err != nil {
 		fmt.Fprintf(stderr, "relaycar drain: --spool: %v\n", err)
@@ -88,7 +103,7 @@ func cmdDrain(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "relaycar drain: %v\n", err)
 		return exitRuntime
 	}
-	res := relay.Drainer{To: *to, Hostname: *hostname, Timeout: *timeout, ConnectFor: *connect, Log: log}.Drain(ctx, sp, envs)
+	res := relay.Drainer{To: *to, Hostname: *hostname, Timeout: *timeout, ConnectFor: *connect, Log: log, Redirect: redirect}.Drain(ctx, sp, envs)
 	fmt.Fprintf(stdout, "drained %d messages (%d recipients) to %s; %d left in the spool", res.Drained, res.Recipients, *to, res.Left)
 	if res.Dead > 0 {
 		fmt.Fprintf(stdout, "; %d dead letters kept (relaycar queue dead)", res.Dead)

@@ -48,7 +48,7 @@ func cmdQueue(args []string, stdout, stderr io.Writer) int {
 		fset.Usage()
 		return exitUsage
 	}
-	cfg, ok := loadConfig(*cfgPath, stderr)
+	cfg, ok := loadSections(*cfgPath, stderr, "spool", "admin")
 	if !ok {
 		return exitUsage
 	}

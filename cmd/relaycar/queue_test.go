@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io/fs"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -87,5 +88,37 @@ func TestPrintEntries_ReportsWriteErrors(t *testing.T) {
 	var b strings.Builder
 	if err := printEntries(&b, envs, false, false); err != nil || !strings.HasSuffix(b.String(), "1 messages\n") {
 		t.Errorf("err %v, output %q", err, b.String())
+	}
+}
+
+// queue reads spool and admin only: an upstream's unset ${VAR} in an
+// operator's shell does not stop `queue ls`, a broken spool section does.
+func TestQueue_NeedsOnlyItsSections(t *testing.T) {
+	dir := t.TempDir()
+	spoolDir := filepath.Join(dir, "spool")
+	if err := os.Mkdir(spoolDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	write := func(spoolKey string) string {
+		path := filepath.Join(dir, "relay.yaml")
+		os.WriteFile(path, []byte(`spool: {`+spoolKey+`: `+spoolDir+`}
+admin: {address: 127.0.0.1:1}
+upstreams:
+  - name: mg
+    type: mailgun
+    domain: mg.example.com
+    api_key: ${RELAYCAR_TEST_UNSET_KEY}
+routes:
+  - {name: default, upstreams: [mg]}
+`), 0o600)
+		return path
+	}
+	var out, errOut strings.Builder
+	if code := run([]string{"queue", "--config", write("dir"), "ls"}, &out, &errOut); code != exitOK || errOut.Len() > 0 {
+		t.Errorf("queue ls with an upstream's variable unset: exit %d, %s", code, errOut.String())
+	}
+	errOut.Reset()
+	if code := run([]string{"queue", "--config", write("dirr"), "ls"}, &out, &errOut); code != exitUsage || !strings.Contains(errOut.String(), "spool.dirr") {
+		t.Errorf("queue ls with a bad spool key: exit %d, %q; want %d naming spool.dirr", code, errOut.String(), exitUsage)
 	}
 }

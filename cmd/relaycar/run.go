@@ -12,12 +12,14 @@ import (
 	"os/signal"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/relaycar/relaycar/internal/memlimit"
+	"github.com/relaycar/relaycar/internal/yamlconf"
 	"github.com/relaycar/relaycar/relay"
 )
 
@@ -138,6 +140,39 @@ func loadConfig(path string, stderr io.Writer) (*relay.Config, bool) {
 		return nil, false
 	}
 	return cfg, true
+}
+
+// loadSections loads path for a command that reads only some sections
+// (queue: spool and admin): a problem elsewhere, such as an API key's
+// unset variable in an operator's shell, does not stop it.
+func loadSections(path string, stderr io.Writer, sections ...string) (*relay.Config, bool) {
+	cfg, err := relay.Load(path)
+	if cfg == nil {
+		fmt.Fprintf(stderr, "%v\n", err)
+		return nil, false
+	}
+	ok := true
+	for _, e := range unjoin(err) {
+		var fe yamlconf.FieldError
+		if errors.As(e, &fe) && !slices.ContainsFunc(sections, func(s string) bool {
+			return fe.Path == s || strings.HasPrefix(fe.Path, s+".") || strings.HasPrefix(fe.Path, s+"[")
+		}) {
+			continue
+		}
+		fmt.Fprintf(stderr, "%v\n", e)
+		ok = false
+	}
+	return cfg, ok
+}
+
+func unjoin(err error) []error {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		return j.Unwrap()
+	}
+	if err != nil {
+		return []error{err}
+	}
+	return nil
 }
 
 func cmdServe(args []string, stdout, stderr io.Writer) int {
