@@ -508,7 +508,7 @@ func TestRender(t *testing.T) {
 					t.Fatalf("dashboard JSON: %v, %d panels", err, len(d.Panels))
 				}
 				rules := fmt.Sprint(o.monitoring)
-				for _, alert := range []string{"RelaycarUpstreamBreakerOpen", "RelaycarSpoolGrowing", "RelaycarSpoolOldMessages", "RelaycarDeadLetters", "RelaycarRateLimitSaturated", "RelaycarSharedRateLimitDown"} {
+				for _, alert := range []string{"RelaycarUpstreamBreakerOpen", "RelaycarSpoolGrowing", "RelaycarSpoolOldMessages", "RelaycarDeadLetters", "RelaycarRateLimitSaturated", "RelaycarSharedRateLimitDown", "RelaycarConfigReloadFailed"} {
 					if !strings.Contains(rules, alert) {
 						t.Errorf("PrometheusRule lacks %s", alert)
 					}
