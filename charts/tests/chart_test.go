@@ -342,15 +342,18 @@ func checkPod(t *testing.T, spec corev1.PodSpec, cfg string, native bool) {
 	if err != nil {
 		t.Fatalf("shutdown.grace %q: %v", rc.Shutdown.Grace, err)
 	}
-	// With drain_to the drain to the peer takes at most another grace.
+	// With drain_to the drain to the peer takes at most another grace. The
+	// countdown starts before the preStop sleep.
 	need := grace
 	if rc.Shutdown.DrainTo != "" {
 		need = 2 * grace
 	}
+	preStop := preStopSleep(t, *c)
+	need += time.Duration(preStop) * time.Second
 	if spec.TerminationGracePeriodSeconds == nil {
 		t.Error("no terminationGracePeriodSeconds")
 	} else if tgps := *spec.TerminationGracePeriodSeconds; time.Duration(tgps)*time.Second <= need {
-		t.Errorf("terminationGracePeriodSeconds = %d, want more than %s (shutdown.grace %s, drain_to %q)", tgps, need, grace, rc.Shutdown.DrainTo)
+		t.Errorf("terminationGracePeriodSeconds = %d, want more than %s (preStop sleep %ds, shutdown.grace %s, drain_to %q)", tgps, need, preStop, grace, rc.Shutdown.DrainTo)
 	}
 	if !strings.HasSuffix(rc.Listen.Address, fmt.Sprintf(":%d", smtpPort)) || !strings.HasPrefix(rc.Spool.Dir, "/var/spool/relaycar/") {
 		t.Errorf("relay.yaml listen %q / spool %q do not match the container (port %d)", rc.Listen.Address, rc.Spool.Dir, smtpPort)
@@ -376,6 +379,22 @@ func checkPod(t *testing.T, spec corev1.PodSpec, cfg string, native bool) {
 	if !volumes["relaycar-config"] {
 		t.Error("no relaycar-config volume")
 	}
+}
+
+// preStopSleep is the seconds of the container's preStop sleep, 0 without
+// one. A hook must be the sleep action: the distroless image has no shell
+// or sleep binary for an exec hook.
+func preStopSleep(t *testing.T, c corev1.Container) int64 {
+	t.Helper()
+	l := c.Lifecycle
+	if l == nil {
+		return 0
+	}
+	if l.PostStart != nil || l.PreStop == nil || l.PreStop.Sleep == nil || l.PreStop.Exec != nil || l.PreStop.HTTPGet != nil || l.PreStop.TCPSocket != nil || l.PreStop.Sleep.Seconds < 1 {
+		t.Errorf("lifecycle = %+v, want only a preStop sleep of at least 1 s", l)
+		return 0
+	}
+	return l.PreStop.Sleep.Seconds
 }
 
 // relaycarContainer is the relaycar container of a standalone pod.
@@ -476,7 +495,7 @@ func TestRender(t *testing.T) {
 				if len(s.Spec.VolumeClaimTemplates) != 1 || s.Spec.VolumeClaimTemplates[0].Name != "relaycar-spool" {
 					t.Errorf("volumeClaimTemplates = %+v", s.Spec.VolumeClaimTemplates)
 				}
-				if *s.Spec.Replicas != 3 || *s.Spec.Template.Spec.TerminationGracePeriodSeconds != 60 {
+				if *s.Spec.Replicas != 3 || *s.Spec.Template.Spec.TerminationGracePeriodSeconds != 5+45+15 {
 					t.Errorf("replicas %d, grace %d", *s.Spec.Replicas, *s.Spec.Template.Spec.TerminationGracePeriodSeconds)
 				}
 			case "sidecar-values.yaml":
@@ -571,6 +590,62 @@ func TestDefaults(t *testing.T) {
 	checkPod(t, o.deployments[0].Spec.Template.Spec, cfg, false)
 	if *o.deployments[0].Spec.Replicas != 2 || o.pdbs[0].Spec.MaxUnavailable.IntValue() != 1 {
 		t.Error("defaults drifted")
+	}
+}
+
+// Standalone pods sleep in preStop before SIGTERM: relaycar closes its
+// listener at once, while the Service may still send new connections to
+// the terminating pod for a few seconds. The sleep comes on top of the
+// grace in terminationGracePeriodSeconds; sidecar mode has none (the app
+// connects over loopback).
+func TestPreStopSleep(t *testing.T) {
+	pod := func(t *testing.T, o objects) corev1.PodSpec {
+		t.Helper()
+		switch {
+		case len(o.deployments) == 1:
+			return o.deployments[0].Spec.Template.Spec
+		case len(o.statefulsets) == 1:
+			return o.statefulsets[0].Spec.Template.Spec
+		}
+		t.Fatal("no workload")
+		return corev1.PodSpec{}
+	}
+	for _, tc := range []struct {
+		name        string
+		args        []string
+		sleep, tgps int64
+	}{
+		{"default", nil, 5, 5 + 20 + 15},
+		{"off", []string{"--set", "lifecycle.preStopSleepSeconds=0"}, 0, 20 + 15},
+		{"longer", []string{"--set", "lifecycle.preStopSleepSeconds=12"}, 12, 12 + 20 + 15},
+		{"statefulset draining", []string{"-f", filepath.Join(chartDir(), "ci", "persistence-values.yaml"), "--set", "shutdown.drainToService=true"}, 5, 5 + 2*45 + 15},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			o := decode(t, render(t, chartDir(), tc.args...))
+			spec := pod(t, o)
+			checkPod(t, spec, relayConfig(t, o), false)
+			if got := preStopSleep(t, relaycarContainer(t, spec)); got != tc.sleep || *spec.TerminationGracePeriodSeconds != tc.tgps {
+				t.Errorf("preStop sleep %ds, terminationGracePeriodSeconds %d; want %ds, %d", got, *spec.TerminationGracePeriodSeconds, tc.sleep, tc.tgps)
+			}
+		})
+	}
+	t.Run("not in sidecar mode", func(t *testing.T) {
+		app := filepath.Join(repoRoot, "examples/kubernetes/legacy-app")
+		for _, native := range []string{"true", "false"} {
+			o := decode(t, render(t, app, "--set", "relaycar.sidecar.native="+native, "--set", "relaycar.lifecycle.preStopSleepSeconds=9"))
+			spec := o.deployments[0].Spec.Template.Spec
+			for _, c := range append(spec.InitContainers, spec.Containers...) {
+				if c.Lifecycle != nil {
+					t.Errorf("native %s: container %s has lifecycle %+v", native, c.Name, c.Lifecycle)
+				}
+			}
+			if *spec.TerminationGracePeriodSeconds != 20+15 {
+				t.Errorf("native %s: terminationGracePeriodSeconds %d, want 35", native, *spec.TerminationGracePeriodSeconds)
+			}
+		}
+	})
+	if _, err := helm("template", "rc", chartDir(), "--set", "lifecycle.preStopSleepSeconds=-1"); err == nil || !strings.Contains(err.Error(), "/lifecycle/preStopSleepSeconds'") {
+		t.Errorf("preStopSleepSeconds=-1: %v", err)
 	}
 }
 
@@ -811,8 +886,8 @@ func TestDrainToService(t *testing.T) {
 
 	t.Run("off by default", func(t *testing.T) {
 		r := get(t, chartDir())
-		if r.drainTo != "" || r.grace != "20s" || r.oldKey || r.tgps != 35 {
-			t.Errorf("drain_to %q, grace %q, shutdown_grace present %v, terminationGracePeriodSeconds %d; want none, 20s, false, 35", r.drainTo, r.grace, r.oldKey, r.tgps)
+		if r.drainTo != "" || r.grace != "20s" || r.oldKey || r.tgps != 5+20+15 {
+			t.Errorf("drain_to %q, grace %q, shutdown_grace present %v, terminationGracePeriodSeconds %d; want none, 20s, false, 5 + 20 + 15", r.drainTo, r.grace, r.oldKey, r.tgps)
 		}
 	})
 	t.Run("deployment", func(t *testing.T) {
@@ -820,22 +895,22 @@ func TestDrainToService(t *testing.T) {
 		if want := smtpService(t, r.o); r.drainTo != want || r.drainTo != "rc-relaycar.mail.svc.cluster.local:25" {
 			t.Errorf("drain_to = %q, want the SMTP Service %q", r.drainTo, want)
 		}
-		if r.tgps != 2*20+15 {
-			t.Errorf("terminationGracePeriodSeconds = %d, want 2 x 20 + 15", r.tgps)
+		if r.tgps != 5+2*20+15 {
+			t.Errorf("terminationGracePeriodSeconds = %d, want 5 (preStop) + 2 x 20 + 15", r.tgps)
 		}
 		checkConfig(t, r.cfg, "")
 	})
 	t.Run("statefulset on 2525", func(t *testing.T) {
 		r := get(t, chartDir(), "-f", filepath.Join(chartDir(), "ci", "persistence-values.yaml"),
 			"--set", "shutdown.drainToService=true,clusterDomain=k8s.example", "--set", "service.port=2526")
-		if r.drainTo != "rc-relaycar.mail.svc.k8s.example:2526" || r.grace != "45s" || r.tgps != 2*45+15 {
+		if r.drainTo != "rc-relaycar.mail.svc.k8s.example:2526" || r.grace != "45s" || r.tgps != 5+2*45+15 {
 			t.Errorf("drain_to %q grace %q terminationGracePeriodSeconds %d", r.drainTo, r.grace, r.tgps)
 		}
 		checkConfig(t, r.cfg, "")
 	})
 	t.Run("the old shutdown_grace key is replaced", func(t *testing.T) {
 		r := get(t, chartDir(), "--set", "config.shutdown_grace=99s,shutdownGraceSeconds=7")
-		if r.oldKey || r.grace != "7s" || r.tgps != 22 {
+		if r.oldKey || r.grace != "7s" || r.tgps != 5+7+15 {
 			t.Errorf("shutdown_grace present %v, grace %q, terminationGracePeriodSeconds %d", r.oldKey, r.grace, r.tgps)
 		}
 		checkConfig(t, r.cfg, "")

@@ -132,16 +132,30 @@ endpoints, so the Service reaches a surviving replica.
 {{- end -}}
 
 {{/*
-terminationGracePeriodSeconds for a pod running relaycar: the grace plus
-15 s, or, when it drains to a peer (which takes at most another grace),
-twice the grace plus 15 s.
+The preStop sleep in seconds, 0 for none: standalone only (a Service routes
+to the pod; in sidecar mode the app connects over loopback).
+*/}}
+{{- define "relaycar.preStopSleepSeconds" -}}
+{{- if eq .Values.mode "standalone" -}}
+{{- dig "preStopSleepSeconds" 0 (.Values.lifecycle | default dict) | int -}}
+{{- else -}}
+0
+{{- end -}}
+{{- end -}}
+
+{{/*
+terminationGracePeriodSeconds for a pod running relaycar: the preStop sleep
+(the countdown starts before it), then the grace plus 15 s, or, when it
+drains to a peer (which takes at most another grace), twice the grace plus
+15 s.
 */}}
 {{- define "relaycar.terminationGracePeriodSeconds" -}}
 {{- $grace := int .Values.shutdownGraceSeconds -}}
+{{- $preStop := include "relaycar.preStopSleepSeconds" . | int -}}
 {{- if or .Values.shutdown.drainToService (dig "shutdown" "drain_to" "" .Values.config) -}}
-{{- add (mul 2 $grace) 15 -}}
+{{- add $preStop (mul 2 $grace) 15 -}}
 {{- else -}}
-{{- add $grace 15 -}}
+{{- add $preStop $grace 15 -}}
 {{- end -}}
 {{- end -}}
 
@@ -242,6 +256,15 @@ startupProbe:
   httpGet: {path: /healthz, port: admin}
   periodSeconds: 1
   failureThreshold: 30
+{{- with include "relaycar.preStopSleepSeconds" . | int }}
+# relaycar closes its listener on SIGTERM; the sleep keeps it open until
+# the pod has left the Service's endpoints. The sleep action (Kubernetes
+# >= 1.30): the image has no shell.
+lifecycle:
+  preStop:
+    sleep:
+      seconds: {{ . }}
+{{- end }}
 resources:
   {{- toYaml .Values.resources | nindent 2 }}
 securityContext:
