@@ -29,12 +29,24 @@ func (c *Config) Files() []string {
 	return out
 }
 
+// Sums is the content of some files at one moment.
+type Sums map[string]fileSum
+
+// SumFiles reads paths now: serve takes this before it loads the config,
+// so a change while the relay starts (a spool load can take seconds) is
+// not lost to a baseline taken after it.
+func SumFiles(paths []string) Sums { return checksums(paths) }
+
 // WatchFiles calls changed whenever the content of any of paths() differs
-// from the previous poll (a file appearing or vanishing counts), every
-// interval until ctx ends. paths is asked at every poll, so a config that
-// names new files is watched for them too.
-func WatchFiles(ctx context.Context, paths func() []string, interval time.Duration, changed func()) {
-	sums := checksums(paths())
+// from since (nil: from the content at the call), then from the previous
+// poll (a file appearing or vanishing counts), every interval until ctx
+// ends. paths is asked at every poll, so a config that names new files is
+// watched for them too.
+func WatchFiles(ctx context.Context, since Sums, paths func() []string, interval time.Duration, changed func()) {
+	sums := since
+	if sums == nil {
+		sums = checksums(paths())
+	}
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
@@ -59,8 +71,8 @@ type fileSum struct {
 	missing bool
 }
 
-func checksums(paths []string) map[string]fileSum {
-	m := make(map[string]fileSum, len(paths))
+func checksums(paths []string) Sums {
+	m := make(Sums, len(paths))
 	for _, p := range paths {
 		b, err := os.ReadFile(p)
 		if err != nil {
@@ -72,7 +84,7 @@ func checksums(paths []string) map[string]fileSum {
 	return m
 }
 
-func sameSums(a, b map[string]fileSum) bool {
+func sameSums(a, b Sums) bool {
 	if len(a) != len(b) {
 		return false
 	}

@@ -43,7 +43,7 @@ func TestWatchFiles_KubernetesSecretVolumeSwap(t *testing.T) {
 	defer cancel()
 	done := make(chan struct{})
 	go func() {
-		WatchFiles(ctx, func() []string { return []string{filepath.Join(dir, "password")} }, 10*time.Millisecond, func() { changes.Add(1) })
+		WatchFiles(ctx, nil, func() []string { return []string{filepath.Join(dir, "password")} }, 10*time.Millisecond, func() { changes.Add(1) })
 		close(done)
 	}()
 	time.Sleep(50 * time.Millisecond)

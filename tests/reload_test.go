@@ -324,3 +324,90 @@ routes:
 		t.Error("a size change was logged as needing a restart")
 	}
 }
+
+// holdSpoolLock takes the spool's lock as `relaycar queue` would, so a
+// relay starting meanwhile waits for it; release lets it go.
+func holdSpoolLock(t *testing.T, spoolDir string) (release func()) {
+	t.Helper()
+	f, err := os.OpenFile(filepath.Join(spoolDir, ".lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		t.Fatal(err)
+	}
+	var once sync.Once
+	release = func() { once.Do(func() { f.Close() }) }
+	t.Cleanup(release)
+	return release
+}
+
+// A config change, or a SIGHUP, while the relay starts (here: waiting for
+// the spool lock; in real life also loading a large spool) is applied once
+// it is up, instead of being lost to a baseline taken after the start.
+func TestReload_ChangeDuringStartIsApplied(t *testing.T) {
+	t.Parallel()
+	sink := testsmtp.Start(t, testsmtp.Options{})
+	base := fmt.Sprintf(`
+upstreams:
+  - {name: smarthost, type: smtp, address: %q, tls: none, timeout: 30s}
+routes:
+  - {name: default, upstreams: [smarthost]}
+`, sink.Addr)
+	for _, tc := range []struct {
+		name   string
+		args   []string
+		during func(h *harness, pid int)
+	}{
+		{"poll", []string{"--reload-poll", "100ms"}, func(h *harness, _ int) {
+			rewriteConfig(t, h, "timeout: 30s", "timeout: 31s")
+		}},
+		{"SIGHUP", []string{"--reload-poll", "0"}, func(h *harness, pid int) {
+			rewriteConfig(t, h, "timeout: 30s", "timeout: 31s")
+			syscall.Kill(pid, syscall.SIGHUP)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t, base, withArgs(tc.args...))
+			if code, _ := h.sigterm(); code != 0 {
+				t.Fatalf("first stop: exit %d", code)
+			}
+			release := holdSpoolLock(t, h.spool)
+			started := make(chan error, 1)
+			go func() { started <- h.start() }()
+			waitFor(t, 10*time.Second, "the relay waiting for the lock", func() bool { return h.logContains("spool locked by another process") })
+			tc.during(h, h.current().cmd.Process.Pid)
+			time.Sleep(300 * time.Millisecond) // the change lands well inside the wait
+			release()
+			if err := <-started; err != nil {
+				t.Fatal(err)
+			}
+			waitFor(t, 10*time.Second, "the change applied", func() bool {
+				return h.logContains(`msg="config reloaded" upstreams_changed=[smarthost]`)
+			})
+		})
+	}
+}
+
+// rewriteConfig replaces old with new in the harness's relay.yaml, by a
+// rename as an editor or a ConfigMap update would.
+func rewriteConfig(t *testing.T, h *harness, old, new string) {
+	t.Helper()
+	b, err := os.ReadFile(h.cfgPath)
+	if err != nil {
+		t.Error(err)
+		return
+	}
+	if !strings.Contains(string(b), old) {
+		t.Errorf("relay.yaml has no %q", old)
+		return
+	}
+	tmp := h.cfgPath + ".new"
+	if err := os.WriteFile(tmp, []byte(strings.Replace(string(b), old, new, 1)), 0o600); err != nil {
+		t.Error(err)
+		return
+	}
+	if err := os.Rename(tmp, h.cfgPath); err != nil {
+		t.Error(err)
+	}
+}

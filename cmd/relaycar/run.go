@@ -200,19 +200,39 @@ func cmdServe(args []string, stdout, stderr io.Writer) int {
 		return exitUsage
 	}
 	log := slog.New(h)
+	// The files of the config on disk, even one that does not load: a
+	// reload that failed for want of a file is retried when it appears.
+	configFiles := func() []string {
+		paths := []string{*cfgPath}
+		if c, _ := relay.Load(*cfgPath); c != nil {
+			paths = append(paths, c.Files()...)
+		}
+		return paths
+	}
+	// Before the config is read: what changes while the relay starts is
+	// reloaded at the first poll.
+	startSums := relay.SumFiles(configFiles())
 	cfg, ok := loadConfig(*cfgPath, stderr)
 	if !ok {
 		return exitUsage
 	}
 	setGoMemLimit(log)
 	// From here on SIGHUP never ends the process (Go's default), not during
-	// the spool load, not during the drain at the end.
+	// the spool load, not during the drain at the end. One that comes
+	// before the relay is up is applied once it is.
 	var reloader atomic.Pointer[relay.Relay]
+	var earlyHUP atomic.Bool
 	go handleSignals(log, func() {
 		if r := reloader.Load(); r != nil {
 			r.ReloadFrom(*cfgPath)
 		} else {
-			log.Warn("SIGHUP before the relay is up; ignored")
+			log.Info("SIGHUP while the relay starts; reloading once it is up")
+			earlyHUP.Store(true)
+			// The relay may have come up meanwhile: whoever takes the flag
+			// reloads.
+			if r := reloader.Load(); r != nil && earlyHUP.CompareAndSwap(true, false) {
+				r.ReloadFrom(*cfgPath)
+			}
 		}
 	})
 	r, err := relay.New(cfg, relay.Deps{Logger: log, Version: version})
@@ -227,17 +247,12 @@ func cmdServe(args []string, stdout, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	reloader.Store(r)
+	if earlyHUP.CompareAndSwap(true, false) {
+		r.ReloadFrom(*cfgPath)
+	}
 	if *poll > 0 {
-		// The files of the config on disk, even one that does not load: a
-		// reload that failed for want of a file is retried when it appears.
-		files := func() []string {
-			paths := []string{*cfgPath}
-			if c, _ := relay.Load(*cfgPath); c != nil {
-				paths = append(paths, c.Files()...)
-			}
-			return append(paths, r.ConfigFiles()...)
-		}
-		go relay.WatchFiles(ctx, files, *poll, func() {
+		files := func() []string { return append(configFiles(), r.ConfigFiles()...) }
+		go relay.WatchFiles(ctx, startSums, files, *poll, func() {
 			log.Info("config or a file it names changed; reloading")
 			r.ReloadFrom(*cfgPath)
 		})
