@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"reflect"
+	"regexp"
 	"slices"
 	"strings"
 	"time"
@@ -174,11 +175,17 @@ func Load(path string) (*Config, error) {
 	return Parse(b)
 }
 
+// unknownAnchorRE is yaml.v3's error for an alias without its anchor.
+var unknownAnchorRE = regexp.MustCompile(`unknown anchor '.*?' referenced`)
+
 // Parse is Load on bytes.
 func Parse(b []byte) (*Config, error) {
 	var root yaml.Node
 	if err := yaml.Unmarshal(b, &root); err != nil {
-		return nil, fmt.Errorf("relay.yaml: %v", err)
+		// A password starting with * reads as an alias, and yaml.v3 names
+		// the "anchor": the password. Config errors are logged.
+		msg := unknownAnchorRE.ReplaceAllString(err.Error(), "a value starting with * (an alias in YAML) names no anchor: quote the value")
+		return nil, fmt.Errorf("relay.yaml: %s", msg)
 	}
 	cfg := Default()
 	if len(root.Content) == 0 {
@@ -223,7 +230,8 @@ func sameAddr(a, b string) bool {
 			}
 			return ip.String()
 		}
-		if strings.EqualFold(h, "localhost") {
+		if h == "" || strings.EqualFold(h, "localhost") {
+			// ":25" listens on every address, loopback included.
 			return "loopback"
 		}
 		return strings.ToLower(h)

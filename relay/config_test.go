@@ -189,3 +189,35 @@ routes: [{name: default, upstreams: [f]}]
 		})
 	}
 }
+
+// drain_to must not name this relay by any spelling of its listen address:
+// a drain to itself would retry until its time runs out.
+func TestConfig_DrainToSelfInEverySpelling(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		listen, drainTo string
+		self            bool
+	}{
+		{":25", "127.0.0.1:25", true},
+		{":25", "localhost:25", true},
+		{":25", "[::1]:25", true},
+		{"0.0.0.0:2525", "LOCALHOST:2525", true},
+		{"127.0.0.1:2525", "127.0.0.1:2526", false},
+		{":25", "relaycar-peer:25", false},
+	} {
+		if got := sameAddr(tc.drainTo, tc.listen); got != tc.self {
+			t.Errorf("sameAddr(%q, %q) = %v, want %v", tc.drainTo, tc.listen, got, tc.self)
+		}
+	}
+}
+
+// A password that YAML reads as an alias is not quoted back by the error
+// (relaycar check prints it, a reload logs it), which says what to do.
+func TestConfig_AliasErrorDoesNotQuoteTheValue(t *testing.T) {
+	t.Parallel()
+	const pw = "*Xk9-secret-password-77"
+	_, err := Parse([]byte("upstreams:\n  - name: s\n    type: smtp\n    address: 127.0.0.1:25\n    username: u\n    password: " + pw + "\n"))
+	if err == nil || strings.Contains(err.Error(), pw[1:]) || !strings.Contains(err.Error(), "quote the value") {
+		t.Errorf("err = %v, want a hint to quote it and no trace of the value", err)
+	}
+}
