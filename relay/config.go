@@ -131,6 +131,18 @@ type SpoolConfig struct {
 	// MemoryBudget bounds what intake and in-memory deliveries hold:
 	// bytes, or "auto" (half the container's memory limit).
 	MemoryBudget string `yaml:"memory_budget"`
+	// MaxBytes caps what the spool's files may take, in bytes or with a
+	// unit (1Gi, 512MiB); empty is no cap beyond the file system's space.
+	// The chart sets it to an emptyDir's sizeLimit, past which the kubelet
+	// evicts the pod, spool and all.
+	MaxBytes string `yaml:"max_bytes"`
+}
+
+// maxBytes is spool.max_bytes in bytes, 0 for none (Validate refused a
+// bad one).
+func (s SpoolConfig) maxBytes() int64 {
+	n, _ := memlimit.ParseSize(s.MaxBytes)
+	return n
 }
 
 // Default returns the documented defaults; Load decodes relay.yaml over it.
@@ -382,6 +394,11 @@ func (c *Config) Validate() error {
 	}
 	if s.OnAmbiguous != RetrySame && s.OnAmbiguous != FailoverAmbiguous {
 		bad("spool.on_ambiguous", "%q: must be retry_same or failover", s.OnAmbiguous)
+	}
+	if n, err := memlimit.ParseSize(s.MaxBytes); err != nil {
+		bad("spool.max_bytes", "%q: %v", s.MaxBytes, err)
+	} else if n > 0 && n < 2*c.Listen.MaxMessageBytes {
+		bad("spool.max_bytes", "%s is less than twice listen.max_message_bytes (%d): not one message would fit with room to spare", s.MaxBytes, c.Listen.MaxMessageBytes)
 	}
 	if _, err := memlimit.ParseBudget(s.MemoryBudget); err != nil {
 		bad("spool.memory_budget", "%q: %v (bytes such as 268435456 or 256MiB, or auto)", s.MemoryBudget, err)

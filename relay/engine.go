@@ -194,6 +194,7 @@ func restartOnly(old, next *Config) []string {
 	check("spool.dir", old.Spool.Dir, next.Spool.Dir)
 	check("spool.workers", old.Spool.Workers, next.Spool.Workers)
 	check("spool.memory_budget", old.Spool.MemoryBudget, next.Spool.MemoryBudget)
+	check("spool.max_bytes", old.Spool.MaxBytes, next.Spool.MaxBytes)
 	check("redis", old.Redis, next.Redis)
 	// The listener's reloadable parts (certificate, users, allowed
 	// senders) are compared by intake.reload; the rest needs a restart.

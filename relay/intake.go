@@ -36,6 +36,7 @@ type intake struct {
 	address       string
 	hostname      string
 	size          func() int64 // SIZE: what some route can deliver, now
+	room          func() error // nil: the spool can take a message of size()
 	maxRecipients int
 	maxConns      int
 	readTimeout   time.Duration

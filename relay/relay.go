@@ -98,7 +98,7 @@ func New(cfg *Config, d Deps) (_ *Relay, err error) {
 	if err != nil {
 		return nil, err
 	}
-	sp, err := spool.Open(cfg.Spool.Dir, spool.Options{Log: r.log, FS: d.SpoolFS})
+	sp, err := spool.Open(cfg.Spool.Dir, spool.Options{Log: r.log, FS: d.SpoolFS, MaxBytes: cfg.Spool.maxBytes()})
 	if err != nil {
 		return nil, fmt.Errorf("spool.dir: %w", err)
 	}
@@ -141,6 +141,7 @@ func New(cfg *Config, d Deps) (_ *Relay, err error) {
 		registerSharedUp(reg, r.shared.redis.Up)
 	}
 	in.accept, in.budget, in.size = r.accept, r.budget, r.size.Load
+	in.room = func() error { return r.spool.Room(r.size.Load() + commitOverhead) }
 	in.refused, in.authFailures, in.connections = r.metrics.smtpRefused, r.metrics.authFailed, r.metrics.connections
 	r.intake = in
 	r.api = &adminAPI{address: cfg.Admin.Address, allowedHosts: cfg.Admin.AllowedHosts, spool: r.spool, queue: r.queue,

@@ -90,6 +90,13 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 	if s.in.users() != nil && s.user == "" {
 		return s.refuse(replyAuthRequired)
 	}
+	if s.in.room != nil {
+		if err := s.in.room(); err != nil {
+			// Postfix's queue_minfree answer: the client keeps the mail.
+			s.log.Warn("message refused: spool full", "err", err)
+			return s.refuse(replySpoolFull)
+		}
+	}
 	if from != "" && !validAddress(from) {
 		return s.refuse(replyBadSender)
 	}

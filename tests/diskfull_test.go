@@ -3,8 +3,10 @@ package tests
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -83,4 +85,70 @@ routes:
 	}
 	// And with space back, new mail is accepted again.
 	h.mustSend("app@example.com", []string{"user@example.net"}, message("app@example.com", "user@example.net", 100, "after")+body)
+}
+
+// spool.max_bytes (the chart sets an emptyDir's sizeLimit, past which the
+// kubelet evicts the pod and its spool at once): the relay answers 452
+// 4.3.1 at MAIL before its files reach the cap, /readyz turns 503, and
+// everything it acknowledged is delivered once the upstream is back.
+func TestSpoolMaxBytes_RefusesBeforeTheCapAndDelivers(t *testing.T) {
+	t.Parallel()
+	sink := testsmtp.Start(t, testsmtp.Options{})
+	sinkAddr := sink.Addr
+	sink.Stop()
+	h := newHarness(t, fmt.Sprintf(`
+listen: {max_message_bytes: 200000}
+spool: {max_bytes: 1Mi}
+upstreams:
+  - {name: sink, type: smtp, address: %q, tls: none, circuit_breaker: {failures: 5, open_for: 1s}}
+routes:
+  - {name: default, upstreams: [sink]}
+`, sinkAddr))
+	body := strings.Repeat("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\r\n", 1600) // ~100 KB
+	var accepted []string
+	var last error
+	for i := 0; i < 30; i++ {
+		id, err := h.send("app@example.com", []string{"user@example.net"}, message("app@example.com", "user@example.net", i, "fill")+body)
+		if err != nil {
+			last = err
+			break
+		}
+		accepted = append(accepted, id)
+	}
+	var se *smtp.SMTPError
+	if !errors.As(last, &se) || se.Code != 452 || se.EnhancedCode != (smtp.EnhancedCode{4, 3, 1}) {
+		t.Fatalf("after %d messages: %v, want 452 4.3.1", len(accepted), last)
+	}
+	if n := len(accepted); n < 5 || n > 9 {
+		t.Errorf("refused after %d messages of 100 KB under 1 MiB, want 5-9 (the cap less 5 %% and the largest message)", n)
+	}
+	if used := duBytes(t, h.spool); used > 1<<20 {
+		t.Errorf("the spool takes %d bytes, over spool.max_bytes", used)
+	}
+	if code, _ := h.get("/readyz"); code != 503 {
+		t.Errorf("/readyz = %d with the spool at its cap, want 503", code)
+	}
+	if got := h.spoolIDs(); len(got) != len(accepted) {
+		t.Errorf("spool holds %d messages, %d were acknowledged", len(got), len(accepted))
+	}
+	sink.Restart()
+	h.waitSpoolEmpty(30 * time.Second)
+	if sink.Count() != len(accepted) {
+		t.Errorf("upstream got %d messages, want the %d acknowledged", sink.Count(), len(accepted))
+	}
+}
+
+// duBytes is what the files under dir take on disk, as du counts.
+func duBytes(t *testing.T, dir string) int64 {
+	t.Helper()
+	var n int64
+	filepath.WalkDir(dir, func(_ string, d fs.DirEntry, err error) error {
+		if err == nil && !d.IsDir() {
+			if fi, err := d.Info(); err == nil {
+				n += fi.Sys().(*syscall.Stat_t).Blocks * 512
+			}
+		}
+		return nil
+	})
+	return n
 }

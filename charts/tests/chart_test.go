@@ -331,10 +331,21 @@ func checkPod(t *testing.T, spec corev1.PodSpec, cfg string, native bool) {
 			Address string `json:"address"`
 		} `json:"listen"`
 		Spool struct {
-			Dir string `json:"dir"`
+			Dir      string `json:"dir"`
+			MaxBytes string `json:"max_bytes"`
 		} `json:"spool"`
 	}
 	yaml.Unmarshal([]byte(cfg), &rc)
+	// Past an emptyDir's sizeLimit the pod is evicted with its spool: the
+	// relay must know the limit to stop taking mail before.
+	for _, v := range spec.Volumes {
+		if v.Name != "relaycar-spool" {
+			continue
+		}
+		if ed := v.EmptyDir; ed != nil && ed.SizeLimit != nil && rc.Spool.MaxBytes != ed.SizeLimit.String() {
+			t.Errorf("spool emptyDir sizeLimit %s, relay.yaml spool.max_bytes %q: want them equal", ed.SizeLimit, rc.Spool.MaxBytes)
+		}
+	}
 	if rc.ShutdownGrace != nil {
 		t.Errorf("relay.yaml has the old shutdown_grace key (%q); the chart renders shutdown.grace", *rc.ShutdownGrace)
 	}

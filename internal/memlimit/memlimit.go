@@ -287,6 +287,23 @@ func ParseBudget(s string) (int64, error) {
 	if s == "" || strings.EqualFold(s, "auto") {
 		return 0, nil
 	}
+	n, err := ParseSize(s)
+	if err != nil {
+		return 0, fmt.Errorf("memory_budget %v", err)
+	}
+	if n == 0 {
+		return 0, fmt.Errorf("memory_budget %q: must be positive (auto for the default)", s)
+	}
+	return n, nil
+}
+
+// ParseSize reads bytes such as 268435456, 256MiB or Kubernetes' 1Gi; ""
+// is 0.
+func ParseSize(s string) (int64, error) {
+	s = strings.TrimSpace(s)
+	if s == "" {
+		return 0, nil
+	}
 	i := strings.IndexFunc(s, func(r rune) bool { return r < '0' || r > '9' })
 	if i < 0 {
 		i = len(s)
@@ -294,14 +311,11 @@ func ParseBudget(s string) (int64, error) {
 	num, unit := s[:i], strings.TrimSpace(s[i:])
 	mult, ok := unitSize(unit)
 	if num == "" || !ok {
-		return 0, fmt.Errorf("memory_budget %q: want auto or bytes such as 268435456, 256MiB, 1GiB", s)
+		return 0, fmt.Errorf("%q: want bytes such as 268435456, 256MiB, 1Gi", s)
 	}
 	n, err := strconv.ParseInt(num, 10, 64)
 	if err != nil || n > math.MaxInt64/mult {
-		return 0, fmt.Errorf("memory_budget %q: too large", s)
-	}
-	if n == 0 {
-		return 0, fmt.Errorf("memory_budget %q: must be positive (auto for the default)", s)
+		return 0, fmt.Errorf("%q: too large", s)
 	}
 	return n * mult, nil
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -62,4 +63,12 @@ func (OS) RenameNoReplace(oldpath, newpath string) error {
 		err = fmt.Errorf("%w: %w", errors.ErrUnsupported, err)
 	}
 	return &os.LinkError{Op: "renameat2", Old: oldpath, New: newpath, Err: err}
+}
+
+// diskBytes is what fi takes on disk, as du and the kubelet count it.
+func diskBytes(fi fs.FileInfo) int64 {
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		return st.Blocks * 512
+	}
+	return fi.Size()
 }

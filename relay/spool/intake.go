@@ -92,6 +92,11 @@ func (w *Writer) Commit(env *Envelope) error {
 	w.over = true
 	w.release()
 	w.s.full.Store(nil)
+	if w.s.maxBytes > 0 {
+		// Its records take a few hundred bytes; the next walk has the
+		// exact figure.
+		w.s.used.Add(headerSize + w.n + 4096)
+	}
 	return nil
 }
 

@@ -30,6 +30,9 @@ func (s *Spool) Load() (envs []*Envelope, broken int, err error) {
 		return nil, l.broken, err
 	}
 	slices.SortFunc(l.envs, func(a, b *Envelope) int { return strings.Compare(a.ID, b.ID) })
+	if s.maxBytes > 0 {
+		s.measure()
+	}
 	// Quarantine renames, finished buries and unlinks need not be durable
 	// (Load redoes them), but one sync here is cheap and settles them.
 	return l.envs, l.broken, s.sync.Sync()

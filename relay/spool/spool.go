@@ -58,6 +58,13 @@ type Spool struct {
 	writers sync.Pool
 	pool    pool
 	watch   syncWatch
+
+	// maxBytes caps what the spool's files may take (0: no cap); used is
+	// what they took at usedAt, plus the commits since (usage).
+	maxBytes  int64
+	used      atomic.Int64
+	usedAt    atomic.Int64 // unix nanoseconds
+	measuring atomic.Bool
 }
 
 // Options configure Open.
@@ -66,6 +73,10 @@ type Options struct {
 	// FS replaces the real file system (tests). Commits then sync through
 	// FS.SyncFS, one at a time.
 	FS FS
+	// MaxBytes caps the bytes the spool's files may take (spool.max_bytes,
+	// an emptyDir's sizeLimit); 0 is no cap. Room and Writable refuse
+	// before it is reached.
+	MaxBytes int64
 }
 
 type syncer interface {
@@ -81,7 +92,8 @@ type syncer interface {
 // Open creates the directories if needed. It does not read the spool:
 // the serving process calls Lock, then Load.
 func Open(dir string, o Options) (*Spool, error) {
-	s := &Spool{dir: dir, dead: filepath.Join(dir, "dead"), fs: o.FS, log: o.Log, compactAt: compactAt, watch: newSyncWatch()}
+	s := &Spool{dir: dir, dead: filepath.Join(dir, "dead"), fs: o.FS, log: o.Log, compactAt: compactAt, watch: newSyncWatch(),
+		maxBytes: o.MaxBytes}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
@@ -421,7 +433,61 @@ func (s *Spool) Writable(minFree int64) error {
 	if u.FreeBytes < minFree {
 		return fmt.Errorf("%w: %d bytes free, %d wanted", ErrFull, u.FreeBytes, minFree)
 	}
+	return s.Room(minFree)
+}
+
+// usageMaxAge is how old the measured usage may get before a background
+// walk of the spool refreshes it.
+const usageMaxAge = 2 * time.Second
+
+// Room reports ErrFull when a message of need bytes would take the spool
+// within 5 % of MaxBytes. Past an emptyDir's sizeLimit the kubelet evicts
+// the pod at once, spool and all, where a full disk only fails writes:
+// the relay must stop taking mail before. It uses the last measurement
+// (usage), so it costs no system call.
+func (s *Spool) Room(need int64) error {
+	if s.maxBytes <= 0 {
+		return nil
+	}
+	if used := s.usage(); used+need+s.maxBytes/20 > s.maxBytes {
+		return fmt.Errorf("%w: the spool's files take %d bytes of spool.max_bytes %d", ErrFull, used, s.maxBytes)
+	}
 	return nil
+}
+
+// usage is the bytes the spool's files take: the last walk plus the
+// commits since. A figure older than usageMaxAge starts a new walk in the
+// background; callers go on with the old one meanwhile.
+func (s *Spool) usage() int64 {
+	if time.Since(time.Unix(0, s.usedAt.Load())) > usageMaxAge && s.measuring.CompareAndSwap(false, true) {
+		go func() {
+			defer s.measuring.Store(false)
+			s.measure()
+		}()
+	}
+	return s.used.Load()
+}
+
+// measure walks the spool and its dead letters as du would: the pool's
+// free files and .broken ones take room too.
+func (s *Spool) measure() {
+	var n int64
+	for _, dir := range []string{s.dir, s.dead} {
+		ents, err := s.fs.ReadDir(dir)
+		if err != nil {
+			continue
+		}
+		for _, e := range ents {
+			if e.IsDir() {
+				continue
+			}
+			if fi, err := e.Info(); err == nil {
+				n += diskBytes(fi)
+			}
+		}
+	}
+	s.used.Store(n)
+	s.usedAt.Store(time.Now().UnixNano())
 }
 
 // noteFull remembers a write that failed for lack of space, for Writable.

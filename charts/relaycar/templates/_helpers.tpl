@@ -95,6 +95,11 @@ relay.yaml: .Values.config plus the keys the chart owns.
 {{- $_ := set $cfg "admin" (dict "address" (printf ":%d" (int .Values.admin.port))) -}}
 {{- $spool := get $cfg "spool" | default dict -}}
 {{- $_ := set $spool "dir" "/var/spool/relaycar/queue" -}}
+{{- /* Past an emptyDir's sizeLimit the kubelet evicts the pod at once,
+  spool and all: relaycar stops taking mail (452) before it. */ -}}
+{{- if and (not (and (eq .Values.mode "standalone") .Values.persistence.enabled)) .Values.spoolSizeLimit (not (hasKey $spool "max_bytes")) -}}
+{{- $_ := set $spool "max_bytes" (toString .Values.spoolSizeLimit) -}}
+{{- end -}}
 {{- $_ := set $cfg "spool" $spool -}}
 {{- /* shutdown.grace (relaycar reads the older shutdown_grace too, but
   not both at once): the chart owns it. */ -}}
