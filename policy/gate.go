@@ -145,15 +145,18 @@ func NewGate(u upstreams.Upstream, c upstreams.Config, h GateHooks) *Gate {
 			if err == nil {
 				return true
 			}
-			// A bad message, an unverified sender, content this provider
-			// cannot carry or a request to slow down is not a sick provider.
+			// A bad message, an unverified sender or content this provider
+			// cannot carry is not a sick provider.
 			switch upstreams.ClassOf(err) {
 			case upstreams.Rejected, upstreams.SenderRejected, upstreams.Unsupported:
 				return true
 			}
-			return !upstreams.RetryAtOf(err).IsZero()
+			return false
 		},
-		IsExcluded: isShutdown,
+		// A throttle says nothing of the provider's health either way: as
+		// a success it would reset the failure count and close a
+		// half-open breaker on a provider that answered only "slow down".
+		IsExcluded: func(err error) bool { return isShutdown(err) || !upstreams.RetryAtOf(err).IsZero() },
 		OnStateChange: func(name string, from, to gobreaker.State) {
 			// A provider fault seen while half-open (or from an older
 			// generation) never reached ReadyToTrip; do not let it trip

@@ -331,3 +331,39 @@ func TestGate_QuotaExhausted(t *testing.T) {
 		t.Fatalf("Admit = %v after the quota came back", skip)
 	}
 }
+
+// A throttle is neither a failure nor a success for the breaker: it does
+// not reset the count of consecutive failures, and a throttled half-open
+// probe leaves the breaker half-open instead of closing it.
+func TestGate_ThrottleIsNeitherFailureNorSuccess(t *testing.T) {
+	t.Parallel()
+	throttle := func() error {
+		return &upstreams.Error{Upstream: "up", Class: upstreams.Transient, Reason: "429", RetryAt: time.Now().Add(time.Millisecond)}
+	}
+	t.Run("closed", func(t *testing.T) {
+		t.Parallel()
+		u := &scripted{errs: []error{classErr(upstreams.Transient), throttle(), classErr(upstreams.Transient)}}
+		g, _ := newTestGate(u, 2, time.Hour, upstreams.RateLimit{})
+		for range 3 {
+			g.Send(context.Background(), msg)
+		}
+		if g.State() != gobreaker.StateOpen {
+			t.Errorf("state = %v after transient, throttle, transient with failures: 2, want open", g.State())
+		}
+	})
+	t.Run("half-open", func(t *testing.T) {
+		t.Parallel()
+		u := &scripted{errs: []error{classErr(upstreams.ProviderFault), throttle(), classErr(upstreams.Transient)}}
+		g, _ := newTestGate(u, 5, 50*time.Millisecond, upstreams.RateLimit{})
+		g.Send(context.Background(), msg) // open
+		time.Sleep(70 * time.Millisecond)
+		g.Send(context.Background(), msg) // the half-open probe is throttled
+		if g.State() != gobreaker.StateHalfOpen {
+			t.Fatalf("state = %v after a throttled half-open probe, want half-open", g.State())
+		}
+		g.Send(context.Background(), msg) // the next probe fails
+		if g.State() != gobreaker.StateOpen {
+			t.Errorf("state = %v after a failed half-open probe, want open", g.State())
+		}
+	})
+}
