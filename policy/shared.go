@@ -30,7 +30,7 @@ type SharedOptions struct {
 	// Timeout bounds each dial, read and write; 0 is 200 ms. A worker
 	// waits at most this long for a dead or slow Redis.
 	Timeout time.Duration
-	// ProbeEvery is how often Redis is pinged (to notice it came back, or
+	// ProbeEvery is how often Redis is probed (to notice it came back, or
 	// went away while idle); 0 is 1 s.
 	ProbeEvery time.Duration
 }
@@ -46,14 +46,19 @@ type Shared struct {
 	log        *slog.Logger
 	probeEvery time.Duration
 	up         atomic.Bool
-	// lastOK is the unix nanos of Redis's last answer.
+	// lastOK is the unix nanos of Redis's last successful write.
 	lastOK atomic.Int64
 	stop   chan struct{}
 	done   chan struct{}
 	once   sync.Once
+
+	mu sync.Mutex
+	// limiters are the shared limiters by key (the latest of each, as a
+	// reload makes new ones), for the probe to try their keys.
+	limiters map[string]*sharedLimiter
 }
 
-// NewShared connects (lazily) to Redis and pings it once, bounded by the
+// NewShared connects (lazily) to Redis and probes it once, bounded by the
 // timeout: a Redis that is down at start means the local fallback, not a
 // relay that does not start.
 func NewShared(o SharedOptions) *Shared {
@@ -91,7 +96,8 @@ func NewShared(o SharedOptions) *Shared {
 	quietRedis.Do(func() { redis.SetLogger(discardRedisLog{}) })
 	rdb := redis.NewClient(ro)
 	s := &Shared{rdb: rdb, rl: redis_rate.NewLimiter(rdb), prefix: o.KeyPrefix, replicas: max(1, o.Replicas),
-		log: o.Logger.With("redis", o.Address), probeEvery: o.ProbeEvery, stop: make(chan struct{}), done: make(chan struct{})}
+		log: o.Logger.With("redis", o.Address), probeEvery: o.ProbeEvery, stop: make(chan struct{}), done: make(chan struct{}),
+		limiters: map[string]*sharedLimiter{}}
 	s.up.Store(true)
 	s.probe()
 	go s.prober()
@@ -107,7 +113,8 @@ type discardRedisLog struct{}
 
 func (discardRedisLog) Printf(context.Context, string, ...any) {}
 
-// Up reports whether Redis answered last (the relaycar_rate_limit_shared_up
+// Up reports whether the shared limits work: Redis took the last probe's
+// writes and no call failed since (the relaycar_rate_limit_shared_up
 // gauge).
 func (s *Shared) Up() bool { return s.up.Load() }
 
@@ -118,7 +125,7 @@ func (s *Shared) Close() error {
 	return s.rdb.Close()
 }
 
-// prober pings Redis while it is down (so the shared limit comes back
+// prober probes Redis while it is down (so the shared limit comes back
 // without any message paying for the attempt) and while it is idle (so
 // the gauge is right without traffic).
 func (s *Shared) prober() {
@@ -137,19 +144,47 @@ func (s *Shared) prober() {
 	}
 }
 
+// probeLimit admits every probe (a burst of 1000 per millisecond), so each
+// one writes its key.
+var probeLimit = redis_rate.Limit{Rate: 1, Burst: 1000, Period: time.Millisecond}
+
+// probe is the only way back from the fallback: it runs the rate-limit
+// script as a message would, on a key of its own (an admitted call always
+// writes), and at no cost on every limiter's key (a key of another type
+// fails each Take there with WRONGTYPE). A PING, or a read, succeeds on a
+// read-only replica after a failover or a Redis out of memory, and the
+// next message would switch back: two log lines a second and a gauge at 1.
 func (s *Shared) probe() {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*s.probeEvery)
 	defer cancel()
-	s.result(ctx, s.rdb.Ping(ctx).Err())
+	res, err := s.rl.AllowN(ctx, s.prefix+":probe", probeLimit, 1)
+	if err == nil && res.Allowed == 0 {
+		return // refused, so nothing was written: no news
+	}
+	s.mu.Lock()
+	ls := make([]*sharedLimiter, 0, len(s.limiters))
+	for _, l := range s.limiters {
+		ls = append(ls, l)
+	}
+	s.mu.Unlock()
+	for _, l := range ls {
+		if err != nil {
+			break
+		}
+		_, err = s.rl.AllowN(ctx, l.key, l.limit(), 0)
+	}
+	if s.result(ctx, err, true) && s.up.CompareAndSwap(false, true) {
+		s.log.Info("shared rate limit available again")
+	}
 }
 
-// result records a Redis answer or failure and logs each switch once. It
-// returns false when the call failed.
-func (s *Shared) result(ctx context.Context, err error) bool {
+// result records a Redis call's outcome; wrote says a successful call
+// wrote. A failure switches to the fallback, logged once; only the probe
+// switches back. It returns false when the call failed.
+func (s *Shared) result(ctx context.Context, err error, wrote bool) bool {
 	if err == nil || errors.Is(err, redis.Nil) {
-		s.lastOK.Store(time.Now().UnixNano())
-		if s.up.CompareAndSwap(false, true) {
-			s.log.Info("shared rate limit available again")
+		if wrote {
+			s.lastOK.Store(time.Now().UnixNano())
 		}
 		return true
 	}
@@ -170,6 +205,9 @@ func (s *Shared) Limiter(upstream string, perSecond float64, burst int) Limiter 
 	l := &sharedLimiter{s: s, key: s.prefix + ":rate:" + upstream, burst: burst,
 		fallback: NewLocalLimiter(perSecond/float64(s.replicas), max(1, burst/s.replicas)).(localLimiter)}
 	l.rate.Store(math.Float64bits(perSecond))
+	s.mu.Lock()
+	s.limiters[l.key] = l
+	s.mu.Unlock()
 	return l
 }
 
@@ -200,7 +238,8 @@ func (l *sharedLimiter) Take(ctx context.Context, n int) bool {
 			return l.fallback.Take(ctx, n)
 		}
 		res, err := l.s.rl.AllowN(ctx, l.key, l.limit(), n)
-		if !l.s.result(ctx, err) {
+		// An admitted call wrote the bucket; a refused one only read it.
+		if !l.s.result(ctx, err, err == nil && res.Allowed > 0) {
 			if ctx.Err() != nil {
 				return false
 			}
@@ -277,7 +316,8 @@ func (p *sharedPauses) Pause(upstream string, until time.Time) {
 	}
 	ctx := context.Background()
 	err := pauseScript.Run(ctx, p.s.rdb, []string{p.key(upstream)}, until.UnixMilli(), ttl).Err()
-	p.s.result(ctx, err)
+	// Not proof of a write: a longer pause already there is only read.
+	p.s.result(ctx, err, false)
 }
 
 func (p *sharedPauses) PausedUntil(upstream string) time.Time {
@@ -298,7 +338,7 @@ func (p *sharedPauses) PausedUntil(upstream string) time.Time {
 	if !fresh && p.s.up.Load() {
 		ctx := context.Background()
 		v, err := p.s.rdb.Get(ctx, p.key(upstream)).Result()
-		if p.s.result(ctx, err) {
+		if p.s.result(ctx, err, false) {
 			shared = time.Time{}
 			if ms, perr := strconv.ParseInt(v, 10, 64); perr == nil {
 				shared = time.UnixMilli(ms)

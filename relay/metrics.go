@@ -102,10 +102,10 @@ func (c *breakerCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
-// registerSharedUp exports whether Redis answers for the shared limits.
+// registerSharedUp exports whether Redis takes the shared limits' writes.
 func registerSharedUp(reg prometheus.Registerer, up func() bool) {
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "relaycar_rate_limit_shared_up",
-		Help: "1 while Redis answers for the shared rate limits, 0 while each replica uses its local fallback."},
+		Help: "1 while Redis takes the shared rate limits' writes, 0 while each replica uses its local fallback."},
 		func() float64 {
 			if up() {
 				return 1
