@@ -26,6 +26,11 @@ func (l localLimiter) Take(ctx context.Context, n int) bool {
 
 func (l localLimiter) SetRate(perSecond float64) { l.l.SetLimit(rate.Limit(perSecond)) }
 
+// NewLocalPauses keeps throttle pauses in this process, by upstream name:
+// one record that outlives the gates (a reload rebuilds an upstream's gate,
+// and a 1 h daily-quota pause must not end with it).
+func NewLocalPauses() Pauses { return &localPauses{} }
+
 // localPauses keeps throttle pauses in this process.
 type localPauses struct {
 	mu    sync.Mutex

@@ -82,7 +82,16 @@ func (r *Relay) buildEngine(cfg *Config, old *engine) (*engine, error) {
 		}
 		// Injected fakes are wrapped too, so relay tests see the edits.
 		u = upstreams.Rewrite(u, uc)
-		g := policy.NewGate(u, uc, r.gateHooks(uc))
+		h := r.gateHooks(uc)
+		if old != nil && old.gates[uc.Name] != nil {
+			// A throttle pause stays with the upstream. Both records of
+			// pauses are the relay's, so this copies only when
+			// rate_limit.shared turned on or off moved it to the other.
+			if until := old.gates[uc.Name].PausedUntil(); until.After(r.now()) {
+				h.Pauses.Pause(uc.Name, until)
+			}
+		}
+		g := policy.NewGate(u, uc, h)
 		e.ups[uc.Name], e.gates[uc.Name] = u, g
 		e.order = append(e.order, g)
 	}

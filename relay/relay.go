@@ -71,6 +71,9 @@ type Relay struct {
 	quotas *quotaWatch
 	// shared is nil unless an upstream has rate_limit.shared.
 	shared *sharedState
+	// pauses are the throttle pauses of the other upstreams, kept across
+	// reloads.
+	pauses policy.Pauses
 
 	intake *intake
 	api    *adminAPI
@@ -80,7 +83,7 @@ type Relay struct {
 // New validates nothing (call Config.Validate first) but builds every part,
 // so a bad certificate or an unusable spool fails before anything listens.
 func New(cfg *Config, d Deps) (_ *Relay, err error) {
-	r := &Relay{cfg: cfg, log: d.Logger, now: d.Now, rand: d.Rand}
+	r := &Relay{cfg: cfg, log: d.Logger, now: d.Now, rand: d.Rand, pauses: policy.NewLocalPauses()}
 	if r.log == nil {
 		r.log = slog.New(slog.DiscardHandler)
 	}

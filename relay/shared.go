@@ -28,10 +28,11 @@ func (r *Relay) newShared() {
 }
 
 // gateHooks are an upstream's gate hooks: the shared limit and pauses for
-// rate_limit.shared, the local ones otherwise.
+// rate_limit.shared, the local ones otherwise. Either record of pauses is
+// the relay's, not the gate's, so a gate rebuilt by a reload is still paused.
 func (r *Relay) gateHooks(uc upstreams.Config) policy.GateHooks {
 	// The gate ends a pause by the clock the adapters stamp RetryAt with.
-	h := policy.GateHooks{OnStateChange: r.breakerChanged, Now: r.now}
+	h := policy.GateHooks{OnStateChange: r.breakerChanged, Now: r.now, Pauses: r.pauses}
 	if r.shared != nil && uc.RateLimit.Shared {
 		h.Limiter = r.shared.redis.Limiter(uc.Name, uc.RateLimit.PerSecond, uc.RateLimit.Burst)
 		h.Pauses = r.shared.pauses

@@ -1,11 +1,14 @@
 package relay
 
 import (
+	"context"
+	"slices"
 	"strconv"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/alicebob/miniredis/v2"
 	"github.com/sony/gobreaker/v2"
 
 	"github.com/relaycar/relaycar/internal/fakes"
@@ -116,4 +119,82 @@ func TestDelivery_SMTPRateReplyPausesUpstreamWithoutTrippingBreaker(t *testing.T
 	a := upstreams.Config{Name: "a", Type: "smtp", Address: sink.Addr, TLS: "none"}
 	// smtpRatePause: a rate reply asks for a minute.
 	throttleScenario(t, a, requests, time.Minute)
+}
+
+// A reload that rebuilds an upstream (a rotated key, a new timeout) gives
+// it a new gate; a throttle pause, such as SES's 1 h "Daily message quota
+// exceeded", must hold on it: the pause seen before the reload, one that
+// an attempt still running on the old gate sees after it, and one whose
+// upstream a reload moves off rate_limit.shared.
+func TestReload_RebuiltUpstreamKeepsItsThrottlePause(t *testing.T) {
+	t.Parallel()
+	quota := func(name string) error {
+		return &upstreams.Error{Upstream: name, Class: upstreams.Transient, Reason: "Daily message quota exceeded", RetryAt: time.Now().Add(time.Hour)}
+	}
+	m := &upstreams.Message{ID: "x", From: "s@example.com", To: []string{"r@example.net"}}
+	admit := func(g *policy.Gate) policy.Skip { return g.Admit(context.Background(), policy.Ask{Size: 10, Rcpts: 1}) }
+	// rebuild reloads with a longer timeout for every upstream and returns
+	// the engine before it.
+	rebuild := func(t *testing.T, tr *testRelay, edit func(*Config)) *engine {
+		t.Helper()
+		old := tr.engine.Load()
+		cfg := *old.cfg
+		cfg.Upstreams = slices.Clone(cfg.Upstreams)
+		for i := range cfg.Upstreams {
+			cfg.Upstreams[i].Timeout += time.Second
+		}
+		if edit != nil {
+			edit(&cfg)
+		}
+		if err := tr.Reload(&cfg); err != nil {
+			t.Fatal(err)
+		}
+		for name, g := range tr.engine.Load().gates {
+			if old.gates[name] == g {
+				t.Fatalf("the reload kept %s's gate; the test needs a rebuilt one", name)
+			}
+		}
+		return old
+	}
+
+	t.Run("paused before the reload", func(t *testing.T) {
+		t.Parallel()
+		a := &recorder{name: "a", errs: []error{quota("a")}}
+		tr := startRelayDeps(t, []*recorder{a}, nil, nil, false, nil, nil)
+		if _, err := tr.engine.Load().gates["a"].Send(context.Background(), m); err == nil {
+			t.Fatal("want the throttle")
+		}
+		rebuild(t, tr, nil)
+		if s := admit(tr.engine.Load().gates["a"]); s != policy.SkipThrottled {
+			t.Errorf("after the reload: %v, want throttled (paused for 1h)", s)
+		}
+	})
+	t.Run("paused by an attempt on the old gate", func(t *testing.T) {
+		t.Parallel()
+		a := &recorder{name: "a", errs: []error{quota("a")}}
+		tr := startRelayDeps(t, []*recorder{a}, nil, nil, false, nil, nil)
+		old := rebuild(t, tr, nil)
+		if _, err := old.gates["a"].Send(context.Background(), m); err == nil {
+			t.Fatal("want the throttle")
+		}
+		if s := admit(tr.engine.Load().gates["a"]); s != policy.SkipThrottled {
+			t.Errorf("the new gate after the old one was throttled: %v, want throttled", s)
+		}
+	})
+	t.Run("shared turned off", func(t *testing.T) {
+		t.Parallel()
+		redis := miniredis.RunT(t)
+		a := &recorder{name: "a", errs: []error{quota("a")}}
+		tr := startRelayDeps(t, []*recorder{a}, nil, func(c *Config) {
+			c.Redis.Address = redis.Addr()
+			c.Upstreams[0].RateLimit = upstreams.RateLimit{PerSecond: 100, Burst: 10, MaxWait: time.Second, Shared: true}
+		}, false, nil, nil)
+		if _, err := tr.engine.Load().gates["a"].Send(context.Background(), m); err == nil {
+			t.Fatal("want the throttle")
+		}
+		rebuild(t, tr, func(c *Config) { c.Upstreams[0].RateLimit.Shared = false })
+		if s := admit(tr.engine.Load().gates["a"]); s != policy.SkipThrottled {
+			t.Errorf("after a reload to a local limit: %v, want throttled (paused for 1h)", s)
+		}
+	})
 }
