@@ -122,18 +122,22 @@ func (w *quotaWatch) read(ctx context.Context, u *quotaUpstream) {
 	if err != nil && ctx.Err() == context.Canceled {
 		return // shutting down
 	}
-	// A reload during the read may have replaced the gate: the quota
-	// goes on the running one.
-	_, gate, perSecond := w.current(u.name)
-	if gate == nil {
-		return
-	}
 	if err != nil {
-		w.log.Warn("reading the provider quota failed; keeping the last known one", "upstream", u.name, "err", err)
+		if _, gate, _ := w.current(u.name); gate != nil {
+			w.log.Warn("reading the provider quota failed; keeping the last known one", "upstream", u.name, "err", err)
+		}
 		return
 	}
 	u.mu.Lock()
 	defer u.mu.Unlock()
+	// A reload during the read may have replaced the gate: the quota goes
+	// on the running one. Looked up under u.mu, as reloaded does after the
+	// swap, so a reload between the lookup and the lock cannot be undone
+	// by storing the old gate back.
+	_, gate, perSecond := w.current(u.name)
+	if gate == nil {
+		return
+	}
 	first := !u.known
 	u.q, u.sentSince, u.known, u.gate, u.perSecond = q, 0, true, gate, perSecond
 	rate := u.capRateLocked()

@@ -265,3 +265,54 @@ func TestQuota_ReloadKeepsTheQuotaOnARebuiltGate(t *testing.T) {
 		t.Errorf("after the reload: %v, want quota_exhausted", s)
 	}
 }
+
+// A reload that lands while a quota read is applied (after the read
+// looked up the gate, before it took the upstream's lock) must not be
+// undone: the read's quota ends up on the reload's new gate, not stored
+// back on the old one.
+func TestQuota_ReloadDuringAReadKeepsTheNewGate(t *testing.T) {
+	t.Parallel()
+	f := newQuotaFixture(t, 1000,
+		quotaAnswer{q: upstreams.Quota{MaxSendRate: 1000, Max24HourSend: 10, SentLast24Hours: 0, SendingEnabled: true}},
+		quotaAnswer{q: upstreams.Quota{MaxSendRate: 1000, Max24HourSend: 10, SentLast24Hours: 10, SendingEnabled: true}})
+	c := upstreams.Config{Name: "ses", Type: "ses", Region: "us-east-1", Timeout: 31 * time.Second,
+		RateLimit: upstreams.RateLimit{PerSecond: 1000, Burst: 1, MaxWait: 200 * time.Millisecond, FromProvider: true}}
+	c.ApplyDefaults()
+	rebuilt := policy.NewGate(f.up, c, policy.GateHooks{})
+	var (
+		mu       sync.Mutex
+		running  = f.gate
+		lookups  int
+		reloaded = make(chan struct{})
+	)
+	f.w.current = func(string) (upstreams.Upstream, *policy.Gate, float64) {
+		mu.Lock()
+		g := running
+		lookups++
+		second := lookups == 2 // the read's lookup once GetAccount answered
+		if second {
+			running = rebuilt // the reload swaps the engine...
+		}
+		mu.Unlock()
+		if second {
+			// ...and carries the quota over; it waits for the read if
+			// the read holds the upstream's lock.
+			go func() { f.w.reloaded([]upstreams.Config{c}); close(reloaded) }()
+			select {
+			case <-reloaded:
+			case <-time.After(200 * time.Millisecond):
+			}
+		}
+		return f.up, g, 1000
+	}
+	f.tick <- time.Now()
+	select {
+	case <-reloaded:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the reload did not finish")
+	}
+	waitFor(t, "the second read applied", func() bool { return f.gauge(f.m.remaining24h) == 0 })
+	if s := rebuilt.Admit(context.Background(), policy.Ask{Size: 10, Rcpts: 1}); s != policy.SkipQuotaExhausted {
+		t.Errorf("the reload's gate after the read: %v, want quota_exhausted (the read's quota on the running gate)", s)
+	}
+}
