@@ -256,7 +256,7 @@ func (r *Relay) deliverRoute(ctx context.Context, e *engine, env *Envelope, rs *
 			// fails the attempt for every original recipient.
 			if err = redirectRefusal(rc, name); err == nil {
 				r.metrics.deliveries.WithLabelValues(name, "delivered").Inc()
-				r.delivered(env, rs, name, rc.ProviderID, rs.Pending, elapsed, log)
+				r.delivered(env, rs, name, rc.ProviderID, rs.Pending, len(m.To), elapsed, log)
 				rs.Pending, rs.Pinned = nil, ""
 				return tried, nil
 			}
@@ -266,7 +266,7 @@ func (r *Relay) deliverRoute(ctx context.Context, e *engine, env *Envelope, rs *
 			// failed attempt.
 			if err = r.recordPartial(env, rs, m, name, rc, elapsed, log); err == nil {
 				r.metrics.deliveries.WithLabelValues(name, "delivered").Inc()
-				r.delivered(env, rs, name, rc.ProviderID, m.To, elapsed, log)
+				r.delivered(env, rs, name, rc.ProviderID, m.To, len(m.To), elapsed, log)
 				rs.Pending, rs.Pinned = nil, ""
 				return tried, nil
 			}
@@ -345,7 +345,7 @@ func (r *Relay) recordPartial(env *Envelope, rs *RouteState, m *upstreams.Messag
 		}
 	}
 	if len(done) > 0 {
-		r.delivered(env, rs, name, rc.ProviderID, done, took, log)
+		r.delivered(env, rs, name, rc.ProviderID, done, len(done), took, log)
 	}
 	// One Failure per reason, in recipient order.
 	now := r.now().UTC()
@@ -385,9 +385,12 @@ func redirectRefusal(rc upstreams.Receipt, upstream string) error {
 	return &upstreams.Error{Upstream: upstream, Class: upstreams.Transient, Reason: "redirect recipient refused without a reason"}
 }
 
-func (r *Relay) delivered(env *Envelope, rs *RouteState, upstream, id string, rcpts []string, took time.Duration, log *slog.Logger) {
+// delivered records rcpts as delivered through upstream. sent is how many
+// addresses the provider sent to, what its quota counts: the redirect
+// addresses, not rcpts, for a redirect_all_to route.
+func (r *Relay) delivered(env *Envelope, rs *RouteState, upstream, id string, rcpts []string, sent int, took time.Duration, log *slog.Logger) {
 	env.Deliveries = append(env.Deliveries, Delivery{Route: rs.Route, Upstream: upstream, ProviderID: id, Rcpts: rcpts, At: r.now().UTC()})
-	r.quotas.sent(upstream, len(rcpts))
+	r.quotas.sent(upstream, sent)
 	log.Info("message delivered", "upstream", upstream, "provider_id", id, "rcpt_count", len(rcpts),
 		"attempts", env.Attempts+1, "duration", took.Round(time.Millisecond).String())
 }

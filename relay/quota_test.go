@@ -316,3 +316,33 @@ func TestQuota_ReloadDuringAReadKeepsTheNewGate(t *testing.T) {
 		t.Errorf("the reload's gate after the read: %v, want quota_exhausted (the read's quota on the running gate)", s)
 	}
 }
+
+// A redirect_all_to route sends to the redirect addresses only: the
+// provider's 24-hour quota counts those, not the original recipients
+// (as the rate limit already charges them).
+func TestQuota_RedirectCountsTheRedirectAddresses(t *testing.T) {
+	t.Parallel()
+	up := &quotaUp{recorder: &recorder{name: "ses"}, answers: []quotaAnswer{
+		{q: upstreams.Quota{MaxSendRate: 1000, Max24HourSend: 100, SentLast24Hours: 0, SendingEnabled: true}}}}
+	routes := []policy.RouteConfig{{Name: "staging", Upstreams: []string{"ses"}, RedirectAllTo: []string{"qa@example.com"}}}
+	tr := startRelayDeps(t, []*recorder{up.recorder}, routes, func(c *Config) {
+		c.Upstreams[0].Type, c.Upstreams[0].Region, c.Upstreams[0].Dir = "ses", "us-east-1", ""
+		c.Upstreams[0].RateLimit = upstreams.RateLimit{PerSecond: 1000, Burst: 10, MaxWait: 200 * time.Millisecond, FromProvider: true}
+	}, false, nil, func(d *Deps) { d.Upstreams["ses"] = up })
+	remaining := func() float64 {
+		var m dto.Metric
+		if err := tr.quotas.metrics.remaining24h.WithLabelValues("ses").Write(&m); err != nil {
+			t.Fatal(err)
+		}
+		return m.GetGauge().GetValue()
+	}
+	waitFor(t, "the first quota read", func() bool { return remaining() == 100 })
+	rcpts := []string{"a@example.net", "b@example.net", "c@example.net", "d@example.net", "e@example.net"}
+	if err := tr.send("s@example.com", rcpts, simpleMsg); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the delivery", func() bool { return len(up.accepted()) == 1 && tr.queue.len() == 0 })
+	if v := remaining(); v != 99 {
+		t.Errorf("remaining_24h = %v after one message redirected to one address, want 99 (5 original recipients: 95)", v)
+	}
+}
