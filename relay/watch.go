@@ -21,6 +21,8 @@ func (c *Config) Files() []string {
 	add(c.Listen.TLS.CertFile)
 	add(c.Listen.TLS.KeyFile)
 	add(c.Listen.Auth.UsersFile)
+	// A rotated Redis password needs a restart: the reload says so.
+	add(c.Redis.PasswordFile)
 	for _, u := range c.Upstreams {
 		for _, p := range u.Files() {
 			add(p)

@@ -4,11 +4,15 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"reflect"
+	"slices"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/relaycar/relaycar/internal/testwait"
+	"github.com/relaycar/relaycar/upstreams"
 )
 
 // A Kubernetes Secret volume: password -> ..data/password, ..data ->
@@ -60,4 +64,54 @@ func TestWatchFiles_KubernetesSecretVolumeSwap(t *testing.T) {
 	}
 	cancel()
 	<-done
+}
+
+// DESIGN: a change to "every *_file" the config names reloads it. Every
+// string field whose YAML key ends in _file, at any depth (the listener,
+// redis, an upstream and its oauth2), gets its own path; Files must list
+// each one, so a rotated secret is never missed (redis.password_file was:
+// no reload, and so no "needs a restart" warning).
+func TestConfigFiles_ListsEveryFileField(t *testing.T) {
+	t.Parallel()
+	cfg := Default()
+	cfg.Upstreams = []upstreams.Config{{Name: "a"}}
+	var want []string
+	var fill func(v reflect.Value, path string)
+	fill = func(v reflect.Value, path string) {
+		switch v.Kind() {
+		case reflect.Struct:
+			for i := range v.NumField() {
+				f := v.Type().Field(i)
+				name, _, _ := strings.Cut(f.Tag.Get("yaml"), ",")
+				if !f.IsExported() || name == "-" {
+					continue
+				}
+				if f.Type.Kind() == reflect.String && strings.HasSuffix(name, "_file") {
+					p := "/secrets/" + path + name
+					v.Field(i).SetString(p)
+					want = append(want, p)
+					continue
+				}
+				fill(v.Field(i), path+name+".")
+			}
+		case reflect.Slice:
+			for i := range v.Len() {
+				fill(v.Index(i), path+"0.")
+			}
+		case reflect.Pointer:
+			if !v.IsNil() {
+				fill(v.Elem(), path)
+			}
+		}
+	}
+	fill(reflect.ValueOf(&cfg).Elem(), "")
+	if len(want) < 10 {
+		t.Fatalf("found only %d *_file fields: %v", len(want), want)
+	}
+	got := cfg.Files()
+	for _, p := range want {
+		if !slices.Contains(got, p) {
+			t.Errorf("Files() lacks %s", strings.TrimPrefix(p, "/secrets/"))
+		}
+	}
 }
