@@ -472,7 +472,10 @@ func (r *RedisConfig) validate() []error {
 		errs = append(errs, yamlconf.FieldError{Path: path, Msg: fmt.Sprintf(format, args...)})
 	}
 	if r.Address != "" {
-		if host, port, err := net.SplitHostPort(r.Address); err != nil || host == "" || port == "" {
+		if strings.Contains(r.Address, "@") {
+			// A URL's user:password: never quoted back.
+			bad("redis.address", "%q: want host:port, without a password (use redis.password or password_file)", withoutUserinfo(r.Address))
+		} else if host, port, err := net.SplitHostPort(r.Address); err != nil || host == "" || port == "" {
 			bad("redis.address", "%q: want host:port", r.Address)
 		}
 	}
@@ -483,6 +486,20 @@ func (r *RedisConfig) validate() []error {
 		bad("redis.replicas", "must be at least 1")
 	}
 	return errs
+}
+
+// withoutUserinfo replaces what comes before an address's last '@' (after
+// any scheme) with <secret>, as apiRedact does with URL userinfo.
+func withoutUserinfo(a string) string {
+	at := strings.LastIndex(a, "@")
+	if at < 0 {
+		return a
+	}
+	scheme := ""
+	if i := strings.Index(a[:at], "://"); i >= 0 {
+		scheme = a[:i+3]
+	}
+	return scheme + "<secret>@" + a[at+1:]
 }
 
 func splitJoined(err error) []error {

@@ -153,6 +153,24 @@ routes:
 	}
 }
 
+// A redis.address written as a URL with its password (redis-cli's
+// redis://:password@host:port) is refused without quoting the password.
+func TestConfig_RedisAddressNeverEchoesItsPassword(t *testing.T) {
+	t.Parallel()
+	for _, addr := range []string{"redis://:hunter2@redis:6379", "rediss://default:hunter2@redis:6380/0", ":hunter2@redis:6379", "hunter2@redis:6379"} {
+		cfg := Default()
+		cfg.Redis.Address = addr
+		err := cfg.Validate()
+		if err == nil {
+			t.Errorf("%s accepted", addr)
+			continue
+		}
+		if msg := err.Error(); strings.Contains(msg, "hunter2") || !strings.Contains(msg, "redis.address: ") || !strings.Contains(msg, "<secret>@redis:63") {
+			t.Errorf("%s: %s", addr, msg)
+		}
+	}
+}
+
 // shutdown.grace replaces shutdown_grace, which is still read; giving
 // both is a mistake, and draining to this relay's own address would loop.
 func TestConfig_ShutdownGraceAndDrainTo(t *testing.T) {
