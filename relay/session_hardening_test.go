@@ -217,18 +217,21 @@ func TestSMTP_TimedOutPartialBDATQueuesNothing(t *testing.T) {
 // a slow but steady message arriving over 4 x read_timeout is accepted.
 func TestSMTP_SlowSteadyDATAAccepted(t *testing.T) {
 	t.Parallel()
-	const rt = 300 * time.Millisecond
+	// Drips at a quarter (DATA) and half (BDAT) of read_timeout: a late
+	// wake-up on a loaded machine stays inside it.
+	const rt = 600 * time.Millisecond
 	a := &recorder{name: "a"}
 	tr := startRelay(t, []*recorder{a}, nil, func(c *Config) { c.Listen.ReadTimeout = rt })
 	r := dialSMTP(t, tr.smtp)
+	r.c.SetDeadline(time.Now().Add(30 * time.Second))
 	r.reply()
 	r.want("EHLO slow", "250")
 	r.want("MAIL FROM:<a@example.com>", "250")
 	r.want("RCPT TO:<b@example.net>", "250")
 	r.want("DATA", "354")
 	r.send("Subject: slow\r\n\r\n")
-	for range 12 { // 12 x 100ms = 4 read timeouts
-		time.Sleep(100 * time.Millisecond)
+	for range 16 { // 16 x 150ms = 4 read timeouts
+		time.Sleep(150 * time.Millisecond)
 		r.send(strings.Repeat("y", 60) + "\r\n")
 	}
 	if got := r.cmd("."); !strings.HasPrefix(got, "250 2.0.0 OK: queued") {
@@ -243,7 +246,7 @@ func TestSMTP_SlowSteadyDATAAccepted(t *testing.T) {
 	r.want("RCPT TO:<b@example.net>", "250")
 	r.send("BDAT " + itoa(len(body)) + "\r\n")
 	for i := 0; i < len(body); i += len(body) / 6 {
-		time.Sleep(200 * time.Millisecond)
+		time.Sleep(300 * time.Millisecond)
 		r.send(body[i:min(len(body), i+len(body)/6)])
 	}
 	if got := r.reply(); !strings.HasPrefix(got, "250") {
@@ -548,7 +551,7 @@ func TestAllowListener_CountsOpenConnections(t *testing.T) {
 // the DATA deadlines and the AUTH brake (421 sent over TLS) hold there too.
 func TestSMTP_HardeningOverSTARTTLS(t *testing.T) {
 	t.Parallel()
-	const rt = 300 * time.Millisecond
+	const rt = 500 * time.Millisecond // 5x the drip below
 	cert := testsmtp.NewCert(t)
 	hash, _ := bcrypt.GenerateFromPassword([]byte("s3cret"), bcrypt.MinCost)
 	users := filepath.Join(t.TempDir(), "users")
@@ -576,7 +579,7 @@ func TestSMTP_HardeningOverSTARTTLS(t *testing.T) {
 	r.want("RCPT TO:<b@example.net>", "250")
 	r.want("DATA", "354")
 	r.send("Subject: slow tls\r\n\r\n")
-	for range 8 { // 8 x 100ms: past two read timeouts in total
+	for range 12 { // 12 x 100ms: past two read timeouts in total
 		time.Sleep(100 * time.Millisecond)
 		r.send(strings.Repeat("t", 60) + "\r\n")
 	}

@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/relaycar/relaycar/internal/testwait"
 )
 
 // cgroupV1Memory is where the cgroup v1 memory controller is mounted.
@@ -68,20 +70,20 @@ func (s cgroupStats) String() string {
 func newMemCgroup(t *testing.T, limit int64) *memCgroup {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Skip("memory cgroup: not root")
+		testwait.SkipUnprivileged(t, "memory cgroup: not root")
 	}
 	if st, err := os.Stat(filepath.Join(cgroupV1Memory, "cgroup.procs")); err != nil || st.IsDir() {
-		t.Skipf("memory cgroup: no cgroup v1 memory controller at %s", cgroupV1Memory)
+		testwait.SkipUnprivileged(t, "memory cgroup: no cgroup v1 memory controller at %s", cgroupV1Memory)
 	}
 	dir := filepath.Join(cgroupV1Memory, fmt.Sprintf("relaycar-test-%016x", rand.Uint64()))
 	if err := os.Mkdir(dir, 0o755); err != nil {
-		t.Skipf("memory cgroup: %s not writable: %v", cgroupV1Memory, err)
+		testwait.SkipUnprivileged(t, "memory cgroup: %s not writable: %v", cgroupV1Memory, err)
 	}
 	c := &memCgroup{t: t, dir: dir, limit: limit}
 	t.Cleanup(c.remove)
 	// limit_in_bytes first: memsw may never be below it.
 	if err := c.write("memory.limit_in_bytes", limit); err != nil {
-		t.Skipf("memory cgroup: cannot set a limit: %v", err)
+		testwait.SkipUnprivileged(t, "memory cgroup: cannot set a limit: %v", err)
 	}
 	if _, err := os.Stat(filepath.Join(dir, "memory.memsw.limit_in_bytes")); err == nil {
 		if err := c.write("memory.memsw.limit_in_bytes", limit); err != nil {

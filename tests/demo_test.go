@@ -1,11 +1,15 @@
 package tests
 
 import (
+	"context"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 )
 
 // The failover demo in the README must keep working: primary down mid-stream,
@@ -15,8 +19,25 @@ func TestFailoverDemo(t *testing.T) {
 		t.Skip("takes about 20s")
 	}
 	t.Parallel()
-	cmd := exec.Command("go", "run", "./examples/failover-demo")
+	demo := filepath.Join(t.TempDir(), "failover-demo")
+	build := exec.Command("go", "build", "-o", demo, "./examples/failover-demo")
+	build.Dir = ".."
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, demo)
 	cmd.Dir = ".."
+	// In a process group of its own, so that a timeout or the end of the
+	// test stops the relay the demo started too, not only the demo.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+	t.Cleanup(func() {
+		if cmd.Process != nil {
+			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		}
+	})
 	out, err := cmd.CombinedOutput()
 	text := string(out)
 	if err != nil {

@@ -157,7 +157,7 @@ routes:
 	p := a.current()
 	p.stopping = true
 	p.cmd.Process.Signal(syscall.SIGTERM)
-	time.Sleep(100 * time.Millisecond)
+	waitFor(t, 5*time.Second, "the shutdown to begin", func() bool { return a.logContains(`msg="shutting down"`) })
 	p.cmd.Process.Signal(syscall.SIGHUP)
 	select {
 	case <-p.done:

@@ -153,7 +153,7 @@ routes:
 // carry the secret.
 func TestOAuth_RevokedSecretDeadLettersWithReasonNoSecret(t *testing.T) {
 	t.Parallel()
-	tokens := fakes.NewTokenServer(t, fakes.TokenOptions{ClientID: m365ClientID, ClientSecret: "the-secret-Entra-has-now"})
+	tokens := fakes.NewTokenServer(t, fakes.TokenOptions{ClientID: m365ClientID, ClientSecret: "the-secret-Entra-has-now", EchoSecret: true})
 	sink := testsmtp.Start(t, testsmtp.Options{Bearer: func(string, string) bool { return true }})
 	secretFile := writeSecret(t, "client_secret", m365Secret)
 	h := newHarness(t, fmt.Sprintf(`

@@ -38,6 +38,10 @@ type TokenOptions struct {
 	// Fail, when it returns a status, answers request n with it and an
 	// RFC 6749 error body instead of a token.
 	Fail func(n int) (status int, code, desc string)
+	// EchoSecret quotes the client secret it got in invalid_client's
+	// description, as a careless endpoint or proxy might: what the relay
+	// must keep out of its logs and dead letters.
+	EchoSecret bool
 }
 
 // TokenServer is a fake OAuth 2.0 token endpoint (RFC 6749 section 4.4
@@ -165,7 +169,11 @@ func (ts *TokenServer) serve(w http.ResponseWriter, r *http.Request) {
 	switch grant {
 	case "client_credentials":
 		if id != ts.o.ClientID || secret != ts.o.ClientSecret || ts.o.ClientSecret == "" {
-			fail(401, "invalid_client", "AADSTS7000215: Invalid client secret provided.")
+			desc := "AADSTS7000215: Invalid client secret provided."
+			if ts.o.EchoSecret {
+				desc += " Got '" + secret + "'."
+			}
+			fail(401, "invalid_client", desc)
 			return
 		}
 	case "refresh_token":

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/KimMachineGun/automemlimit/memlimit"
+
+	"github.com/relaycar/relaycar/internal/testwait"
 )
 
 // Mount lines as this machine and common container runtimes write them.
@@ -183,11 +185,11 @@ func TestContainerLimitInRealCgroup(t *testing.T) {
 	}
 	const parent = "/sys/fs/cgroup/memory"
 	if os.Geteuid() != 0 {
-		t.Skip("not root: cannot create a cgroup")
+		testwait.SkipUnprivileged(t, "not root: cannot create a cgroup")
 	}
 	dir := filepath.Join(parent, fmt.Sprintf("relaycar-test-%d-%d", os.Getpid(), time.Now().UnixNano()))
 	if err := os.Mkdir(dir, 0o755); err != nil {
-		t.Skipf("cgroup v1 memory not writable: %v", err)
+		testwait.SkipUnprivileged(t, "cgroup v1 memory not writable: %v", err)
 	}
 	t.Cleanup(func() {
 		for i := 0; i < 50; i++ {

@@ -20,7 +20,7 @@ func Tmpfs(t testing.TB, size string) string {
 	}
 	out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+size+",mode=0700", "tmpfs", dir).CombinedOutput()
 	if err != nil {
-		t.Skipf("cannot mount a tmpfs here (%v: %s)", err, strings.TrimSpace(string(out)))
+		SkipUnprivileged(t, "cannot mount a tmpfs here (%v: %s)", err, strings.TrimSpace(string(out)))
 	}
 	t.Cleanup(func() {
 		if out, err := exec.Command("umount", "-l", dir).CombinedOutput(); err != nil {
@@ -28,4 +28,20 @@ func Tmpfs(t testing.TB, size string) string {
 		}
 	})
 	return dir
+}
+
+// RequirePrivilegedEnv, when set (make test sets it for root), turns the
+// skips of tests that need root into failures: on a machine that can run
+// them, a full disk or a memory limit that silently went untested would
+// leave a guarantee unchecked.
+const RequirePrivilegedEnv = "RELAYCAR_REQUIRE_PRIVILEGED"
+
+// SkipUnprivileged skips t for a reason only privilege would remove, or
+// fails it where RequirePrivilegedEnv says the machine is privileged.
+func SkipUnprivileged(t testing.TB, format string, args ...any) {
+	t.Helper()
+	if os.Getenv(RequirePrivilegedEnv) != "" {
+		t.Fatalf(format+" ("+RequirePrivilegedEnv+" is set: this machine must run it)", args...)
+	}
+	t.Skipf(format, args...)
 }

@@ -40,17 +40,28 @@ func TestFloorWritesEachMessageBeforeReplying(t *testing.T) {
 	}
 }
 
+// Without -dir the floor answers 250 and keeps nothing, in this process's
+// working directory or anywhere else it could write.
 func TestFloorDiscards(t *testing.T) {
+	t.Chdir(t.TempDir())
 	be, err := newFloorBackend("")
 	if err != nil {
 		t.Fatal(err)
 	}
 	addr := serveFloor(t, be)
-	c, err := sendOne(addr, nil, "a@example.com", "b@example.net", "Subject: x\r\n\r\nbody\r\n", time.Now().Add(10*time.Second))
-	if err != nil {
-		t.Fatal(err)
+	for i := range 3 {
+		c, err := sendOne(addr, nil, "a@example.com", "b@example.net", "Subject: x\r\n\r\nbody\r\n", time.Now().Add(10*time.Second))
+		if err != nil {
+			t.Fatalf("message %d: %v, want 250", i+1, err)
+		}
+		c.Close()
 	}
-	c.Close()
+	if be.f != nil {
+		t.Error("the discarding floor holds a file")
+	}
+	if ents, _ := os.ReadDir("."); len(ents) != 0 {
+		t.Errorf("the discarding floor wrote %v", ents)
+	}
 }
 
 func serveFloor(t *testing.T, be *floorBackend) string {
