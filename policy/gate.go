@@ -3,6 +3,7 @@ package policy
 import (
 	"context"
 	"errors"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -78,6 +79,9 @@ type Gate struct {
 
 	mu      sync.Mutex
 	senders map[string]*gobreaker.CircuitBreaker[string]
+	// rewrittenFrom is the domain of the upstream's rewrite_from: the
+	// sender domain of every message it sends ("" without one).
+	rewrittenFrom string
 }
 
 // GateHooks lets the caller observe breaker transitions (logs, metrics)
@@ -116,6 +120,11 @@ type Pauses interface {
 func NewGate(u upstreams.Upstream, c upstreams.Config, h GateHooks) *Gate {
 	g := &Gate{up: u, hooks: h, maxWait: c.RateLimit.MaxWait, maxBytes: c.MaxMessageBytes, senders: map[string]*gobreaker.CircuitBreaker[string]{},
 		limiter: h.Limiter, pauses: h.Pauses, now: h.Now}
+	if at := strings.LastIndexByte(c.RewriteFrom, '@'); at >= 0 {
+		// Every message leaves as rewrite_from: a refusal of that sender
+		// is one for all of them, whatever their own sender was.
+		g.rewrittenFrom = strings.ToLower(c.RewriteFrom[at+1:])
+	}
 	if g.limiter == nil && c.RateLimit.PerSecond > 0 {
 		g.limiter = NewLocalLimiter(c.RateLimit.PerSecond, c.RateLimit.Burst)
 	}
@@ -295,6 +304,9 @@ func verdict(rc upstreams.Receipt, err error) error {
 // create is set. Breakers exist only for senders that were refused, so the
 // map stays as small as the set of misconfigured sender domains.
 func (g *Gate) sender(domain string, create bool) *gobreaker.CircuitBreaker[string] {
+	if g.rewrittenFrom != "" {
+		domain = g.rewrittenFrom
+	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	sb := g.senders[domain]

@@ -367,3 +367,23 @@ func TestGate_ThrottleIsNeitherFailureNorSuccess(t *testing.T) {
 		}
 	})
 }
+
+// With rewrite_from every message leaves with that sender: its refusal
+// opens one breaker that every message meets, whatever its own sender,
+// instead of one per original domain, each paying a failed attempt.
+func TestGate_SenderBreakerFollowsRewriteFrom(t *testing.T) {
+	t.Parallel()
+	u := &scripted{errs: []error{classErr(upstreams.SenderRejected)}}
+	c := upstreams.Config{Name: "up", RewriteFrom: "relay@Contoso.example", CircuitBreaker: upstreams.CircuitBreaker{Failures: 1, OpenFor: time.Hour}}
+	c.ApplyDefaults()
+	g := NewGate(u, c, GateHooks{})
+	g.Send(context.Background(), msg) // from news.example.com, refused as relay@contoso.example
+	for _, domain := range []string{"news.example.com", "example.org"} {
+		if skip := g.Admit(context.Background(), Ask{Size: 1, SenderDomain: domain}); skip != SkipSenderOpen {
+			t.Errorf("Admit(%s) = %v, want sender_breaker_open: it would be sent as relay@contoso.example", domain, skip)
+		}
+	}
+	if g.State() != gobreaker.StateClosed {
+		t.Errorf("upstream breaker = %v, want closed", g.State())
+	}
+}
