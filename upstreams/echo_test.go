@@ -216,3 +216,26 @@ func TestGraph_AccessPolicyDenialIsPerSender(t *testing.T) {
 		t.Errorf("403 without the policy text: %v (%v), want provider_fault", ClassOf(err), err)
 	}
 }
+
+// A throttled token endpoint (429 with Retry-After) pauses the upstream
+// until then, as the provider's own throttling does, instead of counting
+// against its breaker.
+func TestOAuth2_ThrottledTokenEndpointPauses(t *testing.T) {
+	t.Parallel()
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Retry-After", "7")
+		w.WriteHeader(http.StatusTooManyRequests)
+		w.Write([]byte(`{"error":"temporarily_unavailable","error_description":"AADSTS50196: throttled"}`))
+	}))
+	defer srv.Close()
+	now := time.Now()
+	ts, err := newTokenSource("m365", OAuth2{TokenURL: srv.URL, ClientID: testClientID, ClientSecret: testClientSecret}, "", []string{"s"}, srv.Client(), func() time.Time { return now })
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = ts.Token(context.Background())
+	if ClassOf(err) != Transient || !RetryAtOf(err).Equal(now.Add(7*time.Second)) {
+		t.Errorf("%v (retry at %v), want transient with a pause until now+7s", err, RetryAtOf(err))
+	}
+}

@@ -372,5 +372,12 @@ func (ts *tokenSource) fetchError(ctx context.Context, err error) *Error {
 	if class == Transient {
 		reason = strings.Replace(reason, "refused the credentials", "failed", 1)
 	}
-	return errorf(ts.upstream, class, strconv.Itoa(status), nil, "%s", reason)
+	e := errorf(ts.upstream, class, strconv.Itoa(status), nil, "%s", reason)
+	if re.Response != nil {
+		// Entra throttles its token endpoint with 429 and Retry-After:
+		// the upstream pauses, as for the provider's own throttling,
+		// instead of counting failures against its breaker.
+		e.RetryAt = httpRetryAt(status, re.Response.Header, ts.now())
+	}
+	return e
 }
