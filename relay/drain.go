@@ -281,18 +281,22 @@ func (d Drainer) dialOnce(ctx context.Context) (*drainConn, error) {
 // and the rest being tracked twice.
 func (d Drainer) send(ctx context.Context, dc *drainConn, sp *spool.Spool, env *Envelope, route string, rcpts, redirect []string) (err error) {
 	dc.sentAll = false
-	stop := context.AfterFunc(ctx, func() { dc.conn.Close() })
-	defer stop()
-	defer func() {
-		var se *smtp.SMTPError
-		if err != nil && !errors.As(err, &se) {
-			dc.broken = true
-		}
-	}()
 	body, err := sp.OpenBody(env.ID)
 	if err != nil {
 		return fmt.Errorf("reading the spooled message: %w", err)
 	}
+	stop := context.AfterFunc(ctx, func() { dc.conn.Close() })
+	defer stop()
+	defer func() {
+		// A transport error, or a 421: the peer is closing the session (a
+		// relaycar that began its own shutdown answers MAIL so and keeps
+		// the connection until its transactions end). Either way the next
+		// try needs a new connection.
+		var se *smtp.SMTPError
+		if err != nil && (!errors.As(err, &se) || se.Code == 421) {
+			dc.broken = true
+		}
+	}()
 	defer body.Close()
 	var msg upstreams.Body = body
 	extra := fmt.Sprintf("%s: %d\r\n%s: %s\r\n", hopHeader, hopsInARow(env)+1, routeHeader, route)
@@ -300,9 +304,9 @@ func (d Drainer) send(ctx context.Context, dc *drainConn, sp *spool.Spool, env *
 		// As delivery would send it: the peer gets a message to redirect
 		// with the originals in X-Original-To, and no route to honour
 		// (its own redirect would replace those fields).
-		m, err := upstreams.Redirect(&upstreams.Message{ID: env.ID, From: env.From, To: rcpts, Body: body}, redirect)
-		if err != nil {
-			return fmt.Errorf("redirecting (route %s): %w", route, err)
+		m, rerr := upstreams.Redirect(&upstreams.Message{ID: env.ID, From: env.From, To: rcpts, Body: body}, redirect)
+		if rerr != nil {
+			return &smtp.SMTPError{Code: 554, Message: fmt.Sprintf("redirecting (route %s): %v", route, rerr)}
 		}
 		msg, rcpts = m.Body, m.To
 		extra = fmt.Sprintf("%s: %d\r\n", hopHeader, hopsInARow(env)+1)
@@ -310,7 +314,8 @@ func (d Drainer) send(ctx context.Context, dc *drainConn, sp *spool.Spool, env *
 	opts := &smtp.MailOptions{Size: msg.Size() + int64(len(extra))}
 	if !isASCII(env.From, rcpts) {
 		if !dc.utf8 {
-			return errors.New("the peer does not offer SMTPUTF8 and the envelope needs it")
+			// Not the connection's fault: a new one would not help.
+			return &smtp.SMTPError{Code: 553, Message: "the peer does not offer SMTPUTF8 and the envelope needs it"}
 		}
 		opts.UTF8 = true
 	}

@@ -150,13 +150,14 @@ func TestDrain_PinnedRouteIsHandedOverWithAWarning(t *testing.T) {
 	}
 }
 
-// closingPeer is an SMTP peer whose first session ends right after its
-// first 250, as a relaycar that is itself shutting down closes a session
-// between transactions; later sessions stay open. With silent, that
-// session ends after the first final dot instead, with no reply. It
-// counts the final dots it read. It serves until the test ends (at most
-// 10 connections).
-func closingPeer(t *testing.T, silent bool) (addr string, count func() int) {
+// closingPeer is an SMTP peer whose first session misbehaves as a peer
+// that is itself shutting down does; later sessions are well. mode says
+// how the first session ends: "close" right after its first 250 (a
+// relaycar closing idle sessions), "silent" after its first final dot
+// with no reply, "421" answering every MAIL with 421 4.3.2 while keeping
+// the connection (a relaycar draining). It counts the final dots it read.
+// It serves until the test ends (at most 10 connections).
+func closingPeer(t *testing.T, mode string) (addr string, count func() int) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -195,11 +196,11 @@ func closingPeer(t *testing.T, silent bool) (addr string, count func() int) {
 							mu.Lock()
 							accepted++
 							mu.Unlock()
-							if first && silent {
+							if first && mode == "silent" {
 								return
 							}
 							w("250 queued")
-							if first {
+							if first && mode == "close" {
 								return // like srv.Close() once no transaction is in flight
 							}
 						}
@@ -208,6 +209,8 @@ func closingPeer(t *testing.T, silent bool) (addr string, count func() int) {
 					switch u := strings.ToUpper(line); {
 					case strings.HasPrefix(u, "EHLO"):
 						w("250-peer\r\n250 8BITMIME")
+					case strings.HasPrefix(u, "MAIL") && first && mode == "421":
+						w("421 4.3.2 Service shutting down, try again later")
 					case strings.HasPrefix(u, "DATA"):
 						inData = true
 						w("354 go")
@@ -225,10 +228,17 @@ func closingPeer(t *testing.T, silent bool) (addr string, count func() int) {
 	return ln.Addr().String(), func() int { mu.Lock(); defer mu.Unlock(); return accepted }
 }
 
-// The message whose MAIL met the closed connection never reached the
-// peer: it is handed over on a new connection, not left behind.
+// The message whose MAIL met the closed connection, or a 421, never
+// reached the peer: it is handed over on a new connection, not left
+// behind, and so is every message after it.
 func TestDrain_RetriesAMessageAClosedConnectionNeverCarried(t *testing.T) {
-	addr, accepted := closingPeer(t, false)
+	for _, mode := range []string{"close", "421"} {
+		t.Run(mode, func(t *testing.T) { drainPastAClosingSession(t, mode) })
+	}
+}
+
+func drainPastAClosingSession(t *testing.T, mode string) {
+	addr, accepted := closingPeer(t, mode)
 	sp, first := drainEnv(t, "b@example.net")
 	envs := []*Envelope{first}
 	for i := range 2 {
@@ -244,7 +254,7 @@ func TestDrain_RetriesAMessageAClosedConnectionNeverCarried(t *testing.T) {
 // A connection lost after the final dot went out may have carried the
 // message: it is not sent again, and stays here.
 func TestDrain_NoSecondTryAfterTheFinalDot(t *testing.T) {
-	addr, dots := closingPeer(t, true)
+	addr, dots := closingPeer(t, "silent")
 	sp, env := drainEnv(t, "b@example.net")
 	res := Drainer{To: addr, Timeout: 2 * time.Second, ConnectFor: time.Second}.Drain(context.Background(), sp, []*Envelope{env})
 	sp.Close()

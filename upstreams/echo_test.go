@@ -57,6 +57,11 @@ func rawSMTP(t *testing.T, mech string, reply func(raw, cred string) string) str
 							resp, _ = r.ReadString('\n')
 							resp = strings.TrimRight(resp, "\r\n")
 						}
+						if mech == "LOGIN" { // that was the user name
+							w("334 UGFzc3dvcmQ6")
+							resp, _ = r.ReadString('\n')
+							resp = strings.TrimRight(resp, "\r\n")
+						}
 						dec, _ := base64.StdEncoding.DecodeString(resp)
 						w(reply(resp, strings.ReplaceAll(string(dec), "\x00", " ")))
 					case strings.HasPrefix(up, "QUIT"):
@@ -86,16 +91,7 @@ func TestSMTP_ReplyQuotingThePasswordIsRedacted(t *testing.T) {
 		addr := rawSMTP(t, "PLAIN", func(raw, cred string) string {
 			return "535 5.7.8 Authentication failed for [" + echo(raw, cred) + "]"
 		})
-		c := Config{Name: "sh", Type: "smtp", Address: addr, TLS: TLSNone, Username: "me@example.com", Password: pw, Timeout: 5 * time.Second}
-		c.ApplyDefaults()
-		if errs := c.Validate("upstreams[0]"); len(errs) > 0 {
-			t.Fatal(errs)
-		}
-		u, err := New(c, Deps{Hostname: "relay.test"})
-		if err != nil {
-			t.Fatal(err)
-		}
-		_, err = u.Send(context.Background(), oauthMsg(0))
+		err := sendWithPassword(t, addr, "", pw)
 		if ClassOf(err) != ProviderFault {
 			t.Errorf("%s: %v, want provider_fault", name, err)
 		}
@@ -114,6 +110,23 @@ func issuing(t *testing.T, access string) *httptest.Server {
 	}))
 	t.Cleanup(tok.Close)
 	return tok
+}
+
+// sendWithPassword sends one message through an smtp upstream at addr
+// that logs in as me@example.com with pw (auth "" picks the mechanism).
+func sendWithPassword(t *testing.T, addr string, auth AuthMode, pw string) error {
+	t.Helper()
+	c := Config{Name: "sh", Type: "smtp", Address: addr, TLS: TLSNone, Username: "me@example.com", Password: Secret(pw), Auth: auth, Timeout: 5 * time.Second}
+	c.ApplyDefaults()
+	if errs := c.Validate("upstreams[0]"); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	u, err := New(c, Deps{Hostname: "relay.test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = u.Send(context.Background(), oauthMsg(0))
+	return err
 }
 
 // The same with XOAUTH2: the access token was fetched, not configured,

@@ -196,6 +196,7 @@ type tokenSource struct {
 	// known is secrets plus the access tokens handed out, for redaction
 	// outside sem (a server's reply may quote the token it was given).
 	known atomic.Pointer[[]Secret]
+	prev  string // the access token before the current one; under sem
 }
 
 // newTokenSource builds the grant of o for username. client carries the
@@ -253,21 +254,26 @@ func newTokenSource(upstream string, o OAuth2, username string, defaultScopes []
 	return ts, nil
 }
 
-// learn publishes secrets and the current access token to Secrets. Called
-// under sem, or before ts is shared.
+// learn publishes secrets and the access tokens to Secrets: the current
+// one and the one before it, which a delivery that began before the
+// refresh may still be using. Called under sem, or before ts is shared.
 func (ts *tokenSource) learn() {
 	k := slices.Clone(ts.secrets)
 	if ts.tok != nil {
+		if ts.prev != "" && ts.prev != ts.tok.AccessToken {
+			k = append(k, Secret(ts.prev))
+		}
 		k = append(k, Secret(ts.tok.AccessToken))
+		ts.prev = ts.tok.AccessToken
 	}
 	ts.known.Store(&k)
 }
 
 // Secrets is what must not appear in a reason: the grant's secrets and
-// the access token in use.
+// the access tokens in use. Callers may append to it.
 func (ts *tokenSource) Secrets() []Secret {
 	if k := ts.known.Load(); k != nil {
-		return *k
+		return (*k)[:len(*k):len(*k)]
 	}
 	return nil
 }

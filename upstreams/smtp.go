@@ -15,6 +15,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
 
 	"github.com/relaycar/relaycar/internal/errreader"
@@ -415,7 +416,7 @@ func (s *smtpUpstream) fail(ctx context.Context, ph smtpPhase, err error) *Error
 		if smtpCannotCarry(ph, se) {
 			class = Unsupported
 		}
-		e := errorf(s.name, class, code, err, "%s: %s", ph, apiRedact(oneLine(se.Message), s.secrets()...))
+		e := errorf(s.name, class, code, err, "%s: %s", ph, s.redact(se.Message))
 		if d := smtpPause(se); d > 0 {
 			e.RetryAt = s.now().Add(d)
 		}
@@ -440,14 +441,30 @@ func (s *smtpUpstream) fail(ctx context.Context, ph smtpPhase, err error) *Error
 	case errors.Is(err, context.Canceled):
 		cause = "canceled"
 	default:
-		cause = apiRedact(oneLine(err.Error()), s.secrets()...)
+		cause = s.redact(err.Error())
 	}
 	return errorf(s.name, class, "", err, "%s: %s", ph, cause)
 }
 
-// secrets is what a server's reply must not carry into a reason: a
-// server may quote the credentials it was sent (go-smtp's server writes
-// its auth backend's error text into the reply), decoded or as sent.
+// smtpMinPassword is the shortest SMTP password replaced wherever it
+// occurs. It is lower than apiMinSecretLen: a password is typed by a
+// person and often short, while a match of 8 characters in a server's
+// reply is most likely the password being quoted.
+const smtpMinPassword = 8
+
+// redact is a server's text made fit for a reason: on one line, without
+// the credentials a server may quote (go-smtp's server writes its auth
+// backend's error text into the reply), decoded or as sent.
+func (s *smtpUpstream) redact(text string) string {
+	text = oneLine(text)
+	if p := s.password.Reveal(); len(p) >= smtpMinPassword {
+		text = strings.ReplaceAll(text, p, "<secret>")
+	}
+	return apiRedact(text, s.secrets()...)
+}
+
+// secrets is every form of the credentials sent: the password, the
+// access tokens, and the AUTH responses in base64.
 func (s *smtpUpstream) secrets() []Secret {
 	var out []Secret
 	if p := s.password.Reveal(); p != "" {
@@ -456,11 +473,14 @@ func (s *smtpUpstream) secrets() []Secret {
 			Secret(base64.StdEncoding.EncodeToString([]byte(p))))
 	}
 	if s.tokens != nil {
+		host, portStr, _ := net.SplitHostPort(s.addr)
+		port, _ := strconv.Atoi(portStr)
 		for _, sec := range s.tokens.Secrets() {
 			out = append(out, sec)
 			if tok := sec.Reveal(); tok != "" {
 				_, ir, _ := (&xoauth2Client{user: s.username, token: tok}).Start()
-				out = append(out, Secret(base64.StdEncoding.EncodeToString(ir)))
+				_, bearer, _ := sasl.NewOAuthBearerClient(&sasl.OAuthBearerOptions{Username: s.username, Token: tok, Host: host, Port: port}).Start()
+				out = append(out, Secret(base64.StdEncoding.EncodeToString(ir)), Secret(base64.StdEncoding.EncodeToString(bearer)))
 			}
 		}
 	}
