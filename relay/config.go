@@ -395,10 +395,8 @@ func (c *Config) Validate() error {
 	if s.OnAmbiguous != RetrySame && s.OnAmbiguous != FailoverAmbiguous {
 		bad("spool.on_ambiguous", "%q: must be retry_same or failover", s.OnAmbiguous)
 	}
-	if n, err := memlimit.ParseSize(s.MaxBytes); err != nil {
-		bad("spool.max_bytes", "%q: %v", s.MaxBytes, err)
-	} else if n > 0 && n < 2*c.Listen.MaxMessageBytes {
-		bad("spool.max_bytes", "%s is less than twice listen.max_message_bytes (%d): not one message would fit with room to spare", s.MaxBytes, c.Listen.MaxMessageBytes)
+	if _, err := memlimit.ParseSize(s.MaxBytes); err != nil {
+		bad("spool.max_bytes", "%v", err)
 	}
 	if _, err := memlimit.ParseBudget(s.MemoryBudget); err != nil {
 		bad("spool.memory_budget", "%q: %v (bytes such as 268435456 or 256MiB, or auto)", s.MemoryBudget, err)

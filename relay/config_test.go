@@ -239,3 +239,36 @@ func TestConfig_AliasErrorDoesNotQuoteTheValue(t *testing.T) {
 		t.Errorf("err = %v, want a hint to quote it and no trace of the value", err)
 	}
 }
+
+// spool.max_bytes takes what the chart copies from spoolSizeLimit,
+// Kubernetes quantities included, and names the path when it cannot.
+func TestConfig_SpoolMaxBytes(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		value string
+		want  int64
+		err   string
+	}{
+		{"1Gi", 1 << 30, ""},
+		{"1.5Gi", 3 << 29, ""},
+		{"40Mi", 40 << 20, ""}, // less than two 25 MiB messages: a warning at start, not an error
+		{"500000", 500000, ""},
+		{"", 0, ""},
+		{"lots", 0, `spool.max_bytes: "lots": want bytes`},
+	} {
+		cfg, err := Load("../relay.yaml")
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg.Spool.MaxBytes = tc.value
+		err = cfg.Validate()
+		switch {
+		case tc.err != "" && (err == nil || !strings.Contains(err.Error(), tc.err)):
+			t.Errorf("%q: %v, want %s", tc.value, err, tc.err)
+		case tc.err == "" && err != nil:
+			t.Errorf("%q: %v", tc.value, err)
+		case tc.err == "" && cfg.Spool.maxBytes() != tc.want:
+			t.Errorf("%q = %d bytes, want %d", tc.value, cfg.Spool.maxBytes(), tc.want)
+		}
+	}
+}

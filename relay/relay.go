@@ -106,6 +106,12 @@ func New(cfg *Config, d Deps) (_ *Relay, err error) {
 		return nil, fmt.Errorf("spool.dir: %w", err)
 	}
 	r.spool = sp
+	if m := cfg.Spool.maxBytes(); m > 0 && m < 2*cfg.Listen.MaxMessageBytes {
+		// Allowed (a small emptyDir), but worth saying: one large message
+		// fills it.
+		r.log.Warn("spool.max_bytes holds fewer than two messages of listen.max_message_bytes; large messages will often get 452",
+			"max_bytes", m, "max_message_bytes", cfg.Listen.MaxMessageBytes)
+	}
 	budget, why := memlimit.Resolve(cfg.Spool.MemoryBudget)
 	r.budget = membudget.New(budget)
 	r.log.Info("memory budget", "bytes", budget, "from", why)

@@ -15,6 +15,7 @@ import (
 
 	"github.com/emersion/go-smtp"
 
+	"github.com/relaycar/relaycar/relay/spool"
 	"github.com/relaycar/relaycar/upstreams"
 )
 
@@ -189,6 +190,9 @@ func (s *session) Data(r io.Reader) error {
 	case errors.Is(err, errReading):
 		s.log.Warn("reading message failed", "err", err)
 		return s.refuse(replyReadFailed)
+	case errors.Is(err, spool.ErrFull):
+		s.log.Warn("message refused: spool full", "err", err)
+		return s.refuse(replySpoolFull)
 	}
 	s.log.Error("spooling message failed", "err", err)
 	return s.refuse(replySpoolFailed)

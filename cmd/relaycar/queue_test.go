@@ -122,3 +122,26 @@ routes:
 		t.Errorf("queue ls with a bad spool key: exit %d, %q; want %d naming spool.dirr", code, errOut.String(), exitUsage)
 	}
 }
+
+// drain --config reads routes only, but a broken routes section, or a
+// misspelt top-level key that would leave it empty, stops it: without
+// the routes a staging route's mail would go to its real recipients.
+func TestDrain_ConfigRoutesMustLoad(t *testing.T) {
+	dir := t.TempDir()
+	spoolDir := filepath.Join(dir, "spool")
+	if err := os.Mkdir(spoolDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for name, tc := range map[string]struct{ yaml, want string }{
+		"misspelt key": {"route:\n  - {name: staging, redirect_all_to: [qa@example.com], upstreams: [x]}\n", "route"},
+		"bad redirect": {"upstreams:\n  - {name: x, type: file, dir: /tmp}\nroutes:\n  - {name: staging, redirect_all_to: [not-an-address], upstreams: [x]}\n", "routes[0].redirect_all_to"},
+	} {
+		path := filepath.Join(dir, "relay.yaml")
+		os.WriteFile(path, []byte(tc.yaml), 0o600)
+		var out, errOut strings.Builder
+		code := run([]string{"drain", "--spool", spoolDir, "--to", "127.0.0.1:1", "--config", path}, &out, &errOut)
+		if code != exitUsage || !strings.Contains(errOut.String(), tc.want) {
+			t.Errorf("%s: exit %d, %q; want %d naming %s", name, code, errOut.String(), exitUsage, tc.want)
+		}
+	}
+}

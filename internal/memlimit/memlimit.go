@@ -304,7 +304,7 @@ func ParseSize(s string) (int64, error) {
 	if s == "" {
 		return 0, nil
 	}
-	i := strings.IndexFunc(s, func(r rune) bool { return r < '0' || r > '9' })
+	i := strings.IndexFunc(s, func(r rune) bool { return (r < '0' || r > '9') && r != '.' })
 	if i < 0 {
 		i = len(s)
 	}
@@ -312,6 +312,14 @@ func ParseSize(s string) (int64, error) {
 	mult, ok := unitSize(unit)
 	if num == "" || !ok {
 		return 0, fmt.Errorf("%q: want bytes such as 268435456, 256MiB, 1Gi", s)
+	}
+	if strings.Contains(num, ".") {
+		// Kubernetes quantities may be decimal: 1.5Gi.
+		f, err := strconv.ParseFloat(num, 64)
+		if err != nil || f*float64(mult) >= math.MaxInt64 {
+			return 0, fmt.Errorf("%q: want bytes such as 268435456, 256MiB, 1.5Gi", s)
+		}
+		return int64(f * float64(mult)), nil
 	}
 	n, err := strconv.ParseInt(num, 10, 64)
 	if err != nil || n > math.MaxInt64/mult {

@@ -266,7 +266,9 @@ func TestParseBudget(t *testing.T) {
 		{in: "0", wantErr: true},
 		{in: "0MiB", wantErr: true},
 		{in: "-1", wantErr: true},
-		{in: "1.5GiB", wantErr: true},
+		{in: "1.5GiB", want: 3 << 29}, // Kubernetes quantities may be decimal
+		{in: "1.5.5GiB", wantErr: true},
+		{in: ".GiB", wantErr: true},
 		{in: "512m", wantErr: true}, // Kubernetes milli, not mega
 		{in: "MiB", wantErr: true},
 		{in: "12 apples", wantErr: true},

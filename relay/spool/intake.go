@@ -24,6 +24,9 @@ type Writer struct {
 	err  error
 	// over: committed or aborted; the file is no longer the Writer's.
 	over bool
+	// held is what this message counts against MaxBytes while it is
+	// written (Spool.inflight), before its commit counts it as used.
+	held int64
 }
 
 var errWriterDone = errors.New("spool: writer already committed or aborted")
@@ -65,6 +68,10 @@ func (w *Writer) Write(p []byte) (int, error) {
 	if w.err != nil {
 		return 0, w.err
 	}
+	if err := w.hold(int64(len(p))); err != nil {
+		w.err = err
+		return 0, err
+	}
 	n, err := w.bw.Write(p)
 	w.crc.Write(p[:n])
 	w.n += int64(n)
@@ -95,7 +102,8 @@ func (w *Writer) Commit(env *Envelope) error {
 	if w.s.maxBytes > 0 {
 		// Its records take a few hundred bytes; the next walk has the
 		// exact figure.
-		w.s.used.Add(headerSize + w.n + 4096)
+		w.s.counted(headerSize + w.n + 4096)
+		w.unhold()
 	}
 	return nil
 }
@@ -157,6 +165,28 @@ func (w *Writer) Abort() {
 		w.f.Close()
 	}
 	w.s.fs.Remove(w.path)
+	w.unhold()
+}
+
+// hold counts n more bytes of this message against MaxBytes, or fails
+// with ErrFull: the check at MAIL cannot see how big the messages that
+// passed it together will be, this one sees every byte as it comes.
+func (w *Writer) hold(n int64) error {
+	s := w.s
+	if s.maxBytes <= 0 {
+		return nil
+	}
+	if s.usage()+s.inflight.Add(n) > s.maxBytes-s.maxBytes/20 {
+		s.inflight.Add(-n)
+		return fmt.Errorf("%w: spool.max_bytes %d reached while the message arrived", ErrFull, s.maxBytes)
+	}
+	w.held += n
+	return nil
+}
+
+func (w *Writer) unhold() {
+	w.s.inflight.Add(-w.held)
+	w.held = 0
 }
 
 // Body is a message's bytes in the spool, for streaming to an upstream

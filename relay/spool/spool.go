@@ -65,6 +65,11 @@ type Spool struct {
 	used      atomic.Int64
 	usedAt    atomic.Int64 // unix nanoseconds
 	measuring atomic.Bool
+	// inflight is what messages being written hold (Writer.hold);
+	// committed counts every byte commits added, so a walk can add those
+	// that landed while it ran.
+	inflight  atomic.Int64
+	committed atomic.Int64
 }
 
 // Options configure Open.
@@ -449,10 +454,16 @@ func (s *Spool) Room(need int64) error {
 	if s.maxBytes <= 0 {
 		return nil
 	}
-	if used := s.usage(); used+need+s.maxBytes/20 > s.maxBytes {
+	if used := s.usage() + s.inflight.Load(); used+need+s.maxBytes/20 > s.maxBytes {
 		return fmt.Errorf("%w: the spool's files take %d bytes of spool.max_bytes %d", ErrFull, used, s.maxBytes)
 	}
 	return nil
+}
+
+// counted adds a commit's bytes to the usage until the next walk.
+func (s *Spool) counted(n int64) {
+	s.committed.Add(n)
+	s.used.Add(n)
 }
 
 // usage is the bytes the spool's files take: the last walk plus the
@@ -471,6 +482,9 @@ func (s *Spool) usage() int64 {
 // measure walks the spool and its dead letters as du would: the pool's
 // free files and .broken ones take room too.
 func (s *Spool) measure() {
+	// Commits during the walk may or may not be in it: count them again
+	// rather than not at all.
+	before := s.committed.Load()
 	var n int64
 	for _, dir := range []string{s.dir, s.dead} {
 		ents, err := s.fs.ReadDir(dir)
@@ -486,7 +500,7 @@ func (s *Spool) measure() {
 			}
 		}
 	}
-	s.used.Store(n)
+	s.used.Store(n + s.committed.Load() - before)
 	s.usedAt.Store(time.Now().UnixNano())
 }
 
