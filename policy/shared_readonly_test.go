@@ -82,20 +82,11 @@ func TestShared_ReadOnlyReplicaStaysDown(t *testing.T) {
 	c := upstreams.Config{Name: "up", RateLimit: upstreams.RateLimit{PerSecond: 1000, Burst: 1000, MaxWait: time.Second, Shared: true},
 		CircuitBreaker: upstreams.CircuitBreaker{Failures: 5, OpenFor: time.Minute}}
 	g := NewGate(&scripted{}, c, GateHooks{Limiter: s.Limiter("up", 1000, 1000), Pauses: s.Pauses()})
-	ups := 0
-	for range 50 { // 20 probes' worth
+	staysDown(t, s, &log, "read-only Redis", func() {
 		if got := g.Admit(context.Background(), Ask{Rcpts: 1}); got != NotSkipped {
 			t.Fatalf("Admit on the fallback: %v", got)
 		}
-		if s.Up() {
-			ups++
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	if ups > 0 || log.count("available again") > 0 || log.count("unavailable") != 1 {
-		t.Errorf("read-only Redis: up on %d of 50 samples; 'available again' x%d, 'unavailable' x%d, want 0, 0, 1:\n%s",
-			ups, log.count("available again"), log.count("unavailable"), log.b.String())
-	}
+	})
 
 	rdb := redis.NewClient(&redis.Options{Addr: addr, Protocol: 2, DisableIdentity: true})
 	defer rdb.Close()
@@ -118,23 +109,33 @@ func TestShared_WrongTypeKeyStaysDown(t *testing.T) {
 	s := newTestShared(t, m.Addr(), 2, &log)
 	l := s.Limiter("ses", 1000, 1000)
 	m.Lpush("rate:rc:rate:ses", "not a bucket")
-	ups := 0
-	for range 50 {
+	staysDown(t, s, &log, "WRONGTYPE key", func() {
 		if !takeWithin(l, 1, granted) {
 			t.Fatal("the fallback refused a token at 500/s")
 		}
+	})
+	m.Del("rate:rc:rate:ses")
+	waitUntil(t, 2*time.Second, "Up() after the key was removed", s.Up)
+	if !takeWithin(l, 1, granted) || !m.Exists("rate:rc:rate:ses") {
+		t.Error("the limiter did not go back to Redis")
+	}
+}
+
+// staysDown calls use 50 times over a second (20 probes' worth) and
+// fails unless the shared limit stayed down throughout, logged its fall
+// once and never its return.
+func staysDown(t *testing.T, s *Shared, log *syncBuf, what string, use func()) {
+	t.Helper()
+	ups := 0
+	for range 50 {
+		use()
 		if s.Up() {
 			ups++
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
 	if ups > 0 || log.count("available again") > 0 || log.count("unavailable") != 1 {
-		t.Errorf("WRONGTYPE key: up on %d of 50 samples; 'available again' x%d, 'unavailable' x%d, want 0, 0, 1:\n%s",
-			ups, log.count("available again"), log.count("unavailable"), log.b.String())
-	}
-	m.Del("rate:rc:rate:ses")
-	waitUntil(t, 2*time.Second, "Up() after the key was removed", s.Up)
-	if !takeWithin(l, 1, granted) || !m.Exists("rate:rc:rate:ses") {
-		t.Error("the limiter did not go back to Redis")
+		t.Errorf("%s: up on %d of 50 samples; 'available again' x%d, 'unavailable' x%d, want 0, 0, 1:\n%s",
+			what, ups, log.count("available again"), log.count("unavailable"), log.b.String())
 	}
 }
