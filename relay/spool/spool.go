@@ -80,7 +80,7 @@ type Options struct {
 	FS FS
 	// MaxBytes caps the bytes the spool's files may take (spool.max_bytes,
 	// an emptyDir's sizeLimit); 0 is no cap. Room and Writable refuse
-	// before it is reached.
+	// before it is reached, and a Writer whose message would cross it.
 	MaxBytes int64
 }
 
