@@ -23,9 +23,11 @@ test-deps:
 	./scripts/test-deps.sh
 
 # As root the full-disk and memory-limit tests can run, so they must: their
-# skips become failures (testwait.SkipUnprivileged).
+# skips become failures (testwait.SkipUnprivileged). The integration tests
+# run the binary built with -race (RELAYCAR_TEST_RACE), so a data race in
+# the real process, not only in unit tests, turns the suite red.
 test: test-deps vet
-	RELAYCAR_REQUIRE_PRIVILEGED=$$([ "$$(id -u)" = 0 ] && echo 1) $(GO) test -race -count=1 -timeout 20m ./...
+	RELAYCAR_TEST_RACE=1 RELAYCAR_REQUIRE_PRIVILEGED=$$([ "$$(id -u)" = 0 ] && echo 1) $(GO) test -race -count=1 -timeout 20m ./...
 	@# upstream's TestServerAcceptErrorHandling races Serve against Close under load
 	cd third_party/go-smtp && $(GO) test -race -count=1 -skip '^TestServerAcceptErrorHandling$$' ./...
 	cd charts/tests && $(GO) vet ./... && HELM=$(CURDIR)/.cache/bin/helm $(GO) test -count=1 -timeout 10m ./...

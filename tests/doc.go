@@ -5,5 +5,7 @@
 //
 // Run with: go test -race -count=1 ./tests/
 //
-// Set RELAYCAR_TEST_RACE=1 to build the binary under test with -race too.
+// Set RELAYCAR_TEST_RACE=1 (make test does) to build the binary under test
+// with -race too; a race it reports fails the test that ran it, and the
+// memory tests run a build without -race.
 package tests

@@ -30,8 +30,11 @@ import (
 	"github.com/relaycar/relaycar/relay/spool"
 )
 
-// relaycarBin is the binary built by TestMain.
-var relaycarBin string
+// relaycarBin is the binary built by TestMain: with -race when
+// RELAYCAR_TEST_RACE is set (make test sets it). plainBin is the same
+// code without -race, for the tests that measure memory: the race
+// detector's shadow memory would be most of what they see.
+var relaycarBin, plainBin string
 
 // repoRoot is the module root, one level above this package.
 var repoRoot string
@@ -57,21 +60,31 @@ func buildAndRun(m *testing.M) int {
 		return 1
 	}
 	defer os.RemoveAll(tmp)
-	relaycarBin = filepath.Join(tmp, "relaycar")
 	goTool, err := exec.LookPath("go")
 	if err != nil {
 		goTool = "/usr/local/go/bin/go" // where the Go toolchain image puts it
 	}
-	args := []string{"build", "-o", relaycarBin}
-	if os.Getenv("RELAYCAR_TEST_RACE") != "" {
-		args = append(args, "-race")
+	build := func(out string, flags ...string) error {
+		args := append(append([]string{"build", "-o", out}, flags...), "./cmd/relaycar")
+		cmd := exec.Command(goTool, args...)
+		cmd.Dir = repoRoot
+		if b, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("go %s: %v\n%s", strings.Join(args, " "), err, b)
+		}
+		return nil
 	}
-	args = append(args, "./cmd/relaycar")
-	cmd := exec.Command(goTool, args...)
-	cmd.Dir = repoRoot
-	if out, err := cmd.CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "tests: go %s: %v\n%s", strings.Join(args, " "), err, out)
+	plainBin = filepath.Join(tmp, "relaycar")
+	relaycarBin = plainBin
+	if err := build(plainBin); err != nil {
+		fmt.Fprintln(os.Stderr, "tests:", err)
 		return 1
+	}
+	if os.Getenv("RELAYCAR_TEST_RACE") != "" {
+		relaycarBin = filepath.Join(tmp, "relaycar-race")
+		if err := build(relaycarBin, "-race"); err != nil {
+			fmt.Fprintln(os.Stderr, "tests:", err)
+			return 1
+		}
 	}
 	return m.Run()
 }
@@ -111,6 +124,8 @@ type harness struct {
 	wrap func(*exec.Cmd)
 	// args are extra flags for serve (withArgs).
 	args []string
+	// bin is the binary run: relaycarBin unless withPlainBinary.
+	bin string
 
 	mu    sync.Mutex
 	lines []string
@@ -138,6 +153,10 @@ func withWrap(wrap func(*exec.Cmd)) harnessOption { return func(h *harness) { h.
 
 // withArgs adds flags to every `relaycar serve` of the harness.
 func withArgs(args ...string) harnessOption { return func(h *harness) { h.args = args } }
+
+// withPlainBinary runs the binary built without -race, for tests that
+// measure the process's memory.
+func withPlainBinary() harnessOption { return func(h *harness) { h.bin = plainBin } }
 
 // newHarness starts relaycar with cfgYAML, a relay.yaml fragment (usually
 // upstreams and routes, plus whatever listen/spool keys a test needs). The
@@ -231,7 +250,11 @@ func newHarnessRaw(t *testing.T, text, smtpAddr, adminAddr, spoolDir string, gra
 // start runs the binary and waits until GET /readyz answers 200.
 func (h *harness) start() error {
 	h.t.Helper()
-	cmd := exec.Command(relaycarBin, append([]string{"serve", "--config", h.cfgPath}, h.args...)...)
+	bin := h.bin
+	if bin == "" {
+		bin = relaycarBin
+	}
+	cmd := exec.Command(bin, append([]string{"serve", "--config", h.cfgPath}, h.args...)...)
 	cmd.Dir = h.dir
 	cmd.Env = childEnv()
 	// Never outlive the test binary, whatever happens to it.
@@ -371,6 +394,11 @@ func (h *harness) logLine(line string) {
 	h.lines = append(h.lines, line)
 	h.mu.Unlock()
 	h.t.Log(line)
+	// A -race binary (RELAYCAR_TEST_RACE) reports here, and at exit only
+	// through its status, which a kill -9 test never sees.
+	if strings.Contains(line, "WARNING: DATA RACE") {
+		h.t.Errorf("the relaycar binary reported a data race: %s", line)
+	}
 }
 
 // logContains reports whether any output line so far contains s.

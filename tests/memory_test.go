@@ -61,7 +61,7 @@ func TestMemory_512MiBSixteenBigMessagesPerUpstream(t *testing.T) {
 				"upstreams": []any{up},
 				"routes":    []any{map[string]any{"name": "default", "upstreams": []string{"up"}}},
 			})
-			h := newHarness(t, string(cfg), withWrap(cg.wrap))
+			h := newHarness(t, string(cfg), withWrap(cg.wrap), withPlainBinary())
 			p := h.current()
 			pid := p.cmd.Process.Pid
 			if !slices.Contains(cg.pids(), pid) {
