@@ -36,7 +36,7 @@ func runCLI(t *testing.T, dir string, env []string, args ...string) (int, string
 		t.Fatalf("relaycar %s: %v", strings.Join(args, " "), err)
 	}
 	t.Logf("$ relaycar %s  # exit %d\n%s", strings.Join(args, " "), cmd.ProcessState.ExitCode(), out.String())
-	if strings.Contains(out.String(), "WARNING: DATA RACE") {
+	if strings.Contains(out.String(), raceReport) {
 		t.Errorf("relaycar %s reported a data race", strings.Join(args, " "))
 	}
 	return cmd.ProcessState.ExitCode(), out.String()

@@ -7,5 +7,5 @@
 //
 // Set RELAYCAR_TEST_RACE=1 (make test does) to build the binary under test
 // with -race too; a race it reports fails the test that ran it, and the
-// memory tests run a build without -race.
+// memory-cgroup test runs a build without -race.
 package tests

@@ -36,6 +36,9 @@ import (
 // detector's shadow memory would be most of what they see.
 var relaycarBin, plainBin string
 
+// raceReport opens every report of a -race binary.
+const raceReport = "WARNING: DATA RACE"
+
 // repoRoot is the module root, one level above this package.
 var repoRoot string
 
@@ -396,7 +399,7 @@ func (h *harness) logLine(line string) {
 	h.t.Log(line)
 	// A -race binary (RELAYCAR_TEST_RACE) reports here, and at exit only
 	// through its status, which a kill -9 test never sees.
-	if strings.Contains(line, "WARNING: DATA RACE") {
+	if strings.Contains(line, raceReport) {
 		h.t.Errorf("the relaycar binary reported a data race: %s", line)
 	}
 }
