@@ -146,12 +146,6 @@ func crashWorkload() []crashStep {
 			r.w[idC].Abort()
 			return nil
 		}},
-		{"D: session still in DATA", false, func(r *crashRun) error {
-			if err := create(r, idD); err != nil {
-				return err
-			}
-			return write(r, idD, 0, end(idD))
-		}},
 		{"A: attempt fails", false, func(r *crashRun) error {
 			e := r.envs[idA]
 			e.Attempts, e.LastError, e.NextAttempt = 1, "dial tcp: connection refused", at(30)
@@ -210,18 +204,39 @@ func crashWorkload() []crashStep {
 			if err := create(r, idF); err != nil {
 				return err
 			}
-			if free() {
+			if r.w[idF].free != idV1Live {
 				return fmt.Errorf("F did not reuse %s", r.sp.freePath(idV1Live))
 			}
 			if err := write(r, idF, 0, end(idF)); err != nil {
 				return err
 			}
-			return commit(r, idF)
+			if err := commit(r, idF); err != nil {
+				return err
+			}
+			if free() {
+				return fmt.Errorf("F's commit left %s", r.sp.freePath(idV1Live))
+			}
+			return nil
+		}},
+		// After F, which commits alone (and so fdatasyncs, not syncfs);
+		// D may take a free file and leave it half written.
+		{"D: session still in DATA", false, func(r *crashRun) error {
+			if err := create(r, idD); err != nil {
+				return err
+			}
+			return write(r, idD, 0, end(idD))
 		}},
 		{"v1part: attempt", false, func(r *crashRun) error {
 			e := r.envs[idV1Part]
 			e.Attempts, e.NextAttempt = 2, at(600)
 			return r.sp.Update(e)
+		}},
+		// F's file goes back to the pool under F's name, whether or not
+		// its rename from v1live's free name was durable.
+		{"F: delivered, remove, reap", false, func(r *crashRun) error {
+			err := r.sp.Remove(idF)
+			r.sp.reapNow()
+			return err
 		}},
 	}
 }
@@ -352,6 +367,9 @@ func TestCrashPoints(t *testing.T) {
 	total := ref.ops
 	compacted := func(id string) bool {
 		return slices.ContainsFunc(ref.log, func(l string) bool { return strings.HasPrefix(l, "rename "+tempPath(crashDir, id)) })
+	}
+	if !slices.Contains(ref.log, "fsync "+filepath.Join(crashDir, freePrefix+idV1Live)) {
+		t.Fatalf("want F committed alone over v1live's free file, with an fsync of that file:\n%s", strings.Join(ref.log, "\n"))
 	}
 	if !compacted(idB) || compacted(idA) {
 		t.Fatalf("want B compacted and A not (A's dead-lettering must append); adjust crashCompactAt:\n%s", strings.Join(ref.log, "\n"))

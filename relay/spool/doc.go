@@ -41,12 +41,13 @@
 // (syncwatch.go): the cure is a file system of the spool's own.
 //
 //	operation         what is written, in order                              what is synced
-//	Create, Write     rename .free-<x> to <id>.msg (RENAME_NOREPLACE), or    nothing
-//	                  O_EXCL <id>.msg when the pool has no ready file;
-//	                  placeholder header; body through a 64 KiB buffer
-//	Commit            rest of the body; envelope record; header (pwrite at   syncfs, then 250
-//	                  0) with body length and CRC
-//	Abort             unlink <id>.msg                                        nothing
+//	Create, Write     open a ready .free-<x> to write over in place, or      nothing
+//	                  O_EXCL <id>.msg when the pool has none; placeholder
+//	                  header; body through a 64 KiB buffer
+//	Commit            rest of the body; envelope record; header (pwrite at   new file: syncfs, then 250;
+//	                  0) with body length and CRC; a reused file is then     reused file: fdatasync before
+//	                  renamed to <id>.msg (RENAME_NOREPLACE)                 the rename, then 250
+//	Abort             unlink <id>.msg, or the .free-<x> written over         nothing
 //	Update            envelope record after the last valid one               nothing: a lost state repeats an attempt
 //	Update, records   .tmp-<id>.msg: header, body copy, envelope record;     fsync of the temp file before the rename
 //	over 64 KiB       rename over <id>.msg
@@ -59,24 +60,35 @@
 //	                  with failed recipients pending again                   the record
 //	Drop              unlink <id>.msg and dead/<id>.msg (and v1 files)       syncfs
 //	Load              unlink .tmp-* and done files; adopt .free-* into the   v1 entries: syncfs after all their temp
-//	                  pool; rename damaged entries to .broken; rename live   files, syncfs after all the renames,
-//	                  files with a dead reason to dead/; v1 entries:         then the v1 unlinks; one syncfs at the
-//	                  .tmp-<id>.msg, rename to <id>.msg, unlink the v1 pair  end (a lost unlink or rename is redone
-//	                                                                         by the next Load)
+//	                  pool, or rename one that holds a message committed     files, syncfs after all the renames,
+//	                  in place to <id>.msg; rename damaged entries to        then the v1 unlinks; one syncfs at the
+//	                  .broken; rename live files with a dead reason to       end (a lost unlink or rename is redone
+//	                  dead/; v1 entries: .tmp-<id>.msg, rename to            by the next Load)
+//	                  <id>.msg, unlink the v1 pair
 //
 // The hot path is Create, Write, Commit, Update and Remove: at most one
 // file created per message (none once the pool has files), nothing
-// unlinked on it.
+// unlinked on it, and once the pool has files no journal commit before
+// 250 either: fdatasync of a file written over blocks it already has
+// leaves the file system's metadata alone, where syncfs (or fsync) waits
+// for the journal.
 //
 // # Reused files
 //
 // A file from the pool keeps its old bytes past what the new message
 // writes. They never read as the new message's: its records are chained
-// to its own body's CRC and carry its id, and until its header is written
-// the file holds the old message's records, whose id is not the file's
-// name, so Load quarantines it as never committed. A free file is taken
-// only after two syncs since its rename, so the delivered message's done
-// record and the rename are durable before its bytes are written over.
+// to its own body's CRC and carry its id. A free file is taken only after
+// two syncs since its rename, so the delivered message's done record and
+// its free name are durable before its bytes are written over; the new
+// message is then written and synced under that free name and renamed to
+// <id>.msg without a sync. Load reads each .free-<x> by its contents: the
+// delivered message x (its own id), a placeholder or a torn header, or an
+// envelope without its header's body, are a message never acknowledged
+// or long delivered, and go back to the pool; a valid header, body and
+// envelope of another id, not done, is a message committed in place whose
+// rename a crash lost, and becomes <id>.msg; another id's header and
+// envelope with a body that fails its CRC is quarantined as
+// <id>.msg.broken, as a torn commit under its own name is.
 //
 // Readers (List, Dead, Get, CountDead) change nothing and are safe beside
 // a serving process: they see the last complete record. Everything else

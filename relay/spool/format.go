@@ -178,7 +178,8 @@ type state struct {
 // recordBytes is the space the valid records take; compaction watches it.
 func (s *state) recordBytes() int64 { return s.end - s.hdr.bodyEnd() }
 
-// readState parses the header and scans the records of message id. Scanning stops at
+// readState parses the header and scans the records of message id, or
+// of whoever's the first envelope record is when id is "". Scanning stops at
 // the first torn or invalid record: appends are never synced one by one,
 // so a bad record can only be an unsynced tail, and the last good one
 // before it is the state.
@@ -216,7 +217,12 @@ func readState(f File, id string) (*state, error) {
 			// Another message's record can only be stale data from a
 			// reused block: the end, like any invalid record.
 			var env Envelope
-			if json.Unmarshal(payload, &env) != nil || env.ID != id {
+			err := json.Unmarshal(payload, &env)
+			if err == nil && id == "" {
+				// A free file: its first envelope says whose it is.
+				id = env.ID
+			}
+			if err != nil || env.ID != id {
 				st.foreign = st.env == nil && env.ID != ""
 				return st, nil
 			}

@@ -19,11 +19,33 @@ func (OS) OpenFile(name string, flag int, perm fs.FileMode) (File, error) {
 		fd, err := unix.Open(name, flag|unix.O_CLOEXEC, uint32(perm.Perm()))
 		switch {
 		case err == nil:
-			return os.NewFile(uintptr(fd), name), nil
+			return osFile{os.NewFile(uintptr(fd), name)}, nil
 		case err != unix.EINTR:
 			return nil, &fs.PathError{Op: "open", Path: name, Err: err}
 		}
 	}
+}
+
+// osFile adds fdatasync(2) to *os.File.
+type osFile struct{ *os.File }
+
+// Datasync is fdatasync(2): the data and the size, not the times.
+func (f osFile) Datasync() error {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		for serr = unix.Fdatasync(int(fd)); serr == unix.EINTR; serr = unix.Fdatasync(int(fd)) {
+		}
+	}); err != nil {
+		return err
+	}
+	if serr != nil {
+		return &fs.PathError{Op: "fdatasync", Path: f.Name(), Err: serr}
+	}
+	return nil
 }
 
 // SyncFS is syncfs(2) of dir's file system. The spool's own commits use a

@@ -3,6 +3,7 @@ package spool
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"slices"
@@ -68,7 +69,9 @@ func (l *loader) scan(dir string) error {
 			// v1 writes, compactions and migrations a crash interrupted.
 			s.fs.Remove(filepath.Join(dir, name))
 		case strings.HasPrefix(name, freePrefix) && dir == s.dir:
-			s.adopt(strings.TrimPrefix(name, freePrefix))
+			if err := l.loadFree(strings.TrimPrefix(name, freePrefix)); err != nil {
+				return err
+			}
 		case strings.HasPrefix(name, "."):
 			// .lock
 		case strings.HasSuffix(name, ".msg"):
@@ -141,17 +144,82 @@ func (l *loader) loadMsg(dir, id string) error {
 	return nil
 }
 
+// loadFree sorts out a free file. Usually it holds the delivered message
+// it was kept from (its own id) or a new message torn mid-write, never
+// acknowledged: either is the pool's. A message committed in place whose
+// rename to <id>.msg a crash lost is live: it gets its name and loads as
+// any other. One whose header and envelope are there but whose body is
+// not may have been acknowledged: quarantined under its id.
+func (l *loader) loadFree(free string) error {
+	s := l.s
+	if !validID(free) {
+		s.adopt(free) // unlinks it
+		return nil
+	}
+	path := s.freePath(free)
+	f, err := s.fs.OpenFile(path, os.O_RDONLY, 0)
+	if err != nil {
+		return err
+	}
+	st, err := readState(f, "")
+	id := ""
+	if err == nil && st.env != nil && st.env.ID != free && validID(st.env.ID) && !st.done {
+		id = st.env.ID
+		err = checkBody(f, st.hdr)
+	}
+	f.Close()
+	var ce *corruptError
+	switch {
+	case errors.Is(err, errNewer):
+		s.log.Error("leaving alone a spool file of a newer relaycar", "file", path, "err", err)
+		return nil
+	case id == "" && (err == nil || errors.As(err, &ce)):
+		s.adopt(free)
+		return nil
+	case errors.As(err, &ce):
+	case err != nil:
+		return fmt.Errorf("reading spool entry %s: %w", freePrefix+free, err)
+	default:
+		err = s.fs.RenameNoReplace(path, s.live(id))
+		if errors.Is(err, errors.ErrUnsupported) {
+			err = s.fs.Rename(path, s.live(id))
+		}
+		switch {
+		case err == nil:
+			s.log.Info("recovered a message committed before a crash under a free file's name", "msg_id", id)
+			return l.loadMsg(s.dir, id)
+		case errors.Is(err, fs.ErrExist):
+			err = corrupt("a second copy of %s, committed in place", id)
+		default:
+			return err
+		}
+	}
+	l.broken++
+	b := l.brokenName(s.dir, id+".msg")
+	if rerr := s.fs.Rename(path, filepath.Join(s.dir, b)); rerr != nil {
+		return rerr
+	}
+	s.log.Warn("quarantining unreadable spool entry", "msg_id", id, "dir", s.dir, "files", []string{b}, "reason", err)
+	return nil
+}
+
+// brokenName picks <name>.broken in dir, never an earlier one's name.
+func (l *loader) brokenName(dir, name string) string {
+	names := l.names[dir]
+	b := name + ".broken"
+	for i := 2; names[b]; i++ {
+		b = fmt.Sprintf("%s.broken.%d", name, i)
+	}
+	names[b] = true
+	return b
+}
+
 // quarantine renames files of dir to <name>.broken for a human, never
 // over an earlier one.
 func (l *loader) quarantine(dir, id string, files []string, reason error) error {
-	names := l.names[dir]
 	var to []string
 	for _, name := range files {
-		b := name + ".broken"
-		for i := 2; names[b]; i++ {
-			b = fmt.Sprintf("%s.broken.%d", name, i)
-		}
-		names[b] = true
+		b := l.brokenName(dir, name)
 		if err := l.s.fs.Rename(filepath.Join(dir, name), filepath.Join(dir, b)); err != nil {
 			return err
 		}

@@ -1,8 +1,6 @@
 package spool
 
 import (
-	"errors"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"sync"
@@ -92,38 +90,30 @@ func (s *Spool) take() (string, bool) {
 	return id, true
 }
 
-// reuse gives path the bytes of a free file, opened for writing over them,
-// or nil when there is none. The old contents stay beyond what the new
-// message writes; they cannot pass for its records (see readState). A
-// name already in use fails as O_EXCL would.
-func (s *Spool) reuse(path string) (File, error) {
+// reuse opens a ready free file for a new message to be written over, in
+// place and under its free name until Commit; nil when there is none. The
+// old contents stay beyond what the new message writes; they cannot pass
+// for its records (see readState).
+func (s *Spool) reuse() (File, string) {
 	id, ok := s.take()
 	if !ok {
-		return nil, nil
+		return nil, ""
 	}
-	from := s.freePath(id)
-	if err := s.fs.RenameNoReplace(from, path); err != nil {
-		if errors.Is(err, fs.ErrExist) {
-			s.pool.mu.Lock()
-			s.pool.ready = append(s.pool.ready, id)
-			s.pool.mu.Unlock()
-			return nil, err
-		}
-		s.fs.Remove(from)
-		if errors.Is(err, errors.ErrUnsupported) {
-			s.pool.mu.Lock()
-			s.pool.off = true
-			s.pool.mu.Unlock()
-			s.drainPool()
-		}
-		return nil, nil
-	}
-	f, err := s.fs.OpenFile(path, os.O_RDWR, 0)
+	f, err := s.fs.OpenFile(s.freePath(id), os.O_RDWR, 0)
 	if err != nil {
-		s.fs.Remove(path)
-		return nil, err
+		s.fs.Remove(s.freePath(id))
+		return nil, ""
 	}
-	return f, nil
+	return f, id
+}
+
+// poolOff stops reuse where the file system cannot rename without
+// replacing.
+func (s *Spool) poolOff() {
+	s.pool.mu.Lock()
+	s.pool.off = true
+	s.pool.mu.Unlock()
+	s.drainPool()
 }
 
 // drainPool unlinks every free file: the disk is full and they are space.

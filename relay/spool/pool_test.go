@@ -121,17 +121,73 @@ func TestPool_ReusedFileNeverCommittedIsNotDelivered(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	w.Write(testBody("d", 100)) // buffered: on disk d.msg still holds a's bytes
+	w.Write(testBody("d", 100)) // buffered: on disk .free-a still holds a's bytes
 	// The process dies here; the next one loads the spool.
 	s2, err := Open(s.dir, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	envs, broken, err := s2.Load()
-	if err != nil || len(envs) != 0 || broken != 1 {
-		t.Fatalf("Load = %v, %d broken, %v; want nothing loaded, d quarantined", envs, broken, err)
+	if err != nil || len(envs) != 0 || broken != 0 {
+		t.Fatalf("Load = %v, %d broken, %v; want nothing loaded or quarantined", envs, broken, err)
 	}
-	if got := dirNames(t, s.dir); !slices.Equal(got, []string{"d.msg.broken", "dead"}) {
+	if got := dirNames(t, s.dir); !slices.Equal(got, []string{".free-a", "dead"}) {
+		t.Errorf("spool = %v, want a's file back in the pool", got)
+	}
+}
+
+// reusedThenRenameLost commits id over a's free file, then puts the file
+// back under the free name, as a crash does that loses the unsynced
+// rename to <id>.msg.
+func reusedThenRenameLost(t *testing.T, s *Spool, id string, body []byte) {
+	t.Helper()
+	delivered(t, s, "a", 2000)
+	put(t, s, testEnv(id), body)
+	if err := os.Rename(s.live(id), s.freePath("a")); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestPool_CommittedInPlaceLoadsWhenItsRenameWasLost(t *testing.T) {
+	s := newTestSpool(t)
+	s.manualReap = true
+	body := testBody("c", 700)
+	reusedThenRenameLost(t, s, "c", body)
+	s2, err := Open(s.dir, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	envs, broken, err := s2.Load()
+	if err != nil || broken != 0 || len(envs) != 1 || envs[0].ID != "c" {
+		t.Fatalf("Load = %v, %d broken, %v; want c", envs, broken, err)
+	}
+	if got := dirNames(t, s.dir); !slices.Equal(got, []string{"c.msg", "dead"}) {
+		t.Errorf("spool = %v", got)
+	}
+	if got := readBody(t, s2, "c"); !bytes.Equal(got, body) {
+		t.Errorf("c's body is %d bytes, want its own %d", len(got), len(body))
+	}
+}
+
+func TestPool_CommittedInPlaceWithDamagedBodyIsQuarantined(t *testing.T) {
+	s := newTestSpool(t)
+	s.manualReap = true
+	reusedThenRenameLost(t, s, "c", testBody("c", 700))
+	f, err := os.OpenFile(s.freePath("a"), os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteAt([]byte("XXXX"), headerSize+100)
+	f.Close()
+	s2, err := Open(s.dir, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	envs, broken, err := s2.Load()
+	if err != nil || broken != 1 || len(envs) != 0 {
+		t.Fatalf("Load = %v, %d broken, %v; want c quarantined", envs, broken, err)
+	}
+	if got := dirNames(t, s.dir); !slices.Equal(got, []string{"c.msg.broken", "dead"}) {
 		t.Errorf("spool = %v", got)
 	}
 }
@@ -141,14 +197,19 @@ func TestPool_NameInUseFailsLikeOExcl(t *testing.T) {
 	s.manualReap = true
 	put(t, s, testEnv("x"), testBody("x", 100))
 	delivered(t, s, "a", 100)
-	if _, err := s.Create("x"); !errors.Is(err, fs.ErrExist) {
-		t.Fatalf("Create of a queued id = %v, want fs.ErrExist", err)
+	w, err := s.Create("x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Write(testBody("x", 300))
+	if err := w.Commit(testEnv("x")); !errors.Is(err, fs.ErrExist) {
+		t.Fatalf("Commit of a queued id = %v, want fs.ErrExist", err)
 	}
 	if got := readBody(t, s, "x"); !bytes.Equal(got, testBody("x", 100)) {
 		t.Error("the queued message was overwritten")
 	}
-	if _, err := os.Stat(s.freePath("a")); err != nil {
-		t.Errorf("the free file was lost: %v", err)
+	if got := dirNames(t, s.dir); !slices.Equal(got, []string{"dead", "x.msg"}) {
+		t.Errorf("spool = %v, want only the queued x", got)
 	}
 }
 

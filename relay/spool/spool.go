@@ -70,6 +70,9 @@ type Spool struct {
 	// that landed while it ran.
 	inflight  atomic.Int64
 	committed atomic.Int64
+	// writing counts the Writers not yet committed or aborted, so that a
+	// commit alone can fdatasync (Writer.commitInPlace).
+	writing atomic.Int64
 }
 
 // Options configure Open.
