@@ -43,6 +43,11 @@
 #   RUN_TIMEOUT [120]   seconds for one run (smtp-source + sink wait)
 #   MAX_SECONDS [900]   watchdog for the whole script
 #   BENCH_TMP [/var/tmp] where the temp dir goes (keep it on the real disk)
+#   FS=ext4-journal     put the temp dir on a fresh ext4 with a journal (mkfs.ext4's
+#                       default, and most hosts'): a 2 GiB image in BENCH_TMP, loop-
+#                       mounted under /var/tmp (Postfix logs only under /var), removed
+#                       at the end. The report says whether the spool's file system
+#                       has a journal; a VM's root disk often has none.
 #   COUNT_TMP [/dev/shm] where the sinks' counter files go (off the disk under
 #                       test; falls back to the temp dir when not writable)
 #   NEIGHBOUR=1         while measuring, another process streams writes (dd,
@@ -109,6 +114,25 @@ for p in $ports; do
   if port_busy "$p"; then die "127.0.0.1:$p is in use; set BASE_PORT"; fi
 done
 
+LOOP_IMG="" LOOP_MNT=""
+unmount_fs() {
+  if [ -n "$LOOP_MNT" ]; then umount "$LOOP_MNT" && rmdir "$LOOP_MNT"; fi
+  if [ -n "$LOOP_IMG" ]; then rm -f "$LOOP_IMG"; fi
+  LOOP_MNT="" LOOP_IMG=""
+}
+case ${FS:-} in
+  "") ;;
+  ext4-journal)
+    trap unmount_fs EXIT # until cleanup's trap below takes over
+    LOOP_IMG=$(mktemp "$BENCH_TMP/relaycar-bench-fs.XXXXXX")
+    truncate -s 2G "$LOOP_IMG"
+    mkfs.ext4 -q -F "$LOOP_IMG"
+    LOOP_MNT=$(mktemp -d /var/tmp/relaycar-bench-mnt.XXXXXX)
+    mount -o loop "$LOOP_IMG" "$LOOP_MNT"
+    BENCH_TMP=$LOOP_MNT
+    ;;
+  *) die "FS=$FS: only ext4-journal is known" ;;
+esac
 WORK=$(mktemp -d "$BENCH_TMP/relaycar-bench.XXXXXX")
 chmod 755 "$WORK"   # Postfix daemons (user postfix) must traverse it
 PF_CONF=$WORK/postfix/conf PF_QUEUE=$WORK/postfix/queue PF_DATA=$WORK/postfix/data
@@ -149,7 +173,8 @@ cleanup() {
   stop_pid "$NEIGHBOUR_PID" 5
   for p in "${SINK_PIDS[@]}"; do stop_pid "$p" 2; done
   [ -n "$WATCHDOG_PID" ] && stop_pid "$WATCHDOG_PID" 1
-  if [ "${KEEP:-0}" = 1 ]; then log "kept $WORK $COUNTS"; else rm -rf "$WORK" "$COUNTS"; fi
+  if [ "${KEEP:-0}" = 1 ] && [ -z "$LOOP_MNT" ]; then log "kept $WORK $COUNTS"; else rm -rf "$WORK" "$COUNTS"; fi
+  unmount_fs
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -389,7 +414,11 @@ stop_pid "$NEIGHBOUR_PID" 5; NEIGHBOUR_PID=""; rm -f "$WORK/neighbour.bin"
 RELAY_VERSION=$(cd "$REPO" && git describe --tags --always --dirty 2>/dev/null || echo unknown)
 echo
 echo "relaycar $RELAY_VERSION vs Postfix $PF_VERSION; smtp-source, one connection per message;"
-echo "$(nproc) cores, $(uname -r), spool/queue on $(df --output=source "$WORK" | tail -1) ($(df --output=fstype "$WORK" | tail -1));"
+SPOOL_DEV=$(df --output=source "$WORK" | tail -1)
+# jbd2 keeps a directory per journal it runs, named after the device.
+SPOOL_JOURNAL="no journal"
+if ls /proc/fs/jbd2/ 2>/dev/null | grep -q "^$(basename "$SPOOL_DEV")-"; then SPOOL_JOURNAL=journal; fi
+echo "$(nproc) cores, $(uname -r), spool/queue on $SPOOL_DEV ($(df --output=fstype "$WORK" | tail -1), $SPOOL_JOURNAL);"
 if [ "${NEIGHBOUR:-0}" = 1 ]; then echo "with a neighbour streaming writes (dd, no sync) into the same file system;"; fi
 echo "sink counters in $COUNTS ($(df --output=fstype "$COUNTS" | tail -1));"
 echo "medians of $ROUNDS rounds, msgs/s = messages / wall time of smtp-source;
