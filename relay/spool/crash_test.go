@@ -40,10 +40,11 @@ const (
 	idD        = "1d"
 	idE        = "1e"
 	idF        = "1f"
+	idG        = "1g"
 )
 
 func crashIDs() []string {
-	return []string{idV1Live, idV1Part, idV1Dead, idV1Bury, idA, idB, idC, idD, idE, idF}
+	return []string{idV1Live, idV1Part, idV1Dead, idV1Bury, idA, idB, idC, idD, idE, idF, idG}
 }
 
 // crashBody: B and E are larger than the intake buffer, so their bodies
@@ -237,6 +238,31 @@ func crashWorkload() []crashStep {
 			err := r.sp.Remove(idF)
 			r.sp.reapNow()
 			return err
+		}},
+		{"two syncs (other sessions' commits)", true, func(r *crashRun) error {
+			for range 2 {
+				if err := r.sp.sync.Sync(); err != nil {
+					return err
+				}
+			}
+			return nil
+		}},
+		// Beside D's intake G takes F's free file under its own name at
+		// Create, and commits with the shared syncfs.
+		{"G: accept into F's reused file beside D", true, func(r *crashRun) error {
+			if err := create(r, idG); err != nil {
+				return err
+			}
+			if r.w[idG].free != "" || r.w[idG].path != r.sp.live(idG) {
+				return fmt.Errorf("G is written over %q, not under its own name", r.w[idG].free)
+			}
+			if _, _, _, ok := r.sp.fs.(*crashFS).lookup(r.sp.freePath(idF)); ok {
+				return fmt.Errorf("G did not take %s", r.sp.freePath(idF))
+			}
+			if err := write(r, idG, 0, end(idG)); err != nil {
+				return err
+			}
+			return commit(r, idG)
 		}},
 	}
 }

@@ -41,12 +41,14 @@
 // (syncwatch.go): the cure is a file system of the spool's own.
 //
 //	operation         what is written, in order                              what is synced
-//	Create, Write     open a ready .free-<x> to write over in place, or      nothing
-//	                  O_EXCL <id>.msg when the pool has none; placeholder
-//	                  header; body through a 64 KiB buffer
-//	Commit            rest of the body; envelope record; header (pwrite at   new file: syncfs, then 250;
-//	                  0) with body length and CRC; a reused file is then     reused file: fdatasync before
-//	                  renamed to <id>.msg (RENAME_NOREPLACE)                 the rename, then 250
+//	Create, Write     a ready .free-<x>: alone, opened to write over in      nothing
+//	                  place; beside other intakes, renamed to <id>.msg
+//	                  (RENAME_NOREPLACE); or O_EXCL <id>.msg when the pool
+//	                  has none; placeholder header; body through a 64 KiB
+//	                  buffer
+//	Commit            rest of the body; envelope record; header (pwrite at   syncfs, then 250; in place and
+//	                  0) with body length and CRC; in place: rename to       still alone: fdatasync before the
+//	                  <id>.msg (RENAME_NOREPLACE)                            rename, then 250
 //	Abort             unlink <id>.msg, or the .free-<x> written over         nothing
 //	Update            envelope record after the last valid one               nothing: a lost state repeats an attempt
 //	Update, records   .tmp-<id>.msg: header, body copy, envelope record;     fsync of the temp file before the rename

@@ -34,25 +34,20 @@ type Writer struct {
 
 var errWriterDone = errors.New("spool: writer already committed or aborted")
 
-// Create starts a message: over a free file from the pool, in place, or
-// in a new file under its final name (one O_EXCL create). Never a temp
-// file and a rename: every create, rename and unlink takes the directory
-// lock, and under load that lock, not the disk, is the limit.
+// Create starts a message in a free file from the pool, or in a new one
+// under its final name (one O_EXCL create). Never a temp file and a
+// rename: every create, rename and unlink takes the directory lock, and
+// under load that lock, not the disk, is the limit.
 func (s *Spool) Create(id string) (*Writer, error) {
 	if !validID(id) {
 		return nil, fmt.Errorf("spool: invalid message id %q", id)
 	}
-	path := s.live(id)
-	f, free := s.reuse()
-	if f != nil {
-		path = s.freePath(free)
-	} else {
-		var err error
-		f, err = s.fs.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, fileMode)
-		if err != nil {
-			s.noteFull(err)
-			return nil, err
-		}
+	alone := s.writing.Add(1) == 1
+	f, path, free, err := s.open(id, alone)
+	if err != nil {
+		s.writing.Add(-1)
+		s.noteFull(err)
+		return nil, err
 	}
 	bw, _ := s.writers.Get().(*bufio.Writer)
 	if bw == nil {
@@ -61,9 +56,40 @@ func (s *Spool) Create(id string) (*Writer, error) {
 		bw.Reset(f)
 	}
 	w := &Writer{s: s, id: id, path: path, free: free, f: f, bw: bw, crc: crc32.New(crcTable())}
-	s.writing.Add(1)
 	w.bw.Write(placeholder())
 	return w, nil
+}
+
+// open picks the file for message id. A free file is written in place,
+// under its free name, when no other message is being written: alone, the
+// commit can then be one fdatasync (commitInPlace). With others it takes
+// the message's name at once (RENAME_NOREPLACE, so a name in use fails as
+// O_EXCL would), for their shared syncfs to make durable with it, and the
+// rename is off the commit's path.
+func (s *Spool) open(id string, alone bool) (f File, path, free string, err error) {
+	path = s.live(id)
+	if f, free = s.reuse(); f != nil {
+		if alone {
+			return f, s.freePath(free), free, nil
+		}
+		err = s.fs.RenameNoReplace(s.freePath(free), path)
+		if err == nil {
+			return f, path, "", nil
+		}
+		f.Close()
+		switch {
+		case errors.Is(err, fs.ErrExist):
+			s.giveBack(free)
+			return nil, "", "", err
+		case errors.Is(err, errors.ErrUnsupported):
+			s.fs.Remove(s.freePath(free))
+			s.poolOff()
+		default:
+			s.fs.Remove(s.freePath(free))
+		}
+	}
+	f, err = s.fs.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, fileMode)
+	return f, path, "", err
 }
 
 // Write appends body bytes: the message exactly as it will be delivered.

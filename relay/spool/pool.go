@@ -90,9 +90,8 @@ func (s *Spool) take() (string, bool) {
 	return id, true
 }
 
-// reuse opens a ready free file for a new message to be written over, in
-// place and under its free name until Commit; nil when there is none. The
-// old contents stay beyond what the new message writes; they cannot pass
+// reuse opens a ready free file for a new message to be written over;
+// nil when there is none. The old contents stay beyond what the new message writes; they cannot pass
 // for its records (see readState).
 func (s *Spool) reuse() (File, string) {
 	id, ok := s.take()
@@ -105,6 +104,13 @@ func (s *Spool) reuse() (File, string) {
 		return nil, ""
 	}
 	return f, id
+}
+
+// giveBack returns a free file that take handed out and Create did not use.
+func (s *Spool) giveBack(id string) {
+	s.pool.mu.Lock()
+	s.pool.ready = append(s.pool.ready, id)
+	s.pool.mu.Unlock()
 }
 
 // poolOff stops reuse where the file system cannot rename without

@@ -211,6 +211,67 @@ func TestPool_NameInUseFailsLikeOExcl(t *testing.T) {
 	if got := dirNames(t, s.dir); !slices.Equal(got, []string{"dead", "x.msg"}) {
 		t.Errorf("spool = %v, want only the queued x", got)
 	}
+
+	// With another message being written, Create takes the name at once,
+	// and fails there.
+	delivered(t, s, "b", 100)
+	other, err := s.Create("y")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Abort()
+	if _, err := s.Create("x"); !errors.Is(err, fs.ErrExist) {
+		t.Fatalf("Create of a queued id beside another intake = %v, want fs.ErrExist", err)
+	}
+	if got := readBody(t, s, "x"); !bytes.Equal(got, testBody("x", 100)) {
+		t.Error("the queued message was overwritten")
+	}
+	if _, err := os.Stat(s.freePath("b")); err != nil {
+		t.Errorf("the free file was lost: %v", err)
+	}
+}
+
+func TestPool_BesideAnotherIntakeTheFileTakesItsNameAtCreate(t *testing.T) {
+	s := newTestSpool(t)
+	s.manualReap = true
+	// Two free files: a's and b's.
+	put(t, s, testEnv("a"), testBody("a", 2000))
+	put(t, s, testEnv("b"), testBody("b", 2000))
+	a, err := os.Stat(s.live("a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Remove("a")
+	s.Remove("b")
+	s.reapNow()
+	for range 2 {
+		if err := s.sync.Sync(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	other, err := s.Create("y") // alone: written over .free-b in place
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := s.Create("c")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := dirNames(t, s.dir); !slices.Equal(got, []string{".free-b", "c.msg", "dead"}) {
+		t.Errorf("beside y's intake, c's Create left %v; want a's file renamed to c.msg", got)
+	}
+	w.Write(testBody("c", 100))
+	if err := w.Commit(testEnv("c")); err != nil {
+		t.Fatal(err)
+	}
+	other.Abort()
+	fi, err := os.Stat(s.live("c"))
+	if err != nil || !os.SameFile(a, fi) {
+		t.Errorf("c is not in a's file: %v", err)
+	}
+	if got := readBody(t, s, "c"); !bytes.Equal(got, testBody("c", 100)) {
+		t.Error("c's body differs")
+	}
 }
 
 func TestPool_LoadAdoptsFreeFilesAndAFullDiskDrainsThem(t *testing.T) {
