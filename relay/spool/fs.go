@@ -39,7 +39,8 @@ type File interface {
 
 // dataSyncer is a File that can make its data durable without its
 // metadata (fdatasync(2)): a write over blocks a file already has then
-// costs no journal commit, which is most of what a sync costs on ext4.
+// waits for no journal commit, which is most of what an fsync or syncfs
+// costs on a journaled file system.
 type dataSyncer interface{ Datasync() error }
 
 // datasync is fdatasync where the File has it, else fsync.

@@ -195,9 +195,9 @@ func (w *Writer) commit(env *Envelope) error {
 // commitInPlace finishes a message written over a free file. Its free
 // name is durable already (a free file is ready only after two syncs),
 // so alone it needs only its data made durable: fdatasync, with no
-// journal commit when the message fits in the blocks the file has (at
-// one session on ext4 a third of the time from the body's last byte to
-// 250), then the rename to <id>.msg, which need not be durable: Load
+// journal commit when the message fits in the blocks the file has (on a
+// journaled ext4, 1.37 times the one-session accept rate of a syncfs
+// commit), then the rename to <id>.msg, which need not be durable: Load
 // finds a committed message under a free name by its contents
 // (loader.loadFree). With others being written it renames first and
 // joins their shared syncfs, which covers both: one sync for many beats

@@ -91,8 +91,8 @@ func (s *Spool) take() (string, bool) {
 }
 
 // reuse opens a ready free file for a new message to be written over;
-// nil when there is none. The old contents stay beyond what the new message writes; they cannot pass
-// for its records (see readState).
+// nil when there is none. The old contents stay beyond what the new
+// message writes; they cannot pass for its records (see readState).
 func (s *Spool) reuse() (File, string) {
 	id, ok := s.take()
 	if !ok {
