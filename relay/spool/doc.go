@@ -49,7 +49,8 @@
 //	Commit            rest of the body; envelope record; header (pwrite at   syncfs, then 250; in place and
 //	                  0) with body length and CRC; in place: rename to       still alone: fdatasync before the
 //	                  <id>.msg (RENAME_NOREPLACE)                            rename, then 250
-//	Abort             unlink <id>.msg, or the .free-<x> written over         nothing
+//	Abort             unlink <id>.msg, or the .free-<x> written over         nothing; syncfs after a commit whose
+//	                                                                         fdatasync succeeded (then failed)
 //	Update            envelope record after the last valid one               nothing: a lost state repeats an attempt
 //	Update, records   .tmp-<id>.msg: header, body copy, envelope record;     fsync of the temp file before the rename
 //	over 64 KiB       rename over <id>.msg

@@ -20,11 +20,14 @@ type Writer struct {
 	// Commit renames it.
 	path string
 	free string
-	f    File
-	bw   *bufio.Writer
-	crc  hash.Hash32
-	n    int64
-	err  error
+	// durable: an in-place commit's fdatasync succeeded (Abort then
+	// syncs its unlink).
+	durable bool
+	f       File
+	bw      *bufio.Writer
+	crc     hash.Hash32
+	n       int64
+	err     error
 	// over: committed or aborted; the file is no longer the Writer's.
 	over bool
 	// held is what this message counts against MaxBytes while it is
@@ -205,7 +208,12 @@ func (w *Writer) commit(env *Envelope) error {
 func (w *Writer) commitInPlace(alone bool) error {
 	var err error
 	if alone {
-		err = datasync(w.f)
+		// A sync that failed may have lost what it covered; the spool
+		// refuses commits after it, lone ones too.
+		if err = w.s.sync.Err(); err == nil {
+			err = datasync(w.f)
+			w.durable = err == nil
+		}
 	}
 	if cerr := w.f.Close(); err == nil {
 		err = cerr
@@ -224,16 +232,36 @@ func (w *Writer) commitInPlace(alone bool) error {
 // rename moves the file written over to the message's own name.
 func (w *Writer) rename() error {
 	to := w.s.live(w.id)
-	err := w.s.fs.RenameNoReplace(w.path, to)
+	err := w.s.renameNoReplace(w.path, to)
 	if errors.Is(err, errors.ErrUnsupported) {
-		// Ids are unique; RENAME_NOREPLACE only guards against a bug.
 		w.s.poolOff()
-		err = w.s.fs.Rename(w.path, to)
+		err = w.s.renameNoReplace(w.path, to)
 	}
 	if err == nil {
 		w.path = to
 	}
 	return err
+}
+
+// renameNoReplace is RENAME_NOREPLACE, or once the pool is off for want
+// of it, a check that to does not exist and a rename: ids are unique, the
+// check only keeps a bug from replacing a queued message.
+func (s *Spool) renameNoReplace(from, to string) error {
+	s.pool.mu.Lock()
+	off := s.pool.off
+	s.pool.mu.Unlock()
+	if !off {
+		return s.fs.RenameNoReplace(from, to)
+	}
+	f, err := s.fs.OpenFile(to, os.O_RDONLY, 0)
+	switch {
+	case err == nil:
+		f.Close()
+		return &os.LinkError{Op: "rename", Old: from, New: to, Err: fs.ErrExist}
+	case !errors.Is(err, fs.ErrNotExist):
+		return err
+	}
+	return s.fs.Rename(from, to)
 }
 
 // Abort discards the message (552, client gone, a full disk mid-stream).
@@ -249,6 +277,11 @@ func (w *Writer) Abort() {
 		w.f.Close()
 	}
 	w.s.fs.Remove(w.path)
+	if w.durable {
+		// Its fdatasync made it a complete message under a free name,
+		// which Load would deliver: the unlink must be durable too.
+		w.s.sync.Sync()
+	}
 	w.unhold()
 }
 

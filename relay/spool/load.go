@@ -180,9 +180,10 @@ func (l *loader) loadFree(free string) error {
 	case err != nil:
 		return fmt.Errorf("reading spool entry %s: %w", freePrefix+free, err)
 	default:
-		err = s.fs.RenameNoReplace(path, s.live(id))
+		err = s.renameNoReplace(path, s.live(id))
 		if errors.Is(err, errors.ErrUnsupported) {
-			err = s.fs.Rename(path, s.live(id))
+			s.poolOff()
+			err = s.renameNoReplace(path, s.live(id))
 		}
 		switch {
 		case err == nil:

@@ -4,8 +4,11 @@ import (
 	"bytes"
 	"errors"
 	"io/fs"
+	"log/slog"
 	"os"
+	"path/filepath"
 	"slices"
+	"strings"
 	"syscall"
 	"testing"
 )
@@ -360,5 +363,113 @@ func TestPool_OffWithoutRenameNoReplaceAndEmptied(t *testing.T) {
 	s.reapNow()
 	if _, err := os.Stat(s.freePath("e")); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("the pool took a file after it was turned off: %v", err)
+	}
+}
+
+// renameFailFS fails the rename of a free file to a message's name, as a
+// directory that needs a block on a full disk does.
+type renameFailFS struct{ *crashFS }
+
+func (f renameFailFS) RenameNoReplace(from, to string) error {
+	if strings.HasPrefix(filepath.Base(from), freePrefix) && strings.HasSuffix(to, ".msg") {
+		return &os.LinkError{Op: "renameat2", Old: from, New: to, Err: syscall.ENOSPC}
+	}
+	return f.crashFS.RenameNoReplace(from, to)
+}
+
+// crashDelivered leaves a ready free file, a's, in s.
+func crashDelivered(t *testing.T, s *Spool) {
+	t.Helper()
+	put(t, s, testEnv("a"), testBody("a", 2000))
+	if err := s.Remove("a"); err != nil {
+		t.Fatal(err)
+	}
+	s.reapNow()
+	for range 2 {
+		if err := s.sync.Sync(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func TestPool_RefusedAfterItsFdatasyncIsNotLoaded(t *testing.T) {
+	disk := newCrashFS(crashDir, crashDir+"/dead")
+	s, err := Open(crashDir, Options{FS: renameFailFS{disk}, Log: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.manualReap = true
+	crashDelivered(t, s)
+	w, err := s.Create("c")
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Write(testBody("c", 100))
+	if err := w.Commit(testEnv("c")); !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("Commit = %v, want ENOSPC from the rename", err)
+	}
+	// The client heard 4xx; the power fails before anything else syncs.
+	disk.crashed = true
+	envs, _, err := openCrash(t, disk.reboot(lostAll)).Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range envs {
+		if e.ID == "c" {
+			t.Fatal("c, refused with 4xx, was loaded for delivery")
+		}
+	}
+}
+
+func TestPool_LoneCommitRefusedAfterAFailedSync(t *testing.T) {
+	fsys := &fullFS{left: -1, free: 100 << 20}
+	s, err := Open(t.TempDir(), Options{FS: fsys})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.manualReap = true
+	delivered(t, s, "a", 100)
+	fsys.syncErr = syscall.EIO
+	if s.sync.Sync() == nil {
+		t.Fatal("sync did not fail")
+	}
+	w, err := s.Create("c")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w.free == "" {
+		t.Fatal("c did not take a's free file in place")
+	}
+	w.Write(testBody("c", 100))
+	if err := w.Commit(testEnv("c")); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("lone Commit after a failed sync = %v, want the sync's EIO", err)
+	}
+}
+
+func TestPool_NoReplaceFSLoneCommitOfAQueuedIDFails(t *testing.T) {
+	s, err := Open(t.TempDir(), Options{FS: noReplaceFS{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.manualReap = true
+	put(t, s, testEnv("x"), testBody("x", 100))
+	// A ready free file; without RENAME_NOREPLACE nothing has turned the
+	// pool off yet, since a lone intake renames only at its commit.
+	put(t, s, testEnv("a"), testBody("a", 100))
+	s.Remove("a")
+	s.reapNow()
+	for range 2 {
+		s.sync.Sync()
+	}
+	w, err := s.Create("x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Write(testBody("x", 300))
+	if err := w.Commit(testEnv("x")); !errors.Is(err, fs.ErrExist) {
+		t.Fatalf("Commit of a queued id = %v, want fs.ErrExist", err)
+	}
+	if got := readBody(t, s, "x"); !bytes.Equal(got, testBody("x", 100)) {
+		t.Error("the queued message was replaced")
 	}
 }
