@@ -195,11 +195,10 @@ func TestPool_CommittedInPlaceWithDamagedBodyIsQuarantined(t *testing.T) {
 	}
 }
 
-func TestPool_NameInUseFailsLikeOExcl(t *testing.T) {
-	s := newTestSpool(t)
-	s.manualReap = true
-	put(t, s, testEnv("x"), testBody("x", 100))
-	delivered(t, s, "a", 100)
+// commitQueuedX writes a second x, alone, and wants its commit to fail
+// with x's first body untouched.
+func commitQueuedX(t *testing.T, s *Spool) {
+	t.Helper()
 	w, err := s.Create("x")
 	if err != nil {
 		t.Fatal(err)
@@ -211,6 +210,14 @@ func TestPool_NameInUseFailsLikeOExcl(t *testing.T) {
 	if got := readBody(t, s, "x"); !bytes.Equal(got, testBody("x", 100)) {
 		t.Error("the queued message was overwritten")
 	}
+}
+
+func TestPool_NameInUseFailsLikeOExcl(t *testing.T) {
+	s := newTestSpool(t)
+	s.manualReap = true
+	put(t, s, testEnv("x"), testBody("x", 100))
+	delivered(t, s, "a", 100)
+	commitQueuedX(t, s)
 	if got := dirNames(t, s.dir); !slices.Equal(got, []string{"dead", "x.msg"}) {
 		t.Errorf("spool = %v, want only the queued x", got)
 	}
@@ -461,15 +468,5 @@ func TestPool_NoReplaceFSLoneCommitOfAQueuedIDFails(t *testing.T) {
 	for range 2 {
 		s.sync.Sync()
 	}
-	w, err := s.Create("x")
-	if err != nil {
-		t.Fatal(err)
-	}
-	w.Write(testBody("x", 300))
-	if err := w.Commit(testEnv("x")); !errors.Is(err, fs.ErrExist) {
-		t.Fatalf("Commit of a queued id = %v, want fs.ErrExist", err)
-	}
-	if got := readBody(t, s, "x"); !bytes.Equal(got, testBody("x", 100)) {
-		t.Error("the queued message was replaced")
-	}
+	commitQueuedX(t, s)
 }
