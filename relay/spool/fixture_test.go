@@ -146,3 +146,54 @@ func TestV1Fixture(t *testing.T) {
 		t.Errorf("second Load = %d envs, %d broken, %v", len(again), b2, err)
 	}
 }
+
+// A previous release's pool: its reaper renamed delivered files to
+// .free-<id>, with or without a durable done record. Load of this release
+// reads free files by their contents, and such a file must go back to the
+// pool: neither delivered again nor quarantined.
+func TestFixture_PreviousReleasesFreeFilesGoBackToThePool(t *testing.T) {
+	const fixture = "testdata/v2-1721dd1"
+	entries, err := os.ReadDir(fixture)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(t.TempDir(), "spool")
+	if err := os.MkdirAll(filepath.Join(dir, "dead"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	var free []string
+	for _, e := range entries {
+		id, ok := strings.CutSuffix(e.Name(), ".msg")
+		if !ok {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(fixture, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Written by that release, delivered, its done record lost.
+		if err := os.WriteFile(filepath.Join(dir, freePrefix+id), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		free = append(free, freePrefix+id)
+	}
+	if len(free) == 0 {
+		t.Fatal("no .msg files in the fixture")
+	}
+	s, err := Open(dir, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	envs, broken, err := s.Load()
+	if err != nil || len(envs) != 0 || broken != 0 {
+		t.Fatalf("Load = %d envelopes, %d broken, %v; want the free files back in the pool", len(envs), broken, err)
+	}
+	want := append(free, "dead")
+	slices.Sort(want)
+	if got := dirNames(t, dir); !slices.Equal(got, want) {
+		t.Errorf("spool = %v, want %v", got, want)
+	}
+	if n := len(s.pool.soon) + len(s.pool.ready); n != len(free) {
+		t.Errorf("pool holds %d files, want %d", n, len(free))
+	}
+}

@@ -233,25 +233,26 @@ func (w *Writer) commitInPlace(alone bool) error {
 func (w *Writer) rename() error {
 	to := w.s.live(w.id)
 	err := w.s.renameNoReplace(w.path, to)
-	if errors.Is(err, errors.ErrUnsupported) {
-		w.s.poolOff()
-		err = w.s.renameNoReplace(w.path, to)
-	}
 	if err == nil {
 		w.path = to
 	}
 	return err
 }
 
-// renameNoReplace is RENAME_NOREPLACE, or once the pool is off for want
-// of it, a check that to does not exist and a rename: ids are unique, the
-// check only keeps a bug from replacing a queued message.
+// renameNoReplace is RENAME_NOREPLACE, or where the file system cannot
+// do it (the pool is then turned off) a check that to does not exist and
+// a rename: ids are unique, the check only keeps a bug from replacing a
+// queued message.
 func (s *Spool) renameNoReplace(from, to string) error {
 	s.pool.mu.Lock()
 	off := s.pool.off
 	s.pool.mu.Unlock()
 	if !off {
-		return s.fs.RenameNoReplace(from, to)
+		err := s.fs.RenameNoReplace(from, to)
+		if !errors.Is(err, errors.ErrUnsupported) {
+			return err
+		}
+		s.poolOff()
 	}
 	f, err := s.fs.OpenFile(to, os.O_RDONLY, 0)
 	switch {

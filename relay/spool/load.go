@@ -177,14 +177,11 @@ func (l *loader) loadFree(free string) error {
 		s.adopt(free)
 		return nil
 	case errors.As(err, &ce):
+		// Another id's header and envelope, a torn body: quarantined below.
 	case err != nil:
 		return fmt.Errorf("reading spool entry %s: %w", freePrefix+free, err)
 	default:
 		err = s.renameNoReplace(path, s.live(id))
-		if errors.Is(err, errors.ErrUnsupported) {
-			s.poolOff()
-			err = s.renameNoReplace(path, s.live(id))
-		}
 		switch {
 		case err == nil:
 			s.log.Info("recovered a message committed before a crash under a free file's name", "msg_id", id)
