@@ -135,7 +135,7 @@ func (s *Spool) markDone(id string) (int64, error) {
 		return 0, err
 	}
 	defer f.Close()
-	st, err := readState(f, id)
+	st, err := readTail(f, id)
 	if err != nil {
 		return 0, err
 	}

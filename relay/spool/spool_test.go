@@ -2,6 +2,7 @@ package spool
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -868,5 +869,80 @@ func TestStaleRecordBehindTornOneStaysDead(t *testing.T) {
 	}
 	if got, err := s.Get("a"); err != nil || got.Attempts != 4 {
 		t.Errorf("state after R4 = attempts %d (%v), want 4: the stale R3 came back", got.Attempts, err)
+	}
+}
+
+// readTail (the done record's append) must end where readState ends,
+// though it recognises envelope records by their id key, undecoded: also
+// after a stale record of another message chained to an identical body,
+// and when another message's address spells the key inside a value.
+func TestReadTailEndsWhereReadStateDoes(t *testing.T) {
+	body := testBody("a", 300)
+	h := header{bodyOff: headerSize, bodyLen: int64(len(body)), bodyCRC: crc32c(body)}
+	// records chains envs from the body; nil is a done record.
+	records := func(envs []*Envelope) []byte {
+		out, last := []byte(nil), h.bodyCRC
+		for _, e := range envs {
+			rec := record(last, recDone, nil)
+			if e != nil {
+				var err error
+				if rec, err = envelopeRecord(last, e); err != nil {
+					t.Fatal(err)
+				}
+			}
+			last = binary.LittleEndian.Uint32(rec[4:])
+			out = append(out, rec...)
+		}
+		return out
+	}
+	a1, a2 := testEnv("a"), testEnv("a")
+	a2.Attempts = 2
+	b := testEnv("b")
+	spoofer := testEnv("b")
+	spoofer.From = `x"id":"a"@example.com`
+	for _, tc := range []struct {
+		name  string
+		envs  []*Envelope
+		valid int // how many of envs are a's state
+		done  bool
+	}{
+		{"two states", []*Envelope{a1, a2}, 2, false},
+		{"delivered", []*Envelope{a1, a2, nil}, 3, true},
+		{"stale record of another message behind", []*Envelope{a1, b, nil}, 1, false},
+		{"another message spells the key in a value", []*Envelope{spoofer, nil}, 0, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "a.msg")
+			data := append(append(h.encode(), body...), records(tc.envs)...)
+			if err := os.WriteFile(path, data, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			f, err := os.Open(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			full, err := readState(f, "a")
+			if err != nil {
+				t.Fatal(err)
+			}
+			tail, err := readTail(f, "a")
+			if err != nil {
+				t.Fatal(err)
+			}
+			wantEnd := h.bodyEnd() + int64(len(records(tc.envs[:tc.valid])))
+			for _, st := range []struct {
+				name string
+				st   *state
+			}{{"readState", full}, {"readTail", tail}} {
+				if st.st.end != wantEnd || st.st.done != tc.done || st.st.size != int64(len(data)) {
+					t.Errorf("%s: end %d done %v size %d, want end %d done %v size %d",
+						st.name, st.st.end, st.st.done, st.st.size, wantEnd, tc.done, len(data))
+				}
+			}
+			if tail.last != full.last {
+				t.Errorf("readTail chains to %08x, readState to %08x", tail.last, full.last)
+			}
+		})
 	}
 }
