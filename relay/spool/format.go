@@ -201,6 +201,10 @@ func scanState(f File, id string, decode bool) (*state, error) {
 	// Sized to the records (usually one envelope of a few hundred bytes):
 	// this runs for every delivery, and bufio's default is 4 KiB.
 	r := bufio.NewReaderSize(io.NewSectionReader(f, st.end, size-st.end), int(min(max(size-st.end, 16), 4096)))
+	var key []byte
+	if !decode {
+		key = idKey(id)
+	}
 	var rh [recHeader]byte
 	for {
 		if _, err := io.ReadFull(r, rh[:]); err != nil {
@@ -228,7 +232,7 @@ func scanState(f File, id string, decode bool) (*state, error) {
 			if !decode {
 				// json.Marshal writes the key once, unspaced; a quote
 				// inside a value is escaped, so it cannot fake it.
-				if !bytes.Contains(payload, idKey(id)) {
+				if !bytes.Contains(payload, key) {
 					return st, nil
 				}
 				break
