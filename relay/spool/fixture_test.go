@@ -197,3 +197,46 @@ func TestFixture_PreviousReleasesFreeFilesGoBackToThePool(t *testing.T) {
 		t.Errorf("pool holds %d files, want %d", n, len(free))
 	}
 }
+
+// The done record of a message written by the previous release (queued,
+// partly delivered over several envelope records, or dead) is appended
+// where that release's records end: readTail, which matches envelope
+// records by their id key, agrees with readState, which decodes them.
+func TestFixture_ReadTailOfPreviousReleasesFiles(t *testing.T) {
+	const fixture = "testdata/v2-1721dd1"
+	paths, err := filepath.Glob(filepath.Join(fixture, "*.msg"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead, err := filepath.Glob(filepath.Join(fixture, "dead", "*.msg"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	paths = append(paths, dead...)
+	if len(paths) != 5 {
+		t.Fatalf("fixture has %d .msg files, want its 4 live ones and a dead letter", len(paths))
+	}
+	for _, path := range paths {
+		id := strings.TrimSuffix(filepath.Base(path), ".msg")
+		f, err := os.Open(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		full, err := readState(f, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tail, err := readTail(f, id)
+		f.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if full.env == nil || full.recordBytes() == 0 {
+			t.Fatalf("%s: readState found no envelope", path)
+		}
+		if tail.end != full.end || tail.last != full.last || tail.done != full.done {
+			t.Errorf("%s: readTail ends at %d (crc %08x, done %v), readState at %d (crc %08x, done %v)",
+				path, tail.end, tail.last, tail.done, full.end, full.last, full.done)
+		}
+	}
+}
