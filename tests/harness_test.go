@@ -526,8 +526,27 @@ func (h *harness) api(path string) []queueEntry {
 	return out
 }
 
-// spoolIDs lists the live messages on disk (<spool>/<id>.json).
-func (h *harness) spoolIDs() []string { return h.ids(h.spool) }
+// spoolIDs lists the live messages on disk: every <spool>/<id>.msg, and
+// those a lone commit left in a pool file (.free-*), which the spool
+// package lists by their contents.
+func (h *harness) spoolIDs() []string {
+	h.t.Helper()
+	ids := h.ids(h.spool)
+	sp, err := spool.Open(h.spool, spool.Options{})
+	if err != nil {
+		h.t.Fatalf("opening %s: %v", h.spool, err)
+	}
+	envs, err := sp.List()
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		h.t.Fatalf("listing %s: %v", h.spool, err)
+	}
+	for _, e := range envs {
+		if !slices.Contains(ids, e.ID) {
+			ids = append(ids, e.ID)
+		}
+	}
+	return ids
+}
 
 // deadIDs lists the dead letters on disk (<spool>/dead/<id>.json).
 func (h *harness) deadIDs() []string { return h.ids(filepath.Join(h.spool, "dead")) }

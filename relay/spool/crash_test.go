@@ -214,8 +214,9 @@ func crashWorkload() []crashStep {
 			if err := commit(r, idF); err != nil {
 				return err
 			}
-			if free() {
-				return fmt.Errorf("F's commit left %s", r.sp.freePath(idV1Live))
+			// Alone, F stays where it was written: no rename.
+			if !free() || placedIn(r.sp, idF) != idV1Live {
+				return fmt.Errorf("F's commit moved it out of %s", r.sp.freePath(idV1Live))
 			}
 			return nil
 		}},
@@ -232,8 +233,8 @@ func crashWorkload() []crashStep {
 			e.Attempts, e.NextAttempt = 2, at(600)
 			return r.sp.Update(e)
 		}},
-		// F's file goes back to the pool under F's name, whether or not
-		// its rename from v1live's free name was durable.
+		// F's file goes back to the pool as it is, under v1live's free
+		// name.
 		{"F: delivered, remove, reap", false, func(r *crashRun) error {
 			err := r.sp.Remove(idF)
 			r.sp.reapNow()
@@ -247,7 +248,7 @@ func crashWorkload() []crashStep {
 			}
 			return nil
 		}},
-		// Beside D's intake G takes F's free file under its own name at
+		// Beside D's intake G takes F's file under its own name at
 		// Create, and commits with the shared syncfs.
 		{"G: accept into F's reused file beside D", true, func(r *crashRun) error {
 			if err := create(r, idG); err != nil {
@@ -256,8 +257,8 @@ func crashWorkload() []crashStep {
 			if r.w[idG].free != "" || r.w[idG].path != r.sp.live(idG) {
 				return fmt.Errorf("G is written over %q, not under its own name", r.w[idG].free)
 			}
-			if _, _, _, ok := r.sp.fs.(*crashFS).lookup(r.sp.freePath(idF)); ok {
-				return fmt.Errorf("G did not take %s", r.sp.freePath(idF))
+			if _, _, _, ok := r.sp.fs.(*crashFS).lookup(r.sp.freePath(idV1Live)); ok {
+				return fmt.Errorf("G did not take %s", r.sp.freePath(idV1Live))
 			}
 			if err := write(r, idG, 0, end(idG)); err != nil {
 				return err

@@ -7,7 +7,8 @@
 //	<dir>/<id>.msg              a live message: header, body, records (0600)
 //	<dir>/dead/<id>.msg         a dead letter, same format, state says why
 //	<dir>/.tmp-<id>.msg         a compaction or migration in progress
-//	<dir>/.free-<id>            a delivered message's file kept for reuse (garbage)
+//	<dir>/.free-<x>             a pool file: a delivered message's file kept for
+//	                            reuse, or a message a lone commit wrote over it
 //	<dir>/<id>.msg.broken       a damaged entry, kept for a human (also in dead/)
 //	<dir>/.lock                 flock of the serving process
 //	<dir>/<id>.{eml,json}       format v1, migrated by Load (also in dead/)
@@ -40,6 +41,9 @@
 // spool logs a warning when its syncs are slow for what it wrote itself
 // (syncwatch.go): the cure is a file system of the spool's own.
 //
+// In the table <id>.msg stands for the message's file, which is its pool
+// file while it is placed there (see Reused files).
+//
 //	operation         what is written, in order                              what is synced
 //	Create, Write     a ready .free-<x>: alone, opened to write over in      nothing
 //	                  place; beside other intakes, renamed to <id>.msg
@@ -47,16 +51,22 @@
 //	                  has none; placeholder header; body through a 64 KiB
 //	                  buffer
 //	Commit            rest of the body; envelope record; header (pwrite at   syncfs, then 250; in place and
-//	                  0) with body length and CRC; in place: rename to       still alone: fdatasync before the
-//	                  <id>.msg (RENAME_NOREPLACE)                            rename, then 250
+//	                  0) with body length and CRC; in place and still        still alone: fdatasync, then 250
+//	                  alone: nothing more, the message stays in the pool
+//	                  file (placed); in place beside others: rename to
+//	                  <id>.msg (RENAME_NOREPLACE)
 //	Abort             unlink <id>.msg, or the .free-<x> written over         nothing; syncfs after a commit whose
 //	                                                                         fdatasync succeeded (then failed)
 //	Update            envelope record after the last valid one               nothing: a lost state repeats an attempt
 //	Update, records   .tmp-<id>.msg: header, body copy, envelope record;     fsync of the temp file before the rename
 //	over 64 KiB       rename over <id>.msg
-//	Remove            done record; the reaper later renames <id>.msg to      nothing: a lost done resends (at-least-once)
-//	                  .free-<id> (files up to 64 KiB, 256 at most) or
-//	                  unlinks it
+//	Remove            done record, and for a placed message a placeholder    nothing: a lost done resends (at-least-once)
+//	                  header over its own (its pool file then reads as
+//	                  free by its contents); the reaper later renames
+//	                  <id>.msg to .free-<id> (files up to 64 KiB, 256 at
+//	                  most), takes a placed message's pool file back as it
+//	                  is, or unlinks the file
+//	Close             rename placed messages to <id>.msg                     nothing: Load finds one not renamed
 //	Bury              envelope record with dead_reason; rename to            fsync of the file before the rename;
 //	                  dead/<id>.msg                                          syncfs after it
 //	Resurrect         rename dead/<id>.msg to <id>.msg; envelope record      syncfs after the rename; syncfs after
@@ -74,26 +84,39 @@
 // unlinked on it, and once the pool has files no journal commit before
 // 250 either: fdatasync of a file written over blocks it already has
 // leaves the file system's metadata alone, where syncfs (or fsync) waits
-// for the journal.
+// for the journal. A message committed alone is not renamed at all: on
+// ext4 without a journal a file renamed since its last sync has its
+// directory written out by the next one (ext4_sync_parent), which
+// doubled the commit's fdatasync.
 //
 // # Reused files
 //
 // A file from the pool keeps its old bytes past what the new message
 // writes. They never read as the new message's: its records are chained
 // to its own body's CRC and carry its id. A free file is taken only after
-// two syncs since its rename, so the delivered message's done record and
-// its free name are durable before its bytes are written over; the new
-// message is then written and synced under that free name and renamed to
-// <id>.msg without a sync. Load reads each .free-<x> by its contents: the
-// delivered message x (its own id), a placeholder or a torn header, or an
-// envelope without its header's body, are a message never acknowledged
-// or long delivered, and go back to the pool; a valid header, body and
-// envelope of another id, not done, is a message committed in place whose
-// rename a crash lost, and becomes <id>.msg; another id's header and
-// envelope with a body that fails its CRC is quarantined as
-// <id>.msg.broken, as a torn commit under its own name is.
+// two syncs since it came back (its rename, or the done record and
+// placeholder of the message placed in it), so the delivered message's
+// done record and the
+// free name are durable before its bytes are written over; the new
+// message is then written and synced under that free name and stays
+// there until it is delivered (the spool keeps id -> free name in memory,
+// Spool.placed), or until Close renames it to <id>.msg. Delivered, it gets
+// a placeholder header besides its done record: the file's name is not
+// the message's id, so its header is what says it is free, whatever part
+// of the next message's writes over it a crash keeps. Load reads each
+// .free-<x> by its contents: the delivered message x (its own id), a
+// message marked done, a placeholder or a torn header, or an envelope
+// without its header's body, are a message never acknowledged or
+// delivered, and go back to the pool; a valid header, body and envelope
+// of another id, not done, is a message placed there that a kill or crash
+// left queued, and becomes <id>.msg; another id's header and envelope
+// with a body that fails its CRC is quarantined as <id>.msg.broken, as a
+// torn commit under its own name is. List reads the pool files the same
+// way, so `relaycar queue ls` beside a serving relay sees placed messages.
 //
 // Readers (List, Dead, Get, CountDead) change nothing and are safe beside
-// a serving process: they see the last complete record. Everything else
-// belongs to the process holding Lock.
+// a serving process: they see the last complete record. Get finds a
+// placed message only in the process that placed it, or after Load;
+// List finds it anywhere. Everything else belongs to the process holding
+// Lock.
 package spool

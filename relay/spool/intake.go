@@ -16,8 +16,8 @@ import (
 type Writer struct {
 	s  *Spool
 	id string
-	// path is the file being written: <id>.msg, or .free-<free> until
-	// Commit renames it.
+	// path is the file being written: <id>.msg, or .free-<free>, which
+	// a commit beside other intakes renames and a lone one keeps.
 	path string
 	free string
 	// durable: an in-place commit's fdatasync succeeded (Abort then
@@ -200,17 +200,24 @@ func (w *Writer) commit(env *Envelope) error {
 // so alone it needs only its data made durable: fdatasync, with no
 // journal commit when the message fits in the blocks the file has (on a
 // journaled ext4, 1.37 times the one-session accept rate of a syncfs
-// commit), then the rename to <id>.msg, which need not be durable: Load
+// commit). It then stays under the free name until it is delivered
+// (placed): no rename, whose cost the file's next sync would pay. Load
 // finds a committed message under a free name by its contents
-// (loader.loadFree). With others being written it renames first and
-// joins their shared syncfs, which covers both: one sync for many beats
-// a device flush per file.
+// (loader.loadFree). With others being written it renames to <id>.msg
+// first and joins their shared syncfs, which covers both: one sync for
+// many beats a device flush per file.
 func (w *Writer) commitInPlace(alone bool) error {
 	var err error
 	if alone {
 		// A sync that failed may have lost what it covered; the spool
-		// refuses commits after it, lone ones too.
+		// refuses commits after it, lone ones too. And the message keeps
+		// the free name, so no rename refuses an id that is queued
+		// already: ids are unique, the check keeps a bug from queueing
+		// one twice.
 		if err = w.s.sync.Err(); err == nil {
+			err = w.s.queued(w.id)
+		}
+		if err == nil {
 			err = datasync(w.f)
 			w.durable = err == nil
 		}
@@ -222,11 +229,29 @@ func (w *Writer) commitInPlace(alone bool) error {
 	if err != nil {
 		return err
 	}
-	if err := w.rename(); err != nil || alone {
+	if alone {
+		w.s.placed.put(w.id, w.free)
+		return nil
+	}
+	if err := w.rename(); err != nil {
 		return err
 	}
 	w.s.sync.Wrote(w.n)
 	return w.s.sync.Sync()
+}
+
+// queued fails with fs.ErrExist when message id is in the spool.
+func (s *Spool) queued(id string) error {
+	path := s.live(id)
+	f, err := s.fs.OpenFile(path, os.O_RDONLY, 0)
+	switch {
+	case err == nil:
+		f.Close()
+		return &os.PathError{Op: "commit", Path: path, Err: fs.ErrExist}
+	case errors.Is(err, fs.ErrNotExist):
+		return nil
+	}
+	return err
 }
 
 // rename moves the file written over to the message's own name.

@@ -144,12 +144,13 @@ func (l *loader) loadMsg(dir, id string) error {
 	return nil
 }
 
-// loadFree sorts out a free file. Usually it holds the delivered message
-// it was kept from (its own id) or a new message torn mid-write, never
-// acknowledged: either is the pool's. A message committed in place whose
-// rename to <id>.msg a crash lost is live: it gets its name and loads as
-// any other. One whose header and envelope are there but whose body is
-// not may have been acknowledged: quarantined under its id.
+// loadFree sorts out a free file. Usually it holds a delivered message
+// (the one it was kept from, or one placed in it since) or a new message
+// torn mid-write, never acknowledged: either is the pool's. A message a
+// lone commit left in it (Spool.placed) that a crash or kill kept from
+// being delivered or named at Close is live: it gets its name and loads
+// as any other. One whose header and envelope are there but whose body
+// is not may have been acknowledged: quarantined under its id.
 func (l *loader) loadFree(free string) error {
 	s := l.s
 	if !validID(free) {
@@ -184,7 +185,7 @@ func (l *loader) loadFree(free string) error {
 		err = s.renameNoReplace(path, s.live(id))
 		switch {
 		case err == nil:
-			s.log.Info("recovered a message committed before a crash under a free file's name", "msg_id", id)
+			s.log.Info("named a message left in a pool file by a stop without shutdown", "msg_id", id, "file", freePrefix+free)
 			return l.loadMsg(s.dir, id)
 		case errors.Is(err, fs.ErrExist):
 			err = corrupt("a second copy of %s, committed in place", id)

@@ -144,6 +144,17 @@ func (s *Spool) markDone(id string) (int64, error) {
 			return 0, err
 		}
 	}
+	if _, ok := s.placed.get(id); ok {
+		// The file goes back to the pool holding another id than its
+		// name, so only its contents say it is free. A placeholder
+		// header says so whatever a torn write of its next message
+		// leaves of the records behind it: without one, a lost first
+		// page and a kept later one could wipe the done record and
+		// bring the delivered message back.
+		if _, err := f.WriteAt(placeholder(), 0); err != nil {
+			return 0, err
+		}
+	}
 	return st.size, f.Close()
 }
 
@@ -164,6 +175,7 @@ func (s *Spool) Bury(env *Envelope, reason string, now time.Time) error {
 	if err := s.fs.Rename(s.live(env.ID), s.deadPath(env.ID)); err != nil {
 		return err
 	}
+	s.placed.take(env.ID)
 	return s.sync.Sync()
 }
 
@@ -247,7 +259,11 @@ func (s *Spool) Drop(id string) error {
 	found := false
 	for _, dir := range []string{s.dir, s.dead} {
 		for _, ext := range []string{".msg", ".json", ".eml"} {
-			err := s.fs.Remove(filepath.Join(dir, id+ext))
+			p := filepath.Join(dir, id+ext)
+			if dir == s.dir && ext == ".msg" {
+				p = s.live(id)
+			}
+			err := s.fs.Remove(p)
 			if err == nil {
 				found = true
 			} else if !errors.Is(err, fs.ErrNotExist) {
@@ -255,6 +271,7 @@ func (s *Spool) Drop(id string) error {
 			}
 		}
 	}
+	s.placed.take(id)
 	if !found {
 		return fs.ErrNotExist
 	}

@@ -18,10 +18,11 @@ const (
 )
 
 // pool holds the ids of the free files, <dir>/.free-<id>. A file becomes
-// ready only after a sync that started after its rename: by then its done
-// record and its new name are durable, so however a crash leaves the new
+// ready only after a sync that started after it came back (its rename, or
+// the done record of the message placed in it): by then the done record
+// and the free name are durable, so however a crash leaves the new
 // message's writes, the delivered message is not left behind under its old
-// name with another message's bytes.
+// name with another message's bytes, nor read as not delivered.
 type pool struct {
 	mu    sync.Mutex
 	ready []string
@@ -30,14 +31,64 @@ type pool struct {
 	off bool
 }
 
+// placed maps the messages that a lone commit left in the pool file it
+// wrote over to that file's free name. Renaming a file costs its next
+// sync: on ext4 without a journal an fsync or fdatasync of a file renamed
+// since its last one also writes out the directory (ext4_sync_parent),
+// which made a lone commit's fdatasync take twice as long as one of a
+// file never renamed. So such a message keeps the pool file's name until
+// it is delivered, and the file goes back to the pool without a rename.
+// Load gives each one its own name (loader.loadFree), and Close does so
+// for those still queued at shutdown.
+type placed struct {
+	mu sync.Mutex
+	m  map[string]string // message id -> free name
+}
+
+func (p *placed) get(id string) (string, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	free, ok := p.m[id]
+	return free, ok
+}
+
+func (p *placed) put(id, free string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.m == nil {
+		p.m = map[string]string{}
+	}
+	p.m[id] = free
+}
+
+// take forgets id, returning the free name it had.
+func (p *placed) take(id string) (string, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	free, ok := p.m[id]
+	delete(p.m, id)
+	return free, ok
+}
+
+func (p *placed) ids() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	ids := make([]string, 0, len(p.m))
+	for id := range p.m {
+		ids = append(ids, id)
+	}
+	return ids
+}
+
 type freeFile struct {
 	id  string
-	gen uint64 // syncs done when it was renamed
+	gen uint64 // syncs done when it came back
 }
 
 func (s *Spool) freePath(id string) string { return filepath.Join(s.dir, freePrefix+id) }
 
-// keep renames a delivered message's file into the pool; false means the
+// keep puts a delivered message's file into the pool, renamed unless it
+// is a placed message's pool file already; false means the
 // caller unlinks it. The caller holds id's lock.
 func (s *Spool) keep(id string) bool {
 	p := &s.pool
@@ -47,10 +98,15 @@ func (s *Spool) keep(id string) bool {
 	if p.off || len(p.ready)+len(p.soon) >= poolMax || s.full.Load() != nil {
 		return false
 	}
-	if s.fs.Rename(s.live(id), s.freePath(id)) != nil {
-		return false
+	// A message left in place is in a pool file already.
+	free, ok := s.placed.take(id)
+	if !ok {
+		if s.fs.Rename(s.live(id), s.freePath(id)) != nil {
+			return false
+		}
+		free = id
 	}
-	p.soon = append(p.soon, freeFile{id: id, gen: s.sync.Syncs()})
+	p.soon = append(p.soon, freeFile{id: free, gen: s.sync.Syncs()})
 	return true
 }
 

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 )
 
 // delivered puts a message, removes it as delivered and runs the reaper,
@@ -54,7 +55,9 @@ func TestPool_ReusesDeliveredFileWithoutItsOldBytes(t *testing.T) {
 	if fi.Size() <= int64(len(body))+headerSize {
 		t.Fatalf("c's file is %d bytes: a's old bytes should still follow c's", fi.Size())
 	}
-	if got := dirNames(t, s.dir); !slices.Equal(got, []string{"c.msg", "dead"}) {
+	// Written alone, c stays under the free name: no rename for the
+	// file's next sync to pay for.
+	if got := dirNames(t, s.dir); !slices.Equal(got, []string{".free-a", "dead"}) {
 		t.Errorf("after reuse = %v", got)
 	}
 	if got := readBody(t, s, "c"); !bytes.Equal(got, body) {
@@ -73,9 +76,88 @@ func TestPool_ReusesDeliveredFileWithoutItsOldBytes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Another process (relaycar queue ls) lists it from the file alone.
+	if envs, err := s2.List(); err != nil || len(envs) != 1 || envs[0].ID != "c" || envs[0].Attempts != 3 {
+		t.Fatalf("List beside the spool = %v, %v", envs, err)
+	}
 	envs, broken, err := s2.Load()
 	if err != nil || broken != 0 || len(envs) != 1 || envs[0].ID != "c" || envs[0].Attempts != 3 {
 		t.Fatalf("Load = %v, %d broken, %v", envs, broken, err)
+	}
+	if got := dirNames(t, s.dir); !slices.Equal(got, []string{"c.msg", "dead"}) {
+		t.Errorf("after Load = %v, want c under its own name", got)
+	}
+}
+
+// placedIn is the free name of the pool file message id was left in, or "".
+func placedIn(s *Spool, id string) string {
+	free, _ := s.placed.get(id)
+	return free
+}
+
+func TestPool_PlacedMessageIsDeliveredDroppedBuriedAndNamedAtClose(t *testing.T) {
+	s := newTestSpool(t)
+	s.manualReap = true
+	for _, id := range []string{"a", "b", "c", "d"} {
+		put(t, s, testEnv(id), testBody(id, 100))
+	}
+	for _, id := range []string{"a", "b", "c", "d"} {
+		s.Remove(id)
+	}
+	s.reapNow()
+	for range 2 {
+		s.sync.Sync()
+	}
+	for _, id := range []string{"w", "x", "y", "z"} {
+		put(t, s, testEnv(id), testBody(id, 200))
+		if placedIn(s, id) == "" {
+			t.Fatalf("%s, written alone over a free file, was renamed", id)
+		}
+	}
+	envs, err := s.List()
+	if err != nil || len(envs) != 4 {
+		t.Fatalf("List = %v, %v; want w, x, y, z", envs, err)
+	}
+	// Delivered: the file goes back to the pool under the same name.
+	wFile := placedIn(s, "w")
+	if err := s.Remove("w"); err != nil {
+		t.Fatal(err)
+	}
+	s.reapNow()
+	if _, err := os.Stat(s.freePath(wFile)); err != nil || placedIn(s, "w") != "" {
+		t.Fatalf("w's pool file after delivery: %v, placed %q", err, placedIn(s, "w"))
+	}
+	if _, err := s.Get("w"); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("Get of delivered w = %v", err)
+	}
+	// Dropped: the file is gone.
+	xFile := placedIn(s, "x")
+	if err := s.Drop("x"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(s.freePath(xFile)); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("dropped x's file is still there: %v", err)
+	}
+	// Buried: dead/<id>.msg, with its reason.
+	env, err := s.Get("y")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Bury(env, "550 no such user", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if dead, err := s.Dead(); err != nil || len(dead) != 1 || dead[0].ID != "y" || placedIn(s, "y") != "" {
+		t.Fatalf("Dead = %v, %v", dead, err)
+	}
+	// z is still queued at Close, which gives it its own name.
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(s.dir, "z.msg")); err != nil {
+		t.Fatalf("z after Close: %v", err)
+	}
+	if got := readBody(t, s, "z"); !bytes.Equal(got, testBody("z", 200)) {
+		t.Error("z's body changed")
 	}
 }
 
@@ -107,12 +189,12 @@ func TestPool_FileNotReadyUntilSyncedAfterItsRename(t *testing.T) {
 	// rename. b and c each commit with one.
 	put(t, s, testEnv("b"), testBody("b", 100))
 	put(t, s, testEnv("c"), testBody("c", 100))
-	if _, err := os.Stat(s.freePath("a")); err != nil {
-		t.Fatalf("c took a's file after one sync: %v", err)
+	if placedIn(s, "c") == "a" {
+		t.Fatal("c took a's file after one sync")
 	}
 	put(t, s, testEnv("d"), testBody("d", 100))
-	if _, err := os.Stat(s.freePath("a")); !errors.Is(err, fs.ErrNotExist) {
-		t.Errorf("d did not take a's file after two syncs: %v", err)
+	if placedIn(s, "d") != "a" {
+		t.Errorf("d did not take a's file after two syncs")
 	}
 }
 
@@ -361,27 +443,66 @@ func TestPool_OffWithoutRenameNoReplaceAndEmptied(t *testing.T) {
 	for range 2 {
 		s.sync.Sync()
 	}
-	put(t, s, testEnv("d"), testBody("d", 100)) // tries a free file, falls back
-	if got := dirNames(t, s.dir); !slices.Equal(got, []string{"d.msg", "dead"}) {
-		t.Errorf("spool = %v, want the free files gone and d in a new file", got)
+	// Alone, d is written over a free file and renamed nowhere.
+	put(t, s, testEnv("d"), testBody("d", 100))
+	if placedIn(s, "d") == "" {
+		t.Fatal("d, alone, did not stay in a free file")
 	}
-	put(t, s, testEnv("e"), testBody("e", 100))
-	s.Remove("e")
-	s.reapNow()
-	if _, err := os.Stat(s.freePath("e")); !errors.Is(err, fs.ErrNotExist) {
-		t.Errorf("the pool took a file after it was turned off: %v", err)
+	// Beside another intake a free file is renamed at once, which this
+	// file system cannot do without replacing: the pool is turned off
+	// and emptied, f goes to a new file.
+	w, err := s.Create("e")
+	if err != nil {
+		t.Fatal(err)
+	}
+	put(t, s, testEnv("f"), testBody("f", 100))
+	w.Write(testBody("e", 100))
+	if err := w.Commit(testEnv("e")); err != nil {
+		t.Fatal(err)
+	}
+	dName, eName := freePrefix+placedIn(s, "d"), freePrefix+placedIn(s, "e")
+	want := []string{dName, eName, "dead", "f.msg"}
+	slices.Sort(want)
+	if got := dirNames(t, s.dir); !slices.Equal(got, want) {
+		t.Errorf("spool = %v, want %v: the unused free file gone, f in a new file", got, want)
+	}
+	for _, id := range []string{"d", "g"} {
+		if id == "g" {
+			put(t, s, testEnv(id), testBody(id, 100))
+		}
+		file := s.live(id)
+		s.Remove(id)
+		s.reapNow()
+		if _, err := os.Stat(file); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("the pool kept %s's file after it was turned off: %v", id, err)
+		}
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := readBody(t, s, "e"); !bytes.Equal(got, testBody("e", 100)) {
+		t.Error("e, named at Close by the checked rename, lost its body")
 	}
 }
 
-// renameFailFS fails the rename of a free file to a message's name, as a
-// directory that needs a block on a full disk does.
-type renameFailFS struct{ *crashFS }
+// closeFailFS fails the close of a free file opened to be written over,
+// after its fdatasync, as a file system that reports a late write error
+// at close does.
+type closeFailFS struct{ *crashFS }
 
-func (f renameFailFS) RenameNoReplace(from, to string) error {
-	if strings.HasPrefix(filepath.Base(from), freePrefix) && strings.HasSuffix(to, ".msg") {
-		return &os.LinkError{Op: "renameat2", Old: from, New: to, Err: syscall.ENOSPC}
+func (f closeFailFS) OpenFile(name string, flag int, perm fs.FileMode) (File, error) {
+	fl, err := f.crashFS.OpenFile(name, flag, perm)
+	if err == nil && flag&os.O_RDWR != 0 && strings.HasPrefix(filepath.Base(name), freePrefix) {
+		return closeFail{fl.(*crashFile)}, nil
 	}
-	return f.crashFS.RenameNoReplace(from, to)
+	return fl, err
+}
+
+type closeFail struct{ *crashFile }
+
+func (c closeFail) Close() error {
+	c.crashFile.Close()
+	return syscall.EIO
 }
 
 // crashDelivered leaves a ready free file, a's, in s.
@@ -401,7 +522,7 @@ func crashDelivered(t *testing.T, s *Spool) {
 
 func TestPool_RefusedAfterItsFdatasyncIsNotLoaded(t *testing.T) {
 	disk := newCrashFS(crashDir, crashDir+"/dead")
-	s, err := Open(crashDir, Options{FS: renameFailFS{disk}, Log: slog.New(slog.DiscardHandler)})
+	s, err := Open(crashDir, Options{FS: closeFailFS{disk}, Log: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -412,8 +533,8 @@ func TestPool_RefusedAfterItsFdatasyncIsNotLoaded(t *testing.T) {
 		t.Fatal(err)
 	}
 	w.Write(testBody("c", 100))
-	if err := w.Commit(testEnv("c")); !errors.Is(err, syscall.ENOSPC) {
-		t.Fatalf("Commit = %v, want ENOSPC from the rename", err)
+	if err := w.Commit(testEnv("c")); !errors.Is(err, syscall.EIO) || !w.durable {
+		t.Fatalf("Commit = %v (durable %v), want EIO from the close after the fdatasync", err, w.durable)
 	}
 	// The client heard 4xx; the power fails before anything else syncs.
 	disk.crashed = true
@@ -469,4 +590,67 @@ func TestPool_NoReplaceFSLoneCommitOfAQueuedIDFails(t *testing.T) {
 		s.sync.Sync()
 	}
 	commitQueuedX(t, s)
+}
+
+// A placed message's file goes back to the pool under a name that is not
+// its id. Writes of the next message over it may reach the disk in any
+// order; whatever part of them survives, a delivered message must read as
+// free: never loaded again, never quarantined.
+func TestPool_DeliveredPlacedFileReadsFreeUnderATornReuse(t *testing.T) {
+	for _, torn := range []string{"records", "body and records"} {
+		t.Run(torn, func(t *testing.T) {
+			s := newTestSpool(t)
+			s.manualReap = true
+			delivered(t, s, "a", 100)
+			put(t, s, testEnv("c"), testBody("c", 3000))
+			free := placedIn(s, "c")
+			if free == "" {
+				t.Fatal("c was not placed")
+			}
+			env, err := s.Get("c")
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i := 1; i <= 5; i++ {
+				env.Attempts = i
+				if err := s.Update(env); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := s.Remove("c"); err != nil {
+				t.Fatal(err)
+			}
+			s.reapNow()
+			for range 2 {
+				s.sync.Sync()
+			}
+			// The power fails while z, longer than c, is written over the
+			// file: its first page (z's placeholder) is lost, a later one
+			// kept, over c's records or over the end of c's body.
+			p := s.freePath(free)
+			b, err := os.ReadFile(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i := headerSize + len(testBody("c", 3000)) + 400; i < len(b); i++ {
+				b[i] = 'z'
+			}
+			if torn == "body and records" {
+				for i := headerSize + 100; i < headerSize+200; i++ {
+					b[i] = 'z'
+				}
+			}
+			if err := os.WriteFile(p, b, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			s2, err := Open(s.dir, Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			envs, broken, err := s2.Load()
+			if err != nil || len(envs) != 0 || broken != 0 {
+				t.Fatalf("Load = %v, %d broken, %v; want the delivered c neither loaded nor quarantined (spool %v)", envs, broken, err, dirNames(t, s.dir))
+			}
+		})
+	}
 }

@@ -3,6 +3,7 @@ package spool
 import (
 	"errors"
 	"io/fs"
+	"path/filepath"
 	"sync"
 )
 
@@ -88,6 +89,7 @@ func (s *Spool) unlinkDone(id string, reuse bool) {
 	if err := s.fs.Remove(s.live(id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		s.log.Warn("unlinking delivered message failed; Load retries", "msg_id", id, "err", err)
 	}
+	s.placed.take(id)
 }
 
 // Close finishes the pending unlinks and stops the reaper. Later Removes
@@ -107,5 +109,24 @@ func (s *Spool) Close() error {
 	} else {
 		s.reapNow()
 	}
+	s.namePlaced()
 	return nil
+}
+
+// namePlaced gives the messages still queued in pool files their own
+// names, so that the files read as what they are, to an operator and to
+// a relaycar older than the one that placed them (ff81479 and later find
+// them by their contents anyway). Nothing is synced: a lost rename leaves
+// the message where Load finds it.
+func (s *Spool) namePlaced() {
+	for _, id := range s.placed.ids() {
+		unlock := s.locks.lock(id)
+		if free, ok := s.placed.take(id); ok {
+			if err := s.renameNoReplace(s.freePath(free), filepath.Join(s.dir, id+".msg")); err != nil {
+				s.placed.put(id, free)
+				s.log.Warn("naming a queued message failed; the next start does it", "msg_id", id, "err", err)
+			}
+		}
+		unlock()
+	}
 }

@@ -57,6 +57,7 @@ type Spool struct {
 	// good part of the garbage collector's work under load.
 	writers sync.Pool
 	pool    pool
+	placed  placed
 	watch   syncWatch
 
 	// maxBytes caps what the spool's files may take (0: no cap); used is
@@ -241,7 +242,15 @@ func validID(id string) bool {
 	return true
 }
 
-func (s *Spool) live(id string) string     { return filepath.Join(s.dir, id+".msg") }
+// live is where message id's file is: a pool file's name while it stays
+// where a lone commit wrote it (placed), else <id>.msg.
+func (s *Spool) live(id string) string {
+	if free, ok := s.placed.get(id); ok {
+		return s.freePath(free)
+	}
+	return filepath.Join(s.dir, id+".msg")
+}
+
 func (s *Spool) deadPath(id string) string { return filepath.Join(s.dead, id+".msg") }
 
 func tempPath(dir, id string) string {
@@ -344,6 +353,12 @@ func (s *Spool) list(dir string, dead bool) ([]*Envelope, error) {
 	byID := map[string]*Envelope{}
 	for _, e := range entries {
 		name := e.Name()
+		if !dead && !e.IsDir() && strings.HasPrefix(name, freePrefix) {
+			if env := s.readPlaced(filepath.Join(dir, name), name[len(freePrefix):]); env != nil {
+				byID[env.ID] = env
+			}
+			continue
+		}
 		if e.IsDir() || strings.HasPrefix(name, ".") {
 			continue
 		}
@@ -373,6 +388,23 @@ func (s *Spool) list(dir string, dead bool) ([]*Envelope, error) {
 	}
 	slices.SortFunc(envs, func(a, b *Envelope) int { return strings.Compare(a.ID, b.ID) })
 	return envs, nil
+}
+
+// readPlaced returns the queued message a lone commit left in the pool
+// file .free-<free> (Spool.placed), or nil when the file is free: the
+// delivered message it was kept from, a new one not yet committed, or one
+// delivered since.
+func (s *Spool) readPlaced(path, free string) *Envelope {
+	f, err := s.fs.OpenFile(path, os.O_RDONLY, 0)
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	st, err := readState(f, "")
+	if err != nil || st.env == nil || st.done || st.env.ID == free || !validID(st.env.ID) || st.env.DeadReason != "" {
+		return nil
+	}
+	return st.env
 }
 
 // readV1 reads a v1 envelope (.json).
