@@ -248,22 +248,26 @@ func crashWorkload() []crashStep {
 			}
 			return nil
 		}},
-		// Beside D's intake G takes F's file under its own name at
-		// Create, and commits with the shared syncfs.
+		// Beside D's intake G is written over F's file too, commits
+		// with the shared syncfs, and stays there.
 		{"G: accept into F's reused file beside D", true, func(r *crashRun) error {
 			if err := create(r, idG); err != nil {
 				return err
 			}
-			if r.w[idG].free != "" || r.w[idG].path != r.sp.live(idG) {
-				return fmt.Errorf("G is written over %q, not under its own name", r.w[idG].free)
-			}
-			if _, _, _, ok := r.sp.fs.(*crashFS).lookup(r.sp.freePath(idV1Live)); ok {
-				return fmt.Errorf("G did not take %s", r.sp.freePath(idV1Live))
+			if r.w[idG].free != idV1Live {
+				return fmt.Errorf("G is written over %q, not %s", r.w[idG].free, r.sp.freePath(idV1Live))
 			}
 			if err := write(r, idG, 0, end(idG)); err != nil {
 				return err
 			}
-			return commit(r, idG)
+			syncs := r.sp.sync.Syncs()
+			if err := commit(r, idG); err != nil {
+				return err
+			}
+			if r.sp.sync.Syncs() == syncs || r.w[idG].durable || placedIn(r.sp, idG) != idV1Live {
+				return fmt.Errorf("G's commit beside D: no syncfs, or an fdatasync, or G moved")
+			}
+			return nil
 		}},
 	}
 }

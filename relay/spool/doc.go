@@ -8,7 +8,7 @@
 //	<dir>/dead/<id>.msg         a dead letter, same format, state says why
 //	<dir>/.tmp-<id>.msg         a compaction or migration in progress
 //	<dir>/.free-<x>             a pool file: a delivered message's file kept for
-//	                            reuse, or a message a lone commit wrote over it
+//	                            reuse, or a message written over it (placed)
 //	<dir>/<id>.msg.broken       a damaged entry, kept for a human (also in dead/)
 //	<dir>/.lock                 flock of the serving process
 //	<dir>/<id>.{eml,json}       format v1, migrated by Load (also in dead/)
@@ -45,16 +45,12 @@
 // file while it is placed there (see Reused files).
 //
 //	operation         what is written, in order                              what is synced
-//	Create, Write     a ready .free-<x>: alone, opened to write over in      nothing
-//	                  place; beside other intakes, renamed to <id>.msg
-//	                  (RENAME_NOREPLACE); or O_EXCL <id>.msg when the pool
-//	                  has none; placeholder header; body through a 64 KiB
-//	                  buffer
+//	Create, Write     a ready .free-<x>, opened to write over in place; or   nothing
+//	                  O_EXCL <id>.msg when the pool has none; placeholder
+//	                  header; body through a 64 KiB buffer
 //	Commit            rest of the body; envelope record; header (pwrite at   syncfs, then 250; in place and
-//	                  0) with body length and CRC; in place and still        still alone: fdatasync, then 250
-//	                  alone: nothing more, the message stays in the pool
-//	                  file (placed); in place beside others: rename to
-//	                  <id>.msg (RENAME_NOREPLACE)
+//	                  0) with body length and CRC; in place, nothing more:   alone: fdatasync, then 250
+//	                  the message stays in the pool file (placed)
 //	Abort             unlink <id>.msg, or the .free-<x> written over         nothing; syncfs after a commit whose
 //	                                                                         fdatasync succeeded (then failed)
 //	Update            envelope record after the last valid one               nothing: a lost state repeats an attempt
@@ -84,10 +80,12 @@
 // unlinked on it, and once the pool has files no journal commit before
 // 250 either: fdatasync of a file written over blocks it already has
 // leaves the file system's metadata alone, where syncfs (or fsync) waits
-// for the journal. A message committed alone is not renamed at all: on
+// for the journal. A message written over a pool file is not renamed at all: on
 // ext4 without a journal a file renamed since its last sync has its
 // directory written out by the next one (ext4_sync_parent), which
-// doubled the commit's fdatasync.
+// doubled the commit's fdatasync; and a rename is a directory change
+// under the directory's lock, which sessions committing together would
+// queue on.
 //
 // # Reused files
 //

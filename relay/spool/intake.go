@@ -17,7 +17,7 @@ type Writer struct {
 	s  *Spool
 	id string
 	// path is the file being written: <id>.msg, or .free-<free>, which
-	// a commit beside other intakes renames and a lone one keeps.
+	// the message keeps once committed (Spool.placed).
 	path string
 	free string
 	// durable: an in-place commit's fdatasync succeeded (Abort then
@@ -45,8 +45,8 @@ func (s *Spool) Create(id string) (*Writer, error) {
 	if !validID(id) {
 		return nil, fmt.Errorf("spool: invalid message id %q", id)
 	}
-	alone := s.writing.Add(1) == 1
-	f, path, free, err := s.open(id, alone)
+	s.writing.Add(1)
+	f, path, free, err := s.open(id)
 	if err != nil {
 		s.writing.Add(-1)
 		s.noteFull(err)
@@ -63,34 +63,13 @@ func (s *Spool) Create(id string) (*Writer, error) {
 	return w, nil
 }
 
-// open picks the file for message id. A free file is written in place,
-// under its free name, when no other message is being written: alone, the
-// commit can then be one fdatasync (commitInPlace). With others it takes
-// the message's name at once (RENAME_NOREPLACE, so a name in use fails as
-// O_EXCL would), for their shared syncfs to make durable with it, and the
-// rename is off the commit's path.
-func (s *Spool) open(id string, alone bool) (f File, path, free string, err error) {
-	path = s.live(id)
+// open picks the file for message id: a free file from the pool, written
+// over in place under its free name (commitInPlace), or a new <id>.msg.
+func (s *Spool) open(id string) (f File, path, free string, err error) {
 	if f, free = s.reuse(); f != nil {
-		if alone {
-			return f, s.freePath(free), free, nil
-		}
-		err = s.fs.RenameNoReplace(s.freePath(free), path)
-		if err == nil {
-			return f, path, "", nil
-		}
-		f.Close()
-		switch {
-		case errors.Is(err, fs.ErrExist):
-			s.giveBack(free)
-			return nil, "", "", err
-		case errors.Is(err, errors.ErrUnsupported):
-			s.fs.Remove(s.freePath(free))
-			s.poolOff()
-		default:
-			s.fs.Remove(s.freePath(free))
-		}
+		return f, s.freePath(free), free, nil
 	}
+	path = s.live(id)
 	f, err = s.fs.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, fileMode)
 	return f, path, "", err
 }
@@ -203,21 +182,18 @@ func (w *Writer) commit(env *Envelope) error {
 // commit). It then stays under the free name until it is delivered
 // (placed): no rename, whose cost the file's next sync would pay. Load
 // finds a committed message under a free name by its contents
-// (loader.loadFree). With others being written it renames to <id>.msg
-// first and joins their shared syncfs, which covers both: one sync for
+// (loader.loadFree). With others being written it joins their shared
+// syncfs, which covers the file as it covers theirs: one sync for
 // many beats a device flush per file.
 func (w *Writer) commitInPlace(alone bool) error {
-	var err error
-	if alone {
+	// The message keeps the free name, so no rename refuses an id that
+	// is queued already: ids are unique, the check keeps a bug from
+	// queueing one twice.
+	err := w.s.queued(w.id)
+	if err == nil && alone {
 		// A sync that failed may have lost what it covered; the spool
-		// refuses commits after it, lone ones too. And the message keeps
-		// the free name, so no rename refuses an id that is queued
-		// already: ids are unique, the check keeps a bug from queueing
-		// one twice.
+		// refuses commits after it, lone ones too.
 		if err = w.s.sync.Err(); err == nil {
-			err = w.s.queued(w.id)
-		}
-		if err == nil {
 			err = datasync(w.f)
 			w.durable = err == nil
 		}
@@ -226,18 +202,15 @@ func (w *Writer) commitInPlace(alone bool) error {
 		err = cerr
 	}
 	w.f = nil
+	if err == nil && !alone {
+		w.s.sync.Wrote(w.n)
+		err = w.s.sync.Sync()
+	}
 	if err != nil {
 		return err
 	}
-	if alone {
-		w.s.placed.put(w.id, w.free)
-		return nil
-	}
-	if err := w.rename(); err != nil {
-		return err
-	}
-	w.s.sync.Wrote(w.n)
-	return w.s.sync.Sync()
+	w.s.placed.put(w.id, w.free)
+	return nil
 }
 
 // queued fails with fs.ErrExist when message id is in the spool.
@@ -250,16 +223,6 @@ func (s *Spool) queued(id string) error {
 		return &os.PathError{Op: "commit", Path: path, Err: fs.ErrExist}
 	case errors.Is(err, fs.ErrNotExist):
 		return nil
-	}
-	return err
-}
-
-// rename moves the file written over to the message's own name.
-func (w *Writer) rename() error {
-	to := w.s.live(w.id)
-	err := w.s.renameNoReplace(w.path, to)
-	if err == nil {
-		w.path = to
 	}
 	return err
 }

@@ -147,7 +147,7 @@ func (l *loader) loadMsg(dir, id string) error {
 // loadFree sorts out a free file. Usually it holds a delivered message
 // (the one it was kept from, or one placed in it since) or a new message
 // torn mid-write, never acknowledged: either is the pool's. A message a
-// lone commit left in it (Spool.placed) that a crash or kill kept from
+// commit left in it (Spool.placed) that a crash or kill kept from
 // being delivered or named at Close is live: it gets its name and loads
 // as any other. One whose header and envelope are there but whose body
 // is not may have been acknowledged: quarantined under its id.

@@ -31,12 +31,14 @@ type pool struct {
 	off bool
 }
 
-// placed maps the messages that a lone commit left in the pool file it
-// wrote over to that file's free name. Renaming a file costs its next
+// placed maps the messages committed in the pool file they were written
+// over to that file's free name. Renaming a file costs its next
 // sync: on ext4 without a journal an fsync or fdatasync of a file renamed
 // since its last one also writes out the directory (ext4_sync_parent),
 // which made a lone commit's fdatasync take twice as long as one of a
-// file never renamed. So such a message keeps the pool file's name until
+// file never renamed; and with sessions committing together the two
+// renames per message were 7% of the CPU. So such a message keeps the
+// pool file's name until
 // it is delivered, and the file goes back to the pool without a rename.
 // Load gives each one its own name (loader.loadFree), and Close does so
 // for those still queued at shutdown.
@@ -160,13 +162,6 @@ func (s *Spool) reuse() (File, string) {
 		return nil, ""
 	}
 	return f, id
-}
-
-// giveBack returns a free file that take handed out and Create did not use.
-func (s *Spool) giveBack(id string) {
-	s.pool.mu.Lock()
-	s.pool.ready = append(s.pool.ready, id)
-	s.pool.mu.Unlock()
 }
 
 // poolOff stops reuse where the file system cannot rename without

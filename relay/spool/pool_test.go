@@ -304,26 +304,31 @@ func TestPool_NameInUseFailsLikeOExcl(t *testing.T) {
 		t.Errorf("spool = %v, want only the queued x", got)
 	}
 
-	// With another message being written, Create takes the name at once,
-	// and fails there.
-	delivered(t, s, "b", 100)
+	// With another message being written, the commit fails the same way
+	// before its shared syncfs.
+	for _, id := range []string{"b", "c"} {
+		put(t, s, testEnv(id), testBody(id, 100))
+	}
+	for _, id := range []string{"b", "c"} {
+		s.Remove(id)
+	}
+	s.reapNow()
+	for range 2 {
+		s.sync.Sync()
+	}
 	other, err := s.Create("y")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer other.Abort()
-	if _, err := s.Create("x"); !errors.Is(err, fs.ErrExist) {
-		t.Fatalf("Create of a queued id beside another intake = %v, want fs.ErrExist", err)
-	}
-	if got := readBody(t, s, "x"); !bytes.Equal(got, testBody("x", 100)) {
-		t.Error("the queued message was overwritten")
-	}
-	if _, err := os.Stat(s.freePath("b")); err != nil {
-		t.Errorf("the free file was lost: %v", err)
+	syncs := s.sync.Syncs()
+	commitQueuedX(t, s)
+	if s.sync.Syncs() != syncs {
+		t.Error("the refused commit waited for a syncfs")
 	}
 }
 
-func TestPool_BesideAnotherIntakeTheFileTakesItsNameAtCreate(t *testing.T) {
+func TestPool_BesideAnotherIntakeTheFileStaysInPlaceAndSharesTheSyncfs(t *testing.T) {
 	s := newTestSpool(t)
 	s.manualReap = true
 	// Two free files: a's and b's.
@@ -349,14 +354,18 @@ func TestPool_BesideAnotherIntakeTheFileTakesItsNameAtCreate(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := dirNames(t, s.dir); !slices.Equal(got, []string{".free-b", "c.msg", "dead"}) {
-		t.Errorf("beside y's intake, c's Create left %v; want a's file renamed to c.msg", got)
-	}
 	w.Write(testBody("c", 100))
+	syncs := s.sync.Syncs()
 	if err := w.Commit(testEnv("c")); err != nil {
 		t.Fatal(err)
 	}
+	if s.sync.Syncs() != syncs+1 || w.durable {
+		t.Errorf("beside y's intake c's commit took %d syncfs (fdatasync: %v), want one syncfs", s.sync.Syncs()-syncs, w.durable)
+	}
 	other.Abort()
+	if got := dirNames(t, s.dir); !slices.Equal(got, []string{".free-a", "dead"}) || placedIn(s, "c") != "a" {
+		t.Errorf("beside y's intake c was left in %v (placed in %q); want it in a's file, unrenamed", got, placedIn(s, "c"))
+	}
 	fi, err := os.Stat(s.live("c"))
 	if err != nil || !os.SameFile(a, fi) {
 		t.Errorf("c is not in a's file: %v", err)
@@ -443,45 +452,37 @@ func TestPool_OffWithoutRenameNoReplaceAndEmptied(t *testing.T) {
 	for range 2 {
 		s.sync.Sync()
 	}
-	// Alone, d is written over a free file and renamed nowhere.
+	// Messages are written over free files and renamed nowhere, so
+	// nothing needs RENAME_NOREPLACE until Close names them.
 	put(t, s, testEnv("d"), testBody("d", 100))
-	if placedIn(s, "d") == "" {
-		t.Fatal("d, alone, did not stay in a free file")
-	}
-	// Beside another intake a free file is renamed at once, which this
-	// file system cannot do without replacing: the pool is turned off
-	// and emptied, f goes to a new file.
 	w, err := s.Create("e")
 	if err != nil {
 		t.Fatal(err)
 	}
-	put(t, s, testEnv("f"), testBody("f", 100))
 	w.Write(testBody("e", 100))
 	if err := w.Commit(testEnv("e")); err != nil {
 		t.Fatal(err)
 	}
-	dName, eName := freePrefix+placedIn(s, "d"), freePrefix+placedIn(s, "e")
-	want := []string{dName, eName, "dead", "f.msg"}
-	slices.Sort(want)
-	if got := dirNames(t, s.dir); !slices.Equal(got, want) {
-		t.Errorf("spool = %v, want %v: the unused free file gone, f in a new file", got, want)
+	if placedIn(s, "d") == "" || placedIn(s, "e") == "" || s.pool.off {
+		t.Fatalf("d and e not placed (%q, %q) or the pool off (%v)", placedIn(s, "d"), placedIn(s, "e"), s.pool.off)
 	}
-	for _, id := range []string{"d", "g"} {
-		if id == "g" {
-			put(t, s, testEnv(id), testBody(id, 100))
-		}
-		file := s.live(id)
-		s.Remove(id)
-		s.reapNow()
-		if _, err := os.Stat(file); !errors.Is(err, fs.ErrNotExist) {
-			t.Errorf("the pool kept %s's file after it was turned off: %v", id, err)
-		}
-	}
+	// Close's rename finds that the file system cannot: the pool is
+	// turned off and emptied (c's free file), and the checked rename
+	// names d and e.
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if got := readBody(t, s, "e"); !bytes.Equal(got, testBody("e", 100)) {
-		t.Error("e, named at Close by the checked rename, lost its body")
+	if got := dirNames(t, s.dir); !slices.Equal(got, []string{"d.msg", "dead", "e.msg"}) || !s.pool.off {
+		t.Errorf("spool = %v (pool off: %v), want d.msg and e.msg and no free file", got, s.pool.off)
+	}
+	for _, id := range []string{"d", "e"} {
+		if got := readBody(t, s, id); !bytes.Equal(got, testBody(id, 100)) {
+			t.Errorf("%s, named by the checked rename, lost its body", id)
+		}
+	}
+	put(t, s, testEnv("f"), testBody("f", 100))
+	if _, err := os.Stat(filepath.Join(s.dir, "f.msg")); err != nil {
+		t.Errorf("with the pool off f is not in a new file: %v", err)
 	}
 }
 

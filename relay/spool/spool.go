@@ -243,7 +243,7 @@ func validID(id string) bool {
 }
 
 // live is where message id's file is: a pool file's name while it stays
-// where a lone commit wrote it (placed), else <id>.msg.
+// where its commit wrote it (placed), else <id>.msg.
 func (s *Spool) live(id string) string {
 	if free, ok := s.placed.get(id); ok {
 		return s.freePath(free)
@@ -390,7 +390,7 @@ func (s *Spool) list(dir string, dead bool) ([]*Envelope, error) {
 	return envs, nil
 }
 
-// readPlaced returns the queued message a lone commit left in the pool
+// readPlaced returns the queued message a commit left in the pool
 // file .free-<free> (Spool.placed), or nil when the file is free: the
 // delivered message it was kept from, a new one not yet committed, or one
 // delivered since.
