@@ -527,7 +527,7 @@ func (h *harness) api(path string) []queueEntry {
 }
 
 // spoolIDs lists the live messages on disk: every <spool>/<id>.msg, and
-// those a lone commit left in a pool file (.free-*), which the spool
+// those committed in a pool file (.free-*), which the spool
 // package lists by their contents.
 func (h *harness) spoolIDs() []string {
 	h.t.Helper()

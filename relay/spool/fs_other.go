@@ -36,7 +36,8 @@ func (OS) Statfs(dir string) (Usage, error) {
 	return Usage{FreeBytes: int64(st.Bavail) * int64(st.Bsize), FreeInodes: int64(st.Ffree)}, nil
 }
 
-// RenameNoReplace is not attempted here: Create makes fresh files.
+// RenameNoReplace is not attempted here: Spool.renameNoReplace falls back
+// to a checked rename.
 func (OS) RenameNoReplace(oldpath, newpath string) error {
 	return &os.LinkError{Op: "rename", Old: oldpath, New: newpath, Err: errors.ErrUnsupported}
 }

@@ -9,6 +9,7 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"path/filepath"
 )
 
 // Writer streams one new message into the spool: Create, Write the body,
@@ -20,6 +21,8 @@ type Writer struct {
 	// the message keeps once committed (Spool.placed).
 	path string
 	free string
+	// claimed: the message is in Spool.placed (Writer.claim).
+	claimed bool
 	// durable: an in-place commit's fdatasync succeeded (Abort then
 	// syncs its unlink).
 	durable bool
@@ -152,6 +155,11 @@ func (w *Writer) commit(env *Envelope) error {
 	if err := w.bw.Flush(); err != nil {
 		return err
 	}
+	if w.free != "" {
+		if err := w.claim(); err != nil {
+			return err
+		}
+	}
 	// The header goes last: until it is on disk, the file cannot pass for
 	// a committed message, whatever else of it survives a crash.
 	h := header{bodyOff: headerSize, bodyLen: w.n, bodyCRC: sum}
@@ -186,11 +194,8 @@ func (w *Writer) commit(env *Envelope) error {
 // syncfs, which covers the file as it covers theirs: one sync for
 // many beats a device flush per file.
 func (w *Writer) commitInPlace(alone bool) error {
-	// The message keeps the free name, so no rename refuses an id that
-	// is queued already: ids are unique, the check keeps a bug from
-	// queueing one twice.
-	err := w.s.queued(w.id)
-	if err == nil && alone {
+	var err error
+	if alone {
 		// A sync that failed may have lost what it covered; the spool
 		// refuses commits after it, lone ones too.
 		if err = w.s.sync.Err(); err == nil {
@@ -206,41 +211,42 @@ func (w *Writer) commitInPlace(alone bool) error {
 		w.s.sync.Wrote(w.n)
 		err = w.s.sync.Sync()
 	}
-	if err != nil {
-		return err
-	}
-	w.s.placed.put(w.id, w.free)
-	return nil
+	return err
 }
 
-// queued fails with fs.ErrExist when message id is in the spool.
-func (s *Spool) queued(id string) error {
-	path := s.live(id)
-	f, err := s.fs.OpenFile(path, os.O_RDONLY, 0)
+// claim records the message as placed in its pool file before its
+// header is written, failing with fs.ErrExist when the id is queued
+// already. Written in place, the message takes no name that O_EXCL or
+// RENAME_NOREPLACE would refuse when in use: ids are unique, the check
+// keeps a bug from queueing one twice. From here on a second Create of
+// the id fails at its O_EXCL (Spool.live leads it to this file), and a
+// refused commit leaves no complete message behind.
+func (w *Writer) claim() error {
+	s := w.s
+	own := filepath.Join(s.dir, w.id+".msg")
+	if !s.placed.claim(w.id, w.free) {
+		return &os.PathError{Op: "commit", Path: own, Err: fs.ErrExist}
+	}
+	f, err := s.fs.OpenFile(own, os.O_RDONLY, 0)
 	switch {
 	case err == nil:
 		f.Close()
-		return &os.PathError{Op: "commit", Path: path, Err: fs.ErrExist}
+		err = &os.PathError{Op: "commit", Path: own, Err: fs.ErrExist}
 	case errors.Is(err, fs.ErrNotExist):
+		w.claimed = true
 		return nil
 	}
+	s.placed.take(w.id)
 	return err
 }
 
 // renameNoReplace is RENAME_NOREPLACE, or where the file system cannot
-// do it (the pool is then turned off) a check that to does not exist and
-// a rename: ids are unique, the check only keeps a bug from replacing a
-// queued message.
+// do it a check that to does not exist and a rename: ids are unique, the
+// check only keeps a bug from replacing a queued message. Only Load and
+// Close rename a message, so the fallback's window does not matter.
 func (s *Spool) renameNoReplace(from, to string) error {
-	s.pool.mu.Lock()
-	off := s.pool.off
-	s.pool.mu.Unlock()
-	if !off {
-		err := s.fs.RenameNoReplace(from, to)
-		if !errors.Is(err, errors.ErrUnsupported) {
-			return err
-		}
-		s.poolOff()
+	if err := s.fs.RenameNoReplace(from, to); !errors.Is(err, errors.ErrUnsupported) {
+		return err
 	}
 	f, err := s.fs.OpenFile(to, os.O_RDONLY, 0)
 	switch {
@@ -266,6 +272,9 @@ func (w *Writer) Abort() {
 		w.f.Close()
 	}
 	w.s.fs.Remove(w.path)
+	if w.claimed {
+		w.s.placed.take(w.id)
+	}
 	if w.durable {
 		// Its fdatasync made it a complete message under a free name,
 		// which Load would deliver: the unlink must be durable too.

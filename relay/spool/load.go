@@ -109,8 +109,9 @@ func (l *loader) loadMsg(dir, id string) error {
 			}
 			return nil
 		case st.env == nil && st.foreign:
-			// Taken from the pool, never committed: the records are
-			// the previous message's.
+			// Taken from the pool under its own name by an earlier
+			// release, never committed: the records are the previous
+			// message's.
 			err = corrupt("a reused file never committed (intake interrupted; not acknowledged)")
 		case st.env == nil:
 			err = corrupt("no valid envelope record")

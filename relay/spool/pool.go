@@ -7,8 +7,8 @@ import (
 )
 
 // Delivered messages' files are kept for reuse instead of unlinked: taking
-// one is a rename in the same directory, where a fresh file costs an inode
-// and its blocks, and an unlink gives both back. On ext4 that was a fifth
+// one is an open, where a fresh file costs an inode and its blocks, and
+// an unlink gives both back. On ext4 that was a fifth
 // of the CPU of small-message intake. Only small files are kept, so the
 // pool never holds much disk.
 const (
@@ -27,8 +27,6 @@ type pool struct {
 	mu    sync.Mutex
 	ready []string
 	soon  []freeFile
-	// off: the file system cannot rename without replacing; no reuse.
-	off bool
 }
 
 // placed maps the messages committed in the pool file they were written
@@ -61,6 +59,20 @@ func (p *placed) put(id, free string) {
 		p.m = map[string]string{}
 	}
 	p.m[id] = free
+}
+
+// claim puts id unless it is there already.
+func (p *placed) claim(id, free string) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if _, ok := p.m[id]; ok {
+		return false
+	}
+	if p.m == nil {
+		p.m = map[string]string{}
+	}
+	p.m[id] = free
+	return true
 }
 
 // take forgets id, returning the free name it had.
@@ -97,7 +109,7 @@ func (s *Spool) keep(id string) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	// On a full disk a delivered file is space to give back, not to keep.
-	if p.off || len(p.ready)+len(p.soon) >= poolMax || s.full.Load() != nil {
+	if len(p.ready)+len(p.soon) >= poolMax || s.full.Load() != nil {
 		return false
 	}
 	// A message left in place is in a pool file already.
@@ -117,7 +129,7 @@ func (s *Spool) adopt(id string) {
 	p := &s.pool
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.off || !validID(id) || len(p.ready)+len(p.soon) >= poolMax {
+	if !validID(id) || len(p.ready)+len(p.soon) >= poolMax {
 		s.fs.Remove(s.freePath(id))
 		return
 	}
@@ -129,9 +141,6 @@ func (s *Spool) take() (string, bool) {
 	p := &s.pool
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.off {
-		return "", false
-	}
 	// Two more syncs: the first may have been running at the rename.
 	n := s.sync.Syncs()
 	i := 0
@@ -162,15 +171,6 @@ func (s *Spool) reuse() (File, string) {
 		return nil, ""
 	}
 	return f, id
-}
-
-// poolOff stops reuse where the file system cannot rename without
-// replacing.
-func (s *Spool) poolOff() {
-	s.pool.mu.Lock()
-	s.pool.off = true
-	s.pool.mu.Unlock()
-	s.drainPool()
 }
 
 // drainPool unlinks every free file: the disk is full and they are space.

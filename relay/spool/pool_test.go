@@ -294,7 +294,7 @@ func commitQueuedX(t *testing.T, s *Spool) {
 	}
 }
 
-func TestPool_NameInUseFailsLikeOExcl(t *testing.T) {
+func TestPool_QueuedIDIsRefusedLikeOExcl(t *testing.T) {
 	s := newTestSpool(t)
 	s.manualReap = true
 	put(t, s, testEnv("x"), testBody("x", 100))
@@ -438,7 +438,7 @@ func (noReplaceFS) RenameNoReplace(oldpath, newpath string) error {
 	return &os.LinkError{Op: "renameat2", Old: oldpath, New: newpath, Err: errors.ErrUnsupported}
 }
 
-func TestPool_OffWithoutRenameNoReplaceAndEmptied(t *testing.T) {
+func TestPool_WithoutRenameNoReplaceCloseNamesByACheckedRename(t *testing.T) {
 	s, err := Open(t.TempDir(), Options{FS: noReplaceFS{}})
 	if err != nil {
 		t.Fatal(err)
@@ -463,26 +463,26 @@ func TestPool_OffWithoutRenameNoReplaceAndEmptied(t *testing.T) {
 	if err := w.Commit(testEnv("e")); err != nil {
 		t.Fatal(err)
 	}
-	if placedIn(s, "d") == "" || placedIn(s, "e") == "" || s.pool.off {
-		t.Fatalf("d and e not placed (%q, %q) or the pool off (%v)", placedIn(s, "d"), placedIn(s, "e"), s.pool.off)
+	if placedIn(s, "d") == "" || placedIn(s, "e") == "" {
+		t.Fatalf("d and e not placed (%q, %q)", placedIn(s, "d"), placedIn(s, "e"))
 	}
-	// Close's rename finds that the file system cannot: the pool is
-	// turned off and emptied (c's free file), and the checked rename
-	// names d and e.
+	// Close's rename finds that the file system cannot: a checked rename
+	// names d and e; the third free file stays in the pool.
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if got := dirNames(t, s.dir); !slices.Equal(got, []string{"d.msg", "dead", "e.msg"}) || !s.pool.off {
-		t.Errorf("spool = %v (pool off: %v), want d.msg and e.msg and no free file", got, s.pool.off)
+	if got := dirNames(t, s.dir); len(got) != 4 || !strings.HasPrefix(got[0], freePrefix) || !slices.Equal(got[1:], []string{"d.msg", "dead", "e.msg"}) {
+		t.Errorf("spool = %v, want d.msg, e.msg and one free file", got)
 	}
 	for _, id := range []string{"d", "e"} {
 		if got := readBody(t, s, id); !bytes.Equal(got, testBody(id, 100)) {
 			t.Errorf("%s, named by the checked rename, lost its body", id)
 		}
 	}
+	// A checked rename still refuses a name in use.
 	put(t, s, testEnv("f"), testBody("f", 100))
-	if _, err := os.Stat(filepath.Join(s.dir, "f.msg")); err != nil {
-		t.Errorf("with the pool off f is not in a new file: %v", err)
+	if err := s.renameNoReplace(s.live("f"), s.live("d")); !errors.Is(err, fs.ErrExist) {
+		t.Errorf("checked rename over a queued message = %v, want fs.ErrExist", err)
 	}
 }
 
@@ -582,8 +582,8 @@ func TestPool_NoReplaceFSLoneCommitOfAQueuedIDFails(t *testing.T) {
 	}
 	s.manualReap = true
 	put(t, s, testEnv("x"), testBody("x", 100))
-	// A ready free file; without RENAME_NOREPLACE nothing has turned the
-	// pool off yet, since a lone intake renames only at its commit.
+	// A ready free file: messages are written over it in place, so the
+	// commit has no RENAME_NOREPLACE to refuse a queued id; the claim does.
 	put(t, s, testEnv("a"), testBody("a", 100))
 	s.Remove("a")
 	s.reapNow()
@@ -653,5 +653,33 @@ func TestPool_DeliveredPlacedFileReadsFreeUnderATornReuse(t *testing.T) {
 				t.Fatalf("Load = %v, %d broken, %v; want the delivered c neither loaded nor quarantined (spool %v)", envs, broken, err, dirNames(t, s.dir))
 			}
 		})
+	}
+}
+
+// While a message's commit is under way in a pool file (waiting for the
+// shared syncfs, say), its id is taken: a second Create of it fails at its
+// O_EXCL, and a refused commit takes the claim back.
+func TestPool_ClaimedIDIsTakenUntilTheCommitEnds(t *testing.T) {
+	s := newTestSpool(t)
+	s.manualReap = true
+	delivered(t, s, "a", 100)
+	w, err := s.Create("x")
+	if err != nil || w.free != "a" {
+		t.Fatalf("Create(x) = %v, free %q; want a's free file", err, w.free)
+	}
+	w.Write(testBody("x", 100))
+	if err := w.claim(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Create("x"); !errors.Is(err, fs.ErrExist) {
+		t.Fatalf("Create of an id being committed = %v, want fs.ErrExist", err)
+	}
+	w.Abort()
+	if placedIn(s, "x") != "" {
+		t.Error("the aborted commit kept its claim")
+	}
+	put(t, s, testEnv("x"), testBody("x", 100))
+	if got := readBody(t, s, "x"); !bytes.Equal(got, testBody("x", 100)) {
+		t.Error("x after the aborted claim")
 	}
 }
