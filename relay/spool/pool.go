@@ -8,9 +8,9 @@ import (
 
 // Delivered messages' files are kept for reuse instead of unlinked: taking
 // one is an open, where a fresh file costs an inode and its blocks, and
-// an unlink gives both back. On ext4 that was a fifth
-// of the CPU of small-message intake. Only small files are kept, so the
-// pool never holds much disk.
+// an unlink gives both back. On ext4 that was a fifth of the CPU of
+// small-message intake. Only small files are kept, so the pool never
+// holds much disk.
 const (
 	poolMax      = 256
 	poolMaxBytes = 64 << 10
@@ -30,16 +30,15 @@ type pool struct {
 }
 
 // placed maps the messages committed in the pool file they were written
-// over to that file's free name. Renaming a file costs its next
-// sync: on ext4 without a journal an fsync or fdatasync of a file renamed
-// since its last one also writes out the directory (ext4_sync_parent),
-// which made a lone commit's fdatasync take twice as long as one of a
-// file never renamed; and with sessions committing together the two
-// renames per message were 7% of the CPU. So such a message keeps the
-// pool file's name until
-// it is delivered, and the file goes back to the pool without a rename.
-// Load gives each one its own name (loader.loadFree), and Close does so
-// for those still queued at shutdown.
+// over to that file's free name. Renaming a file costs its next sync: on
+// ext4 without a journal an fsync or fdatasync of a file renamed since
+// its last one also writes out the directory (ext4_sync_parent), which
+// made a lone commit's fdatasync take twice as long as one of a file
+// never renamed; and with sessions committing together the two renames
+// per message were 8% of the CPU. So such a message keeps the pool
+// file's name until it is delivered, and the file goes back to the pool
+// without a rename. Load gives each one its own name (loader.loadFree),
+// and Close does so for those still queued at shutdown.
 type placed struct {
 	mu sync.Mutex
 	m  map[string]string // message id -> free name
@@ -102,8 +101,8 @@ type freeFile struct {
 func (s *Spool) freePath(id string) string { return filepath.Join(s.dir, freePrefix+id) }
 
 // keep puts a delivered message's file into the pool, renamed unless it
-// is a placed message's pool file already; false means the
-// caller unlinks it. The caller holds id's lock.
+// is a placed message's pool file already; false means the caller
+// unlinks it. The caller holds id's lock.
 func (s *Spool) keep(id string) bool {
 	p := &s.pool
 	p.mu.Lock()
