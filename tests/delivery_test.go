@@ -366,6 +366,14 @@ routes:
 		t.Errorf("no acknowledged message was in the spool at SIGKILL (%d acknowledged, %d at the sink): the kill interrupted nothing",
 			len(acked), atKill)
 	}
+	// Delivered files went back to the pool and later messages were
+	// committed over them, under the pool files' names: the restart must
+	// find those by their contents.
+	placed := h.placedIDs()
+	t.Logf("at SIGKILL: %d queued messages in pool files", len(placed))
+	if len(placed) == 0 {
+		t.Errorf("no queued message was in a pool file at SIGKILL: the test no longer covers messages committed in place")
+	}
 
 	// The upstream comes back only now, after the kill.
 	sink.SetScript(testsmtp.Script{DataDelay: 20 * time.Millisecond})

@@ -531,7 +531,16 @@ func (h *harness) api(path string) []queueEntry {
 // package lists by their contents.
 func (h *harness) spoolIDs() []string {
 	h.t.Helper()
-	ids := h.ids(h.spool)
+	return append(h.ids(h.spool), h.placedIDs()...)
+}
+
+// placedIDs lists the live messages that are in a pool file (.free-*)
+// rather than under their own name, as the spool package finds them by
+// their contents.
+func (h *harness) placedIDs() []string {
+	h.t.Helper()
+	named := h.ids(h.spool)
+	var ids []string
 	sp, err := spool.Open(h.spool, spool.Options{})
 	if err != nil {
 		h.t.Fatalf("opening %s: %v", h.spool, err)
@@ -541,7 +550,7 @@ func (h *harness) spoolIDs() []string {
 		h.t.Fatalf("listing %s: %v", h.spool, err)
 	}
 	for _, e := range envs {
-		if !slices.Contains(ids, e.ID) {
+		if !slices.Contains(named, e.ID) {
 			ids = append(ids, e.ID)
 		}
 	}

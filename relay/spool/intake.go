@@ -9,7 +9,6 @@ import (
 	"io"
 	"io/fs"
 	"os"
-	"path/filepath"
 )
 
 // Writer streams one new message into the spool: Create, Write the body,
@@ -223,7 +222,7 @@ func (w *Writer) commitInPlace(alone bool) error {
 // refused commit leaves no complete message behind.
 func (w *Writer) claim() error {
 	s := w.s
-	own := filepath.Join(s.dir, w.id+".msg")
+	own := s.ownPath(w.id)
 	if !s.placed.claim(w.id, w.free) {
 		return &os.PathError{Op: "commit", Path: own, Err: fs.ErrExist}
 	}

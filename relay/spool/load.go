@@ -165,7 +165,7 @@ func (l *loader) loadFree(free string) error {
 	}
 	st, err := readState(f, "")
 	id := ""
-	if err == nil && st.env != nil && st.env.ID != free && validID(st.env.ID) && !st.done {
+	if err == nil && st.placedIn(free) {
 		id = st.env.ID
 		err = checkBody(f, st.hdr)
 	}

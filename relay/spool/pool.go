@@ -51,15 +51,6 @@ func (p *placed) get(id string) (string, bool) {
 	return free, ok
 }
 
-func (p *placed) put(id, free string) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.m == nil {
-		p.m = map[string]string{}
-	}
-	p.m[id] = free
-}
-
 // claim puts id unless it is there already.
 func (p *placed) claim(id, free string) bool {
 	p.mu.Lock()

@@ -3,7 +3,6 @@ package spool
 import (
 	"errors"
 	"io/fs"
-	"path/filepath"
 	"sync"
 )
 
@@ -122,8 +121,8 @@ func (s *Spool) namePlaced() {
 	for _, id := range s.placed.ids() {
 		unlock := s.locks.lock(id)
 		if free, ok := s.placed.take(id); ok {
-			if err := s.renameNoReplace(s.freePath(free), filepath.Join(s.dir, id+".msg")); err != nil {
-				s.placed.put(id, free)
+			if err := s.renameNoReplace(s.freePath(free), s.ownPath(id)); err != nil {
+				s.placed.claim(id, free)
 				s.log.Warn("naming a queued message failed; the next start does it", "msg_id", id, "err", err)
 			}
 		}

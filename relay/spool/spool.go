@@ -248,8 +248,12 @@ func (s *Spool) live(id string) string {
 	if free, ok := s.placed.get(id); ok {
 		return s.freePath(free)
 	}
-	return filepath.Join(s.dir, id+".msg")
+	return s.ownPath(id)
 }
+
+// ownPath is <dir>/<id>.msg, the name a live message has once it is not
+// (or no longer) placed.
+func (s *Spool) ownPath(id string) string { return filepath.Join(s.dir, id+".msg") }
 
 func (s *Spool) deadPath(id string) string { return filepath.Join(s.dead, id+".msg") }
 
@@ -401,10 +405,18 @@ func (s *Spool) readPlaced(path, free string) *Envelope {
 	}
 	defer f.Close()
 	st, err := readState(f, "")
-	if err != nil || st.env == nil || st.done || st.env.ID == free || !validID(st.env.ID) || st.env.DeadReason != "" {
+	if err != nil || !st.placedIn(free) || st.env.DeadReason != "" {
 		return nil
 	}
 	return st.env
+}
+
+// placedIn reports whether the state read from the free file .free-<free>
+// is a message placed there, not yet delivered: an envelope of another id
+// (the file's own id is the delivered message it was kept from) and no
+// done record. Its body is not checked here.
+func (st *state) placedIn(free string) bool {
+	return st.env != nil && !st.done && st.env.ID != free && validID(st.env.ID)
 }
 
 // readV1 reads a v1 envelope (.json).
